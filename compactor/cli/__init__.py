@@ -1,0 +1,98 @@
+"""The command line: click commands and rich rendering. The only place that prints.
+
+Errors are caught in exactly one place (``CompactorGroup.main``) and shown as one message
+with a hint; ``--debug`` (or COMPACTOR_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from compactor import __version__
+from compactor.errors import EXIT_INTERRUPTED, EXIT_PASS, EXIT_USAGE, CompactorError
+
+
+def _debug(args: list[str]) -> bool:
+    return "--debug" in args or os.environ.get("COMPACTOR_DEBUG", "") not in ("", "0")
+
+
+def show_error(message: str, hint: str | None = None) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.secho(f"hint: {hint}", fg="yellow", err=True)
+
+
+class CompactorGroup(click.Group):
+    """Runs commands and turns every way they can end into an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        debug = _debug(args)
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "compactor",
+                              complete_var=complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.ClickException as e:
+            e.show()
+            code = EXIT_USAGE
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            click.secho("interrupted: nothing was written over an earlier artifact", err=True,
+                        fg="yellow")
+            code = EXIT_INTERRUPTED
+        except CompactorError as e:
+            if debug:
+                raise
+            show_error(e.message, e.hint)
+            code = e.exit_code
+        except Exception as e:  # noqa: BLE001 - last resort: a bug, shown without a traceback
+            if debug:
+                raise
+            show_error(f"internal error: {type(e).__name__}: {e}",
+                       "this is a bug in compactor; rerun with --debug and report the traceback")
+            code = EXIT_PASS
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+@click.group(cls=CompactorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="compactor")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compress trained models (prune, distill, export, int8) and prove they fit their
+    hardware budgets.
+
+    \b
+    Exit codes: 0 ok; 1 a budget or check failed; 2 usage or recipe error;
+    3 model or data could not be loaded; 4 a pass or measurement failed; 130 interrupted.
+    """
+    import logging
+
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from compactor.cli import inspect_cmd, optimize_cmd, profiles_cmd, recipe_cmd
+
+    cli.add_command(optimize_cmd.optimize)
+    cli.add_command(recipe_cmd.recipe)
+    cli.add_command(inspect_cmd.inspect)
+    cli.add_command(profiles_cmd.profiles)
+
+
+_register()
+
+
+def main() -> None:
+    cli.main()

@@ -1,0 +1,107 @@
+"""`compactor inspect MODEL.onnx`: what is in an ONNX model. Needs no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def describe_model(path: Path, dims: dict[str, int]) -> dict:
+    import onnx
+
+    from compactor.errors import ModelLoadError
+    from compactor.measure.macs import count_macs
+    from compactor.measure.size import param_count, size_bytes
+
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}", "check the path")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{path.name} is not an ONNX model: {str(e)[:200]}",
+                             "inspect takes an .onnx file") from e
+
+    def tensor(vi) -> dict:
+        tt = vi.type.tensor_type
+        return {
+            "name": vi.name,
+            "shape": [d.dim_param or d.dim_value or "?" for d in tt.shape.dim],
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+            if tt.elem_type else "?",
+        }
+
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [tensor(i) for i in model.graph.input if i.name not in inits]
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    shapes = {}
+    used: dict[str, int] = {}
+    for i in inputs:
+        shape = []
+        for d in i["shape"]:
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            else:
+                v = dims.get(str(d), 1)
+                used[str(d)] = v
+                shape.append(v)
+        shapes[i["name"]] = tuple(shape)
+    return {
+        "file": str(path),
+        "size_bytes": size_bytes(path),
+        "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": inputs,
+        "outputs": [tensor(o) for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "op_histogram": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "params": param_count(model),
+        "macs": count_macs(model, shapes),
+        "macs_at": used,
+    }
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
+              help="Size of a dynamic axis for the MAC count (default 1), e.g. --dim seq=128.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(model: Path, dims: tuple[str, ...], as_json: bool) -> None:
+    """Inputs/outputs, op histogram, parameters, size and MACs of an ONNX MODEL."""
+    from compactor.errors import UsageError
+    from compactor.report.markdown import fmt_bytes, fmt_count
+
+    parsed: dict[str, int] = {}
+    for d in dims:
+        name, _, val = d.partition("=")
+        if not val.isdigit() or int(val) < 1:
+            raise UsageError(f"--dim {d!r}: expected NAME=N with N a positive integer",
+                             "e.g. --dim batch=8 --dim seq=128")
+        parsed[name] = int(val)
+    info = describe_model(model, parsed)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{info['file']}[/]  {fmt_bytes(info['size_bytes'])}, "
+            f"{fmt_count(info['params'])} params, {info['nodes']} nodes, opsets {info['opsets']}")
+    io = Table("", "name", "shape", "dtype", title="inputs and outputs", title_justify="left")
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            io.add_row(kind[:-1], t["name"], str(t["shape"]), t["dtype"])
+    c.print(io)
+    ops = Table("op", "count", title="op histogram", title_justify="left")
+    for k, v in info["op_histogram"].items():
+        ops.add_row(k, str(v))
+    c.print(ops)
+    at = ", ".join(f"{k}={v}" for k, v in info["macs_at"].items())
+    macs = fmt_count(info["macs"]) if info["macs"] is not None else "not computable"
+    c.print(f"MACs: {macs}" + (f" (at {at})" if at else ""))

@@ -1,0 +1,58 @@
+"""`compactor optimize [RECIPE]`."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from compactor.errors import EXIT_BUDGET, EXIT_OK
+
+
+def demo_recipe() -> Path:
+    return Path(str(resources.files("compactor.examples").joinpath("digits.yaml")))
+
+
+@click.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Artifact folder (default: the recipe's 'output', relative to the recipe; "
+                   "./out/digits-cnn for the demo).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the manifest as JSON on stdout (progress stays on stderr).")
+def optimize(recipe: Path | None, output: Path | None, as_json: bool) -> int:
+    """Run RECIPE: passes, measurements, budgets, artifact.
+
+    With no RECIPE, runs the bundled demo (a CNN on handwritten digits → ONNX → int8).
+    Exits 1 when a budget fails (the artifact is still written, its verdicts failing).
+    """
+    from compactor.cli.render import RichProgress, console, stage_table, verdict_table
+    from compactor.pipeline import optimize as run
+    from compactor.recipe import load_recipe
+
+    err = console(stderr=True)
+    if recipe is None:
+        recipe = demo_recipe()
+        output = output or Path("out/digits-cnn")
+        err.print(f"[bold]compactor demo[/]: {recipe.name} (a CNN on scikit-learn's digits; "
+                  "the first run trains it, ~30 s)")
+    r = load_recipe(recipe)
+    with RichProgress(err) as progress:
+        result = run(r, progress=progress, output=output)
+    if as_json:
+        click.echo(json.dumps({"artifact": str(result.artifact), **result.manifest}, indent=2,
+                              default=str))
+    else:
+        out = console()
+        out.print(stage_table(result.manifest))
+        vt = verdict_table(result.manifest)
+        if vt is not None:
+            out.print(vt)
+        for t in result.manifest["targets"]:
+            for note in t["notes"]:
+                out.print(f"[yellow]note[/] {t['profile']}: {note}")
+        verdict = "[green]all budgets hold[/]" if result.passed else "[bold red]budget failed[/]"
+        out.print(f"{verdict}; artifact: {result.artifact} ({result.seconds:.0f} s)")
+    return EXIT_OK if result.passed else EXIT_BUDGET

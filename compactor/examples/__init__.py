@@ -1,0 +1,1 @@
+"""The bundled demo's model and data factories."""

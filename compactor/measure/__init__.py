@@ -1,0 +1,1 @@
+"""Measurements on ONNX models in ONNX Runtime: size, params, MACs, latency, host."""

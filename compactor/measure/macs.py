@@ -1,0 +1,117 @@
+"""Multiply-accumulate counts from an ONNX graph, by shape inference at concrete shapes.
+
+Counted: Conv / ConvInteger / QLinearConv / ConvTranspose, Gemm, MatMul / MatMulInteger /
+QLinearMatMul (QDQ models keep float op types, so they count the same as float). Other ops
+are cheap next to these and are ignored; the result is ``None`` when shapes cannot be
+inferred.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def count_macs(model, input_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:
+        if inp.name not in input_shapes:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        for d, v in zip(dims, input_shapes[inp.name]):
+            d.ClearField("dim_param")
+            d.dim_value = int(v)
+    try:
+        m = shape_inference.infer_shapes(m, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - an un-inferable graph just has no MAC count
+        log.debug("shape inference failed: %s", e)
+        return None
+
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = None
+        else:
+            shapes[vi.name] = tuple(d.dim_value for d in dims)
+    for init in m.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+
+    total = 0
+    unknown = 0
+    for node in m.graph.node:
+        op = node.op_type
+        try:
+            macs = _node_macs(node, op, shapes)
+        except (KeyError, TypeError, IndexError, ValueError):
+            macs = None
+        if macs is None:
+            if op in _HEAVY:
+                unknown += 1
+            continue
+        total += macs
+    if unknown:
+        log.debug("%d heavy nodes without inferable shapes", unknown)
+        return None
+    return int(total)
+
+
+_HEAVY = {
+    "Conv",
+    "ConvInteger",
+    "QLinearConv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "MatMulInteger",
+    "QLinearMatMul",
+}
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            if a.ints:
+                return list(a.ints)
+            return a.i
+    return default
+
+
+def _node_macs(node, op, shapes) -> int | None:
+    if op not in _HEAVY:
+        return 0
+    out = shapes.get(node.output[0])
+    if op in ("Conv", "ConvInteger"):
+        w = shapes.get(node.input[1])
+    elif op == "QLinearConv":
+        w = shapes.get(node.input[3])
+    elif op == "ConvTranspose":
+        x = shapes.get(node.input[0])
+        w = shapes.get(node.input[1])
+        if x is None or w is None:
+            return None
+        # every input element is multiplied by a (C_out/group x kernel) slab
+        return int(np.prod(x) * np.prod(w[1:]))
+    else:
+        a_idx, b_idx = (0, 3) if op == "QLinearMatMul" else (0, 1)
+        a = shapes.get(node.input[a_idx])
+        b = shapes.get(node.input[b_idx])
+        if out is None or a is None or b is None:
+            return None
+        if op == "Gemm":
+            k = a[0] if _attr(node, "transA", 0) else a[-1]
+        else:
+            k = a[-1]
+        return int(np.prod(out) * k)
+    if out is None or w is None:
+        return None
+    # out = N x C_out x spatial; each output element needs C_in/group x kernel MACs
+    return int(np.prod(out) * np.prod(w[1:]))

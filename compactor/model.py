@@ -1,0 +1,131 @@
+"""Loading the recipe's model into the baseline stage."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from compactor._imports import call_user, resolve_callable
+from compactor.errors import ModelLoadError
+from compactor.recipe import DTYPES, InputSpec, ModelSpec
+from compactor.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+
+def load_model(spec: ModelSpec, base_dir: Path) -> tuple[Stage, list[Path]]:
+    """The baseline stage, and the files it was made from (for the manifest's hashes)."""
+    if spec.onnx:
+        path = _existing(spec.onnx, base_dir, "model.onnx")
+        _check_onnx(path)
+        return Stage("baseline", "onnx", onnx_path=path, lineage=("baseline",)), [path]
+    import torch
+
+    if spec.torchscript:
+        path = _existing(spec.torchscript, base_dir, "model.torchscript")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(
+                f"model.torchscript: cannot load {path.name}: {str(e).splitlines()[0]}",
+                "save it with torch.jit.save(torch.jit.script(model) or trace, path)",
+            ) from e
+        return Stage("baseline", "torch", module=module.eval(), lineage=("baseline",)), [path]
+
+    fn, source = resolve_callable(spec.factory, base_dir, ModelLoadError, "model.factory")
+    module = call_user(fn, ModelLoadError, "model.factory", **spec.args)
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(
+            f"model.factory {spec.factory} returned {type(module).__name__}, not a "
+            "torch.nn.Module",
+            "the factory must build and return the model",
+        )
+    files = [source] if source else []
+    if spec.weights:
+        wpath = _existing(spec.weights, base_dir, "model.weights")
+        _load_weights(module, wpath)
+        files.append(wpath)
+    return Stage("baseline", "torch", module=module.eval(), lineage=("baseline",)), files
+
+
+def _existing(ref: str, base_dir: Path, field: str) -> Path:
+    p = Path(ref).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if not p.is_file():
+        raise ModelLoadError(
+            f"{field}: file not found: {p}",
+            "paths in a recipe are relative to the recipe file's folder",
+        )
+    return p
+
+
+def _load_weights(module, path: Path) -> None:
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(
+            f"model.weights: cannot read {path.name}: {str(e).splitlines()[0][:200]}",
+            "save the weights with torch.save(model.state_dict(), path)",
+        ) from e
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ModelLoadError(
+            f"model.weights: {path.name} holds a {type(state).__name__}, not a state_dict",
+            "save the weights with torch.save(model.state_dict(), path)",
+        )
+    try:
+        result = module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ModelLoadError(
+            f"model.weights: {path.name} does not fit the model: {' '.join(lines[1:3])[:300]}",
+            "are the factory's args the same as when the weights were saved?",
+        ) from e
+    del result
+
+
+def _check_onnx(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(
+            f"model.onnx: {path.name} is not a valid ONNX model: {str(e).splitlines()[0][:200]}",
+            "re-export it, or check it with `python -m onnx.checker`",
+        ) from e
+
+
+def onnx_input_specs(path: Path) -> tuple[InputSpec, ...]:
+    """Input specs read from an ONNX file, for recipes that give none."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    init_names = {i.name for i in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        tt = inp.type.tensor_type
+        dims: list[int | str] = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                name = d.dim_param if d.HasField("dim_param") and d.dim_param.isidentifier() else None
+                dims.append(name or ("batch" if i == 0 else f"{inp.name}_dim{i}"))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        if dtype not in DTYPES:
+            raise ModelLoadError(
+                f"model.onnx: input {inp.name!r} has type {dtype}, which compactor cannot feed",
+                f"supported input types: {', '.join(DTYPES)}",
+            )
+        specs.append(InputSpec(name=inp.name, shape=tuple(dims), dtype=dtype))
+    return tuple(specs)

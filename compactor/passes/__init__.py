@@ -1,0 +1,63 @@
+"""Passes: one module per pass, registered by name.
+
+A pass is a small class with a ``name``, a frozen ``Config`` (validated from the recipe), the
+kind of stage it takes and gives (``"torch"`` or ``"onnx"``), and one ``run(stage, ctx)`` that
+returns a new stage. Importing this package must stay light: heavy libraries are imported
+inside ``run``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from compactor.pipeline import RunContext
+    from compactor.stage import Stage
+
+StageKind = Literal["torch", "onnx"]
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's config: strict and frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pass:
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    input_kind: ClassVar[StageKind]
+    output_kind: ClassVar[StageKind]
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: PassConfig):
+        self.config = config
+
+    def run(self, stage: Stage, ctx: RunContext) -> Stage:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry; a duplicate name is a bug."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"a pass named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> type[Pass]:
+    return _REGISTRY[name]
+
+
+# Registration happens on import; these modules import nothing heavy at module level.
+from compactor.passes import export as _export  # noqa: E402,F401
+from compactor.passes import quantize as _quantize  # noqa: E402,F401

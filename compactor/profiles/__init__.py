@@ -1,0 +1,110 @@
+"""Hardware profiles: what a deployment target is and how to measure for it.
+
+Built-in profiles ship as YAML beside this file; a recipe may also name a profile file.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compactor.errors import RecipeError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    memory_mb: float | None = Field(default=None, gt=0)
+    model_size_mb: float | None = Field(default=None, gt=0)
+
+
+class Estimates(_Strict):
+    """Figures used only for estimates, never reported as measurements."""
+
+    power_w: float | None = Field(default=None, gt=0)
+    peak_gflops_fp32: float | None = Field(default=None, gt=0)
+    peak_gops_int8: float | None = Field(default=None, gt=0)
+    memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
+
+
+class Network(_Strict):
+    uplink_mbps: float | None = Field(default=None, gt=0)
+    rtt_ms: float | None = Field(default=None, ge=0)
+
+
+class Profile(_Strict):
+    name: str
+    target_class: Literal["cloud", "edge", "mobile", "host"] = Field(alias="class")
+    description: str = ""
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = Field(default=0, ge=0, description="0: all cores of the host")
+    inter_op_threads: int = Field(default=1, ge=0)
+    batch_sizes: tuple[int, ...] = Field(default=(1,), min_length=1)
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    format: Literal["onnx", "ort"] = "onnx"
+    limits: Limits = Field(default_factory=Limits)
+    estimates: Estimates = Field(default_factory=Estimates)
+    network: Network = Field(default_factory=Network)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def threads_on_host(self) -> tuple[int, str | None]:
+        """Intra-op threads to measure with here, and a note when the host forced a change."""
+        cores = os.cpu_count() or 1
+        if self.intra_op_threads == 0:
+            return cores, None
+        if self.intra_op_threads > cores:
+            return cores, (
+                f"profile asks for {self.intra_op_threads} threads; this host has {cores} "
+                f"cores, measured with {cores}"
+            )
+        return self.intra_op_threads, None
+
+
+def builtin_names() -> list[str]:
+    files = resources.files(__package__).iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str, base_dir: Path | None = None) -> Profile:
+    """A built-in profile by name, or a profile YAML file (relative to ``base_dir``)."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise RecipeError(f"profile file not found: {path}", "check the path in the recipe")
+        return _parse(path.read_text(encoding="utf-8"), str(path))
+    names = builtin_names()
+    if name_or_path not in names:
+        hint = did_you_mean(name_or_path, names)
+        raise RecipeError(
+            f"unknown profile {name_or_path!r}",
+            (hint + " " if hint else "") + f"built-in profiles: {', '.join(names)}; "
+            "or give a profile .yaml file",
+        )
+    text = resources.files(__package__).joinpath(f"{name_or_path}.yaml").read_text("utf-8")
+    return _parse(text, name_or_path)
+
+
+def _parse(text: str, where: str) -> Profile:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"profile {where}: malformed YAML: {e}", "check the file") from e
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise RecipeError(
+            f"profile {where}: {loc}: {err['msg']}",
+            "see docs/recipe.md#profiles for the profile fields",
+        ) from None

@@ -1,0 +1,489 @@
+"""Recipe schema, loading, validation and locking.
+
+A recipe is validated once, here, into frozen typed objects; the rest of the library never
+sees raw dicts. Errors name the field's path (``passes[2].quantize.mode``), the file's line
+and column, and suggest the closest key for a typo.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from compactor.errors import RecipeError, did_you_mean
+from compactor.passes import PassConfig, registry
+
+RECIPE_VERSION = 1
+BUILTIN_METRICS = ("accuracy", "top5", "mse", "fidelity")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Drop(Strict):
+    """An allowed metric drop: absolute in metric units (0.01) or relative ("2%")."""
+
+    value: float = Field(ge=0)
+    relative: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, raw: Any) -> Any:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number (absolute) or a percentage string like '2%'")
+        if isinstance(raw, (int, float)):
+            return {"value": float(raw), "relative": False}
+        if isinstance(raw, str):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", raw)
+            if not m:
+                raise ValueError(
+                    f"{raw!r} is not a drop: use a number (absolute, e.g. 0.01) or 'N%'"
+                )
+            return {"value": float(m.group(1)) / 100.0, "relative": True}
+        return raw
+
+    @model_serializer
+    def _dump(self) -> float | str:
+        return f"{self.value * 100:g}%" if self.relative else self.value
+
+    def allowed(self, baseline: float) -> float:
+        """The largest allowed drop in metric units, given the baseline's value."""
+        return self.value * abs(baseline) if self.relative else self.value
+
+
+class InputSpec(Strict):
+    name: str = Field(min_length=1)
+    shape: tuple[Union[int, str], ...] = Field(min_length=0)
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        for d in shape:
+            if isinstance(d, int) and d <= 0:
+                raise ValueError(f"dimension {d} must be positive, or a name for a dynamic axis")
+            if isinstance(d, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", d):
+                raise ValueError(f"dynamic axis name {d!r} must be an identifier")
+        return shape
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+class ModelSpec(Strict):
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    torchscript: str | None = None
+    onnx: str | None = None
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("factory", "torchscript", "onnx") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'factory', 'torchscript' or 'onnx'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.weights and not self.factory:
+            raise ValueError("'weights' applies only to a 'factory' model")
+        if self.args and not self.factory:
+            raise ValueError("'args' applies only to a 'factory' model")
+        if not self.onnx and not self.inputs:
+            raise ValueError("a torch model needs 'inputs' (name, shape, dtype of each input)")
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be unique, got {names}")
+        return self
+
+    @property
+    def kind(self) -> Literal["torch", "onnx"]:
+        return "onnx" if self.onnx else "torch"
+
+
+class DataSpec(Strict):
+    train: str | None = None
+    calibration: str | None = None
+    eval: str
+    batch_size: int = Field(default=32, ge=1, description="batch size for .npz data")
+
+
+class LatencyBudget(Strict):
+    p50: float | None = Field(default=None, gt=0)
+    p90: float | None = Field(default=None, gt=0)
+    p99: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_p50(cls, raw: Any) -> Any:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return {"p50": raw}
+        return raw
+
+
+class Budgets(Strict):
+    max_size_mb: float | None = Field(default=None, gt=0)
+    max_latency_ms: LatencyBudget | None = None
+    max_accuracy_drop: Drop | None = None
+    min_speedup: float | None = Field(default=None, gt=0)
+
+
+class Target(Strict):
+    profile: str
+    budgets: Budgets = Field(default_factory=Budgets)
+
+
+def _pass_tag(raw: Any) -> str | None:
+    if isinstance(raw, dict) and len(raw) == 1:
+        return next(iter(raw))
+    if isinstance(raw, BaseModel):
+        return next(iter(type(raw).model_fields))
+    return None
+
+
+def _entry_models() -> dict[str, type[BaseModel]]:
+    out = {}
+    for name, cls in registry().items():
+        out[name] = create_model(
+            f"{cls.Config.__name__}Entry",
+            __config__=ConfigDict(extra="forbid", frozen=True),
+            **{name: (cls.Config, Field(default_factory=cls.Config))},
+        )
+    return out
+
+
+_ENTRIES = _entry_models()
+PassEntry = Annotated[
+    Union[tuple(Annotated[m, Tag(n)] for n, m in _ENTRIES.items())],  # type: ignore[misc]
+    Discriminator(_pass_tag),
+]
+
+
+class Recipe(Strict):
+    version: Literal[1] = RECIPE_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSpec
+    data: DataSpec
+    metric: str = "accuracy"
+    passes: tuple[PassEntry, ...] = ()
+    targets: tuple[Target, ...] = (Target(profile="host-cpu"),)
+    output: str | None = None
+    seed: int = 0
+
+    # Where relative paths resolve; not part of the schema.
+    _base_dir: Path = Path(".")
+    _source: Path | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v in BUILTIN_METRICS or ":" in v:
+            return v
+        hint = did_you_mean(v, BUILTIN_METRICS)
+        raise ValueError(
+            f"unknown metric {v!r}: use one of {', '.join(BUILTIN_METRICS)} or 'module:fn'"
+            + (f" ({hint})" if hint else "")
+        )
+
+    @model_validator(mode="after")
+    def _order(self) -> Recipe:
+        kind = self.model.kind
+        for i, (name, _cfg) in enumerate(self.pass_list):
+            cls = registry()[name]
+            if cls.input_kind != kind:
+                if kind == "onnx" and cls.input_kind == "torch":
+                    where = "after 'export'" if self.model.kind == "torch" else "on an ONNX model"
+                    raise ValueError(
+                        f"passes[{i}] '{name}' works on torch models and cannot run {where}; "
+                        "move it before 'export'"
+                    )
+                raise ValueError(
+                    f"passes[{i}] '{name}' needs an ONNX model: add '- export: {{}}' before it"
+                )
+            kind = cls.output_kind
+        if self.data.calibration is None:
+            for name, cfg in self.pass_list:
+                if name == "quantize" and getattr(cfg, "mode", None) == "static":
+                    raise ValueError(
+                        "static quantization needs calibration data: set data.calibration "
+                        "(or use quantize mode: dynamic)"
+                    )
+        return self
+
+    @property
+    def pass_list(self) -> list[tuple[str, PassConfig]]:
+        out = []
+        for entry in self.passes:
+            (name,) = type(entry).model_fields
+            out.append((name, getattr(entry, name)))
+        return out
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.output or f"out/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe file. Raises RecipeError with a hint."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe file not found: {path}",
+            "check the path; `compactor optimize` with no argument runs the bundled demo",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}", "is it a UTF-8 text file?") from e
+    return parse_recipe(text, base_dir=path.absolute().parent, source=path)
+
+
+def parse_recipe(text: str, base_dir: Path | None = None, source: Path | None = None) -> Recipe:
+    where = str(source) if source else "<recipe>"
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(
+            f"{where}{pos}: malformed YAML: {problem}",
+            "check indentation and that each 'key: value' pair has a space after the colon",
+        ) from e
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{where}: a recipe must be a YAML mapping (got {type(raw).__name__})",
+            "start from `compactor recipe lock` on the demo recipe, or see docs/recipe.md",
+        )
+    _precheck_passes(raw, node, where)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _recipe_error(e, node, where) from None
+    recipe = _with_final_export(recipe)
+    recipe._base_dir = (base_dir or Path.cwd()).resolve()
+    recipe._source = source
+    return recipe
+
+
+def _with_final_export(recipe: Recipe) -> Recipe:
+    """The artifact is ONNX: a recipe that ends on a torch stage gets a default export."""
+    kind = recipe.model.kind
+    for name, _ in recipe.pass_list:
+        kind = registry()[name].output_kind
+    if kind == "onnx":
+        return recipe
+    entry = _ENTRIES["export"](export=registry()["export"].Config())
+    return recipe.model_copy(update={"passes": (*recipe.passes, entry)})
+
+
+def _precheck_passes(raw: dict, node: Any, where: str) -> None:
+    """Unknown pass names get a did-you-mean before pydantic's generic union message."""
+    passes = raw.get("passes")
+    if passes is None:
+        return
+    if not isinstance(passes, list):
+        raise RecipeError(
+            f"{where}{_pos(node, ('passes',))}: passes: expected a list of passes",
+            "write e.g.\n  passes:\n    - export: {opset: 18}\n    - quantize: {mode: static}",
+        )
+    known = list(registry())
+    for i, item in enumerate(passes):
+        if isinstance(item, str):
+            item = {item: None}
+            passes[i] = item
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(
+                f"{where}{_pos(node, ('passes', i))}: passes[{i}]: each pass is a mapping with "
+                "one key, the pass name",
+                f"write e.g. '- export: {{opset: 18}}'; passes: {', '.join(known)}",
+            )
+        (name,) = item
+        if item[name] is None:
+            item[name] = {}
+        if name not in known:
+            hint = did_you_mean(name, known)
+            raise RecipeError(
+                f"{where}{_pos(node, ('passes', i))}: passes[{i}]: unknown pass {name!r}",
+                (hint + " " if hint else "") + f"known passes: {', '.join(known)}",
+            )
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union tags (a pass name appears twice: tag, then field)."""
+    out: list = []
+    for part in loc:
+        if out and part == out[-1] and isinstance(part, str):
+            continue
+        if isinstance(part, str) and (part.startswith("function-") or part in ("int", "str")):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _pos(node: Any, loc: tuple) -> str:
+    """':line:col' of the YAML node at ``loc`` (or of its closest existing parent)."""
+    best = node
+    cur = node
+    for part in loc:
+        nxt = None
+        if isinstance(cur, yaml.MappingNode):
+            for k, v in cur.value:
+                if k.value == part:
+                    nxt = v
+                    best = k  # point at the key, which is where a user looks
+                    break
+        elif isinstance(cur, yaml.SequenceNode) and isinstance(part, int):
+            if 0 <= part < len(cur.value):
+                nxt = cur.value[part]
+                best = nxt
+        if nxt is None:
+            break
+        cur = nxt
+    if best is None:
+        return ""
+    mark = best.start_mark
+    return f":{mark.line + 1}:{mark.column + 1}"
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    """Field names of the model that holds ``loc``'s last key, walking the schema."""
+    ann: Any = Recipe
+    for part in loc[:-1]:
+        ann = _unwrap(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if part in ann.model_fields:
+                ann = ann.model_fields[part].annotation
+            elif ann is Recipe or part not in _ENTRIES:
+                return None
+        elif isinstance(part, int):
+            args = [a for a in get_args(ann) if a is not Ellipsis]
+            ann = args[0] if args else None
+        if isinstance(part, str) and part in _ENTRIES and not (
+            isinstance(ann, type) and issubclass(ann, BaseModel) and part in ann.model_fields
+        ):
+            ann = registry()[part].Config
+    ann = _unwrap(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return list(ann.model_fields)
+    return None
+
+
+def _unwrap(ann: Any) -> Any:
+    while True:
+        origin = get_origin(ann)
+        if origin is Annotated:
+            ann = get_args(ann)[0]
+        elif origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+            args = [a for a in get_args(ann) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(args) == 1:
+                ann = args[0]
+            elif len(models) == 1:
+                ann = models[0]
+            else:
+                return ann
+        else:
+            return ann
+
+
+def _recipe_error(e: ValidationError, node: Any, where: str) -> RecipeError:
+    errors = e.errors(include_url=False)
+    err = errors[0]
+    loc = _clean_loc(tuple(err["loc"]))
+    path = _fmt_loc(loc) or "recipe"
+    pos = _pos(node, loc)
+    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc) or []
+        key = loc[-1]
+        parent = _fmt_loc(loc[:-1]) or "the recipe"
+        hint = did_you_mean(str(key), allowed)
+        hint = (hint + " " if hint else "") + (
+            f"allowed keys in {parent}: {', '.join(allowed)}" if allowed else "remove it"
+        )
+        return RecipeError(f"{where}{pos}: unknown key {key!r} in {parent}{more}", hint)
+    if err["type"] == "missing":
+        return RecipeError(
+            f"{where}{pos}: {path}: this field is required{more}",
+            "see docs/recipe.md for every field and its default",
+        )
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = err.get("input")
+    got_s = ""
+    if err["type"] not in ("value_error", "assertion_error") and not isinstance(got, (dict, list)):
+        got_s = f" (got {json.dumps(got) if _jsonable(got) else repr(got)})"
+    return RecipeError(
+        f"{where}{pos}: {path}: {msg}{got_s}{more}",
+        "see docs/recipe.md for every field and its allowed values",
+    )
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "compactor recipe"
+    return schema
