@@ -362,7 +362,8 @@ class Evaluator:
             f"{name}: latency on {prof.name}", total=len(prof.batch_sizes)
         ) as task:
             lat, runtime = measure_in_subprocess(
-                path, prof, feeds, self.ctx.work_dir, on_batch=lambda _l: task.advance()
+                path, prof, feeds, self.ctx.work_dir, on_batch=lambda _l: task.advance(),
+                timing=prof.timing.model_dump(),
             )
         return lat, runtime, thread_note
 

@@ -39,6 +39,16 @@ class Network(_Strict):
     rtt_ms: float | None = Field(default=None, ge=0)
 
 
+class Timing(_Strict):
+    """How long to time each (model, batch size): warm-up runs, then repeats until both
+    minimums are met, stopping at the time cap."""
+
+    warmup: int = Field(default=5, ge=0)
+    min_runs: int = Field(default=30, ge=5)
+    min_time_s: float = Field(default=0.5, ge=0)
+    max_time_s: float = Field(default=3.0, gt=0)
+
+
 class Profile(_Strict):
     name: str
     target_class: Literal["cloud", "edge", "mobile", "host"] = Field(alias="class")
@@ -52,6 +62,7 @@ class Profile(_Strict):
     limits: Limits = Field(default_factory=Limits)
     estimates: Estimates = Field(default_factory=Estimates)
     network: Network = Field(default_factory=Network)
+    timing: Timing = Field(default_factory=Timing)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
