@@ -64,6 +64,17 @@ class Drop(Strict):
     def _dump(self) -> float | str:
         return f"{self.value * 100:g}%" if self.relative else self.value
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # Editors check what a recipe writes (0.01 or "2%"), not the parsed object.
+        return {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+\s*%\s*$"},
+            ],
+            "description": cls.__doc__,
+        }
+
     def allowed(self, baseline: float) -> float:
         """The largest allowed drop in metric units, given the baseline's value."""
         return self.value * abs(baseline) if self.relative else self.value
@@ -71,7 +82,7 @@ class Drop(Strict):
 
 class InputSpec(Strict):
     name: str = Field(min_length=1)
-    shape: tuple[Union[int, str], ...] = Field(min_length=0)
+    shape: tuple[int | str, ...] = Field(min_length=0)
     dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
 
     @field_validator("shape")
@@ -141,10 +152,18 @@ class LatencyBudget(Strict):
             return {"p50": raw}
         return raw
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # A bare number is a p50 budget; the schema must accept it too.
+        return {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, handler(core_schema)]}
+
 
 class Budgets(Strict):
     max_size_mb: float | None = Field(default=None, gt=0)
     max_latency_ms: LatencyBudget | None = None
+    max_memory_mb: float | None = Field(
+        default=None, gt=0, description="peak RSS of the process measuring the final model"
+    )
     max_accuracy_drop: Drop | None = None
     min_speedup: float | None = Field(default=None, gt=0)
 
@@ -175,7 +194,8 @@ def _entry_models() -> dict[str, type[BaseModel]]:
 
 _ENTRIES = _entry_models()
 PassEntry = Annotated[
-    Union[tuple(Annotated[m, Tag(n)] for n, m in _ENTRIES.items())],  # type: ignore[misc]
+    # Union[] over a runtime tuple: `X | Y` cannot be built from a generator.
+    Union[tuple(Annotated[m, Tag(n)] for n, m in _ENTRIES.items())],  # noqa: UP007
     Discriminator(_pass_tag),
 ]
 
@@ -213,10 +233,14 @@ class Recipe(Strict):
             cls = registry()[name]
             if cls.input_kind != kind:
                 if kind == "onnx" and cls.input_kind == "torch":
-                    where = "after 'export'" if self.model.kind == "torch" else "on an ONNX model"
+                    if self.model.kind == "torch":
+                        raise ValueError(
+                            f"passes[{i}] '{name}' works on torch models and cannot run after "
+                            "'export'; move it before 'export'"
+                        )
                     raise ValueError(
-                        f"passes[{i}] '{name}' works on torch models and cannot run {where}; "
-                        "move it before 'export'"
+                        f"passes[{i}] '{name}' works on torch models, and this recipe's model "
+                        "is an ONNX file; only ONNX passes (e.g. quantize) apply to it"
                     )
                 raise ValueError(
                     f"passes[{i}] '{name}' needs an ONNX model: add '- export: {{}}' before it"
@@ -324,6 +348,8 @@ def _precheck_passes(raw: dict, node: Any, where: str) -> None:
     """Unknown pass names get a did-you-mean before pydantic's generic union message."""
     passes = raw.get("passes")
     if passes is None:
+        if "passes" in raw:
+            raw["passes"] = []  # an empty 'passes:' means no passes
         return
     if not isinstance(passes, list):
         raise RecipeError(
@@ -386,10 +412,13 @@ def _pos(node: Any, loc: tuple) -> str:
                     nxt = v
                     best = k  # point at the key, which is where a user looks
                     break
-        elif isinstance(cur, yaml.SequenceNode) and isinstance(part, int):
-            if 0 <= part < len(cur.value):
-                nxt = cur.value[part]
-                best = nxt
+        elif (
+            isinstance(cur, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(cur.value)
+        ):
+            nxt = cur.value[part]
+            best = nxt
         if nxt is None:
             break
         cur = nxt
@@ -442,11 +471,15 @@ def _unwrap(ann: Any) -> Any:
 
 def _recipe_error(e: ValidationError, node: Any, where: str) -> RecipeError:
     errors = e.errors(include_url=False)
-    err = errors[0]
+    # A misspelt key also makes its real key "missing"; the unknown key (with its
+    # did-you-mean) is the message that tells the user what to fix.
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = _clean_loc(tuple(err["loc"]))
     path = _fmt_loc(loc) or "recipe"
     pos = _pos(node, loc)
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+    more = ""
+    if len(errors) > 1:
+        more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc) or []
         key = loc[-1]
@@ -464,6 +497,12 @@ def _recipe_error(e: ValidationError, node: Any, where: str) -> RecipeError:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    m = re.match(r"passes\[(\d+)\] ", msg)
+    if not loc and m:
+        # model-level checks carry no location; the message names the pass it is about
+        pos = _pos(node, ("passes", int(m.group(1))))
+        return RecipeError(f"{where}{pos}: {msg}{more}",
+                           "see docs/recipe.md for the order passes can run in")
     got = err.get("input")
     got_s = ""
     if err["type"] not in ("value_error", "assertion_error") and not isinstance(got, (dict, list)):

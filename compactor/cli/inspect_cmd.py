@@ -22,6 +22,10 @@ def describe_model(path: Path, dims: dict[str, int]) -> dict:
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{path.name} is not an ONNX model: {str(e)[:200]}",
                              "inspect takes an .onnx file") from e
+    # Protobuf parses an empty file (and some other bytes) as an empty ModelProto.
+    if model.ir_version == 0 or not model.HasField("graph"):
+        raise ModelLoadError(f"{path.name} is not an ONNX model: it has no IR version or graph",
+                             "inspect takes an .onnx file")
 
     def tensor(vi) -> dict:
         tt = vi.type.tensor_type
@@ -79,11 +83,16 @@ def inspect(model: Path, dims: tuple[str, ...], as_json: bool) -> None:
     parsed: dict[str, int] = {}
     for d in dims:
         name, _, val = d.partition("=")
-        if not val.isdigit() or int(val) < 1:
+        if not name or not val.isdigit() or int(val) < 1:
             raise UsageError(f"--dim {d!r}: expected NAME=N with N a positive integer",
                              "e.g. --dim batch=8 --dim seq=128")
         parsed[name] = int(val)
     info = describe_model(model, parsed)
+    unknown = sorted(set(parsed) - set(info["macs_at"]))
+    if unknown:
+        axes = ", ".join(info["macs_at"]) or "none"
+        raise UsageError(f"--dim: the model has no dynamic axis named {', '.join(unknown)}",
+                         f"its dynamic axes: {axes}")
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

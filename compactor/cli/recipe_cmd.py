@@ -16,10 +16,13 @@ def recipe() -> None:
 @recipe.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def validate(file: Path) -> None:
-    """Check FILE against the recipe schema (no model is loaded)."""
+    """Check FILE against the recipe schema and its profiles (no model is loaded)."""
+    from compactor.profiles import load_profile
     from compactor.recipe import load_recipe
 
     r = load_recipe(file)
+    for t in r.targets:
+        load_profile(t.profile, r.base_dir)
     passes = " → ".join(name for name, _ in r.pass_list) or "no passes"
     targets = ", ".join(t.profile for t in r.targets)
     click.echo(f"ok: {r.name}: {passes}; targets: {targets}")
