@@ -1,5 +1,5 @@
-"""The artifact: model.onnx, manifest.json, recipe.lock.yaml and report.md, written
-atomically.
+"""The artifact: model.onnx (plus model.ort where a profile asks for it), manifest.json,
+recipe.lock.yaml, report.html and report.md, written atomically.
 
 The artifact is assembled in a temporary folder beside its destination and renamed into
 place, so an interrupted run never leaves a half-written artifact that looks complete, and
@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
+
+
+def lock_text(recipe: Recipe) -> str:
+    """recipe.lock.yaml's exact text (the manifest records its hash)."""
+    return "# compactor recipe.lock: the resolved recipe, every default filled in\n" + (
+        recipe.to_yaml()
+    )
 
 
 def check_writable(out_dir: Path) -> None:
@@ -103,7 +110,7 @@ def build_manifest(
         },
         "hashes": {
             "recipe": _sha256_bytes(source_text),
-            "recipe_lock": _sha256_bytes(recipe.to_yaml().encode()),
+            "recipe_lock": _sha256_bytes(lock_text(recipe).encode()),
             "input_model": {str(p.name): _sha256_file(p) for p in source_files if p.is_file()},
         },
         "metric": {
@@ -119,8 +126,11 @@ def build_manifest(
 
 
 def write_artifact(out_dir: Path, recipe: Recipe, model_path: Path,
-                   manifest: dict[str, Any]) -> None:
-    """Assemble the artifact beside ``out_dir`` and swap it into place."""
+                   manifest: dict[str, Any],
+                   extra_files: Mapping[str, Path] | None = None) -> None:
+    """Assemble the artifact beside ``out_dir`` and swap it into place. ``extra_files``
+    (artifact name → file) are deployables some profiles ask for, such as ``model.ort``."""
+    from compactor.report.html import render_html
     from compactor.report.markdown import render_markdown
 
     out_dir = out_dir.resolve()
@@ -128,10 +138,11 @@ def write_artifact(out_dir: Path, recipe: Recipe, model_path: Path,
     try:
         staging.mkdir(parents=True)
         shutil.copyfile(model_path, staging / MODEL)
-        (staging / "recipe.lock.yaml").write_text(
-            "# compactor recipe.lock: the resolved recipe, every default filled in\n"
-            + recipe.to_yaml(), encoding="utf-8")
+        for name, path in (extra_files or {}).items():
+            shutil.copyfile(path, staging / name)
+        (staging / "recipe.lock.yaml").write_text(lock_text(recipe), encoding="utf-8")
         (staging / "report.md").write_text(render_markdown(manifest), encoding="utf-8")
+        (staging / "report.html").write_text(render_html(manifest), encoding="utf-8")
         # The manifest goes last: its presence is what marks an artifact complete.
         with open(staging / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, default=str)

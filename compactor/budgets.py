@@ -1,36 +1,66 @@
-"""Budgets → verdicts, per target, on the final stage."""
+"""Budgets → verdicts, per target, on the final stage.
+
+A target's verdicts come from its recipe budgets (``max_size_mb``, ``max_latency_ms``,
+``max_memory_mb``, ``max_accuracy_drop``, ``min_speedup``) and from its profile's limits
+(``limits.memory_mb``, ``limits.model_size_mb``), which hold whatever the recipe says.
+A figure this host could not measure gives "not measured", never a pass or a fail on an
+estimate; the estimate is shown beside it.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from compactor.errors import UsageError, did_you_mean
 from compactor.recipe import Budgets
 
+if TYPE_CHECKING:
+    from compactor.measure.latency import Latency
+    from compactor.profiles import Profile
+
 Status = Literal["pass", "fail", "not measured"]
+
+# Every key `--budget KEY=VALUE` accepts, with what it means.
+BUDGET_KEYS = {
+    "max_size_mb": "model file size, MB",
+    "max_latency_ms": "p50 latency at batch 1, ms (same as max_latency_ms.p50)",
+    "max_latency_ms.p50": "p50 latency at batch 1, ms",
+    "max_latency_ms.p90": "p90 latency at batch 1, ms",
+    "max_latency_ms.p99": "p99 latency at batch 1, ms",
+    "max_memory_mb": "peak RSS of the measuring process, MB",
+    "max_accuracy_drop": "metric drop vs baseline: absolute (0.01) or relative (2%)",
+    "min_speedup": "baseline p50 / final p50 at batch 1, measured in one run",
+}
 
 
 @dataclass(frozen=True)
 class Verdict:
-    budget: str  # e.g. "max_latency_ms.p90"
+    budget: str  # e.g. "max_latency_ms.p90", or "limits.memory_mb" for a profile limit
     limit: float
     measured: float | None
     unit: str
     status: Status
     detail: str = ""
+    estimate: float | None = None  # labelled estimate, when the figure was not measured
 
     @property
     def passed(self) -> bool:
         return self.status != "fail"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["estimate"] is None:
+            del d["estimate"]
+        return d
 
 
 def _check(name: str, limit: float, measured: float | None, unit: str, ok_if_le: bool,
-           detail: str = "") -> Verdict:
+           detail: str = "", estimate: float | None = None) -> Verdict:
     if measured is None:
-        return Verdict(name, limit, None, unit, "not measured", detail)
+        return Verdict(name, limit, None, unit, "not measured", detail, estimate)
     ok = measured <= limit if ok_if_le else measured >= limit
     return Verdict(name, limit, measured, unit, "pass" if ok else "fail", detail)
 
@@ -45,9 +75,13 @@ def evaluate_budgets(
     metric_value: float | None,
     metric_drop: float | None,
     baseline_metric: float | None,
+    memory_mb: float | None = None,
+    profile: Profile | None = None,
+    latency_estimate_ms: float | None = None,
 ) -> list[Verdict]:
     """Verdicts for one target. ``latency_ms`` holds p50/p90/p99 at batch 1 (or None when
-    the profile could not be measured on this host)."""
+    the profile could not be measured on this host); ``memory_mb`` is the peak RSS of the
+    process that measured it. ``profile`` adds its limits as verdicts."""
     out: list[Verdict] = []
     if budgets.max_size_mb is not None:
         out.append(_check("max_size_mb", budgets.max_size_mb, size_mb, "MB", True))
@@ -56,7 +90,14 @@ def evaluate_budgets(
             limit = getattr(budgets.max_latency_ms, q)
             if limit is not None:
                 got = None if latency_ms is None else latency_ms[q]
-                out.append(_check(f"max_latency_ms.{q}", limit, got, "ms", True, "batch 1"))
+                est = latency_estimate_ms if q == "p50" else None
+                detail = "batch 1" if got is not None else (
+                    "batch 1; not measured on this host" + (
+                        "; estimate is a roofline lower bound" if est is not None else ""))
+                out.append(_check(f"max_latency_ms.{q}", limit, got, "ms", True, detail, est))
+    if budgets.max_memory_mb is not None:
+        out.append(_check("max_memory_mb", budgets.max_memory_mb, memory_mb, "MB", True,
+                          "peak RSS of the measuring process"))
     if budgets.max_accuracy_drop is not None:
         drop = budgets.max_accuracy_drop
         allowed = drop.allowed(baseline_metric or 0.0)
@@ -71,4 +112,172 @@ def evaluate_budgets(
             speedup = baseline_latency_ms / latency_ms["p50"]
         out.append(_check("min_speedup", budgets.min_speedup, speedup, "x", False,
                           "p50 at batch 1 vs baseline, same run"))
+    if profile is not None:
+        lim = profile.limits
+        if lim.model_size_mb is not None:
+            out.append(_check("limits.model_size_mb", lim.model_size_mb, size_mb, "MB", True,
+                              f"{profile.name} profile limit"))
+        if lim.memory_mb is not None:
+            out.append(_check("limits.memory_mb", lim.memory_mb, memory_mb, "MB", True,
+                              f"{profile.name} profile limit; peak RSS of the measuring "
+                              "process"))
+    return out
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_budget_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """``["max_latency_ms.p90=5", "max_accuracy_drop=2%"]`` → a Budgets-shaped dict.
+
+    Raises UsageError for an unknown key (with a did-you-mean) or a malformed value."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise UsageError(f"--budget {pair!r}: expected KEY=VALUE",
+                             "e.g. --budget max_latency_ms.p90=5 --budget max_accuracy_drop=1%")
+        if key not in BUDGET_KEYS:
+            hint = did_you_mean(key, BUDGET_KEYS)
+            raise UsageError(f"--budget {pair!r}: unknown budget {key!r}",
+                             (hint + " " if hint else "") + "budgets: " + ", ".join(BUDGET_KEYS))
+        if key == "max_accuracy_drop":
+            parsed: Any = value if value.endswith("%") else _number(pair, value)
+        else:
+            parsed = _number(pair, value)
+        if key.startswith("max_latency_ms"):
+            q = key.partition(".")[2] or "p50"
+            out.setdefault("max_latency_ms", {})[q] = parsed
+        else:
+            out[key] = parsed
+    return out
+
+
+def _number(pair: str, value: str) -> float:
+    try:
+        v = float(value.removesuffix("x"))
+    except ValueError:
+        raise UsageError(f"--budget {pair!r}: {value!r} is not a number",
+                         "budget values are numbers, e.g. max_size_mb=1.5") from None
+    if v <= 0 and not pair.startswith("max_accuracy_drop"):
+        raise UsageError(f"--budget {pair!r}: must be positive", "e.g. max_size_mb=1.5")
+    return v
+
+
+def merge_budgets(base: Budgets, overrides: Mapping[str, Any]) -> Budgets:
+    """``base`` with ``overrides`` (from :func:`parse_budget_overrides`) applied on top."""
+    from pydantic import ValidationError
+
+    raw = base.model_dump(mode="json", exclude_none=True)
+    for k, v in overrides.items():
+        if k == "max_latency_ms":
+            raw["max_latency_ms"] = {**(raw.get("max_latency_ms") or {}), **v}
+        else:
+            raw[k] = v
+    try:
+        return Budgets.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UsageError(f"--budget {loc}: {err['msg']}", "see `compactor check --help`") from None
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def batching_hint(latency: Mapping[int, Latency], budgets: Budgets | None,
+                  profile: Profile) -> dict[str, Any] | None:
+    """The batch size with the best measured throughput whose latency stays within the
+    target's ``max_latency_ms`` (or, without one, the profile's ``limits.latency_ms`` on p90).
+
+    None when fewer than two batch sizes were measured."""
+    if len(latency) < 2:
+        return None
+    limits: dict[str, float] = {}
+    source = "none"
+    if budgets is not None and budgets.max_latency_ms is not None:
+        limits = {q: v for q in ("p50", "p90", "p99")
+                  if (v := getattr(budgets.max_latency_ms, q)) is not None}
+        source = "target budget max_latency_ms"
+    elif profile.limits.latency_ms is not None:
+        limits = {"p90": profile.limits.latency_ms}
+        source = f"{profile.name} limits.latency_ms"
+    within = "; ".join(f"{q} ≤ {v:g} ms" for q, v in limits.items()) or "no latency limit"
+    fits = [lat for lat in latency.values()
+            if all(getattr(lat, q) <= v for q, v in limits.items())]
+    if not fits:
+        return {"batch_size": None, "within": within, "source": source,
+                "reason": f"no measured batch size keeps {within}"}
+    best = max(fits, key=lambda lat: lat.throughput)
+    return {
+        "batch_size": best.batch_size,
+        "throughput": best.throughput,
+        "p50_ms": best.p50,
+        "p90_ms": best.p90,
+        "within": within,
+        "source": source,
+        "measured_batch_sizes": sorted(latency),
+    }
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+def parse_percent(text: str) -> float:
+    """``"5%"`` or ``"0.05"`` → 0.05."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", text)
+    if not m:
+        raise UsageError(f"{text!r} is not a percentage", "write e.g. 5% or 0.05")
+    v = float(m.group(1))
+    return v / 100.0 if m.group(2) else v
+
+
+def regressions(old: Mapping[str, Any], new: Mapping[str, Any], max_regression: float,
+                profiles: Iterable[str] | None = None) -> list[Verdict]:
+    """Compare two manifests' final stages: size, p50 latency at batch 1 for each profile
+    both measured, and the metric. A regression beyond ``max_regression`` (relative) fails.
+    """
+    o, n = old["stages"][-1], new["stages"][-1]
+    out: list[Verdict] = []
+    pct = max_regression * 100
+
+    def worse(name: str, before: float, after: float, unit: str, detail: str,
+              higher_is_worse: bool = True) -> Verdict:
+        if before == 0:
+            change = 0.0 if after == before else float("inf")
+        else:
+            change = (after - before) / abs(before)
+        if not higher_is_worse:
+            change = -change
+        status: Status = "fail" if change > max_regression + 1e-12 else "pass"
+        return Verdict(f"regression.{name}", pct, round(change * 100, 3), "%", status,
+                       f"{detail}: {before:.4g} → {after:.4g} {unit}")
+
+    out.append(worse("size", o["size_bytes"] / 1e6, n["size_bytes"] / 1e6, "MB", "model size"))
+    wanted = set(profiles) if profiles is not None else None
+    for prof, lat in (n.get("latency_ms") or {}).items():
+        if wanted is not None and prof not in wanted:
+            continue
+        before = ((o.get("latency_ms") or {}).get(prof) or {}).get("1")
+        after = (lat or {}).get("1")
+        name = f"latency_p50.{prof}"
+        if before is None or after is None:
+            out.append(Verdict(f"regression.{name}", pct, None, "%", "not measured",
+                               "p50 at batch 1 missing in one of the two artifacts"))
+            continue
+        out.append(worse(name, before["p50"], after["p50"], "ms", f"{prof} p50 at batch 1"))
+    metric = new["metric"]["name"]
+    if metric == old["metric"]["name"]:
+        higher_better = new["metric"].get("higher_is_better", True)
+        b, a = o["metric"], n["metric"]
+        change = (b - a) if higher_better else (a - b)
+        base = abs(b) or 1.0
+        rel = change / base
+        status: Status = "fail" if rel > max_regression + 1e-12 else "pass"
+        out.append(Verdict(f"regression.{metric}", pct, round(rel * 100, 3), "%", status,
+                           f"{metric}: {b:.4g} → {a:.4g}"))
+    else:
+        out.append(Verdict(f"regression.{metric}", pct, None, "%", "not measured",
+                           f"the old artifact measured {old['metric']['name']}, not {metric}"))
     return out

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from compactor.errors import RecipeError, did_you_mean
+from compactor.partition.config import PartitionSpec
 from compactor.passes import PassConfig, registry
 
 RECIPE_VERSION = 1
@@ -210,6 +211,7 @@ class Recipe(Strict):
     targets: tuple[Target, ...] = (Target(profile="host-cpu"),)
     output: str | None = None
     seed: int = 0
+    partition: PartitionSpec | None = None  # plan device/server splits of the final model
 
     # Where relative paths resolve; not part of the schema.
     _base_dir: Path = Path(".")
@@ -252,6 +254,13 @@ class Recipe(Strict):
                     raise ValueError(
                         "static quantization needs calibration data: set data.calibration "
                         "(or use quantize mode: dynamic)"
+                    )
+        if self.data.train is None:
+            for i, (name, _cfg) in enumerate(self.pass_list):
+                if name == "distill":
+                    raise ValueError(
+                        f"passes[{i}] 'distill' trains the model and needs training data: "
+                        "set data.train (label-free batches are fine)"
                     )
         return self
 
@@ -456,7 +465,7 @@ def _unwrap(ann: Any) -> Any:
         origin = get_origin(ann)
         if origin is Annotated:
             ann = get_args(ann)[0]
-        elif origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+        elif origin is Union or getattr(origin, "__name__", "") == "UnionType":  # X | None
             args = [a for a in get_args(ann) if a is not type(None)]
             models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
             if len(args) == 1:

@@ -124,8 +124,8 @@ BAD_RECIPES = [
     ),
     (
         "unknown-pass-no-close-match",
-        sub("- quantize: {mode: static}", "- prune: {}"),
-        ["passes[1]: unknown pass 'prune'", "known passes: export, quantize"],
+        sub("- quantize: {mode: static}", "- sparsify: {}"),
+        ["passes[1]: unknown pass 'sparsify'", "known passes: export, quantize"],
         "12:5",
     ),
     (
@@ -144,7 +144,7 @@ BAD_RECIPES = [
     (
         "bad-literal",
         sub("{mode: static}", "{mode: fast}"),
-        ["passes[1].quantize.mode: Input should be 'static' or 'dynamic'", '(got "fast")'],
+        ["passes[1].quantize.mode: Input should be 'static', 'dynamic'", '(got "fast")'],
         "12:16",
     ),
     (

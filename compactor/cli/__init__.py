@@ -25,6 +25,13 @@ def show_error(message: str, hint: str | None = None) -> None:
         click.secho(f"hint: {hint}", fg="yellow", err=True)
 
 
+def _resume_command(args: list[str]) -> str:
+    """The command line that was run, with --resume."""
+    import shlex
+
+    return shlex.join(["compactor", *[a for a in args if a != "--resume"], "--resume"])
+
+
 class CompactorGroup(click.Group):
     """Runs commands and turns every way they can end into an exit code."""
 
@@ -40,9 +47,12 @@ class CompactorGroup(click.Group):
         except click.ClickException as e:
             e.show()
             code = EXIT_USAGE
-        except (KeyboardInterrupt, click.exceptions.Abort):
+        except (KeyboardInterrupt, click.exceptions.Abort) as e:
             click.secho("interrupted: nothing was written over an earlier artifact", err=True,
                         fg="yellow")
+            # pipeline.RunInterrupted (click wraps it in Abort): saved work can be resumed
+            if getattr(e, "resumable", False) or getattr(e.__cause__, "resumable", False):
+                click.secho(f"resume with: {_resume_command(args)}", err=True, fg="yellow")
             code = EXIT_INTERRUPTED
         except CompactorError as e:
             if debug:
@@ -83,12 +93,25 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from compactor.cli import inspect_cmd, optimize_cmd, profiles_cmd, recipe_cmd
+    from compactor.cli import (
+        bench_cmd,
+        check_cmd,
+        inspect_cmd,
+        optimize_cmd,
+        partition_cmd,
+        profiles_cmd,
+        recipe_cmd,
+        sensitivity_cmd,
+    )
 
     cli.add_command(optimize_cmd.optimize)
+    cli.add_command(check_cmd.check)
+    cli.add_command(bench_cmd.bench)
     cli.add_command(recipe_cmd.recipe)
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(profiles_cmd.profiles)
+    cli.add_command(partition_cmd.partition)
+    cli.add_command(sensitivity_cmd.sensitivity)
 
 
 _register()

@@ -22,7 +22,11 @@ def demo_recipe() -> Path:
                    "./out/digits-cnn for the demo).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the manifest as JSON on stdout (progress stays on stderr).")
-def optimize(recipe: Path | None, output: Path | None, as_json: bool) -> int:
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: reuse its finished stages and continue "
+                   "training from the last checkpoint (refused when the recipe changed in a "
+                   "way that invalidates them).")
+def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bool) -> int:
     """Run RECIPE: passes, measurements, budgets, artifact.
 
     With no RECIPE, runs the bundled demo (a CNN on handwritten digits → ONNX → int8).
@@ -39,8 +43,13 @@ def optimize(recipe: Path | None, output: Path | None, as_json: bool) -> int:
         err.print(f"[bold]compactor demo[/]: {recipe.name} (a CNN on scikit-learn's digits; "
                   "the first run trains it, ~30 s)")
     r = load_recipe(recipe)
+    if _worker_rank():  # under torchrun, rank 0 draws progress and reports
+        from compactor.pipeline import Progress
+
+        run(r, progress=Progress(), output=output, resume=resume)
+        return EXIT_OK
     with RichProgress(err) as progress:
-        result = run(r, progress=progress, output=output)
+        result = run(r, progress=progress, output=output, resume=resume)
     if as_json:
         click.echo(json.dumps({"artifact": str(result.artifact), **result.manifest}, indent=2,
                               default=str))
@@ -50,9 +59,20 @@ def optimize(recipe: Path | None, output: Path | None, as_json: bool) -> int:
         vt = verdict_table(result.manifest)
         if vt is not None:
             out.print(vt)
+        from compactor.report.markdown import target_facts
+
+        for line in target_facts(result.manifest):
+            out.print(line.removeprefix("- "), highlight=False, markup=False)
         for t in result.manifest["targets"]:
             for note in t["notes"]:
                 out.print(f"[yellow]note[/] {t['profile']}: {note}")
         verdict = "[green]all budgets hold[/]" if result.passed else "[bold red]budget failed[/]"
         out.print(f"{verdict}; artifact: {result.artifact} ({result.seconds:.0f} s)")
     return EXIT_OK if result.passed else EXIT_BUDGET
+
+
+def _worker_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") not in ("", "0") and \
+        os.environ.get("WORLD_SIZE", "1") not in ("", "1")

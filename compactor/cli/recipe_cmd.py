@@ -38,7 +38,13 @@ def lock(file: Path, output: Path | None) -> None:
 
     text = "# compactor recipe.lock: the resolved recipe\n" + load_recipe(file).to_yaml()
     if output:
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as e:
+            from compactor.errors import UsageError
+
+            raise UsageError(f"cannot write {output}: {e.strerror or e}",
+                             "check that its folder exists and is writable") from e
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text, nl=False)

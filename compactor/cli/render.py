@@ -30,6 +30,9 @@ class _RichTask(Task):
     def advance(self, n: int = 1) -> None:
         self._p.advance(self._id, n)
 
+    def status(self, text: str) -> None:
+        self._p.update(self._id, status=text)
+
 
 class RichProgress(PipelineProgress):
     """A spinner/bar per running task, and a line per finished one, on stderr."""
@@ -42,6 +45,7 @@ class RichProgress(PipelineProgress):
             BarColumn(bar_width=24),
             TextColumn("{task.completed}/{task.total}", style="dim"),
             TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}", style="cyan"),
             console=console,
             transient=True,
         )
@@ -55,7 +59,7 @@ class RichProgress(PipelineProgress):
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Task]:
-        tid = self._progress.add_task(description, total=total)
+        tid = self._progress.add_task(description, total=total, status="")
         t0 = time.perf_counter()
         try:
             yield _RichTask(self._progress, tid)
@@ -96,3 +100,126 @@ def verdict_table(manifest: dict[str, Any]) -> Table | None:
     for r in rows:
         table.add_row(*r[:-1], f"[{style[r[-1][0]]}]{r[-1][2:]}[/]")
     return table
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def bench_report(out: Console, r: dict[str, Any]) -> None:
+    """What `compactor bench` prints for one profile."""
+    from rich.markup import escape
+
+    from compactor.report.markdown import fmt_bytes, fmt_count
+
+    m = r["model"]
+    out.print(f"[bold]{escape(m['file'])}[/] on [bold]{escape(r['profile'])}[/]: "
+              f"{fmt_bytes(m['size_bytes'])}, "
+              + (f"{fmt_count(m['macs'])} MACs, " if m["macs"] is not None else "")
+              + {True: "int8", False: "float", None: "precision not read (.ort)"}[m["quantized"]]
+              + (f"; dims {m['dims']}" if m["dims"] else ""), highlight=False)
+    if r["measured"]:
+        t = Table(title_justify="left", title="latency (ms) and throughput")
+        for h in ("batch", "p50", "p90", "p99", "mean", "std", "runs", "median ±", "samples/s"):
+            t.add_column(h, justify="right")
+        for b, lat in r["latency_ms"].items():
+            ci = lat.get("ci")
+            ci_s = "—" if ci is None else f"{ci * 100:.1f}%" + (
+                "" if lat.get("stable", True) else " [yellow](cap)[/]")
+            t.add_row(b, _fmt_ms(lat["p50"]), _fmt_ms(lat["p90"]), _fmt_ms(lat["p99"]),
+                      _fmt_ms(lat["mean"]), _fmt_ms(lat["std"]), str(lat["runs"]), ci_s,
+                      f"{lat['throughput']:,.0f}")
+        out.print(t)
+        rt = r["runtime"]
+        out.print(f"cold start: session {rt.get('session_create_ms', 0):.1f} ms, first run "
+                  f"{(rt.get('first_run_ms') or 0):.2f} ms; providers "
+                  f"{', '.join(rt.get('providers') or [])}", highlight=False)
+        mem = r.get("memory")
+        if mem:
+            within = "" if mem["within_limit"] is None else (
+                f" of the profile's {mem['limit_mb']:g} MB limit: "
+                + ("[green]within[/]" if mem["within_limit"] else "[bold red]over[/]"))
+            out.print(f"peak memory: {mem['peak_rss_mb']:.0f} MB RSS{within}", highlight=False)
+        hint = r.get("batching")
+        if hint:
+            if hint.get("batch_size"):
+                out.print(f"batching hint: batch {hint['batch_size']} "
+                          f"({hint['throughput']:,.0f} samples/s; {hint['within']})",
+                          highlight=False)
+            else:
+                out.print(f"batching hint: {hint['reason']}", highlight=False)
+    else:
+        out.print("[yellow]not measured[/] on this host", highlight=False)
+    est = r.get("estimates") or {}
+    if est.get("latency") and not r["measured"]:
+        e = est["latency"]
+        out.print(f"[yellow]estimate[/]: latency ≥ {e['latency_ms']:.3g} ms at batch 1 "
+                  f"({e['kind']}; {e['basis']})", highlight=False)
+    if est.get("energy"):
+        e = est["energy"]
+        out.print(f"[yellow]estimate[/]: energy {e['energy_mj']:.3g} mJ per inference "
+                  f"({e['basis']})", highlight=False)
+    for v in r.get("verdicts") or []:
+        out.print(_verdict_text(r["profile"], v), highlight=False)
+    for n in r["notes"]:
+        out.print(f"[yellow]note[/] {n}", highlight=False)
+    out.print()
+
+
+_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]",
+          "not measured": "[yellow]not measured[/]"}
+
+
+def _verdict_text(group: str, v: dict[str, Any]) -> str:
+    from rich.markup import escape
+
+    from compactor.report.markdown import fmt_num
+
+    if v["budget"].startswith("integrity."):
+        return f"{_STYLE[v['status']]} {group} {v['budget']}: {escape(v['detail'])}"
+    if v["measured"] is None:
+        got = "not measured" + (f" (estimate ≥ {v['estimate']:.3g} {v['unit']})"
+                                if v.get("estimate") is not None else "")
+    else:
+        got = f"{fmt_num(v['measured'])} {v['unit']}"
+    rel = "≥" if v["budget"].startswith("min_") else "≤"
+    return (f"{_STYLE[v['status']]} {group} {v['budget']}: {got} (limit {rel} "
+            f"{fmt_num(v['limit'])} {v['unit']})"
+            + (f" [dim]{escape(v['detail'])}[/]" if v.get("detail") else ""))
+
+
+def check_report(out: Console, result: dict[str, Any]) -> None:
+    """What `compactor check` prints: a verdict table, then notes."""
+    from rich.markup import escape
+
+    from compactor.report.markdown import fmt_num
+
+    sources = sorted({t["source"] for t in result["targets"]})
+    table = Table(title=f"{result['name']}: check (figures from the "
+                  f"{' and '.join(sources) or 'manifest'})", title_justify="left")
+    for h in ("group", "check", "limit", "measured", "verdict", "detail"):
+        table.add_column(h, overflow="fold")
+    rows: list[tuple[str, dict[str, Any]]] = [("integrity", v) for v in result["integrity"]]
+    for t in result["targets"]:
+        rows += [(t["profile"], v) for v in t["verdicts"]]
+    rows += [("regression", v) for v in result["regressions"]]
+    for group, v in rows:
+        if v["budget"].startswith("integrity."):
+            limit, got = "sha256", ("matches" if v["status"] == "pass" else "differs")
+        else:
+            rel = "≥" if v["budget"].startswith("min_") else "≤"
+            limit = f"{rel} {fmt_num(v['limit'])} {v['unit']}"
+            if v["measured"] is not None:
+                got = f"{fmt_num(v['measured'])} {v['unit']}"
+            elif v.get("estimate") is not None:
+                got = f"[yellow]estimate ≥ {v['estimate']:.3g} {v['unit']}[/]"
+            else:
+                got = "—"
+        table.add_row(escape(group), escape(v["budget"]), limit, got, _STYLE[v["status"]],
+                      escape(v.get("detail", "")))
+    out.print(table)
+    for t in result["targets"]:
+        for n in t["notes"]:
+            out.print(f"[yellow]note[/] {t['profile']}: {n}", highlight=False)
+    for n in result["notes"]:
+        out.print(f"[yellow]note[/] {n}", highlight=False)

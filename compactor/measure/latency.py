@@ -1,10 +1,18 @@
-"""Latency of an ONNX model in ONNX Runtime, under a profile's runtime settings."""
+"""Latency of an ONNX model in ONNX Runtime, under a profile's runtime settings.
+
+Each (model, profile) is timed in a fresh process (``compactor.measure.worker``), so the
+caller's memory and threads (a torch training loop, say) do not distort it. Within that
+process each batch size is warmed up, then run until its median is stable: the 95%
+confidence interval of the median (from order statistics, no assumption about the shape of
+the distribution) lies within ±``target_ci`` of it, or the time cap is reached.
+"""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +40,85 @@ class Latency:
     std: float
     min: float
     runs: int
-    throughput: float  # samples per second at this batch size
+    throughput: float  # samples per second at this batch size (from p50)
+    ci: float | None = None  # half-width of the median's 95% CI, relative to the median
+    stable: bool | None = None  # the CI reached the profile's target before the time cap
+    seconds: float | None = None  # time spent timing (after warm-up)
+    # CPU time the process got / (wall time x threads it runs): well below 1 means other
+    # processes took cores it asked for, and the latency is the busy host's.
+    cpu_share: float | None = None
 
     def to_dict(self) -> dict:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Latency:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def median_ci(sorted_ms: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """The median and its distribution-free 95% confidence interval (order statistics)."""
+    a = np.asarray(sorted_ms)
+    n = len(a)
+    med = float(np.median(a))
+    half = 1.96 * math.sqrt(n) / 2.0
+    lo = max(int(math.floor(n / 2.0 - half)) - 1, 0)
+    hi = min(int(math.ceil(n / 2.0 + half)), n - 1)
+    return med, float(a[lo]), float(a[hi])
+
+
+def relative_ci(sorted_ms: Sequence[float] | np.ndarray) -> float:
+    med, lo, hi = median_ci(sorted_ms)
+    if med <= 0:
+        return 0.0
+    return max(med - lo, hi - med) / med
+
+
+# Student's t at 97.5% for 4..9 degrees of freedom (5..10 blocks).
+_T975 = {4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def block_ci(times_ms: Sequence[float] | np.ndarray, max_blocks: int = 10) -> float:
+    """Relative half-width of a 95% CI of the median from consecutive blocks of runs
+    ("batch means"): the runs split in time order, a median per block, a t interval over
+    those medians. Unlike the order-statistic interval it widens when the host's speed
+    drifts between phases (a neighbour's burst, a frequency change), which makes
+    consecutive runs alike and the i.i.d. interval too narrow. ``inf`` with too few runs."""
+    a = np.asarray(times_ms, dtype=float)
+    b = min(max_blocks, len(a) // 5)
+    if b < 5:
+        return math.inf
+    medians = np.array([np.median(x) for x in np.array_split(a, b)])
+    centre = float(np.median(a))
+    if centre <= 0:
+        return 0.0
+    half = _T975[b - 1] * float(medians.std(ddof=1)) / math.sqrt(b)
+    return half / centre
+
+
+def stability(times_ms: Sequence[float] | np.ndarray) -> float:
+    """The wider of the order-statistic and the block interval, relative to the median."""
+    a = np.asarray(times_ms, dtype=float)
+    return max(relative_ci(np.sort(a)), block_ci(a))
+
+
+def usable_providers(profile: Profile) -> tuple[list[str], list[str]]:
+    """The profile's execution providers that this host has (in the profile's order), and
+    the ones it lacks."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    usable = [p for p in profile.execution_providers if p in have]
+    missing = [p for p in profile.execution_providers if p not in have]
+    return usable, missing
+
+
+def providers_available(profile: Profile) -> tuple[bool, list[str]]:
+    """Whether this host has any of the profile's execution providers (then it can be
+    measured, with the first one it has), and the ones it lacks."""
+    usable, missing = usable_providers(profile)
+    return bool(usable), missing
 
 
 def session(path: Path, profile: Profile | None = None, threads: int | None = None):
@@ -52,7 +135,9 @@ def session(path: Path, profile: Profile | None = None, threads: int | None = No
         so.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, _OPT_LEVELS[profile.graph_optimization_level]
         )
-        providers = list(profile.execution_providers)
+        providers = usable_providers(profile)[0] or list(profile.execution_providers)
+        if "CPUExecutionProvider" not in providers:
+            providers.append("CPUExecutionProvider")  # for the ops an accelerator lacks
     elif threads:
         so.intra_op_num_threads = threads
     try:
@@ -74,7 +159,9 @@ def measure_in_subprocess(
 ) -> tuple[dict[int, Latency], dict]:
     """Latency per batch size, measured by ``compactor.measure.worker`` in a fresh process.
 
-    Returns the latencies and the cold-start/memory figures of that process.
+    Returns the latencies and that process's cold-start and memory figures
+    (``session_create_ms``, ``first_run_ms``, ``peak_rss_mb``, ``runtime_rss_mb``,
+    ``providers``).
     """
     import json
     import subprocess
@@ -92,7 +179,7 @@ def measure_in_subprocess(
         "model": str(model),
         "profile": profile.model_dump(mode="json", by_alias=True),
         "feeds": feeds_files,
-        "timing": dict(timing or {}),
+        "timing": dict(timing if timing is not None else profile.timing.model_dump()),
     }), encoding="utf-8")
     proc = subprocess.Popen(
         [sys.executable, "-m", "compactor.measure.worker", str(job)],
@@ -105,7 +192,7 @@ def measure_in_subprocess(
         for line in proc.stdout:
             msg = json.loads(line)
             if "latency" in msg:
-                lat = Latency(**msg["latency"])
+                lat = Latency.from_dict(msg["latency"])
                 out[lat.batch_size] = lat
                 if on_batch:
                     on_batch(lat)
@@ -131,15 +218,6 @@ def measure_in_subprocess(
     return out, extra
 
 
-def providers_available(profile: Profile) -> tuple[bool, list[str]]:
-    """Whether this host has the profile's first-choice execution provider."""
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    missing = [p for p in profile.execution_providers if p not in have]
-    return profile.execution_providers[0] in have, missing
-
-
 def measure_latency(
     sess,
     feeds: Mapping[str, np.ndarray],
@@ -149,25 +227,46 @@ def measure_latency(
     min_time_s: float = 0.5,
     max_time_s: float = 3.0,
     warmup: int = 5,
+    warmup_s: float = 0.0,
+    target_ci: float = 0.02,
+    threads: int | None = None,
     on_run: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Latency:
     """Time ``sess.run`` on ``feeds``: warm up, then repeat for at least ``min_runs`` and
-    ``min_time_s`` (stopping at ``max_time_s``)."""
-    for _ in range(warmup):
-        sess.run(None, dict(feeds))
+    ``min_time_s`` until the median's 95% CI is within ±``target_ci`` of it, stopping at
+    ``max_time_s`` (the result then says ``stable=False``). The CI is the wider of the
+    order-statistic interval and the block interval (:func:`block_ci`), so a host whose
+    speed drifts keeps being timed, and says so, instead of stopping in one phase."""
+    feeds = dict(feeds)
+    warm_until = clock() + min(warmup_s, max_time_s * 0.1)
+    done = 0
+    while done < warmup or clock() < warm_until:
+        sess.run(None, feeds)
+        done += 1
     times: list[float] = []
-    start = time.perf_counter()
+    cpu0 = time.process_time()
+    start = clock()
+    next_check = min_runs
+    stable = False
     while True:
-        t0 = time.perf_counter()
-        sess.run(None, dict(feeds))
-        times.append((time.perf_counter() - t0) * 1000.0)
+        t0 = clock()
+        sess.run(None, feeds)
+        times.append((clock() - t0) * 1000.0)
         if on_run is not None:
             on_run()
-        elapsed = time.perf_counter() - start
-        if (len(times) >= min_runs and elapsed >= min_time_s) or elapsed >= max_time_s:
-            if len(times) >= 5:
+        elapsed = clock() - start
+        if elapsed >= max_time_s and len(times) >= 5:
+            break
+        if len(times) >= next_check and elapsed >= min_time_s:
+            # Checking costs a sort; doing it every ~10% more runs keeps it negligible.
+            next_check = len(times) + max(1, len(times) // 10)
+            if stability(times) <= target_ci:
+                stable = True
                 break
-    a = np.asarray(times)
+    seconds = clock() - start
+    cpu = time.process_time() - cpu0
+    a = np.sort(np.asarray(times))
     p50 = float(np.percentile(a, 50))
     return Latency(
         batch_size=batch_size,
@@ -176,7 +275,11 @@ def measure_latency(
         p99=float(np.percentile(a, 99)),
         mean=float(a.mean()),
         std=float(a.std()),
-        min=float(a.min()),
+        min=float(a[0]),
         runs=len(times),
-        throughput=batch_size * 1000.0 / p50,
+        throughput=batch_size * 1000.0 / p50 if p50 > 0 else 0.0,
+        ci=min(stability(times), 9.99),  # finite in JSON even with too few runs
+        stable=stable,
+        seconds=seconds,
+        cpu_share=cpu / (seconds * threads) if threads and seconds > 0 else None,
     )

@@ -17,6 +17,19 @@ log = logging.getLogger(__name__)
 
 
 def count_macs(model, input_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """Total MACs at the given input shapes, or None when shapes cannot be inferred."""
+    per_node = macs_by_node(model, input_shapes)
+    return None if per_node is None else int(sum(per_node.values()))
+
+
+def node_key(node, index: int) -> str:
+    """A node's name, or a stable stand-in for unnamed nodes."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int] | None:
+    """MACs of each heavy node (keyed by :func:`node_key`), or None when shapes of some heavy
+    node cannot be inferred."""
     import onnx
     from onnx import shape_inference
 
@@ -26,7 +39,7 @@ def count_macs(model, input_shapes: Mapping[str, tuple[int, ...]]) -> int | None
         if inp.name not in input_shapes:
             continue
         dims = inp.type.tensor_type.shape.dim
-        for d, v in zip(dims, input_shapes[inp.name]):
+        for d, v in zip(dims, input_shapes[inp.name], strict=False):  # rank checked by ORT
             d.ClearField("dim_param")
             d.dim_value = int(v)
     try:
@@ -45,23 +58,24 @@ def count_macs(model, input_shapes: Mapping[str, tuple[int, ...]]) -> int | None
     for init in m.graph.initializer:
         shapes[init.name] = tuple(init.dims)
 
-    total = 0
+    out: dict[str, int] = {}
     unknown = 0
-    for node in m.graph.node:
+    for i, node in enumerate(m.graph.node):
         op = node.op_type
+        if op not in _HEAVY:
+            continue
         try:
             macs = _node_macs(node, op, shapes)
         except (KeyError, TypeError, IndexError, ValueError):
             macs = None
         if macs is None:
-            if op in _HEAVY:
-                unknown += 1
+            unknown += 1
             continue
-        total += macs
+        out[node_key(node, i)] = macs
     if unknown:
         log.debug("%d heavy nodes without inferable shapes", unknown)
         return None
-    return int(total)
+    return out
 
 
 _HEAVY = {
@@ -106,10 +120,7 @@ def _node_macs(node, op, shapes) -> int | None:
         b = shapes.get(node.input[b_idx])
         if out is None or a is None or b is None:
             return None
-        if op == "Gemm":
-            k = a[0] if _attr(node, "transA", 0) else a[-1]
-        else:
-            k = a[-1]
+        k = a[0] if op == "Gemm" and _attr(node, "transA", 0) else a[-1]
         return int(np.prod(out) * k)
     if out is None or w is None:
         return None

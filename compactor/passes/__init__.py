@@ -59,5 +59,8 @@ def get_pass(name: str) -> type[Pass]:
 
 
 # Registration happens on import; these modules import nothing heavy at module level.
-from compactor.passes import export as _export  # noqa: E402,F401
+# Not sorted (I001): registration order is the order error hints list the passes in.
+from compactor.passes import export as _export  # noqa: E402,F401,I001
 from compactor.passes import quantize as _quantize  # noqa: E402,F401
+from compactor.passes import distill as _distill  # noqa: E402,F401
+from compactor.passes import prune as _prune  # noqa: E402,F401

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -76,7 +77,8 @@ class ExportPass(Pass):
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the exporters' prints, warnings and log lines: the library never prints."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "torch")
+    # "" is the root logger: ORT's quantization tools log their advice there
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "torch", "")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -88,6 +90,13 @@ def quiet() -> Iterator[None]:
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line, without terminal colour codes; empty messages are common
+    (a bare ``assert`` in a model's forward)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0][:limit] if text else ""
 
 
 def _use_kwargs(module, specs: Sequence[InputSpec]) -> bool:
@@ -167,7 +176,7 @@ def export_module(
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(
             f"the model fails on inputs of the declared shape: {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]}",
+            f"{first_line(e)}",
             "check model.inputs (names, shapes, dtypes) against what forward() expects",
         ) from e
     names = list(output_names) or default_output_names(n_out)
@@ -211,7 +220,7 @@ def export_module(
         except PassError:
             raise
         except Exception as e:  # noqa: BLE001 - exporters fail in many ways
-            failures[exporter] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            failures[exporter] = ": ".join(filter(None, (type(e).__name__, first_line(e))))
             log.info("exporter %s failed: %s", exporter, failures[exporter])
             path.unlink(missing_ok=True)
     else:
@@ -290,6 +299,11 @@ def simplify_checked(path: Path, batches: Sequence[Batch]) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
         return {"applied": False, "reason": f"outputs changed by {err:.3g}", "max_abs_error": err}
     nodes_before, nodes_after = len(original.graph.node), len(simplified.graph.node)
+    if nodes_after > nodes_before:
+        # onnxsim sometimes unrolls shape logic; a bigger graph is not a simplification
+        tmp.unlink(missing_ok=True)
+        return {"applied": False, "reason": f"it grew the graph ({nodes_before} → "
+                f"{nodes_after} nodes)", "max_abs_error": err}
     tmp.replace(path)
     return {"applied": True, "nodes_before": nodes_before, "nodes_after": nodes_after,
             "max_abs_error": err}

@@ -1,49 +1,114 @@
-"""``quantize``: ONNX → int8 ONNX with ONNX Runtime's quantization tool.
+"""``quantize``: ONNX → int8 ONNX that meets an accuracy budget and stays fast.
 
-``static``: QDQ (or QOperator) with activation ranges from the recipe's calibration data,
-per-channel int8 weights. ``dynamic``: int8 weights, activations quantized at run time
-(suits MatMul-heavy transformer graphs). The model is pre-processed first (ORT's
-``quant_pre_process``: shape inference and graph optimization); when ORT's symbolic shape
-inference gives up, plain ONNX shape inference is used and the stage says so.
+``mode``: ``static`` (calibrated QDQ/QOperator), ``dynamic`` (int8 weights, activations
+quantized per input at run time) or ``auto`` (chosen from the model's op mix). The model is
+upgraded to opset 13 if older and pre-processed with ORT's ``quant_pre_process``.
+
+Settings left ``auto`` (format, activation type, op types, reduce_range) are chosen by
+measurement: the candidates are timed against the float model on the first target's
+profile and the fastest one within the accuracy budget wins; the CPU's int8 instructions
+decide which are worth trying. When none is within budget, cheaper fixes come first (another
+calibration method, SmoothQuant-style scale migration), then the most sensitive nodes go back
+to float until the budget holds on held-out eval data. The search itself lives in
+:mod:`compactor.quantization`; this module turns the recipe's settings into a search and its
+outcome into the stage record.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
+import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from compactor.errors import DataError, PassError
+from compactor.errors import PassError
 from compactor.passes import Pass, PassConfig, register
 
 if TYPE_CHECKING:
     from compactor.pipeline import RunContext
+    from compactor.quantization.accuracy import Budget
+    from compactor.quantization.search import Outcome
     from compactor.stage import Stage
 
 log = logging.getLogger(__name__)
 
+MIN_CALIBRATION_SAMPLES = 16  # fewer give ranges that depend on which samples were drawn
+DEFAULT_CALIBRATION_SAMPLES = 256  # an upper bound: fewer available is no warning
+Repair = Literal["calibration", "smoothquant", "fallback"]
+
+
+class ExcludeConfig(PassConfig):
+    nodes: tuple[str, ...] = Field(default=(), description="node-name globs kept in float")
+    op_types: tuple[str, ...] = Field(default=(), description="op types kept in float")
+
 
 class QuantizeConfig(PassConfig):
-    mode: Literal["static", "dynamic"] = "static"
-    format: Literal["qdq", "qoperator"] = Field(
-        default="qdq", description="static only: QDQ pairs, or fused QLinear* operators"
+    mode: Literal["static", "dynamic", "auto"] = Field(
+        default="static",
+        description="auto: dynamic for MatMul-dominated (transformer) graphs, static for "
+        "convolution networks; the stage record says why",
     )
-    per_channel: bool = Field(default=True, description="one scale per output channel")
-    activation_type: Literal["uint8", "int8"] = "uint8"
+    format: Literal["auto", "qdq", "qoperator"] = Field(
+        default="auto", description="static: QDQ pairs or fused QLinear* operators; auto: "
+        "both are timed")
+    per_channel: bool = Field(default=True, description="one weight scale per output channel")
+    activation_type: Literal["auto", "uint8", "int8"] = Field(
+        default="auto", description="static: auto times those this CPU runs well")
     weight_type: Literal["int8", "uint8"] = "int8"
-    reduce_range: bool = Field(
-        default=False, description="7-bit weights: avoids u8s8 overflow on CPUs without VNNI"
-    )
+    reduce_range: bool | Literal["auto"] = Field(
+        default="auto", description="7-bit weights; auto: on x86 CPUs without VNNI, where "
+        "u8s8 products saturate")
+    activation_symmetric: bool = Field(default=False, description="static: symmetric ranges")
+    weight_symmetric: bool = Field(default=True, description="symmetric weight ranges")
+    op_types: Literal["auto", "all", "compute"] | tuple[str, ...] = Field(
+        default="auto", description="which op types to quantize: all ORT can, compute "
+        "(Conv/MatMul/Gemm), a list, or auto (time both)")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = Field(default=99.999, gt=90, le=100)
-    calibration_samples: int = Field(default=256, ge=1)
+    calibration_samples: int = Field(
+        default=DEFAULT_CALIBRATION_SAMPLES, ge=1,
+        description="calibrate on up to this many samples of data.calibration")
     preprocess: bool = Field(default=True, description="ORT quant_pre_process first")
-    exclude_nodes: tuple[str, ...] = Field(default=(), description="node-name globs kept float")
-    exclude_op_types: tuple[str, ...] = Field(default=(), description="op types kept float")
+    exclude: ExcludeConfig = Field(default_factory=ExcludeConfig,
+                                   description="nodes and op types kept in float")
+    exclude_nodes: tuple[str, ...] = Field(
+        default=(), description="node-name globs kept in float (same as exclude.nodes)")
+    exclude_op_types: tuple[str, ...] = Field(
+        default=(), description="op types kept in float (same as exclude.op_types)")
+    max_accuracy_drop: float | str | None = Field(
+        default=None, description="allowed metric drop vs the float input: absolute (0.01) "
+        "or relative ('1%'); default: the targets' max_accuracy_drop")
+    time_budget_s: float = Field(default=300, gt=0, description="stop the search after this")
+    holdout_fraction: float = Field(
+        default=0.5, ge=0.1, le=0.9, description="share of eval data held out from the search")
+    search_speed: bool = Field(default=True, description="time the candidates on the target")
+    repairs: Literal["auto"] | tuple[Repair, ...] = Field(
+        default="auto",
+        description="fixes tried, in order, when no candidate meets the budget; auto: "
+        "calibration, smoothquant, fallback (smoothquant first on MatMul/Gemm models)")
+    smoothquant_alpha: float | Literal["auto"] = Field(
+        default="auto", description="migration strength; auto: chosen per activation")
+
+    @field_validator("max_accuracy_drop")
+    @classmethod
+    def _drop(cls, v: float | str | None) -> float | str | None:
+        if v is None:
+            return v
+        from compactor.recipe import Drop
+
+        drop = Drop.model_validate(v)  # the recipe's syntax: 0.01 or "2%"
+        return drop.model_dump()
+
+    @field_validator("smoothquant_alpha")
+    @classmethod
+    def _alpha(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0 < float(v) < 1:
+            raise ValueError("smoothquant_alpha is 'auto' or a number between 0 and 1")
+        return v
 
 
 @register
@@ -52,187 +117,350 @@ class QuantizePass(Pass):
     Config = QuantizeConfig
     input_kind = "onnx"
     output_kind = "onnx"
-    summary = "int8 with ONNX Runtime: static (calibrated QDQ) or dynamic"
+    summary = "int8 with ONNX Runtime: fastest configuration within the accuracy budget"
 
     def run(self, stage: Stage, ctx: RunContext) -> Stage:
+        import onnx
+
+        from compactor.quantization import isa as isa_mod
+        from compactor.quantization import prepare
+        from compactor.quantization.search import BuildFailed, Search
+
         cfg: QuantizeConfig = self.config
+        t0 = time.monotonic()
         step = f"{len(stage.lineage):02d}-quantize"
-        record: dict[str, Any] = {"mode": cfg.mode}
-        src = _ensure_opset(stage.onnx_path, ctx.work_path(f"{step}-opset.onnx"), record)
+        work = ctx.work_path(f"{step}-search")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        record: dict[str, Any] = {}
+        src = prepare.ensure_opset(stage.onnx_path, work / "opset.onnx", record)
         if cfg.preprocess:
-            src = _preprocess(src, ctx.work_path(f"{step}-pre.onnx"), record)
+            src = prepare.preprocess(src, work / "pre.onnx", record)
+        model = onnx.load(str(src), load_external_data=False)
+
+        sample = {s.name: ctx.eval_batches[0].inputs[s.name][:1] for s in ctx.inputs}
+        mix = prepare.op_mix(model, {k: v.shape for k, v in sample.items()})
+        has_calibration = ctx.recipe.data.calibration is not None
+        if cfg.mode == "auto":
+            mode, why = prepare.choose_mode(mix, has_calibration)
+        else:
+            mode, why = cfg.mode, "set in the recipe"
+        record.update(mode=mode, mode_reason=why, op_mix=mix.to_dict())
+        if mode == "dynamic":
+            converted = prepare.gemm_to_matmul(src, work / "matmul.onnx", record)
+            if converted != src:
+                src = converted
+                model = onnx.load(str(src), load_external_data=False)
+
+        isa = isa_mod.detect()
+        choice = isa_mod.choose(isa, mode, cfg.activation_type, cfg.reduce_range,
+                                cfg.weight_type)
+        record["isa"] = {"int8_path": isa.path, "no_saturation": isa.no_saturation,
+                         "flags": list(isa.flags), "machine": isa.machine}
+        record["int8_choice"] = choice.to_dict()
+        if choice.warning:
+            record.setdefault("warnings", []).append(choice.warning)
+
+        excluded = self._exclusions(model, record)
+        excluded_types = tuple(sorted({*cfg.exclude.op_types, *cfg.exclude_op_types}))
+
+        calibration = None
+        if mode == "static":
+            calibration = self._calibration(model, ctx, work, record)
+        judge, budget = self._judge(src, ctx, record)
+        space = self._space(cfg, mode, src, choice, excluded, excluded_types)
+        if cfg.repairs == "auto":
+            # Outlier channels, not ranges, are what hurts MatMul models: SmoothQuant first.
+            space.repairs = (("smoothquant", "calibration", "fallback")
+                             if mix.share("MatMul", "Gemm") >= 0.5
+                             else ("calibration", "smoothquant", "fallback"))
+        search = Search(src, space, self._env(ctx, judge, calibration, work, model, cfg))
         out = ctx.work_path(f"{step}.onnx")
-        nodes_to_exclude = _match_nodes(src, cfg.exclude_nodes, record)
-        op_types = _op_types(src, cfg.exclude_op_types)
         try:
-            if cfg.mode == "static":
-                self._static(src, out, cfg, ctx, nodes_to_exclude, op_types, record)
-            else:
-                self._dynamic(src, out, cfg, nodes_to_exclude, op_types, record)
-        except (PassError, DataError):
-            raise
-        except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
+            with ctx.progress.task("quantize: search") as task:
+                search.env.on_step = _status(task)
+                outcome = search.run()
+            shutil.copyfile(outcome.chosen.path, out)
+        except BuildFailed as e:
             raise PassError(
-                f"quantize ({cfg.mode}) failed: {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:300]}",
-                "try mode: dynamic, or exclude the failing node with exclude_nodes",
-            ) from e
+                f"quantize ({mode}) failed: {prepare.first_line(e.first)}",
+                "try mode: dynamic, or exclude the failing node with exclude.nodes",
+            ) from e.first
+        finally:  # every candidate is a full model: do not leave them in the run folder
+            shutil.rmtree(work, ignore_errors=True)
+        self._record(record, outcome, budget, judge, model, sample, cfg)
+        record["search"]["seconds"] = round(outcome.seconds, 2)
+        record["search"]["pass_seconds"] = round(time.monotonic() - t0, 2)
         record.update(_int8_summary(out))
         return stage.derive("quantize", kind="onnx", onnx_path=out, record=record)
 
-    def _static(self, src, out, cfg, ctx, nodes_to_exclude, op_types, record) -> None:
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
+    # ------------------------------------------------------------------ setup
 
+    def _exclusions(self, model, record: dict[str, Any]) -> tuple[str, ...]:
+        from compactor.quantization.prepare import match_nodes
+
+        cfg: QuantizeConfig = self.config
+        matched = match_nodes(model, cfg.exclude.nodes, "exclude.nodes", record)
+        matched += match_nodes(model, cfg.exclude_nodes, "exclude_nodes", record)
+        if cfg.exclude_nodes or cfg.exclude.nodes:
+            record["excluded_nodes"] = sorted(set(matched))
+        return tuple(sorted(set(matched)))
+
+    def _calibration(self, model, ctx: RunContext, work: Path, record: dict[str, Any]):
+        from compactor.quantization.candidates import Calibration
+        from compactor.quantization.prepare import fit_batches
+
+        cfg: QuantizeConfig = self.config
         batches = ctx.calibration_batches(cfg.calibration_samples)
-        used = sum(b.size for b in batches)
+        feeds, used = fit_batches(model, batches, "calibration")
         record["calibration_samples"] = used
-        if used < cfg.calibration_samples:
+        if used < cfg.calibration_samples and used < MIN_CALIBRATION_SAMPLES:
             record.setdefault("warnings", []).append(
-                f"asked for {cfg.calibration_samples} calibration samples, the data has {used}"
-            )
-        import onnx
+                f"only {used} calibration samples (asked for {cfg.calibration_samples}); "
+                f"activation ranges from so few are unreliable: give at least "
+                f"{MIN_CALIBRATION_SAMPLES}, ideally 100 or more")
+        elif used < cfg.calibration_samples and (
+                cfg.calibration_samples != DEFAULT_CALIBRATION_SAMPLES):
+            record.setdefault("warnings", []).append(
+                f"asked for {cfg.calibration_samples} calibration samples, the data has "
+                f"{used}; calibrated on {used}")
+        elif used < MIN_CALIBRATION_SAMPLES:
+            record.setdefault("warnings", []).append(
+                f"only {used} calibration samples: activation ranges from so few are "
+                f"unreliable; use at least {MIN_CALIBRATION_SAMPLES}, ideally 100 or more")
+        return Calibration(feeds, used, work)
 
-        names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    def _judge(self, src: Path, ctx: RunContext, record: dict[str, Any]):
+        from compactor.metrics import get_metric
+        from compactor.quantization.accuracy import AccuracyJudge
 
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self._it = iter(batches)
+        cfg: QuantizeConfig = self.config
+        metric = getattr(ctx, "metric", None) or get_metric(ctx.recipe.metric,
+                                                            ctx.recipe.base_dir)
+        evaluator = getattr(ctx, "evaluator", None)
+        baseline = None if evaluator is None else evaluator.baseline_outputs
+        last = None if evaluator is None else getattr(evaluator, "last_outputs", None)
+        budget_fn = _budget_resolver(cfg, ctx, metric)
+        with ctx.progress.task("quantize: reference outputs"):
+            judge = AccuracyJudge(metric, ctx.eval_batches, src, budget_fn, baseline,
+                                  cfg.holdout_fraction, ctx.seed, input_outputs=last)
+        return judge, judge.budget
 
-            def get_next(self):
-                b = next(self._it, None)
-                return None if b is None else {k: v for k, v in b.inputs.items() if k in names}
+    def _space(self, cfg: QuantizeConfig, mode: str, src: Path, choice, excluded,
+               excluded_types):
+        from compactor.quantization.candidates import Candidate
+        from compactor.quantization.search import default_space
 
-            def rewind(self):
-                self._it = iter(batches)
-
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[cfg.calibration_method]
-        extra = {}
-        if cfg.calibration_method == "percentile":
-            extra["CalibPercentile"] = cfg.percentile
-        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        quantize_static(
-            str(src),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
-            per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
-            activation_type=qtype[cfg.activation_type],
-            weight_type=qtype[cfg.weight_type],
-            calibrate_method=method,
-            nodes_to_exclude=nodes_to_exclude,
-            op_types_to_quantize=op_types,
-            extra_options=extra,
+        base = Candidate(
+            mode=mode, source=src, per_channel=cfg.per_channel,
+            weight_type=cfg.weight_type, reduce_range=choice.reduce_range,
+            activation_type=choice.activation_types[0],
+            calibration_method=cfg.calibration_method, percentile=cfg.percentile,
+            activation_symmetric=cfg.activation_symmetric,
+            weight_symmetric=cfg.weight_symmetric, exclude=excluded,
+            format="qdq" if cfg.format == "auto" else cfg.format,
         )
-        record.update(
-            format=cfg.format,
-            per_channel=cfg.per_channel,
-            activation_type=cfg.activation_type,
-            weight_type=cfg.weight_type,
-            reduce_range=cfg.reduce_range,
-            calibration_method=cfg.calibration_method,
+        formats = ("qdq", "qoperator") if cfg.format == "auto" else (cfg.format,)
+        acts = choice.activation_types
+        op_types = cfg.op_types
+        if not cfg.search_speed:  # one candidate: the first choice of each setting
+            formats, acts = formats[:1], acts[:1]
+            op_types = "all" if op_types == "auto" else op_types
+        return default_space(
+            base, formats, acts, op_types, excluded_types=excluded_types,
+            repairs=() if cfg.repairs == "auto" else cfg.repairs,
+            smoothquant_alpha=None if cfg.smoothquant_alpha == "auto"
+            else float(cfg.smoothquant_alpha),
         )
 
-    def _dynamic(self, src, out, cfg, nodes_to_exclude, op_types, record) -> None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    def _env(self, ctx: RunContext, judge, calibration, work: Path, model, cfg):
+        from compactor.quantization.prepare import fit_batches
+        from compactor.quantization.search import SearchEnv
 
-        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        quantize_dynamic(
-            str(src),
-            str(out),
-            per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
-            weight_type=qtype[cfg.weight_type],
-            nodes_to_exclude=nodes_to_exclude,
-            op_types_to_quantize=op_types,
-        )
-        record.update(per_channel=cfg.per_channel, weight_type=cfg.weight_type,
-                      reduce_range=cfg.reduce_range)
+        run_batch = ctx.eval_batches[0].size
+        if calibration is not None:
+            analysis = calibration.feeds
+        elif ctx.recipe.data.calibration is not None:
+            analysis, _ = fit_batches(model, ctx.calibration_batches(64), "calibration")
+        else:  # the search part only: held-out samples never steer the search
+            analysis, _ = fit_batches(model, judge.search_batches(64), "eval")
+        # One feed per run as served: a dynamic range spans one run's whole tensor.
+        analysis = _per_run(_cap_samples(analysis, 64), run_batch)
+        return SearchEnv(work=work, judge=judge, timer=_timer(ctx, cfg), calibration=calibration,
+                         analysis_feeds=analysis, run_batch=run_batch,
+                         time_budget_s=cfg.time_budget_s)
 
+    # ------------------------------------------------------------------ the record
 
-def _ensure_opset(src: Path, dst: Path, record: dict[str, Any]) -> Path:
-    """Per-channel quantization needs opset >= 13; older models are upgraded first."""
-    import onnx
-    from onnx import version_converter
-
-    model = onnx.load(str(src))
-    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    if got >= 13:
-        return src
-    try:
-        converted = version_converter.convert_version(model, 13)
-        onnx.checker.check_model(converted)
-    except Exception as e:  # noqa: BLE001
-        raise PassError(
-            f"quantize: the model is at opset {got}, and upgrading it to 13 failed: {e}",
-            "re-export the model at opset 13 or later",
-        ) from e
-    onnx.save(converted, str(dst))
-    record["opset_upgraded"] = {"from": got, "to": 13}
-    return dst
-
-
-def _preprocess(src: Path, dst: Path, record: dict[str, Any]) -> Path:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from compactor.passes.export import quiet
-
-    try:
-        with quiet():
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-        record["preprocess"] = "symbolic shape inference + optimization"
-        return dst
-    except Exception as e:  # noqa: BLE001
-        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
-        log.info("symbolic shape inference failed (%s); using ONNX shape inference", first)
-    try:
-        with quiet():
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-        record["preprocess"] = "ONNX shape inference + optimization"
-        record.setdefault("warnings", []).append(
-            "ONNX Runtime's symbolic shape inference gave up on this model; used plain ONNX "
-            "shape inference"
-        )
-        return dst
-    except Exception as e:  # noqa: BLE001
-        record["preprocess"] = "skipped"
-        record.setdefault("warnings", []).append(f"pre-processing failed and was skipped: {e}")
-        return src
-
-
-def _match_nodes(src: Path, globs: tuple[str, ...], record: dict[str, Any]) -> list[str]:
-    if not globs:
-        return []
-    import onnx
-
-    names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node]
-    matched = sorted({n for n in names for g in globs if fnmatch.fnmatchcase(n, g)})
-    unused = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
-    if unused:
-        record.setdefault("warnings", []).append(
-            f"exclude_nodes patterns matched no node: {', '.join(unused)}"
-        )
-    record["excluded_nodes"] = matched
-    return matched
+    def _record(self, record: dict[str, Any], outcome: Outcome, budget: Budget, judge,
+                model, sample, cfg: QuantizeConfig) -> None:
+        c = outcome.chosen.candidate
+        record.update(c.settings())
+        chosen = outcome.chosen
+        acc: dict[str, Any] = {**budget.to_dict(), "metric": judge.metric.name,
+                               "reference_value": round(judge.reference_value, 6),
+                               "met": outcome.met}
+        if chosen.search is not None:
+            acc["search"] = chosen.search.to_dict()
+        if chosen.holdout is not None:
+            acc["held_out"] = chosen.holdout.to_dict()
+        record["accuracy_budget"] = acc
+        speed: dict[str, Any] = {}
+        if outcome.float_p50_ms is not None and chosen.p50_ms is not None:
+            speed = {"float_p50_ms": round(outcome.float_p50_ms, 4),
+                     "int8_p50_ms": round(chosen.p50_ms, 4),
+                     "speedup_vs_input": round(outcome.float_p50_ms / chosen.p50_ms, 3)}
+        record["search"] = {
+            "chosen": c.label,
+            "time_budget_s": cfg.time_budget_s,
+            "timed_out": outcome.timed_out,
+            **speed,
+            **outcome.log,
+        }
+        if outcome.smoothquant:
+            record["smoothquant"] = outcome.smoothquant
+        record["float_nodes"] = _float_nodes(record, outcome, model, sample, cfg)
+        if outcome.fallback_cost_ms is not None:
+            record["search"]["repair_cost_ms"] = round(outcome.fallback_cost_ms, 4)
+        if not outcome.met:
+            drop = max(chosen.search.drop, chosen.holdout.drop if chosen.holdout else 0.0)
+            where = "held-out" if chosen.search.ok else "search"
+            msg = (f"no int8 configuration meets the accuracy budget ({budget.source}: "
+                   f"{judge.metric.name} drop <= {budget.allowed:.4g}); the best found, "
+                   f"'{c.label}', drops {drop:.4g} on the {where} part of the eval data"
+                   + (" (the search hit time_budget_s)" if outcome.timed_out else ""))
+            if budget.enforced:
+                record.setdefault("warnings", []).append(msg + "; it is kept, marked failing")
+            else:  # no budget was set: the guard only steered the choice of candidate
+                acc["note"] = (msg + "; no budget is set (quantize.max_accuracy_drop or a "
+                               "target's max_accuracy_drop), so this fails nothing")
+        if budget.source == "quantize.max_accuracy_drop":
+            # The pass's own budget becomes a verdict; a budget taken from the targets is
+            # judged there already, on the final stage and all the eval data.
+            drop = max(chosen.search.drop, chosen.holdout.drop if chosen.holdout else 0.0)
+            record["verdict"] = {
+                "budget": "quantize.max_accuracy_drop",
+                "limit": budget.allowed,
+                "measured": drop,
+                "unit": judge.metric.name,
+                "status": "pass" if outcome.met else "fail",
+                "detail": f"int8 search on eval data ({budget.source}), worst of the search "
+                f"and held-out parts",
+            }
 
 
-def _op_types(src: Path, excluded: tuple[str, ...]) -> list[str] | None:
-    if not excluded:
-        return None
-    import onnx
+def _budget_resolver(cfg: QuantizeConfig, ctx: RunContext, metric):
+    """The accuracy budget: quantize's own (vs its float input), else the tightest target
+    budget (vs the baseline), else a default guard that fails nothing."""
+    from compactor.quantization.accuracy import Budget
+    from compactor.recipe import Drop
 
-    present = {n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node}
-    return sorted(present - set(excluded))
+    if cfg.max_accuracy_drop is not None:
+        drop = Drop.model_validate(cfg.max_accuracy_drop)
+
+        def own(ref: float) -> Budget:
+            return Budget(drop.allowed(ref), "quantize.max_accuracy_drop",
+                          str(cfg.max_accuracy_drop), "input")
+        return own
+    targets = [(i, t) for i, t in enumerate(ctx.recipe.targets)
+               if t.budgets.max_accuracy_drop is not None]
+    evaluator = getattr(ctx, "evaluator", None)
+    baseline_value = None if evaluator is None else evaluator.baseline_value
+    if targets:
+        def from_targets(ref: float) -> Budget:
+            base = ref if baseline_value is None else baseline_value
+            i, t = min(targets, key=lambda it: it[1].budgets.max_accuracy_drop.allowed(base))
+            d = t.budgets.max_accuracy_drop
+            return Budget(d.allowed(base), f"targets[{i}] ({t.profile}) max_accuracy_drop",
+                          str(d.model_dump()), "baseline" if evaluator is not None else "input")
+        return from_targets
+    default = Drop.model_validate("1%")
+
+    def guard(ref: float) -> Budget:
+        return Budget(default.allowed(ref), "default", "1%", "input", enforced=False)
+    return guard
+
+
+def _timer(ctx: RunContext, cfg: QuantizeConfig):
+    """Interleaved timing on the first target's profile, at batch 1 when it measures it."""
+    from compactor.profiles import load_profile
+    from compactor.quantization.timing import compare_latency
+
+    profiles = getattr(ctx, "profiles", ()) or ()
+    if profiles:
+        profile = profiles[0]
+    else:
+        target = ctx.recipe.targets[0].profile if ctx.recipe.targets else "host-cpu"
+        profile = load_profile(target, ctx.recipe.base_dir)
+    bs = 1 if 1 in profile.batch_sizes else profile.batch_sizes[0]
+    seconds = min(max(0.02 * cfg.time_budget_s, 1.5), 8.0)
+
+    def timer(models):
+        from compactor.pipeline import feeds_for_batch
+
+        feeds = feeds_for_batch(ctx.inputs, ctx.eval_batches, bs)
+        return compare_latency(models, profile, feeds, bs, max_seconds=seconds)
+    return timer
+
+
+def _status(task):
+    def on_step(msg: str) -> None:
+        status = getattr(task, "status", None)
+        if status is not None:
+            status(msg)
+    return on_step
+
+
+def _per_run(feeds: list[dict], batch: int) -> list[dict]:
+    out = []
+    for f in feeds:
+        n = len(next(iter(f.values())))
+        out += [{k: v[i : i + batch] for k, v in f.items()} for i in range(0, n, batch)]
+    return out
+
+
+def _cap_samples(feeds: list[dict], n: int) -> list[dict]:
+    out, seen = [], 0
+    for f in feeds:
+        if seen >= n:
+            break
+        out.append(f)
+        seen += len(next(iter(f.values())))
+    return out
+
+
+def _float_nodes(record: dict[str, Any], outcome: Outcome, model, sample,
+                 cfg: QuantizeConfig) -> list[dict[str, Any]]:
+    """Nodes kept in float and why, with the fallback's speed cost (measured in total,
+    split by MACs as an estimate)."""
+    import fnmatch
+
+    from compactor.measure.macs import macs_by_node
+
+    ops = {n.name: n.op_type for n in model.graph.node}
+    out: list[dict[str, Any]] = []
+    globs = (*cfg.exclude.nodes, *cfg.exclude_nodes)
+    for name in record.get("excluded_nodes", []):
+        g = next((g for g in globs if fnmatch.fnmatchcase(name, g)), "?")
+        out.append({"node": name, "op_type": ops.get(name, "?"),
+                    "reason": f"exclude pattern {g!r}"})
+    types = {*cfg.exclude.op_types, *cfg.exclude_op_types}
+    for name, op in ops.items():
+        if op in types:
+            out.append({"node": name, "op_type": op, "reason": f"op type {op} excluded"})
+    if not outcome.fallback:
+        return out
+    macs = macs_by_node(model, {k: v.shape for k, v in sample.items()}) or {}
+    total = sum(macs.get(s.node, 0) for _, s in outcome.fallback)
+    cost = outcome.fallback_cost_ms
+    for rank, s in outcome.fallback:
+        entry = {"node": s.node, "op_type": s.op_type,
+                 "reason": f"accuracy fallback: sensitivity rank {rank} "
+                 f"({s.method}, int8 SQNR {s.sqnr_db:.1f} dB)"}
+        if cost is not None and total:
+            entry["speed_cost_ms_estimate"] = round(cost * macs.get(s.node, 0) / total, 4)
+        out.append(entry)
+    return out
 
 
 def _int8_summary(path: Path) -> dict[str, Any]:
@@ -251,3 +479,4 @@ def _int8_summary(path: Path) -> dict[str, Any]:
     quant_ops = {k: v for k, v in ops.items() if "Integer" in k or k.startswith("QLinear")
                  or k in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")}
     return {"int8_weight_tensors": int8, "quantization_ops": quant_ops}
+

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compactor.errors import RecipeError, did_you_mean
 
@@ -21,15 +21,26 @@ class _Strict(BaseModel):
 
 
 class Limits(_Strict):
-    memory_mb: float | None = Field(default=None, gt=0)
-    model_size_mb: float | None = Field(default=None, gt=0)
+    """What the target can hold. Checked on every run, like a budget, for each target that
+    uses the profile."""
+
+    memory_mb: float | None = Field(
+        default=None, gt=0, description="peak resident memory of the measuring process"
+    )
+    model_size_mb: float | None = Field(default=None, gt=0, description="model file size")
+    latency_ms: float | None = Field(
+        default=None, gt=0,
+        description="per-request p90 latency the batching hint keeps within, when the "
+        "target sets no max_latency_ms",
+    )
 
 
 class Estimates(_Strict):
     """Figures used only for estimates, never reported as measurements."""
 
-    power_w: float | None = Field(default=None, gt=0)
+    power_w: float | None = Field(default=None, gt=0, description="watts while inferring")
     peak_gflops_fp32: float | None = Field(default=None, gt=0)
+    peak_gflops_fp16: float | None = Field(default=None, gt=0)
     peak_gops_int8: float | None = Field(default=None, gt=0)
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
 
@@ -41,12 +52,22 @@ class Network(_Strict):
 
 class Timing(_Strict):
     """How long to time each (model, batch size): warm-up runs, then repeats until both
-    minimums are met, stopping at the time cap."""
+    minimums are met and the median is stable (the 95% confidence interval of the median
+    within ±``target_ci`` of it), stopping at the time cap ``max_time_s``."""
 
     warmup: int = Field(default=5, ge=0)
+    warmup_s: float = Field(
+        default=0.25, ge=0,
+        description="untimed warm-up lasts at least this long too (at most a tenth of "
+        "max_time_s): caches, allocator and CPU clock settle before timing starts",
+    )
     min_runs: int = Field(default=30, ge=5)
     min_time_s: float = Field(default=0.5, ge=0)
     max_time_s: float = Field(default=3.0, gt=0)
+    target_ci: float = Field(
+        default=0.02, gt=0, le=0.5,
+        description="relative half-width of the median's 95% confidence interval to reach",
+    )
 
 
 class Profile(_Strict):
@@ -58,13 +79,40 @@ class Profile(_Strict):
     inter_op_threads: int = Field(default=1, ge=0)
     batch_sizes: tuple[int, ...] = Field(default=(1,), min_length=1)
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
-    format: Literal["onnx", "ort"] = "onnx"
+    format: Literal["onnx", "ort"] = Field(
+        default="onnx",
+        description="deployable format: 'ort' adds model.ort and its reduced-operator "
+        "config (ONNX Runtime Mobile / minimal builds) to the artifact",
+    )
+    preferred_precision: Literal["fp32", "fp16", "int8"] | None = Field(
+        default=None, description="the precision this target runs fastest; advice only"
+    )
     limits: Limits = Field(default_factory=Limits)
     estimates: Estimates = Field(default_factory=Estimates)
     network: Network = Field(default_factory=Network)
     timing: Timing = Field(default_factory=Timing)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _providers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("list at least one execution provider")
+        bad = [p for p in v if not p.endswith("ExecutionProvider")]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is not an ONNX Runtime execution provider name "
+                "(e.g. CPUExecutionProvider, CUDAExecutionProvider)"
+            )
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive")
+        return tuple(sorted(set(v)))
 
     def threads_on_host(self) -> tuple[int, str | None]:
         """Intra-op threads to measure with here, and a note when the host forced a change."""
@@ -110,12 +158,35 @@ def _parse(text: str, where: str) -> Profile:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"profile {where}: malformed YAML: {e}", "check the file") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"profile {where}: a profile must be a YAML mapping",
+                          "start from `compactor profiles show host-cpu`")
     try:
         return Profile.model_validate(raw)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        errors = e.errors(include_url=False)
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = ".".join(str(p) for p in err["loc"])
-        raise RecipeError(
-            f"profile {where}: {loc}: {err['msg']}",
-            "see docs/recipe.md#profiles for the profile fields",
-        ) from None
+        hint = "see docs/profiles.md for the profile fields"
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(err["loc"][:-1])
+            close = did_you_mean(str(err["loc"][-1]), allowed)
+            hint = (close + " " if close else "") + f"allowed keys: {', '.join(allowed)}"
+            return_msg = f"profile {where}: unknown key {loc!r}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else (
+                f" (got {got!r})")
+            return_msg = f"profile {where}: {loc}: {msg}{shown}"
+        raise RecipeError(return_msg, hint) from None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Profile
+    for part in loc:
+        ann = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    return [f.alias or n for n, f in model.model_fields.items()]

@@ -1,0 +1,91 @@
+"""`compactor check ARTIFACT`: gate CI on an existing artifact. Needs no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+
+@click.command(short_help="Gate CI on an artifact: integrity, budgets, regressions.")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "targets", multiple=True, metavar="PROFILE",
+              help="Check only this target (repeatable). With --remeasure, any profile.")
+@click.option("--budget", "budget_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Add or override a budget for the checked targets, e.g. "
+                   "max_latency_ms.p90=5, max_accuracy_drop=1%, max_memory_mb=300.")
+@click.option("--remeasure", is_flag=True,
+              help="Measure latency and memory again on this host (in a fresh process) "
+                   "instead of reading them from the manifest.")
+@click.option("--against", type=click.Path(path_type=Path), metavar="OLD",
+              help="An older artifact (folder or manifest.json) to catch regressions against.")
+@click.option("--max-regression", default="5%", show_default=True, metavar="PCT",
+              help="Largest allowed regression in size, p50 latency or the metric.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
+              help="With --remeasure: size of a symbolic input axis other than the batch.")
+@click.option("--strict", is_flag=True, help="Fail on verdicts that could not be measured.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Also write the verdicts as JUnit XML (for CI test reports).")
+def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...],
+          remeasure: bool, against: Path | None, max_regression: str, dims: tuple[str, ...],
+          strict: bool, as_json: bool, junit: Path | None) -> int:
+    """Check ARTIFACT (a folder `compactor optimize` wrote): verify the model's hash against
+    the manifest, judge each target's budgets (from the manifest, or re-measured with
+    --remeasure), and compare with an older artifact (--against).
+
+    Exits 0 when every check holds, 1 when one fails or the artifact was tampered with.
+    Under GitHub Actions (GITHUB_ACTIONS=true) failures are also printed as annotations and
+    a summary is added to the job's step summary.
+    """
+    from compactor.budgets import parse_budget_overrides, parse_percent
+    from compactor.check import check_artifact, github_annotations, junit_xml, summary_markdown
+    from compactor.cli.bench_cmd import parse_dims
+    from compactor.cli.render import check_report, console
+    from compactor.errors import EXIT_BUDGET, EXIT_OK
+
+    overrides = parse_budget_overrides(budget_pairs)
+    limit = parse_percent(max_regression)
+    err = console(stderr=True)
+
+    def on_measure(name: str) -> None:
+        err.print(f"measuring {artifact.name} on {name} …", highlight=False)
+
+    result = check_artifact(
+        artifact, targets=targets, overrides=overrides, remeasure=remeasure, against=against,
+        max_regression=limit, strict=strict, dims=parse_dims(dims), on_measure=on_measure,
+    )
+    data = result.to_dict()
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(result), encoding="utf-8")
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        for line in github_annotations(result):
+            click.echo(line, err=as_json)  # the runner reads both streams; keep JSON clean
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            try:
+                with open(summary, "a", encoding="utf-8") as f:
+                    f.write(summary_markdown(result))
+            except OSError as e:
+                err.print(f"[yellow]note[/] cannot write the step summary: {e}")
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        check_report(console(), data)
+    if not result.intact:
+        from compactor.cli import show_error
+
+        bad = [v for v in result.integrity if v.status != "pass"]
+        show_error(
+            f"{result.artifact} was modified after compactor wrote it: "
+            + "; ".join(f"{v.budget.removeprefix('integrity.')}: {v.detail}" for v in bad),
+            "rebuild it with `compactor optimize`; its manifest's figures describe another model",
+        )
+        return EXIT_BUDGET
+    if not as_json:
+        verdict = "[green]all checks hold[/]" if result.passed else "[bold red]check failed[/]"
+        console().print(verdict)
+    return EXIT_OK if result.passed else EXIT_BUDGET

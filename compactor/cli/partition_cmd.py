@@ -1,0 +1,233 @@
+"""`compactor partition MODEL.onnx`: on device, full offload, or a split model? Needs no
+torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _load_npz(path: Path) -> tuple[list[dict], object]:
+    import numpy as np
+
+    from compactor.errors import DataError
+
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}", "give an .npz keyed by input name")
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as e:  # noqa: BLE001 - numpy raises several types for a bad file
+        raise DataError(f"cannot read {path.name} as .npz: {str(e)[:200]}",
+                        "save the inputs with numpy.savez(path, input_name=array, "
+                        "target=labels)") from e
+    targets = None
+    for key in ("target", "targets", "label", "labels"):
+        if key in arrays:
+            targets = arrays.pop(key)
+            break
+    if not arrays:
+        raise DataError(f"{path.name} holds no input arrays", "key the arrays by input name")
+    return [arrays], targets
+
+
+def _rename_single_input(batches: list[dict], model: Path) -> list[dict]:
+    """An .npz with one array feeds a one-input model whatever the array's name."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    names = [i.name for i in m.graph.input if i.name not in inits]
+    if len(names) == 1 and len(batches[0]) == 1 and names[0] not in batches[0]:
+        return [{names[0]: next(iter(b.values()))} for b in batches]
+    return batches
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--device", "device", required=True, metavar="PROFILE",
+              help="Device profile: a built-in name or a profile .yaml.")
+@click.option("--server", required=True, metavar="PROFILE", help="Server profile.")
+@click.option("--uplink", metavar="BANDWIDTH",
+              help="Uplink bandwidth, e.g. 10Mbps, 500kbps, 1.5MB/s (default: the device "
+                   "profile's network.uplink_mbps).")
+@click.option("--rtt", metavar="TIME",
+              help="Round-trip time, e.g. 40ms (default: the device profile's "
+                   "network.rtt_ms).")
+@click.option("--objective", type=click.Choice(["latency", "device-energy"]),
+              default="latency", show_default=True)
+@click.option("--keep-input-on-device", is_flag=True,
+              help="Never send the raw input (privacy): only on-device or a split.")
+@click.option("--compress-transfer", type=click.Choice(["none", "int8"]), default="none",
+              show_default=True, help="int8: quantize the tensors sent at the cut (4x fewer "
+                                      "bytes) and report the accuracy effect.")
+@click.option("--device-slowdown", type=float, metavar="X",
+              help="Device time = this host's time x X (an estimate).")
+@click.option("--device-latency-ms", type=float, metavar="MS",
+              help="The full model's p50 on the real device (from `compactor bench` there): "
+                   "sets the device slowdown.")
+@click.option("--server-slowdown", type=float, metavar="X")
+@click.option("--server-latency-ms", type=float, metavar="MS")
+@click.option("--radio-power", "radio_power_w", type=float, metavar="W",
+              help="Device radio power while sending/receiving (device-energy objective; "
+                   "default: the device's power_w).")
+@click.option("--batch-size", type=int, help="Default: the device profile's first batch size.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
+              help="Size of a dynamic input axis other than the batch, e.g. --dim seq=128.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+              help="An .npz of real inputs keyed by input name (optional 'target' labels), "
+                   "for verification and the int8 accuracy effect.")
+@click.option("--max-cut-tensors", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Most tensors a cut may send (residual connections add one each).")
+@click.option("--refine", type=click.IntRange(0, 50), default=3, show_default=True,
+              help="Best splits re-timed as real head/tail models.")
+@click.option("--simulate", is_flag=True,
+              help="Also run the plan in two processes over a shaped loopback link and "
+                   "time it.")
+@click.option("--requests", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Timed requests per simulated option.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for head.onnx, tail.onnx, plan.json, chart.svg "
+                   "(default: out/<model>-partition).")
+@click.option("--json", "as_json", is_flag=True, help="Print plan.json.")
+def partition(model: Path, device: str, server: str, uplink: str | None, rtt: str | None,
+              objective: str, keep_input_on_device: bool, compress_transfer: str,
+              device_slowdown: float | None, device_latency_ms: float | None,
+              server_slowdown: float | None, server_latency_ms: float | None,
+              radio_power_w: float | None, batch_size: int | None, dims: tuple[str, ...],
+              data: Path | None, max_cut_tensors: int, refine: int, simulate: bool,
+              requests: int, output: Path | None, as_json: bool) -> None:
+    """Plan where MODEL runs: all on the device, full offload to the server, or split
+    between them at the cut that costs least, by measurement.
+
+    Writes head.onnx and tail.onnx (the split), plan.json (the choice, every cost term, the
+    alternatives) and chart.svg (latency against bandwidth, with the crossovers).
+    """
+    from pydantic import ValidationError
+
+    from compactor.errors import ModelLoadError, UsageError
+    from compactor.partition.config import PartitionSpec
+    from compactor.partition.units import parse_bandwidth, parse_duration_ms
+
+    if uplink is not None:
+        parse_bandwidth(uplink, "--uplink")
+    if rtt is not None:
+        parse_duration_ms(rtt, "--rtt")
+    parsed: dict[str, int] = {}
+    for d in dims:
+        name, _, val = d.partition("=")
+        if not name or not val.isdigit() or int(val) < 1:
+            raise UsageError(f"--dim {d!r}: expected NAME=N with N a positive integer",
+                             "e.g. --dim seq=128")
+        parsed[name] = int(val)
+    fields = {
+        "device": device, "server": server, "uplink": uplink, "rtt": rtt,
+        "objective": objective, "keep_input_on_device": keep_input_on_device,
+        "compress_transfer": compress_transfer, "device_slowdown": device_slowdown,
+        "device_latency_ms": device_latency_ms, "server_slowdown": server_slowdown,
+        "server_latency_ms": server_latency_ms, "radio_power_w": radio_power_w,
+        "batch_size": batch_size, "dims": parsed, "max_cut_tensors": max_cut_tensors,
+        "refine": refine,
+    }
+    try:
+        spec = PartitionSpec.model_validate(fields)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        opt = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "an option"
+        raise UsageError(f"{opt}: {err['msg'].removeprefix('Value error, ')}",
+                         "see `compactor partition --help`") from None
+    if not model.is_file():
+        raise ModelLoadError(f"model file not found: {model}", "check the path")
+    batches, targets = (None, None)
+    if data is not None:
+        batches, targets = _load_npz(data)
+        batches = _rename_single_input(batches, model)
+    out_dir = output or Path("out") / f"{model.stem}-partition"
+
+    from compactor.cli.render import RichProgress, console
+    from compactor.partition.planner import plan_partition
+
+    err_console = console(stderr=True)
+    with RichProgress(err_console) as progress:
+        result = plan_partition(model, spec, data=batches, targets=targets, out_dir=out_dir,
+                                simulate=simulate, simulate_requests=requests,
+                                progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.plan, indent=2, default=str))
+        return
+    _render(result, out_dir)
+
+
+def _render(result, out_dir: Path) -> None:
+    from rich.table import Table
+
+    from compactor.cli.render import console
+    from compactor.report.markdown import fmt_bytes
+
+    plan = result.plan
+    c = console()
+    energy = plan["power"] is not None
+    est = " [yellow](estimate)[/]" if plan["estimate"] else ""
+    link = plan["link"]
+    over = ("no network needed" if link["source"] == "not needed" else
+            f"over {link['uplink']}, rtt {link['rtt_ms']:g} ms")
+    t = Table(title=f"{Path(plan['model']['file']).name}: options {over}, batch "
+                    f"{plan['model']['batch_size']} (best first, by {plan['objective']})",
+              title_justify="left")
+    for h in ("option", "device ms", "upload ms", "rtt ms", "server ms", "reply ms",
+              "total ms", "sent") + (("device J",) if energy else ()):
+        t.add_column(h, justify="left" if h == "option" else "right", no_wrap=True)
+    alts = plan["alternatives"]
+    shown = alts[:8] + [a for a in alts[8:] if a["kind"] != "split"]
+    for a in shown:
+        mark = "★ " if a["option"] == plan["choice"]["option"] else ""
+        src = "" if "segment sum" not in (a["device_source"], a["server_source"]) else " ~"
+        row = [f"{mark}{a['option']}{src}", f"{a['device_ms']:.2f}", f"{a['upload_ms']:.2f}",
+               f"{a['rtt_ms']:g}", f"{a['server_ms']:.2f}", f"{a['download_ms']:.2f}",
+               f"{a['total_ms']:.2f}",
+               "—" if a["kind"] == "on-device" else fmt_bytes(a["bytes_up"])]
+        if energy:
+            row.append(f"{a['device_energy_j']:.4f}")
+        t.add_row(*row)
+    c.print(t)
+    if len(alts) > len(shown):
+        c.print(f"[dim]{len(alts) - len(shown)} more splits in plan.json; ~ = timed as a "
+                "sum of segments[/]")
+    ch = plan["choice"]
+    c.print(f"[bold]plan: {ch['option']}[/] — {ch['description']}: "
+            f"{ch['total_ms']:.2f} ms end to end{est}")
+    for side in ("device", "server"):
+        c.print(f"  {plan[side]['label']}")
+    by = "" if plan["crossovers_by"] == "latency" else f" (by {plan['crossovers_by']})"
+    for x in plan["crossovers"]:
+        c.print(f"  best choice{by} changes at {x['uplink']}: {x['from']} → {x['to']}")
+    if not plan["crossovers"] and link["source"] != "not needed":
+        c.print(f"  the best choice{by} is the same at every uplink from 100 kbps to 1 Gbps")
+    v = plan.get("verification")
+    if v:
+        ok = "[green]ok[/]" if v["passed"] else "[red]FAILED[/]"
+        c.print(f"verification ({v['cut']}, {v['samples']} samples): tail(head(x)) vs model "
+                f"max abs error {v['max_abs_error']:.3g} (relative {v['max_rel_error']:.3g}, "
+                f"tolerance {v['tolerance']:g}) {ok}")
+    comp = plan.get("compression")
+    if comp:
+        acc = ""
+        if "accuracy_float" in comp:
+            acc = (f", accuracy {comp['accuracy_float']:.4f} → "
+                   f"{comp['accuracy_int8_transfer']:.4f}")
+        elif "top1_agreement" in comp:
+            acc = f", top-1 agreement {comp['top1_agreement']:.4f}"
+        c.print(f"int8 transfer at {comp['cut']}: {fmt_bytes(comp['bytes_float'])} → "
+                f"{fmt_bytes(comp['bytes_int8'])} ({comp['bytes_ratio']:.2f}x fewer), SQNR "
+                f"{comp['sqnr_db']:.1f} dB{acc} on {comp['evaluated_samples']} samples")
+    for s in plan.get("simulate", []):
+        emu = " (device/server speed emulated)" if s["emulated"] else ""
+        c.print(f"simulate {s['option']}: measured p50 {s['measured_ms']['p50']:.2f} ms over "
+                f"{s['requests']} requests, predicted {s['predicted_ms']:.2f} ms "
+                f"({s['error'] * 100:+.1f}%){emu}")
+    for n in plan["notes"]:
+        c.print(f"[yellow]note[/] {n}")
+    files = ", ".join(plan.get("files", {}).values())
+    c.print(f"wrote {out_dir}: {files}")

@@ -1,0 +1,257 @@
+"""Measuring one model on one profile: the code path shared by the pipeline (every stage),
+``compactor bench`` (any model, on any machine with onnxruntime) and ``compactor check
+--remeasure``. Needs numpy, onnx and onnxruntime; never torch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactor.errors import ModelLoadError, UsageError
+from compactor.measure.latency import Latency, measure_in_subprocess, usable_providers
+from compactor.profiles import Profile
+
+# Below this share of the cores it asked for, the measuring process was competing for them.
+BUSY_CPU_SHARE = 0.75
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class ProfileMeasurement:
+    """What measuring a model on a profile gave: latency per batch size and the measuring
+    process's figures, or ``measured=False`` with the reason in ``notes``."""
+
+    profile: str
+    measured: bool
+    latency: dict[int, Latency] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def p(self, q: str = "p50", batch: int = 1) -> float | None:
+        lat = self.latency.get(batch)
+        return None if lat is None else getattr(lat, q)
+
+
+def measure_profile(
+    path: Path,
+    profile: Profile,
+    feeds_by_batch: Mapping[int, Mapping[str, np.ndarray]],
+    work_dir: Path | None = None,
+    on_batch: Callable[[Latency], None] | None = None,
+) -> ProfileMeasurement:
+    """Latency (per batch size), cold start and peak memory of ``path`` under ``profile``,
+    in a fresh process; "not measured" when this host has none of its execution providers."""
+    usable, missing = usable_providers(profile)
+    if not usable:
+        return ProfileMeasurement(profile.name, False, notes=[
+            f"not measured: {', '.join(missing)} not available on this host"])
+    notes = []
+    if missing:
+        notes.append(f"{', '.join(missing)} not available on this host; measured with "
+                     f"{usable[0]}")
+    _, thread_note = profile.threads_on_host()
+    if thread_note:
+        notes.append(thread_note)
+    with tempfile.TemporaryDirectory(prefix="compactor-measure-") as tmp:
+        lat, runtime = measure_in_subprocess(
+            path, profile, feeds_by_batch, work_dir or Path(tmp), on_batch=on_batch
+        )
+    starved = [v.cpu_share for v in lat.values() if v.cpu_share is not None]
+    threads = runtime.get("threads") or 1
+    if starved and min(starved) < BUSY_CPU_SHARE:
+        notes.append(
+            f"busy host: the measuring process got {min(starved) * threads:.1f} of the "
+            f"{threads} core{'s' * (threads > 1)} it runs on (1-min load average "
+            f"{runtime.get('load_avg_1m') or 0:.1f}); latency here depends on what else "
+            "runs, so measure on an idle host before trusting it")
+    unstable = [bs for bs, v in lat.items() if v.stable is False]
+    if unstable:
+        notes.append(
+            f"median not stable to ±{profile.timing.target_ci * 100:g}% within "
+            f"{profile.timing.max_time_s:g} s at batch {', '.join(map(str, unstable))} "
+            "(a noisy host); its CI is in the results")
+    return ProfileMeasurement(profile.name, True, lat, runtime, notes)
+
+
+# --------------------------------------------------------------------------- feeds
+
+
+def input_specs(path: Path) -> list[tuple[str, list[int | str | None], Any]]:
+    """``(name, shape, numpy dtype)`` of each model input, read by ONNX Runtime (so .ort
+    files work too)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - every ORT load failure means the same here
+        raise ModelLoadError(
+            f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0][:300]}",
+            "bench takes an .onnx (or .ort) model; run `compactor inspect` on it",
+        ) from e
+    out = []
+    for i in sess.get_inputs():
+        if i.type not in _ORT_TYPES:
+            raise UsageError(f"input {i.name!r} has type {i.type}, which bench cannot fill",
+                             "bench feeds float, integer and bool tensors")
+        out.append((i.name, list(i.shape), _ORT_TYPES[i.type]))
+    return out
+
+
+def random_feeds(
+    specs: list[tuple[str, list[int | str | None], Any]],
+    batch_size: int,
+    dims: Mapping[str, int],
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Random inputs at ``batch_size``: a symbolic first axis is the batch; other symbolic
+    axes take their size from ``dims`` (default 1). Returns the feeds and the sizes given to
+    symbolic axes."""
+    rng = np.random.default_rng(seed)
+    feeds, used = {}, {}
+    for name, shape, dtype in specs:
+        concrete = []
+        for axis, d in enumerate(shape):
+            if isinstance(d, int) and d > 0:
+                concrete.append(d)
+                continue
+            key = str(d) if d is not None else f"{name}[{axis}]"
+            if key in dims:
+                v = dims[key]
+            elif axis == 0:
+                v = batch_size
+            else:
+                v = 1
+            used[key] = v
+            concrete.append(v)
+        if np.issubdtype(dtype, np.floating):
+            a = rng.standard_normal(concrete).astype(dtype)
+        elif dtype is np.bool_:
+            a = np.ones(concrete, dtype=bool)
+        else:
+            a = rng.integers(0, 2, size=concrete).astype(dtype)  # ids and masks: 0/1
+        feeds[name] = a
+    return feeds, used
+
+
+def batch_is_dynamic(specs: list[tuple[str, list[int | str | None], Any]]) -> bool:
+    return all(shape and not (isinstance(shape[0], int) and shape[0] > 0)
+               for _, shape, _ in specs)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def bench(
+    path: Path,
+    profile: Profile,
+    dims: Mapping[str, int] | None = None,
+    on_batch: Callable[[Latency], None] | None = None,
+) -> dict[str, Any]:
+    """Everything ``compactor bench`` reports for one model on one profile."""
+    from compactor.budgets import batching_hint
+    from compactor.measure.estimate import estimates_for
+    from compactor.measure.host import describe_host
+    from compactor.measure.size import sha256, size_bytes
+
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}", "check the path")
+    dims = dict(dims or {})
+    specs = input_specs(path)
+    notes: list[str] = []
+    batch_sizes = list(profile.batch_sizes)
+    if not batch_is_dynamic(specs):
+        fixed = [s[1][0] for s in specs if s[1]]
+        keep = [b for b in batch_sizes if b in fixed] or [int(fixed[0]) if fixed else 1]
+        if keep != batch_sizes:
+            notes.append(f"the model's batch axis is fixed: measured at batch {keep[0]} only")
+        batch_sizes = keep
+    feeds, used = {}, {}
+    for bs in batch_sizes:
+        feeds[bs], u = random_feeds(specs, bs, dims)
+        used.update({k: v for k, v in u.items() if k not in used})
+    m = measure_profile(path, profile, feeds, on_batch=on_batch)
+    notes += m.notes
+
+    one, _ = random_feeds(specs, 1, dims)
+    info = _model_info(path, {k: a.shape for k, a in one.items()})
+    nbytes = path.stat().st_size if path.suffix == ".ort" else size_bytes(path)
+    p50 = m.p("p50", 1)
+    est = estimates_for(
+        profile, macs=info["macs"], int8_share=info["int8_macs_share"],
+        weight_bytes=nbytes, io_bytes=sum(a.nbytes for a in one.values()),
+        measured_p50_ms=p50, quantized=bool(info["quantized"]),
+    )
+    memory = m.runtime.get("peak_rss_mb")
+    limit = profile.limits.memory_mb
+    return {
+        "model": {
+            "file": str(path),
+            "sha256": sha256(path),
+            "size_bytes": nbytes,
+            "inputs": [{"name": n, "shape": [d if d is not None else "?" for d in s],
+                        "dtype": np.dtype(t).name} for n, s, t in specs],
+            "dims": used,
+            "macs": info["macs"],
+            "params": info["params"],
+            "quantized": info["quantized"],
+        },
+        "profile": profile.name,
+        "settings": profile.model_dump(mode="json", by_alias=True),
+        "measured": m.measured,
+        "latency_ms": {str(b): v.to_dict() for b, v in sorted(m.latency.items())},
+        "runtime": {k: (round(v, 3) if isinstance(v, float) else v)
+                    for k, v in m.runtime.items()},
+        "memory": None if memory is None else {
+            "peak_rss_mb": round(memory, 1),
+            "limit_mb": limit,
+            "within_limit": None if limit is None else memory <= limit,
+        },
+        "batching": batching_hint(m.latency, None, profile),
+        "estimates": est,
+        "notes": notes,
+        "host": describe_host(),
+    }
+
+
+def _model_info(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """MACs, params and precision of an .onnx file (None for an .ort file)."""
+    info: dict[str, Any] = {"macs": None, "params": None, "quantized": None,
+                            "int8_macs_share": None}
+    if path.suffix == ".ort":
+        return info  # ORT's flatbuffer format: no graph to count MACs or precision on
+    import onnx
+
+    from compactor.measure.macs import macs_by_node
+    from compactor.measure.precision import precision_summary
+    from compactor.measure.size import param_count
+
+    model = onnx.load(str(path), load_external_data=False)
+    per_node = macs_by_node(model, shapes)
+    prec = precision_summary(model, per_node)
+    info.update(
+        macs=None if per_node is None else int(sum(per_node.values())),
+        params=param_count(model),
+        quantized=prec["quantized"],
+        int8_macs_share=prec["int8_macs_share"] if per_node else (
+            1.0 if prec["quantized"] else 0.0),
+    )
+    return info

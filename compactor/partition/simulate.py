@@ -1,0 +1,288 @@
+"""``--simulate``: run the head and the tail in two processes over a shaped loopback link
+and time whole requests for real.
+
+The link is shaped in userspace on both ends of one TCP connection over 127.0.0.1:
+
+- bandwidth: the sender paces each message with a token bucket at the link's rate (the
+  clock decides when each chunk may leave; the message's last byte leaves ``bytes / rate``
+  after its first), so a message takes its transmission time however fast loopback is;
+- round-trip time: each message carries the time its last byte left, and the receiver
+  hands it over only ``rtt / 2`` after that (CLOCK_MONOTONIC is shared by processes on
+  one host), so a request and its reply together add one RTT.
+
+The device side runs in the calling process, the server side in a child process
+(``python -m compactor.partition.simulate JOB.json``), each with its profile's ONNX
+Runtime settings. Where a profile stands for a slower machine (slowdown factor above 1),
+each part's run is followed by a sleep of (factor - 1) times its measured time, so the
+request takes as long as it would there: an emulation, labelled as one. A factor below 1
+(a faster server than this host) cannot be emulated and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+_LEN = struct.Struct("!Q")
+_STAMP = struct.Struct("!d")
+
+
+def _sleep_until(t: float) -> None:
+    """Sleep, then spin the last millisecond: a sleep can overshoot by that much on a busy
+    host, and each message waits twice (pacing, then delay)."""
+    left = t - time.monotonic()
+    if left > 0.0015:
+        time.sleep(left - 0.001)
+    while time.monotonic() < t:
+        pass
+
+
+def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """A message: a small binary header naming each tensor, then the raw bytes."""
+    parts = [struct.pack("!I", len(tensors))]
+    for name, v in tensors.items():
+        n, dt = name.encode(), v.dtype.str.encode()
+        parts += [struct.pack("!H", len(n)), n, struct.pack("!B", len(dt)), dt,
+                  struct.pack("!B", v.ndim), struct.pack(f"!{v.ndim}Q", *v.shape)]
+    parts += [np.ascontiguousarray(v).tobytes() for v in tensors.values()]
+    return b"".join(parts)
+
+
+def message_bytes(tensors: Sequence[tuple[str, str, Sequence[int]]]) -> int:
+    """Bytes on the link for tensors given as (name, numpy dtype, shape): what
+    :func:`encode` makes plus the link's length prefix. The planner costs the same bytes."""
+    total = _LEN.size + 4
+    for name, dtype, shape in tensors:
+        dt = np.dtype(dtype)
+        total += 2 + len(name.encode()) + 1 + len(dt.str) + 1 + 8 * len(shape)
+        total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    return total
+
+
+def decode(buf: bytes) -> dict[str, np.ndarray]:
+    (count,) = struct.unpack_from("!I", buf)
+    off, meta = 4, []
+    for _ in range(count):
+        (n,) = struct.unpack_from("!H", buf, off)
+        name = buf[off + 2: off + 2 + n].decode()
+        off += 2 + n
+        (k,) = struct.unpack_from("!B", buf, off)
+        dt = np.dtype(buf[off + 1: off + 1 + k].decode())
+        off += 1 + k
+        (nd,) = struct.unpack_from("!B", buf, off)
+        shape = struct.unpack_from(f"!{nd}Q", buf, off + 1)
+        off += 1 + 8 * nd
+        meta.append((name, dt, shape))
+    out = {}
+    for name, dt, shape in meta:
+        count = int(np.prod(shape, dtype=np.int64))
+        out[name] = np.frombuffer(buf, dt, count, off).reshape(shape)
+        off += count * dt.itemsize
+    return out
+
+
+class ShapedLink:
+    """One end of a loopback TCP connection with a rate limit and a one-way delay."""
+
+    def __init__(self, sock: socket.socket, bps: float, one_way_ms: float):
+        self.sock = sock
+        self.rate = bps / 8.0  # bytes per second
+        self.delay_s = one_way_ms / 1000.0
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, payload: bytes) -> None:
+        data = _LEN.pack(len(payload)) + payload
+        chunk = int(max(1024, min(256 * 1024, self.rate * 0.002)))  # ~2 ms of data
+        t0 = time.monotonic()
+        view = memoryview(data)
+        for off in range(0, len(data), chunk):
+            _sleep_until(t0 + off / self.rate)
+            self.sock.sendall(view[off: off + chunk])
+        _sleep_until(t0 + len(data) / self.rate)
+        self.sock.sendall(_STAMP.pack(time.monotonic()))
+
+    def recv(self) -> bytes:
+        (n,) = _LEN.unpack(self._exact(_LEN.size))
+        payload = self._exact(n)
+        (sent,) = _STAMP.unpack(self._exact(_STAMP.size))
+        _sleep_until(sent + self.delay_s)
+        return payload
+
+    def _exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise ConnectionError("the other side closed the link")
+            got += k
+        return bytes(buf)
+
+
+# --------------------------------------------------------------------------- server
+
+
+def serve(job_path: str) -> int:
+    """The server process: receive tensors, run the tail, send the outputs back."""
+    from compactor.partition.profile import make_session
+    from compactor.profiles import Profile
+
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    profile = Profile.model_validate(job["profile"])
+    sess = make_session(job["model"], profile)
+    slowdown = float(job["slowdown"])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    print(json.dumps({"port": listener.getsockname()[1]}), flush=True)
+    listener.settimeout(60)
+    conn, _ = listener.accept()
+    link = ShapedLink(conn, float(job["bps"]), float(job["one_way_ms"]))
+    names = [i.name for i in sess.get_inputs()]
+    server_ms = []
+    while True:
+        try:
+            payload = link.recv()
+        except ConnectionError:
+            break
+        if not payload:
+            break
+        feeds = decode(payload)
+        t0 = time.perf_counter()
+        outs = sess.run(None, {k: feeds[k] for k in names})
+        dt = time.perf_counter() - t0
+        if slowdown > 1:
+            time.sleep((slowdown - 1) * dt)
+        server_ms.append(dt * slowdown * 1000.0)
+        link.send(encode({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}))
+    conn.close()
+    print(json.dumps({"server_ms": server_ms}), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- device
+
+
+def simulate(head, tail, device, server, bps: float, rtt_ms: float,
+             feeds: Mapping[str, np.ndarray], requests: int = 10, warmup: int = 2,
+             max_seconds: float = 60.0, expected_ms: float | None = None) -> dict:
+    """Time ``requests`` whole requests: head here, tail in a server process.
+
+    ``head``/``tail`` are ModelProtos or None (offload has no head, on-device no tail);
+    ``device``/``server`` are :class:`~compactor.partition.profile.Side`. Returns the
+    end-to-end milliseconds (p50, mean, each run) and the device and server compute parts.
+    """
+    from compactor.errors import UsageError
+    from compactor.partition.profile import PAUSE_S, make_session
+
+    for side in (device, server):
+        if side.slowdown < 1:
+            raise UsageError(
+                f"--simulate cannot make the {side.role} faster than this host (its "
+                f"slowdown is {side.slowdown:.3g})",
+                "simulate with slowdown factors of 1 or more, or plan without --simulate",
+            )
+    if expected_ms and expected_ms > 0:
+        requests = max(3, min(requests, int(max_seconds * 1000 / expected_ms)))
+    head_sess = make_session(head, device.profile) if head is not None else None
+    head_in = [i.name for i in head_sess.get_inputs()] if head_sess else list(feeds)
+    out: dict = {"requests": requests, "warmup": warmup, "uplink_bps": bps, "rtt_ms": rtt_ms}
+    e2e, dev_ms = [], []
+    server_ms: list[float] = []
+    if tail is None:
+        for i in range(warmup + requests):
+            t0 = time.perf_counter()
+            head_sess.run(None, {k: feeds[k] for k in head_in})
+            dt = time.perf_counter() - t0
+            if device.slowdown > 1:
+                time.sleep((device.slowdown - 1) * dt)
+            if i >= warmup:
+                e2e.append((time.perf_counter() - t0) * 1000.0)
+                dev_ms.append(dt * device.slowdown * 1000.0)
+            time.sleep(PAUSE_S)
+    else:
+        with tempfile.TemporaryDirectory(prefix="compactor-simulate-") as tmp:
+            tail_path = Path(tmp) / "tail.onnx"
+            tail_path.write_bytes(tail.SerializeToString())
+            job = Path(tmp) / "job.json"
+            job.write_text(json.dumps({
+                "model": str(tail_path),
+                "profile": server.profile.model_dump(mode="json", by_alias=True),
+                "slowdown": server.slowdown, "bps": bps, "one_way_ms": rtt_ms / 2.0,
+            }), encoding="utf-8")
+            proc = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate",
+                                     str(job)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                line = proc.stdout.readline() if proc.stdout else ""
+                if not line:
+                    raise _server_failed(proc)
+                port = json.loads(line)["port"]
+                sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+                link = ShapedLink(sock, bps, rtt_ms / 2.0)
+                for i in range(warmup + requests):
+                    t0 = time.perf_counter()
+                    if head_sess is not None:
+                        names = [o.name for o in head_sess.get_outputs()]
+                        vals = head_sess.run(None, {k: feeds[k] for k in head_in})
+                        sent = dict(zip(names, vals, strict=True))
+                        dt = time.perf_counter() - t0
+                        if device.slowdown > 1:
+                            time.sleep((device.slowdown - 1) * dt)
+                    else:
+                        sent, dt = {k: feeds[k] for k in feeds}, 0.0
+                    link.send(encode(sent))
+                    decode(link.recv())
+                    if i >= warmup:
+                        e2e.append((time.perf_counter() - t0) * 1000.0)
+                        dev_ms.append(dt * device.slowdown * 1000.0)
+                    time.sleep(PAUSE_S)
+                link.send(b"")
+                sock.close()
+                rest, err = proc.communicate(timeout=60)
+                if proc.returncode != 0:
+                    raise _server_failed(proc, err)
+                for ln in rest.splitlines():
+                    if ln.startswith("{"):
+                        server_ms = json.loads(ln).get("server_ms", [])[warmup:]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    a = np.asarray(e2e)
+    out.update({
+        "measured_ms": {"p50": float(np.median(a)), "mean": float(a.mean()),
+                        "min": float(a.min()), "max": float(a.max())},
+        "runs_ms": [round(float(x), 3) for x in a],
+        "device_ms_p50": float(np.median(dev_ms)) if dev_ms else 0.0,
+        "server_ms_p50": float(np.median(server_ms)) if server_ms else 0.0,
+    })
+    return out
+
+
+def _server_failed(proc: subprocess.Popen, err: str | None = None):
+    from compactor.errors import PassError
+
+    if err is None:
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    last = [ln for ln in (err or "").splitlines() if ln.strip()]
+    return PassError(f"the simulated server failed: {last[-1][:300] if last else 'no output'}",
+                     "rerun with --debug; the server runs `python -m "
+                     "compactor.partition.simulate`")
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1]))

@@ -1,0 +1,624 @@
+"""``distill``: torch → torch, knowledge distillation from a teacher into the current stage.
+
+The teacher is the recipe's baseline model (the stage before any pruning) unless
+``teacher:`` names another model (a model spec, like the recipe's ``model:``). The student
+is the current stage, or, for transformers, the current stage with only some of its layers
+kept (``student: {keep_layers: [0, 2, 4]}``).
+
+Losses combine with weights: ``kl`` (Hinton's soft targets at ``temperature``, scaled by
+T²), ``ce`` (labels, when the training data has them), ``mse`` and ``cosine`` (outputs, for
+embedding and regression models), and feature ``hints`` (a student module's output matched
+to a teacher module's with MSE, through a learned projection when widths differ; the
+projection is dropped after training). Left unset, the losses follow the metric: ``kl``
+(+ ``ce`` with labels) for classification, ``cosine`` + ``mse`` for ``fidelity``, ``mse``
+otherwise, so unlabelled data works out of the box: the student learns from the teacher's
+outputs alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from compactor.errors import DataError, PassError, RecipeError, did_you_mean
+from compactor.passes import Pass, PassConfig, register
+
+if TYPE_CHECKING:
+    from compactor.data import Batch
+    from compactor.pipeline import RunContext
+    from compactor.stage import Stage
+
+log = logging.getLogger(__name__)
+
+CLASSIFICATION_METRICS = ("accuracy", "top5")
+
+
+class TeacherSpec(PassConfig):
+    """A teacher model: the fields of the recipe's ``model:`` spec, without ``inputs``
+    (the teacher is fed the recipe's inputs)."""
+
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    torchscript: str | None = None
+    onnx: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        given = [k for k in ("factory", "torchscript", "onnx") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "teacher: give exactly one of 'factory', 'torchscript' or 'onnx'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if (self.weights or self.args) and not self.factory:
+            raise ValueError("teacher: 'weights' and 'args' apply only to a 'factory' model")
+        return self
+
+    def describe(self) -> str:
+        return self.factory or self.torchscript or self.onnx or "?"
+
+
+class StudentSpec(PassConfig):
+    keep_layers: tuple[int, ...] = Field(
+        min_length=1, description="indices of the transformer layers the student keeps"
+    )
+    layers: str | None = Field(
+        default=None,
+        description="module path of the layer stack (an nn.ModuleList); default: the "
+        "largest stack of repeated blocks",
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> StudentSpec:
+        if any(i < 0 for i in self.keep_layers):
+            raise ValueError("student.keep_layers: layer indices start at 0")
+        if len(set(self.keep_layers)) != len(self.keep_layers):
+            raise ValueError(f"student.keep_layers: {list(self.keep_layers)} repeats a layer")
+        return self
+
+
+class LossWeightsConfig(PassConfig):
+    kl: float = Field(default=0.0, ge=0, description="soft targets at `temperature`, × T²")
+    ce: float = Field(default=0.0, ge=0, description="cross-entropy on the data's labels")
+    mse: float = Field(default=0.0, ge=0, description="mean squared error to the teacher")
+    cosine: float = Field(default=0.0, ge=0, description="1 - cosine to the teacher's output")
+
+    @model_validator(mode="after")
+    def _some(self) -> LossWeightsConfig:
+        if not any((self.kl, self.ce, self.mse, self.cosine)):
+            raise ValueError("losses: give at least one loss a weight above 0 "
+                             "(or leave 'losses' out for the default)")
+        return self
+
+
+class HintSpec(PassConfig):
+    student: str = Field(min_length=1, description="student module name")
+    teacher: str = Field(min_length=1, description="teacher module name")
+    weight: float = Field(default=1.0, gt=0)
+
+
+class DistillConfig(PassConfig):
+    teacher: TeacherSpec | None = Field(
+        default=None, description="default: the recipe's baseline model"
+    )
+    student: StudentSpec | None = Field(
+        default=None, description="default: the current stage as it is"
+    )
+    losses: LossWeightsConfig | None = Field(
+        default=None, description="default: chosen from the metric and the data's labels"
+    )
+    temperature: float = Field(default=4.0, gt=0)
+    hints: tuple[HintSpec, ...] = ()
+    epochs: int | None = Field(default=3, ge=1, description="passes over data.train")
+    steps: int | None = Field(default=None, ge=1, description="a budget in steps instead")
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup: float = Field(default=0.05, ge=0, lt=1, description="fraction of the steps")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    select_best: bool = Field(default=True, description="keep the best epoch on eval data")
+    patience: int | None = Field(default=None, ge=1, description="early stopping, in epochs")
+    min_delta: float = Field(default=0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    freeze: tuple[str, ...] = Field(
+        default=(), description="student parameter-name globs kept fixed (e.g. embeddings)"
+    )
+    cache_teacher: bool = Field(
+        default=True,
+        description="compute the teacher's outputs on each training batch once, not every "
+        "epoch (not with hints)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("steps") is not None:
+            if raw.get("epochs") is not None:
+                raise ValueError("give 'epochs' or 'steps', not both")
+            raw = {**raw, "epochs": None}
+        return raw
+
+
+@register
+class DistillPass(Pass):
+    name = "distill"
+    Config = DistillConfig
+    input_kind = "torch"
+    output_kind = "torch"
+    summary = "knowledge distillation from the baseline (or a teacher) into the current stage"
+    distributed = True  # trains data-parallel under torchrun
+
+    def run(self, stage: Stage, ctx: RunContext) -> Stage:
+        import torch
+
+        from compactor.metrics import get_metric
+        from compactor.training import ddp
+        from compactor.training.loop import LoopConfig, TrainTask, train
+
+        cfg: DistillConfig = self.config
+        device = _device(cfg.device)
+        distributed = ddp.ensure_initialized(device.type == "cuda")
+        if distributed and device.type == "cuda":
+            device = torch.device("cuda", ddp.local_rank())
+        torch.manual_seed(ctx.seed)
+        record: dict[str, Any] = {"device": str(device)}
+
+        batches = _train_batches(ctx)
+        has_labels = all(b.target is not None for b in batches)
+        metric = get_metric(ctx.recipe.metric, ctx.recipe.base_dir)
+        weights = _loss_weights(cfg, metric.name, has_labels)
+        record["losses"] = weights.active()
+        if weights.ce and not has_labels:
+            raise DataError(
+                "distill: losses.ce needs labels, and data.train yields batches without "
+                "targets",
+                "yield (inputs, target) training batches, or drop 'ce' (label-free "
+                "distillation learns from the teacher's outputs alone)",
+            )
+        needs_teacher = weights.needs_teacher or bool(cfg.hints)
+        teacher = _Teacher.build(cfg, ctx, stage, device) if needs_teacher else None
+        record["teacher"] = teacher.description if teacher else None
+        if weights.kl:
+            record["temperature"] = cfg.temperature
+
+        student = copy.deepcopy(stage.module)
+        if cfg.student is not None:
+            student, record["student"] = keep_layers(student, cfg.student)
+        frozen = _freeze(student, cfg.freeze)
+        if frozen:
+            record["frozen_params"] = sum(p.numel() for p in frozen)
+        student.to(device)
+
+        from compactor.passes.export import _use_kwargs
+        from compactor.training.hints import Distillable
+
+        model = Distillable(student, ctx.inputs, _use_kwargs(student, ctx.inputs))
+        try:
+            model.attach_hints([h.student for h in cfg.hints])
+            if teacher is not None:
+                teacher.attach_hints([h.teacher for h in cfg.hints])
+            probe = batches[0]
+            self._check_and_project(model, teacher, probe, weights, cfg, device, record)
+            model.to(device)
+            find_unused = _has_unused_params(model, teacher, probe, weights, cfg, device)
+            wrapped = ddp.wrap(model, device, find_unused=find_unused)
+            step, evaluate = self._step_and_eval(
+                model, wrapped, teacher, weights, cfg, ctx, metric, device
+            )
+            loop_cfg = LoopConfig(
+                epochs=cfg.epochs or 1, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                warmup=cfg.warmup, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
+                select_best=cfg.select_best, patience=cfg.patience, min_delta=cfg.min_delta,
+                seed=ctx.seed,
+            )
+            task = TrainTask(model, step, evaluate, batches, metric.name,
+                             metric.higher_is_better, device)
+            result = train(
+                task, loop_cfg, ctx.checkpoint_dir(), key=ctx.pass_key,
+                progress=ctx.progress, resume=ctx.resume, writable=ctx.writes,
+                label="distill: train",
+            )
+        finally:
+            model.detach_hints()
+            if teacher is not None:
+                teacher.close()
+        record.update(result.to_record())
+        record["kept_epoch"] = result.best_epoch if cfg.select_best else result.epochs
+        if result.history:
+            kept = result.history[record["kept_epoch"] - 1]
+            ctx.progress.note(
+                f"distill: kept epoch {record['kept_epoch']}/{result.epochs} "
+                f"({'the best; ' if cfg.select_best else 'the last; '}"
+                f"{metric.name} {kept[metric.name]:.4g} in torch)"
+                + (", stopped early" if result.stopped_early else "")
+                + (f", resumed at step {result.resumed_from['step']}"
+                   if result.resumed_from else "")
+            )
+        for p in frozen:
+            p.requires_grad_(True)
+        out = model.student.to("cpu").eval()
+        return stage.derive("distill", module=out, record=record)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _check_and_project(self, model: Any, teacher: _Teacher | None, batch: Batch,
+                           weights: Any, cfg: DistillConfig, device: Any,
+                           record: dict[str, Any]) -> None:
+        """One probe batch: output shapes must agree; hint widths get their projections."""
+        import torch
+
+        model.eval()
+        with torch.no_grad():
+            s_out, s_feats = model(_tensors(batch, model.specs, device))
+        s_shape = list(s_out.shape)
+        if teacher is None:
+            return
+        t_out, t_feats = teacher(batch)
+        t_shape = list(t_out.shape)
+        if weights.needs_teacher and t_shape != s_shape:
+            used = ", ".join(k for k in ("kl", "mse", "cosine") if getattr(weights, k))
+            raise PassError(
+                f"distill: the teacher's output has shape {t_shape} and the student's "
+                f"{s_shape} on the same batch; {used} need them equal",
+                "use a teacher with the student's outputs (same classes, same embedding "
+                "width), or distill through feature hints only",
+            )
+        projections: list[Any] = []
+        for h, s, t in zip(cfg.hints, s_feats, t_feats, strict=True):
+            from compactor.training.losses import make_projection
+
+            try:
+                proj = make_projection(s, t)
+            except ValueError as e:
+                raise PassError(
+                    f"distill: hint {h.student} → {h.teacher}: {e}",
+                    "pair modules whose outputs differ only in width (channels or hidden "
+                    "size): same batch, same spatial size / sequence length",
+                ) from e
+            projections.append(proj)
+        model.set_projections(projections)
+        record["hints"] = [
+            {"student": h.student, "teacher": h.teacher, "weight": h.weight,
+             "student_shape": list(s.shape[1:]), "teacher_shape": list(t.shape[1:]),
+             "projection": None if p is None else type(p).__name__}
+            for h, s, t, p in zip(cfg.hints, s_feats, t_feats, projections, strict=True)
+        ]
+
+    def _step_and_eval(self, model: Any, wrapped: Any, teacher: _Teacher | None,
+                       weights: Any, cfg: DistillConfig, ctx: RunContext, metric: Any,
+                       device: Any):
+        import torch
+
+        from compactor.training.loop import EvalResult
+        from compactor.training.losses import DistillLoss, LossWeights
+
+        loss_fn = DistillLoss(weights, cfg.temperature, [h.weight for h in cfg.hints])
+        specs = model.specs
+
+        cache: dict[int, Any] = {}
+        use_cache = cfg.cache_teacher and not cfg.hints
+
+        def step(batch: Batch):
+            t_out = t_feats = None
+            if teacher is not None and use_cache and id(batch) in cache:
+                t_out = cache[id(batch)]
+            elif teacher is not None:
+                t_out, t_feats = teacher(batch)
+                if use_cache:  # the batches are the same objects every epoch
+                    cache[id(batch)] = t_out
+            s_out, s_feats = wrapped(_tensors(batch, specs, device))
+            labels = _labels(batch, device) if weights.ce else None
+            loss, parts = loss_fn(s_out, t_out, labels, s_feats, t_feats or ())
+            return loss, parts, batch.size
+
+        eval_batches = ctx.eval_batches
+        eval_has_labels = all(b.target is not None for b in eval_batches)
+        eval_weights = weights if eval_has_labels or not weights.ce else LossWeights(
+            kl=weights.kl, mse=weights.mse, cosine=weights.cosine
+        )
+        eval_loss_fn = DistillLoss(eval_weights, cfg.temperature)
+        teacher_eval = [teacher(b)[0] for b in eval_batches] if teacher is not None else None
+        targets = (np.concatenate([b.target for b in eval_batches])
+                   if eval_has_labels else None)
+        reference = None
+        if metric.needs_reference:
+            reference = _reference_outputs(ctx, eval_batches, teacher_eval)
+
+        def evaluate() -> EvalResult:
+            model.eval()
+            outs, total, n = [], 0.0, 0
+            with torch.no_grad():
+                for i, b in enumerate(eval_batches):
+                    s_out, _ = model(_tensors(b, specs, device))
+                    outs.append(s_out.float().cpu().numpy())
+                    t_out = teacher_eval[i] if teacher_eval is not None else None
+                    if eval_weights.active() and (t_out is not None or not
+                                                  eval_weights.needs_teacher):
+                        labels = _labels(b, device) if eval_weights.ce else None
+                        loss, _ = eval_loss_fn(s_out, t_out, labels)
+                        total += float(loss) * b.size
+                        n += b.size
+            value = metric.compute(np.concatenate(outs), targets, reference)
+            return EvalResult(value=value, loss=total / n if n else 0.0)
+
+        return step, evaluate
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(choice: str):
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PassError("distill: device 'cuda' was asked for and no CUDA device is available",
+                        "use device: auto (CUDA when available, else CPU)")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _freeze(student: Any, patterns: Sequence[str]) -> list[Any]:
+    """Turn off gradients of the parameters matching ``patterns``; return them."""
+    import fnmatch
+
+    if not patterns:
+        return []
+    named = dict(student.named_parameters())
+    out = []
+    for i, pattern in enumerate(patterns):
+        hits = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            hint = did_you_mean(pattern, list(named))
+            raise RecipeError(
+                f"distill: freeze[{i}]: {pattern!r} matches no parameter of the student",
+                (hint + " " if hint else "") + "patterns are globs over parameter names, "
+                f"e.g. {', '.join(list(named)[:3])}",
+            )
+        out.extend(named[n] for n in hits)
+    unique = list({id(p): p for p in out}.values())
+    for p in unique:
+        p.requires_grad_(False)
+    return unique
+
+
+def _train_batches(ctx: RunContext) -> list[Batch]:
+    if ctx.recipe.data.train is None:
+        raise DataError("distill needs training data, and data.train is not set",
+                        "add 'data: {train: data.py:fn}' (or a .npz file) to the recipe")
+    return ctx.source("train").take()
+
+
+def _loss_weights(cfg: DistillConfig, metric: str, has_labels: bool):
+    from compactor.training.losses import LossWeights
+
+    if cfg.losses is not None:
+        return LossWeights.from_mapping(cfg.losses.model_dump())
+    if metric in CLASSIFICATION_METRICS:
+        return LossWeights(kl=1.0, ce=0.5 if has_labels else 0.0)
+    if metric == "fidelity":
+        return LossWeights(cosine=1.0, mse=1.0)
+    return LossWeights(mse=1.0)
+
+
+def _tensors(batch: Batch, specs: Sequence[Any], device: Any) -> list:
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(batch.inputs[s.name])).to(device)
+            for s in specs]
+
+
+def _labels(batch: Batch, device: Any):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(batch.target)).to(device)
+
+
+def _reference_outputs(ctx: RunContext, batches: Sequence[Batch], teacher_eval):
+    """The baseline's outputs on the eval data, for metrics measured against it."""
+    import torch
+
+    from compactor.passes.export import call_module
+    from compactor.training.hints import first_tensor
+
+    base = ctx.baseline
+    if base is None or base.kind != "torch":
+        if teacher_eval is None:
+            raise PassError("distill: the metric compares to the baseline's outputs, "
+                            "which are not available", "use another metric")
+        return np.concatenate([t.float().cpu().numpy() for t in teacher_eval])
+    outs = []
+    with torch.inference_mode():
+        for b in batches:
+            out = first_tensor(call_module(base.module, ctx.inputs, b.inputs))
+            outs.append(out.float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def _import_nn():
+    from torch import nn
+
+    return nn
+
+
+class _Teacher:
+    """The teacher's forward pass: first output and hinted features, without gradients."""
+
+    def __init__(self, description: str, device: Any, module: Any = None, session: Any = None,
+                 specs: Sequence[Any] = (), use_kw: bool = False):
+        self.description = description
+        self.device = device
+        self.module = module
+        self.session = session
+        self.specs = tuple(specs)
+        self.use_kw = use_kw
+        from compactor.training.hints import FeatureCapture
+
+        self.capture = FeatureCapture()
+
+    @classmethod
+    def build(cls, cfg: DistillConfig, ctx: RunContext, stage: Stage, device: Any) -> _Teacher:
+        from compactor.passes.export import _use_kwargs
+
+        if cfg.teacher is None:
+            base = ctx.baseline
+            if base is None or base.kind != "torch":
+                raise PassError("distill: no torch baseline to teach from",
+                                "name a teacher with 'teacher: {factory: ...}'")
+            module, desc = base.module, "baseline"
+        else:
+            from compactor.model import load_model
+            from compactor.recipe import ModelSpec
+
+            spec = ModelSpec(**cfg.teacher.model_dump(exclude_defaults=True),
+                             inputs=ctx.inputs)
+            loaded, _files = load_model(spec, ctx.recipe.base_dir)
+            desc = f"teacher {cfg.teacher.describe()}"
+            if loaded.kind == "onnx":
+                if cfg.hints:
+                    raise RecipeError(
+                        "distill: feature hints need a torch teacher; this teacher is ONNX",
+                        "give the teacher as a factory or torchscript model, or drop hints",
+                    )
+                from compactor.measure.latency import session
+
+                return cls(desc, device, session=session(loaded.onnx_path), specs=ctx.inputs)
+            module = loaded.module
+        # The student is a deep copy, so the teacher is never trained; on a GPU the teacher is
+        # copied too, because .to() moves a module in place and the baseline must stay as is.
+        if device.type != "cpu":
+            module = copy.deepcopy(module)  # .to() moves in place; the baseline stays as is
+        module.to(device)
+        return cls(desc, device, module=module, specs=ctx.inputs,
+                   use_kw=_use_kwargs(module, ctx.inputs))
+
+    def attach_hints(self, names: Sequence[str]) -> None:
+        if names:
+            self.capture.attach(self.module, names, "teacher")
+
+    def close(self) -> None:
+        self.capture.detach()
+
+    def __call__(self, batch: Batch):
+        import torch
+
+        from compactor.training.hints import first_tensor
+
+        if self.session is not None:
+            names = {i.name for i in self.session.get_inputs()}
+            res = self.session.run(None, {k: v for k, v in batch.inputs.items() if k in names})
+            return torch.from_numpy(res[0]).to(self.device), []
+        tensors = _tensors(batch, self.specs, self.device)
+        was_training = self.module.training
+        self.module.eval()
+        with torch.no_grad():
+            if self.use_kw:
+                out = self.module(**{s.name: t for s, t in zip(self.specs, tensors, strict=True)})
+            else:
+                out = self.module(*tensors)
+        if was_training:
+            self.module.train()
+        return first_tensor(out).detach(), list(self.capture.features)
+
+
+def _has_unused_params(model: Any, teacher: _Teacher | None, batch: Batch, weights: Any,
+                       cfg: DistillConfig, device: Any) -> bool:
+    """Whether some trainable parameter gets no gradient (DDP must then be told so).
+
+    Found with one probe step whose side effects (BatchNorm statistics, the RNG) are
+    undone, so a distributed run starts from the same state as a single-process one."""
+    import torch
+
+    from compactor.training import ddp
+    from compactor.training.losses import DistillLoss
+
+    if not ddp.initialized():
+        return False
+    loss_fn = DistillLoss(weights, cfg.temperature, [h.weight for h in cfg.hints])
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.train()
+        t_out, t_feats = teacher(batch) if teacher is not None else (None, [])
+        s_out, s_feats = model(_tensors(batch, model.specs, device))
+        labels = _labels(batch, device) if weights.ce else None
+        loss, _ = loss_fn(s_out, t_out, labels, s_feats, t_feats)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    return unused
+
+
+# --------------------------------------------------------------------------- students
+
+
+def find_layer_stack(module: Any, path: str | None = None) -> tuple[str, Any]:
+    """The transformer's stack of layers: the named nn.ModuleList, or the one of repeated
+    blocks holding the most parameters."""
+    nn = _import_nn()
+    modules = dict(module.named_modules())
+    if path is not None:
+        found = modules.get(path)
+        if not isinstance(found, nn.ModuleList):
+            lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
+            hint = did_you_mean(path, lists)
+            raise RecipeError(
+                f"distill: student.layers: {path!r} is not an nn.ModuleList of the model",
+                (hint + " " if hint else "") + (
+                    f"layer stacks in this model: {', '.join(lists[:6])}" if lists
+                    else "this model has no nn.ModuleList"),
+            )
+        return path, found
+    candidates = [
+        (n, m) for n, m in modules.items()
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+    ]
+    if not candidates:
+        raise PassError(
+            "distill: student.keep_layers: found no stack of repeated layers in the model",
+            "keep_layers works on models whose layers sit in an nn.ModuleList (transformers); "
+            "name it with student.layers",
+        )
+    return max(candidates, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+
+def keep_layers(module: Any, spec: StudentSpec) -> tuple[Any, dict[str, Any]]:
+    """``module`` (already a copy) with only the layers ``spec.keep_layers`` of its stack."""
+    nn = _import_nn()
+    path, stack = find_layer_stack(module, spec.layers)
+    n = len(stack)
+    bad = [i for i in spec.keep_layers if i >= n]
+    if bad:
+        raise RecipeError(
+            f"distill: student.keep_layers: {path} has {n} layers (0-{n - 1}); "
+            f"{', '.join(map(str, bad))} does not exist",
+            f"choose indices from 0 to {n - 1}",
+        )
+    kept = nn.ModuleList([stack[i] for i in spec.keep_layers])
+    for new_i, layer in enumerate(kept):
+        for sub in layer.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = new_i
+    parent_name, _, attr = path.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    setattr(parent, attr, kept)
+    for sub in module.modules():
+        conf = getattr(sub, "config", None)
+        if conf is not None and getattr(conf, "num_hidden_layers", None) == n:
+            conf.num_hidden_layers = len(kept)
+            types = getattr(conf, "layer_types", None)
+            if isinstance(types, list) and len(types) == n:
+                conf.layer_types = [types[i] for i in spec.keep_layers]
+    return module, {"layers": path, "kept": list(spec.keep_layers), "of": n}
+
+

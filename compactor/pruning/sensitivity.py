@@ -1,0 +1,459 @@
+"""Sensitivity: how the metric moves when each prunable layer alone is pruned by several
+amounts, and a per-layer plan that reaches a MACs target where it hurts least.
+
+Every point is measured the way the pipeline measures a stage: the pruned model is
+exported to ONNX and run in ONNX Runtime on the recipe's eval data; its MACs are counted
+on the ONNX graph at batch 1. The suggestion is greedy: it raises, one layer at a time, the
+amount with the smallest metric loss per MAC saved, checks the combination by pruning it
+for real (MACs counted in torch, since layers interact), and finally measures the chosen
+combination like every other point.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactor.errors import PassError, RecipeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AMOUNTS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class Point:
+    amount: float
+    metric: float
+    drop: float  # positive: worse than the baseline
+    macs_ratio: float | None  # the whole model's MACs kept, measured on the ONNX graph
+    width: int  # channels (or heads) the layer keeps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"amount": self.amount, "metric": self.metric, "drop": self.drop,
+                "macs_ratio": self.macs_ratio, "width": self.width}
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    kind: str  # channels | heads
+    width: int
+    points: list[Point] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "width": self.width,
+                "points": [p.to_dict() for p in self.points]}
+
+
+@dataclass
+class Suggestion:
+    target_macs: float
+    layers: dict[str, float]
+    reachable: bool
+    macs_ratio: float | None = None  # measured on the ONNX graph
+    metric: float | None = None
+    drop: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def yaml(self) -> str:
+        """The prune pass as a recipe's ``passes:`` entry, ready to paste."""
+        lines = ["  - prune:"]
+        for k, v in self.settings.items():
+            lines.append(f"      {k}: {json.dumps(v)}")
+        lines.append("      layers:")
+        for name, a in self.layers.items():
+            lines.append(f"        {json.dumps(name)}: {a:g}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_macs": self.target_macs, "reachable": self.reachable,
+                "layers": self.layers, "macs_ratio": self.macs_ratio, "metric": self.metric,
+                "drop": self.drop, "settings": self.settings, "yaml": self.yaml()}
+
+
+@dataclass
+class SensitivityResult:
+    recipe: str
+    metric: str
+    higher_is_better: bool
+    baseline_metric: float
+    baseline_macs: int | None
+    amounts: tuple[float, ...]
+    layers: list[LayerSensitivity]
+    suggestion: Suggestion | None
+    settings: dict[str, Any]
+    kept_for_outputs: list[str]
+    eval_samples: int
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe, "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "baseline": {"metric": self.baseline_metric, "macs": self.baseline_macs},
+            "amounts": list(self.amounts), "settings": self.settings,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "kept_for_outputs": self.kept_for_outputs,
+            "suggestion": self.suggestion.to_dict() if self.suggestion else None,
+            "eval_samples": self.eval_samples, "seconds": round(self.seconds, 1),
+            "warnings": self.warnings,
+            "measured": "metric in ONNX Runtime on the eval data; MACs on the ONNX graph at "
+                        "batch 1",
+        }
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class _Measure:
+    """Exports a torch model and measures metric and MACs in ONNX Runtime."""
+
+    def __init__(self, ctx, metric, batches, work: Path):
+        self.ctx, self.metric, self.batches, self.work = ctx, metric, batches, work
+        self.reference: np.ndarray | None = None
+        self.baseline_value: float | None = None
+        self.baseline_macs: int | None = None
+        self.n = 0
+
+    def __call__(self, module) -> tuple[float, int | None]:
+        import onnx
+
+        from compactor.measure.latency import session
+        from compactor.measure.macs import count_macs
+        from compactor.passes.export import ExportConfig, export_module, quiet
+
+        self.n += 1
+        path = self.work / f"point-{self.n}.onnx"
+        try:
+            with quiet():
+                export_module(module, self.ctx.inputs, self.batches[0], path,
+                              ExportConfig(exporter="legacy", simplify=False))
+        except PassError:
+            export_module(module, self.ctx.inputs, self.batches[0], path,
+                          ExportConfig(simplify=False))
+        sess = session(path)
+        names = {i.name for i in sess.get_inputs()}
+        outs, tgts = [], []
+        for b in self.batches:
+            outs.append(sess.run(None, {k: v for k, v in b.inputs.items() if k in names})[0])
+            if b.target is not None:
+                tgts.append(b.target)
+        outputs = np.concatenate(outs)
+        targets = np.concatenate(tgts) if tgts and len(tgts) == len(outs) else None
+        if self.reference is None:
+            self.reference = outputs
+        value = self.metric.compute(outputs, targets, self.reference)
+        sample = {s.name: self.batches[0].inputs[s.name][:1].shape for s in self.ctx.inputs}
+        macs = count_macs(onnx.load(str(path), load_external_data=False), sample)
+        path.unlink(missing_ok=True)
+        return value, macs
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyze(recipe, amounts: Sequence[float] = DEFAULT_AMOUNTS, target_macs: float | None = 0.5,
+            importance: str | None = None, ignore: Sequence[str] | None = None,
+            max_batches: int | None = None, progress=None) -> SensitivityResult:
+    """Sensitivity of each prunable layer of ``recipe``'s model, and a suggestion of per-layer
+    amounts for ``target_macs`` (the fraction of the baseline's MACs kept)."""
+    from compactor.metrics import get_metric
+    from compactor.model import load_model
+    from compactor.passes.prune import model_inputs, spec_from_config, taylor_gradients
+    from compactor.pipeline import Progress, RunContext
+    from compactor.pruning.pruner import (
+        EmptiesLayer,
+        PruneSpec,
+        discover,
+        prune_model,
+    )
+
+    t0 = time.perf_counter()
+    progress = progress or Progress()
+    amounts = tuple(sorted(set(float(a) for a in amounts)))
+    if not amounts or any(not 0 < a < 1 for a in amounts):
+        raise RecipeError("sensitivity: amounts must be fractions in (0, 1)",
+                          "e.g. --amounts 0.25,0.5,0.75")
+    if target_macs is not None and not 0 < target_macs < 1:
+        raise RecipeError(f"sensitivity: target MACs {target_macs:g} must be in (0, 1)",
+                          "the fraction of the baseline's MACs kept, e.g. 0.5")
+    if recipe.model.kind != "torch":
+        raise RecipeError(
+            "sensitivity prunes the torch model, and this recipe's model is ONNX",
+            "give the model as model.factory (or model.torchscript) to analyse it",
+        )
+    base_cfg = next((cfg for name, cfg in recipe.pass_list if name == "prune"), None)
+    spec = spec_from_config(base_cfg, recipe.seed) if base_cfg is not None else PruneSpec(
+        seed=recipe.seed)
+    spec = replace(spec, amount=None, layers=(), heads=None, global_ranking=False,
+                   importance=importance or spec.importance,
+                   ignore=tuple(ignore) if ignore is not None else spec.ignore)
+    settings = {"importance": spec.importance, "round_to": spec.round_to}
+    if spec.ignore:
+        settings["ignore"] = list(spec.ignore)
+    if spec.steps > 1:
+        settings["steps"] = spec.steps
+
+    with progress.task("load model"):
+        baseline, _ = load_model(recipe.model, recipe.base_dir)
+    work = Path(tempfile.mkdtemp(prefix=f"compactor-sensitivity-{recipe.name}-"))
+    try:
+        ctx = RunContext(recipe, recipe.model.inputs, work, progress)
+        batches = ctx.eval_batches[:max_batches] if max_batches else ctx.eval_batches
+        metric = get_metric(recipe.metric, recipe.base_dir)
+        measure = _Measure(ctx, metric, batches, work)
+        model = baseline.module
+        trace_inputs, count_inputs = model_inputs(model, ctx.inputs, batches[0])
+        gradients = taylor_gradients(ctx, base_cfg.taylor_batches if base_cfg else 4) \
+            if spec.importance == "taylor" else None
+        with progress.task("baseline: export and evaluate"):
+            base_value, base_macs = measure(model)
+        measure.baseline_value, measure.baseline_macs = base_value, base_macs
+        plan, report = discover(model, trace_inputs, replace(spec, amount=0.5))
+        units = [(n, "channels", w * plan.groups[n]) for n, w in plan.init.items()]
+        units += [(n, "heads", h) for n, h in plan.init_heads.items()]
+        if not units:
+            raise PassError("sensitivity: the model has no prunable layer",
+                            "see `compactor optimize` with a prune pass for why")
+        layers: list[LayerSensitivity] = []
+        for name, kind, width in units:
+            row = LayerSensitivity(name, kind, width)
+            with progress.task(f"{name}: {len(amounts)} amounts", total=len(amounts)) as task:
+                for a in amounts:
+                    m = copy.deepcopy(model)
+                    try:
+                        rep = prune_model(m, trace_inputs, replace(spec, layers=((name, a),)),
+                                          gradients)
+                    except EmptiesLayer:
+                        task.advance()
+                        continue
+                    value, macs = measure(m)
+                    kept = next((u.after for u in rep.units if u.name == name), width)
+                    row.points.append(Point(
+                        a, value, metric.drop(base_value, value),
+                        None if not (macs and base_macs) else macs / base_macs, kept))
+                    task.advance()
+            layers.append(row)
+
+        suggestion = None
+        if target_macs is not None:
+            with progress.task(f"suggestion for MACs ≤ {target_macs:g} of baseline"):
+                suggestion = _suggest(model, trace_inputs, count_inputs, spec, layers,
+                                      target_macs, gradients, measure, base_value, metric)
+                suggestion.settings = settings
+        return SensitivityResult(
+            recipe=recipe.name, metric=metric.name, higher_is_better=metric.higher_is_better,
+            baseline_metric=base_value, baseline_macs=base_macs, amounts=amounts,
+            layers=layers, suggestion=suggestion, settings=settings,
+            kept_for_outputs=report.kept_for_outputs,
+            eval_samples=sum(b.size for b in batches), seconds=time.perf_counter() - t0,
+            warnings=report.warnings,
+        )
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _suggest(model, trace_inputs, count_inputs, spec, layers: list[LayerSensitivity],
+             target: float, gradients, measure, base_value: float, metric) -> Suggestion:
+    """Greedy: raise the layer amount with the least metric lost per MAC saved, until the
+    pruned model (checked for real, in torch) keeps at most ``target`` of the MACs."""
+    from compactor.pruning.pruner import measure as count
+    from compactor.pruning.pruner import prune_model
+
+    base_torch = count(model, count_inputs)["macs"]
+    options = {
+        layer.name: [(0.0, 0.0, 0.0)] + [
+            (p.amount, max(p.drop, 0.0), 1.0 - p.macs_ratio)
+            for p in layer.points if p.macs_ratio is not None
+        ]
+        for layer in layers
+    }
+    if not any(len(opts) > 1 for opts in options.values()):
+        return Suggestion(target, {}, False)
+    chosen = {name: 0 for name in options}  # index into options
+    needed = 1.0 - target
+
+    def saved() -> float:
+        return sum(options[n][i][2] for n, i in chosen.items())
+
+    def upgrade() -> bool:
+        best = None
+        for name, opts in options.items():
+            cur = opts[chosen[name]]
+            for j in range(chosen[name] + 1, len(opts)):
+                gain = opts[j][2] - cur[2]
+                if gain <= 0:
+                    continue
+                cost = (opts[j][1] - cur[1]) / gain
+                if best is None or cost < best[0] - 1e-12:
+                    best = (cost, name, j)
+        if best is None:
+            return False
+        chosen[best[1]] = best[2]
+        return True
+
+    def plan() -> dict[str, float]:
+        return {n: options[n][i][0] for n, i in chosen.items() if options[n][i][0] > 0}
+
+    reachable = False
+    pruned = None
+    for _ in range(200):
+        while saved() < needed and upgrade():
+            pass
+        m = copy.deepcopy(model)
+        prune_model(m, trace_inputs, replace(spec, layers=tuple(plan().items())), gradients)
+        ratio = count(m, count_inputs)["macs"] / base_torch
+        if ratio <= target:
+            reachable, pruned = True, m
+            break
+        # layers interact (pruning one shrinks its neighbours' inputs too): ask for more
+        needed = saved() + (ratio - target)
+        if not upgrade():
+            pruned = m
+            break
+    layers_plan = plan()
+    s = Suggestion(target, layers_plan, reachable)
+    if pruned is not None and layers_plan:
+        value, macs = measure(pruned)
+        s.metric, s.drop = value, metric.drop(base_value, value)
+        s.macs_ratio = None if not (macs and measure.baseline_macs) else \
+            macs / measure.baseline_macs
+    return s
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write(result: SensitivityResult, folder: Path) -> dict[str, Path]:
+    """sensitivity.json, sensitivity.md (table, suggestion) and sensitivity.svg (chart)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "sensitivity.json", "markdown": folder / "sensitivity.md",
+             "chart": folder / "sensitivity.svg"}
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(markdown(result), encoding="utf-8")
+    paths["chart"].write_text(svg_chart(result), encoding="utf-8")
+    return paths
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None else f"{v:.{digits}g}"
+
+
+def markdown(r: SensitivityResult) -> str:
+    head = ["layer", "kind", "width"] + [f"{a:g}" for a in r.amounts]
+    lines = [
+        f"# Pruning sensitivity: {r.recipe}",
+        "",
+        f"Metric `{r.metric}` ({'higher' if r.higher_is_better else 'lower'} is better) on "
+        f"{r.eval_samples} eval samples, measured in ONNX Runtime; baseline "
+        f"{_fmt(r.baseline_metric)}. Each cell: the metric with only that layer pruned by the "
+        "column's amount (and the model's MACs kept, counted on the ONNX graph at batch 1). "
+        f"Importance: {r.settings.get('importance')}, round_to: {r.settings.get('round_to')}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for layer in r.layers:
+        by = {p.amount: p for p in layer.points}
+        cells = [f"{_fmt(by[a].metric)} ({_fmt(by[a].macs_ratio, 3)})" if a in by else "n/a"
+                 for a in r.amounts]
+        lines.append(f"| `{layer.name}` | {layer.kind} | {layer.width} | " + " | ".join(cells)
+                     + " |")
+    if r.kept_for_outputs:
+        lines += ["", "Not pruned (their channels are model outputs): "
+                  + ", ".join(f"`{n}`" for n in r.kept_for_outputs) + "."]
+    s = r.suggestion
+    if s is not None:
+        lines += ["", f"## Suggestion for MACs ≤ {s.target_macs:g} of the baseline", ""]
+        if not s.reachable:
+            lines.append("Not reachable with these amounts (try larger --amounts); the "
+                         "largest plan found:")
+        if s.metric is not None:
+            lines.append(f"Measured: MACs {_fmt(s.macs_ratio, 3)} of the baseline, "
+                         f"{r.metric} {_fmt(s.metric)} (drop {_fmt(s.drop, 3)}).")
+        lines += ["", "```yaml", "passes:", s.yaml(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_chart(r: SensitivityResult) -> str:
+    """Metric against amount, one line per layer (baseline at amount 0)."""
+    w, h, left, right, top, bottom = 760, 420, 70, 230, 40, 50
+    pw, ph = w - left - right, h - top - bottom
+    values = [r.baseline_metric] + [p.metric for layer in r.layers for p in layer.points]
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 1, hi + 1
+    pad = (hi - lo) * 0.05
+    lo, hi = lo - pad, hi + pad
+
+    def X(a: float) -> float:
+        return left + pw * a / max(r.amounts)
+
+    def Y(v: float) -> float:
+        return top + ph * (hi - v) / (hi - lo)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{left}" y="22" font-size="14">{_esc(r.recipe)}: {_esc(r.metric)} with '
+           'one layer pruned (ONNX Runtime)</text>',
+           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>']
+    for a in (0.0, *r.amounts):
+        out.append(f'<text x="{X(a):.1f}" y="{top + ph + 16}" text-anchor="middle">{a:g}</text>')
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        out.append(f'<text x="{left - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+        out.append(f'<line x1="{left}" y1="{Y(v):.1f}" x2="{left + pw}" y2="{Y(v):.1f}" '
+                   'stroke="#eee"/>')
+    out.append(f'<text x="{left + pw / 2}" y="{h - 10}" text-anchor="middle">amount pruned '
+               '(fraction of the layer removed)</text>')
+    out.append(f'<line x1="{left}" y1="{Y(r.baseline_metric):.1f}" x2="{left + pw}" '
+               f'y2="{Y(r.baseline_metric):.1f}" stroke="#999" stroke-dasharray="4 3"/>')
+    for i, layer in enumerate(r.layers):
+        color = _COLORS[i % len(_COLORS)]
+        pts = [(0.0, r.baseline_metric)] + [(p.amount, p.metric) for p in layer.points]
+        path = " ".join(f"{X(a):.1f},{Y(v):.1f}" for a, v in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
+                   'stroke-width="1.8"/>')
+        for a, v in pts[1:]:
+            out.append(f'<circle cx="{X(a):.1f}" cy="{Y(v):.1f}" r="3" fill="{color}"/>')
+        ly = top + 14 * i
+        if ly < h - 20:
+            out.append(f'<line x1="{w - right + 12}" y1="{ly}" x2="{w - right + 30}" '
+                       f'y2="{ly}" stroke="{color}" stroke-width="3"/>')
+            out.append(f'<text x="{w - right + 36}" y="{ly + 4}">{_esc(layer.name[-28:])}'
+                       '</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(layer: LayerSensitivity, worst: float) -> str:
+    """Metric drop at each amount as a bar (taller: worse); '·' where not measured."""
+    if worst <= 0:
+        worst = 1.0
+    return "".join(SPARK[min(7, int(max(p.drop, 0.0) / worst * 7.999))] for p in layer.points)

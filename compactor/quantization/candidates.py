@@ -1,0 +1,220 @@
+"""One int8 configuration (:class:`Candidate`), and how to build it with ORT's quantizer.
+
+Calibration runs once per (model, method, op set): the activation ranges are cached in the
+work folder and reused by every candidate that differs only in format, types or exclusions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Op types quantized under "compute" (the heavy ones); "all" is every op ORT can quantize.
+COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+SMOOTH_MUL_SUFFIX = "/SmoothQuantMul"  # the scale Muls smoothing inserts: float by design
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An int8 configuration. ``source`` is the float model it quantizes (the prepared
+    input, or a smoothed copy of it); ``exclude`` are node names kept in float."""
+
+    mode: str  # static | dynamic
+    source: Path
+    format: str = "qdq"  # static: qdq | qoperator
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    op_types: tuple[str, ...] | None = None  # None: every op type ORT can quantize
+    calibration_method: str = "minmax"
+    percentile: float = 99.999
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    exclude: tuple[str, ...] = ()
+    smoothquant: str | None = None  # a description, when ``source`` is a smoothed model
+
+    def replace(self, **changes: Any) -> Candidate:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def types(self) -> str:
+        """``U8S8`` style: activation then weight type."""
+        short = {"uint8": "U8", "int8": "S8"}
+        return short[self.activation_type] + short[self.weight_type]
+
+    @property
+    def ops_label(self) -> str:
+        if self.op_types is None:
+            return "all ops"
+        if set(self.op_types) <= set(COMPUTE_OP_TYPES):
+            return "compute ops"
+        return "ops " + "/".join(self.op_types)
+
+    @property
+    def label(self) -> str:
+        parts = [self.mode]
+        if self.mode == "static":
+            parts += [self.format.upper() if self.format == "qdq" else "QOperator", self.types]
+        else:
+            parts.append(f"{self.types[2:]} weights")
+        parts.append("per-channel" if self.per_channel else "per-tensor")
+        if self.reduce_range:
+            parts.append("7-bit weights")
+        parts.append(self.ops_label)
+        if self.mode == "static" and self.calibration_method != "minmax":
+            parts.append(self.calibration_method + (
+                f" {self.percentile:g}" if self.calibration_method == "percentile" else ""))
+        if self.smoothquant:
+            parts.append("smoothed")
+        floats = [n for n in self.exclude if not n.endswith(SMOOTH_MUL_SUFFIX)]
+        if floats:
+            parts.append(f"{len(floats)} node(s) float")
+        return " ".join(parts)
+
+    @property
+    def key(self) -> str:
+        """A short stable id, for file names."""
+        text = repr(dataclasses.astuple(self))
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode == "static":
+            out.update(format=self.format, activation_type=self.activation_type,
+                       calibration_method=self.calibration_method,
+                       activation_symmetric=self.activation_symmetric)
+            if self.calibration_method == "percentile":
+                out["percentile"] = self.percentile
+        out.update(weight_type=self.weight_type, per_channel=self.per_channel,
+                   reduce_range=self.reduce_range, weight_symmetric=self.weight_symmetric,
+                   op_types="all" if self.op_types is None else list(self.op_types))
+        if self.smoothquant:
+            out["smoothed"] = self.smoothquant
+        return out
+
+
+class Calibration:
+    """The calibration feeds, and a cache of activation ranges in ``work``."""
+
+    def __init__(self, feeds: Sequence[dict], samples: int, work: Path):
+        self.feeds = list(feeds)
+        self.samples = samples
+        self.work = work
+
+    def reader(self):
+        from onnxruntime.quantization import CalibrationDataReader
+
+        feeds = self.feeds
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self._it = iter(feeds)
+
+            def get_next(self):
+                return next(self._it, None)
+
+            def rewind(self):
+                self._it = iter(feeds)
+
+            def __len__(self):
+                return len(feeds)
+
+        return Reader()
+
+    def cache_path(self, c: Candidate, op_types: Sequence[str] | None) -> Path:
+        text = repr((str(c.source), c.calibration_method, c.percentile, op_types))
+        return self.work / f"calib-{hashlib.sha1(text.encode()).hexdigest()[:10]}.json"
+
+
+@contextlib.contextmanager
+def ort_quiet() -> Iterator[None]:
+    """ORT's quantizer logs advice on the root logger; the library never prints."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def op_types_for(c: Candidate, present: set[str], excluded_types: Sequence[str]
+                 ) -> list[str] | None:
+    """The op types to pass to ORT: the candidate's set minus the excluded types."""
+    if c.op_types is None and not excluded_types:
+        return None
+    if c.op_types is None:
+        from onnxruntime.quantization.registry import (
+            IntegerOpsRegistry,
+            QDQRegistry,
+            QLinearOpsRegistry,
+        )
+
+        reg = (set(IntegerOpsRegistry) if c.mode == "dynamic"
+               else set(QLinearOpsRegistry) | set(QDQRegistry))
+        base = present & reg
+    else:
+        base = set(c.op_types)
+    return sorted(base - set(excluded_types))
+
+
+def build(c: Candidate, dst: Path, calibration: Calibration | None,
+          excluded_types: Sequence[str] = ()) -> Path:
+    """Quantize ``c.source`` into ``dst`` as ``c`` says. ORT's errors propagate."""
+    import onnx
+    import onnxruntime.quantization as oq
+
+    from compactor.passes.export import quiet
+
+    present = {n.op_type for n in onnx.load(str(c.source), load_external_data=False).graph.node}
+    op_types = op_types_for(c, present, excluded_types)
+    nodes_to_exclude = sorted(c.exclude)
+    qtype = {"uint8": oq.QuantType.QUInt8, "int8": oq.QuantType.QInt8}
+    with quiet(), ort_quiet():
+        if c.mode == "dynamic":
+            oq.quantize_dynamic(
+                str(c.source), str(dst),
+                per_channel=c.per_channel,
+                reduce_range=c.reduce_range,
+                weight_type=qtype[c.weight_type],
+                nodes_to_exclude=nodes_to_exclude,
+                op_types_to_quantize=op_types,
+                extra_options={"WeightSymmetric": c.weight_symmetric},
+            )
+            return dst
+        if calibration is None:  # the recipe check makes this a bug, not a user error
+            raise ValueError("static quantization without calibration data")
+        extra: dict[str, Any] = {
+            "ActivationSymmetric": c.activation_symmetric,
+            "WeightSymmetric": c.weight_symmetric,
+        }
+        if c.calibration_method == "percentile":
+            extra["CalibPercentile"] = c.percentile
+        method = {
+            "minmax": oq.CalibrationMethod.MinMax,
+            "entropy": oq.CalibrationMethod.Entropy,
+            "percentile": oq.CalibrationMethod.Percentile,
+        }[c.calibration_method]
+        oq.quantize_static(
+            str(c.source), str(dst), calibration.reader(),
+            quant_format=oq.QuantFormat.QDQ if c.format == "qdq" else oq.QuantFormat.QOperator,
+            per_channel=c.per_channel,
+            reduce_range=c.reduce_range,
+            activation_type=qtype[c.activation_type],
+            weight_type=qtype[c.weight_type],
+            calibrate_method=method,
+            nodes_to_exclude=nodes_to_exclude,
+            op_types_to_quantize=op_types,
+            extra_options=extra,
+            calibration_cache_path=calibration.cache_path(c, op_types),
+        )
+    return dst

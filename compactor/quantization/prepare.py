@@ -1,0 +1,295 @@
+"""Getting a model ready for ORT's quantizer, and reading what kind of model it is.
+
+Models compactor did not export must work too: an old opset is upgraded (per-channel
+quantization needs opset >= 13, and ORT's quantizer would otherwise write an invalid
+model), and when ORT's symbolic shape inference gives up, plain ONNX shape inference is used
+and the record says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactor.errors import DataError, PassError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The error's type and first line (ORT's messages can run for pages)."""
+    from compactor.passes.export import first_line as line
+
+    text = line(e, limit)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def ensure_opset(src: Path, dst: Path, record: dict[str, Any]) -> Path:
+    """Per-channel quantization needs opset >= 13; older models are upgraded first."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(src))
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+               MIN_OPSET)
+    if got >= MIN_OPSET:
+        return src
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter raises many types
+        raise PassError(
+            f"quantize: the model is at opset {got}, and upgrading it to {MIN_OPSET} failed: "
+            f"{first_line(e)}",
+            f"re-export the model at opset {MIN_OPSET} or later",
+        ) from e
+    onnx.save(converted, str(dst))
+    record["opset_upgraded"] = {"from": got, "to": MIN_OPSET}
+    return dst
+
+
+def preprocess(src: Path, dst: Path, record: dict[str, Any]) -> Path:
+    """ORT's ``quant_pre_process``: shape inference and graph optimization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from compactor.passes.export import quiet
+
+    from .candidates import ort_quiet
+
+    # ORT's symbolic shape inference writes its partial model into the current folder when
+    # it gives up: keep that litter in the work folder.
+    with _cwd(dst.parent):
+        try:
+            with quiet(), ort_quiet():
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            record["preprocess"] = "symbolic shape inference + optimization"
+            return dst
+        except Exception as e:  # noqa: BLE001 - ORT's shape inference raises many types
+            reason = first_line(e, 200)
+            log.info("symbolic shape inference failed (%s); using ONNX shape inference",
+                     reason)
+        try:
+            with quiet(), ort_quiet():
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            record["preprocess"] = "ONNX shape inference + optimization"
+            record["symbolic_shape_inference"] = f"gave up: {reason}"
+            record.setdefault("warnings", []).append(
+                "ONNX Runtime's symbolic shape inference gave up on this model; used plain "
+                "ONNX shape inference"
+            )
+            return dst
+        except Exception as e:  # noqa: BLE001
+            record["preprocess"] = "skipped"
+            record.setdefault("warnings", []).append(
+                f"pre-processing failed and was skipped: {first_line(e, 200)}")
+            return src
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def match_nodes(model, globs: Sequence[str], key: str, record: dict[str, Any]) -> list[str]:
+    """Names of the nodes matching any glob; a glob matching nothing is a warning."""
+    if not globs:
+        return []
+    names = [n.name for n in model.graph.node]
+    matched = sorted({n for n in names for g in globs if fnmatch.fnmatchcase(n, g)})
+    unused = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    if unused:
+        record.setdefault("warnings", []).append(
+            f"{key} patterns matched no node: {', '.join(unused)}")
+    return matched
+
+
+def gemm_to_matmul(src: Path, dst: Path, record: dict[str, Any]) -> Path:
+    """Gemm with a constant weight → MatMul (+ Add for the bias), same node name.
+
+    ORT's dynamic quantization quantizes MatMul but not Gemm, and exporters and simplifiers
+    (onnxsim) often turn a Linear layer into Gemm: without this, those layers stay float."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, changed = [], 0
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        beta = float(attrs.get("beta", 1.0))
+        if (n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0)
+                or len(inits[n.input[1]].dims) != 2
+                or (bias is not None and beta != 1.0 and bias not in inits)):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        w = (w.T if attrs.get("transB", 0) else w) * np.float32(attrs.get("alpha", 1.0))
+        w_name = f"{n.input[1]}_as_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        mm_out = f"{n.output[0]}_matmul" if bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [mm_out], name=n.name))
+        if bias:
+            if beta != 1.0:
+                b = numpy_helper.to_array(inits[bias]).astype(np.float32) * np.float32(beta)
+                bias = f"{bias}_beta"
+                model.graph.initializer.append(numpy_helper.from_array(b, bias))
+            nodes.append(helper.make_node("Add", [mm_out, bias], [n.output[0]],
+                                          name=f"{n.name}/bias"))
+        changed += 1
+    if not changed:
+        return src
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(dst))
+    record["gemm_as_matmul"] = changed
+    return dst
+
+
+# --------------------------------------------------------------------------- op mix
+
+
+@dataclass(frozen=True)
+class OpMix:
+    """Where a model's multiply-accumulates are, by op type (weights when shapes are
+    unknown)."""
+
+    shares: dict[str, float]  # op type -> share of MACs (or of weight elements)
+    basis: str  # "MACs" or "weights"
+    softmax: int  # Softmax/Attention nodes: a sign of a transformer
+
+    def share(self, *ops: str) -> float:
+        return sum(self.shares.get(o, 0.0) for o in ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"basis": self.basis, "softmax_nodes": self.softmax,
+                "shares": {k: round(v, 4) for k, v in sorted(self.shares.items(),
+                                                             key=lambda kv: -kv[1])}}
+
+
+def op_mix(model, input_shapes: Mapping[str, tuple[int, ...]]) -> OpMix:
+    from compactor.measure.macs import macs_by_node, node_key
+
+    per_node = macs_by_node(model, input_shapes)
+    ops = {node_key(n, i): n.op_type for i, n in enumerate(model.graph.node)}
+    totals: dict[str, float] = {}
+    basis = "MACs"
+    if per_node and sum(per_node.values()) > 0:
+        for k, m in per_node.items():
+            totals[ops.get(k, "?")] = totals.get(ops.get(k, "?"), 0.0) + m
+    else:
+        basis = "weights"
+        sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+        for n in model.graph.node:
+            if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in sizes:
+                totals[n.op_type] = totals.get(n.op_type, 0.0) + sizes[n.input[1]]
+    total = sum(totals.values()) or 1.0
+    softmax = sum(1 for n in model.graph.node if n.op_type in ("Softmax", "Attention"))
+    return OpMix({k: v / total for k, v in totals.items()}, basis, softmax)
+
+
+def choose_mode(mix: OpMix, has_calibration: bool) -> tuple[str, str]:
+    """``auto``: dynamic for MatMul-dominated (transformer) graphs, static for convolution
+    networks and the rest; dynamic when there is no calibration data. Returns (mode, why)."""
+    matmul, conv = mix.share("MatMul"), mix.share("Conv", "ConvTranspose")
+    gemm = mix.share("Gemm")
+    desc = (f"MatMul {matmul:.0%}, Conv {conv:.0%}, Gemm {gemm:.0%} of "
+            f"{mix.basis}" + (f", {mix.softmax} Softmax/Attention" if mix.softmax else ""))
+    # Linear layers export as MatMul or Gemm; with attention (Softmax), both make a
+    # transformer, whose activation ranges vary from input to input.
+    if matmul >= 0.5 or (mix.softmax and matmul + gemm >= 0.5):
+        return "dynamic", (f"{desc}: a MatMul-dominated (transformer) graph, whose "
+                           "activation ranges vary from input to input; dynamic int8 "
+                           "measures them per input")
+    if not has_calibration:
+        return "dynamic", (f"{desc}: static int8 would suit it, but the recipe has no "
+                           "data.calibration, so dynamic it is")
+    return "static", (f"{desc}: " + ("a convolution network" if conv >= 0.5 else
+                                      "not MatMul-dominated")
+                      + "; static int8 with calibrated ranges runs fused int8 kernels")
+
+
+# --------------------------------------------------------------------------- data checks
+
+
+_ONNX_TO_NP = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.int32,
+               3: np.int8, 2: np.uint8, 9: np.bool_}
+
+
+def model_inputs(model) -> dict[str, tuple[list[int | None], Any]]:
+    """Graph inputs (initializers excluded): name -> (dims, None for a dynamic one; dtype)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in tt.shape.dim]
+        out[i.name] = (dims, _ONNX_TO_NP.get(tt.elem_type))
+    return out
+
+
+def fit_batches(model, batches: Sequence[Any], split: str) -> tuple[list[dict], int]:
+    """The batches' inputs as feeds for ``model``, checked against its input shapes and
+    dtypes (DataError, exit 3, on a mismatch). A model with a fixed batch size of 1 is fed
+    one sample at a time. Returns the feeds and the number of samples."""
+    inputs = model_inputs(model)
+    feeds: list[dict] = []
+    samples = 0
+    for bi, b in enumerate(batches):
+        missing = [n for n in inputs if n not in b.inputs]
+        if missing:
+            raise DataError(
+                f"data.{split} batch {bi} has no input {', '.join(missing)} (the model "
+                f"takes {', '.join(inputs)})",
+                "name the arrays after the model's inputs",
+            )
+        feed = {n: b.inputs[n] for n in inputs}
+        one_at_a_time = False
+        for name, (dims, dtype) in inputs.items():
+            a = feed[name]
+            if dtype is not None and a.dtype != dtype:
+                raise DataError(
+                    f"data.{split} batch {bi}: input {name!r} is {a.dtype}, the model takes "
+                    f"{np.dtype(dtype).name}",
+                    "fix the data's dtype (or model.inputs' dtype in the recipe)",
+                )
+            fixed = [(i, d) for i, d in enumerate(dims) if d is not None]
+            if a.ndim != len(dims) or any(
+                    a.shape[i] != d for i, d in fixed if not (i == 0 and d == 1)):
+                want = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+                raise DataError(
+                    f"data.{split} batch {bi}: input {name!r} has shape {list(a.shape)}, the "
+                    f"model expects {want}",
+                    f"the {split} data must have the shapes the model was exported with",
+                )
+            if dims and dims[0] == 1 and a.shape[0] != 1:
+                one_at_a_time = True
+        n = b.size
+        samples += n
+        if one_at_a_time:
+            feeds += [{k: v[i : i + 1] for k, v in feed.items()} for i in range(n)]
+        else:
+            feeds.append(feed)
+    return feeds, samples

@@ -1,0 +1,489 @@
+"""The int8 search: the fastest configuration that meets the accuracy budget.
+
+1. **Speed.** Every candidate configuration (format, activation type, op types; whatever
+   the recipe left ``auto``) is built and timed against the float model in one interleaved
+   run on the target profile's settings. Which one is fastest varies by model and CPU.
+2. **Accuracy.** The fastest is scored on the search part of the eval data and, if within
+   budget there, on the held-out part. Passing both, it wins.
+3. **Repair.** Otherwise cheaper fixes are tried on it first (other calibration methods;
+   SmoothQuant-style scale migration), then the float fallback: nodes ranked by
+   sensitivity go back to float, most sensitive first, until the budget holds on the
+   search part (growing the count, then bisecting it down), and then on the held-out part
+   (else more nodes go back). The repaired candidate is timed with the plain ones in one
+   run; plain candidates faster than it are scored in speed order, and the first that
+   passes beats it.
+4. Everything stops at ``time_budget_s``. When no candidate meets the budget, the best one
+   (smallest drop) is returned, marked as failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accuracy import AccuracyJudge, Score
+from .candidates import COMPUTE_OP_TYPES, Calibration, Candidate, build
+from .prepare import first_line
+from .sensitivity import NodeSensitivity
+from .timing import Timing
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+FLOAT = "float"  # the timing key of the float input
+
+
+@dataclass
+class SearchSpace:
+    """What the search may vary and with what: the recipe's pinned values narrow it."""
+
+    base: Candidate  # the settings every candidate starts from
+    formats: tuple[str, ...]  # static: qdq / qoperator
+    activation_types: tuple[str, ...]
+    op_type_options: tuple[tuple[str, ...] | None, ...]  # None: all ops ORT can quantize
+    excluded_types: tuple[str, ...] = ()
+    repairs: tuple[str, ...] = ("calibration", "smoothquant", "fallback")
+    smoothquant_alpha: float | None = None  # None: chosen per activation
+
+    def candidates(self) -> list[Candidate]:
+        b = self.base
+        if b.mode == "dynamic":
+            return [b.replace(op_types=ops) for ops in self.op_type_options]
+        return [b.replace(format=f, activation_type=a, op_types=ops)
+                for ops in self.op_type_options for f in self.formats
+                for a in self.activation_types]
+
+
+@dataclass
+class SearchEnv:
+    """What the search runs on. ``timer`` and ``judge`` are the two measurements; tests
+    replace the timer to make speed deterministic."""
+
+    work: Path
+    judge: AccuracyJudge
+    timer: Callable[[dict[str, Path]], Timing]
+    calibration: Calibration | None
+    analysis_feeds: list[dict]  # for sensitivity and smoothing: never held-out samples
+    run_batch: int | None  # the batch size the model is evaluated (served) at
+    time_budget_s: float
+    on_step: Callable[[str], None] = lambda _msg: None
+
+
+@dataclass
+class Attempt:
+    """One built candidate and what is known of it."""
+
+    candidate: Candidate
+    path: Path
+    search: Score | None = None
+    holdout: Score | None = None
+    p50_ms: float | None = None
+    speedup: float | None = None
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.search and self.search.ok and (self.holdout is None or self.holdout.ok))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.candidate.label}
+        if self.p50_ms is not None:
+            out["p50_ms"] = round(self.p50_ms, 4)
+        if self.speedup is not None:
+            out["speedup_vs_float"] = round(self.speedup, 3)
+        if self.search is not None:
+            out["search"] = self.search.to_dict()
+        if self.holdout is not None:
+            out["held_out"] = self.holdout.to_dict()
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass
+class Outcome:
+    chosen: Attempt
+    met: bool
+    fastest_plain: Attempt  # the fastest candidate before any repair
+    fallback: list[tuple[int, NodeSensitivity]] = field(default_factory=list)  # (rank, node)
+    fallback_cost_ms: float | None = None  # measured: chosen minus its unrepaired form
+    unrepaired_p50_ms: float | None = None
+    float_p50_ms: float | None = None
+    smoothquant: dict[str, Any] | None = None
+    log: dict[str, Any] = field(default_factory=dict)
+    timed_out: bool = False
+    seconds: float = 0.0
+
+
+class BuildFailed(Exception):
+    """Every candidate failed in ORT's quantizer; ``first`` is the first error."""
+
+    def __init__(self, first: BaseException):
+        super().__init__(str(first))
+        self.first = first
+
+
+class Search:
+    def __init__(self, src: Path, space: SearchSpace, env: SearchEnv):
+        self.src = src
+        self.space = space
+        self.env = env
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + env.time_budget_s
+        self.timed_out = False
+        self.attempts: list[Attempt] = []
+        self.repairs_log: list[dict[str, Any]] = []
+        self.timings: list[dict[str, Any]] = []
+        self.failed: list[Attempt] = []  # candidates that could not be built
+        self.ranks: dict[str, tuple[int, NodeSensitivity]] = {}  # the fallback's ranking
+        self.smooth_info: dict[Path, dict[str, Any]] = {}  # smoothed model -> what was done
+        self.float_p50: float | None = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def out_of_time(self) -> bool:
+        if time.monotonic() > self.deadline:
+            self.timed_out = True
+        return self.timed_out
+
+    def build(self, c: Candidate) -> Attempt:
+        path = self.env.work / f"cand-{c.key}.onnx"
+        if not path.is_file():
+            build(c, path, self.env.calibration, self.space.excluded_types)
+        a = Attempt(c, path)
+        self.attempts.append(a)
+        return a
+
+    def score(self, a: Attempt, holdout: bool = True) -> Attempt:
+        if a.search is None:
+            self.env.on_step(f"accuracy: {a.candidate.label}")
+            a.search = self.env.judge.score(a.path, "search")
+        if holdout and a.search.ok and a.holdout is None and self.env.judge.has_holdout:
+            a.holdout = self.env.judge.score(a.path, "held-out")
+        return a
+
+    def time(self, attempts: Sequence[Attempt], why: str) -> Timing:
+        """Time ``attempts`` against the float model, interleaved, in one run."""
+        self.env.on_step(f"timing {len(attempts)} candidate(s) against float")
+        keys = {f"c{i}": a for i, a in enumerate(attempts)}
+        timing = self.env.timer({FLOAT: self.src, **{k: a.path for k, a in keys.items()}})
+        for k, a in keys.items():
+            a.p50_ms = timing.p50_ms[k]
+            a.speedup = timing.speedup(k, FLOAT)
+        self.timings.append({"why": why, "float_p50_ms": round(timing.p50_ms[FLOAT], 4),
+                             **timing.to_dict()})
+        self.float_p50 = timing.p50_ms[FLOAT]
+        return timing
+
+    # ------------------------------------------------------------------ the search
+
+    def run(self) -> Outcome:
+        plain = self._speed_candidates()  # built, fastest first
+        fastest = plain[0]
+        chosen, repaired = None, None
+        if self.score(fastest).passed:
+            chosen = fastest
+        elif self.env.judge.budget.enforced:
+            if self.space.repairs and not self.out_of_time():
+                repaired = self._repair(fastest)
+            others = plain[1:]
+            if repaired is not None:
+                # Only plain candidates faster than the repaired one can still win: time
+                # them together, in one run, and score just those.
+                self.time([*plain, repaired], "repaired candidate vs plain ones")
+                others = [a for a in others if a.p50_ms < repaired.p50_ms]
+                others.sort(key=lambda a: a.p50_ms)
+            for a in others:  # in speed order: the first that holds the budget wins
+                if self.out_of_time():
+                    break
+                if self.score(a).passed:
+                    chosen = a
+                    break
+            if chosen is None and repaired is not None:
+                chosen = repaired
+            elif repaired is not None:
+                repaired.note = "slower than a plain candidate that passed"
+        else:  # no budget, only a guard: no repairs; the closest plain candidate if none holds
+            for a in plain[1:]:
+                if self.out_of_time():
+                    break
+                if self.score(a).passed:
+                    chosen = a
+                    break
+        for a in [*plain, *self.attempts]:
+            if a.search is not None and not a.passed and not a.note:
+                a.note = ("misses the budget" if not a.search.ok
+                          else "misses the budget on the held-out part")
+        for a in plain:
+            if a.search is None and not a.note:
+                a.note = ("not evaluated (time budget)" if self.timed_out else
+                          "not evaluated: slower than the chosen candidate")
+        met = chosen is not None
+        if chosen is None:  # nothing holds the budget: keep the closest
+            chosen = min((a for a in self.attempts if a.search is not None),
+                         key=lambda a: max(a.search.drop, a.holdout.drop if a.holdout else 0))
+            if chosen.p50_ms is None:
+                self.time([fastest, chosen], "best failing candidate vs the fastest")
+        chosen.note = "chosen" if met else "best candidate; fails the budget"
+        c = chosen.candidate
+        fallback = sorted(self.ranks[n] for n in c.exclude if n in self.ranks)
+        out = Outcome(chosen=chosen, met=met, fastest_plain=fastest, fallback=fallback,
+                      smoothquant=self.smooth_info.get(c.source) if c.smoothquant else None)
+        out.float_p50_ms = self.float_p50
+        if chosen not in plain and fastest.p50_ms is not None and chosen.p50_ms is not None:
+            # a repaired candidate is always timed in one run with the fastest plain one
+            out.unrepaired_p50_ms = fastest.p50_ms
+            out.fallback_cost_ms = chosen.p50_ms - fastest.p50_ms
+        out.log = {
+            "candidates": [a.to_dict() for a in plain + self.failed],
+            "repairs": [_logged(r) for r in self.repairs_log],
+            "timings": self.timings,
+        }
+        out.timed_out = self.timed_out
+        out.seconds = time.monotonic() - self.t0
+        return out
+
+    def _speed_candidates(self) -> list[Attempt]:
+        built: list[Attempt] = []
+        first_error: BaseException | None = None
+        for c in self.space.candidates():
+            if built and time.monotonic() > self.t0 + 0.3 * self.env.time_budget_s:
+                self.failed.append(Attempt(c, Path(), note="not built (time budget)"))
+                continue
+            self.env.on_step(f"build: {c.label}")
+            try:
+                built.append(self.build(c))
+            except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
+                first_error = first_error or e
+                log.info("candidate %s failed: %s", c.label, first_line(e))
+                self.failed.append(Attempt(c, Path(), note=f"build failed: {first_line(e, 200)}"))
+        if not built:
+            raise BuildFailed(first_error or RuntimeError("no candidate could be built"))
+        if len(built) > 1:
+            self.time(built, "speed candidates")
+            built = _fastest_first(built)
+        return built
+
+    # ------------------------------------------------------------------ repairs
+
+    def _repair(self, fastest: Attempt) -> Attempt | None:
+        """The fixes in the recipe's order (cheap ones first: another calibration method,
+        SmoothQuant; then the float fallback), each starting from the best so far."""
+        best = fastest
+        for fix in self.space.repairs:
+            if self.out_of_time():
+                break
+            if fix == "fallback":
+                a = self._fallback(best)
+                if a is not None:
+                    return a
+                continue
+            for a in self._cheap_fixes(fix, best):
+                if a.passed:
+                    return a
+                if a.search.drop < best.search.drop:
+                    best = a
+        return None
+
+    def _cheap_fixes(self, fix: str, best: Attempt):
+        """The attempts of one cheap fix on ``best``."""
+        c = best.candidate
+        if fix == "calibration":
+            if c.mode != "static":
+                return
+            for method in CALIBRATION_METHODS:
+                if method == c.calibration_method or self.out_of_time():
+                    continue
+                a = self._try(c.replace(calibration_method=method), f"calibration: {method}")
+                if a is not None:
+                    yield a
+        elif fix == "smoothquant":
+            a = self._smoothquant(best)
+            if a is not None:
+                yield a
+
+    def _try(self, c: Candidate, what: str) -> Attempt | None:
+        try:
+            a = self.score(self.build(c))
+        except Exception as e:  # noqa: BLE001
+            self.repairs_log.append({"repair": what, "error": first_line(e, 200)})
+            return None
+        self.repairs_log.append({"repair": what, "attempt": a})
+        return a
+
+    def _smoothquant(self, best: Attempt) -> Attempt | None:
+        from .smoothing import smooth
+
+        c = best.candidate
+        self.env.on_step("SmoothQuant: choosing scales")
+        try:
+            res = smooth(c.source, self.env.work / f"smooth-{c.key}.onnx",
+                         self.env.analysis_feeds, c.mode, c.per_channel, c.reduce_range,
+                         c.activation_type == "int8", self.space.smoothquant_alpha,
+                         deadline=self.deadline)
+        except Exception as e:  # noqa: BLE001 - an analysis failure skips this repair
+            self.repairs_log.append({"repair": "smoothquant", "error": first_line(e, 200)})
+            return None
+        if not res.applied:
+            self.repairs_log.append({"repair": "smoothquant",
+                                     "note": "no MatMul/Gemm input it would help"})
+            return None
+        # The scale Muls stay float: quantizing their input would undo the migration.
+        cand = c.replace(source=res.path, smoothquant=res.describe(),
+                         exclude=tuple(sorted({*c.exclude, *res.mul_nodes})))
+        self.smooth_info[res.path] = {"description": res.describe(), "groups": res.groups}
+        return self._try(cand, "smoothquant")
+
+    def _rank(self, c: Candidate, path: Path) -> list[NodeSensitivity]:
+        from . import sensitivity as sens
+
+        feeds = self.env.analysis_feeds
+        self.env.on_step("sensitivity: ranking quantized nodes")
+        if c.mode == "dynamic":
+            import onnx
+
+            model = onnx.load(str(c.source), load_external_data=False)
+            mm = {n.name for n in sens.const_weight_matmuls(model)}
+            quantized = _dynamic_quantized_nodes(path)
+            if quantized and quantized <= mm:
+                return sens.rank_dynamic_matmuls(c.source, feeds, c.per_channel,
+                                                 c.reduce_range, c.weight_type,
+                                                 sorted(quantized))
+            ops = {n.name: n.op_type for n in model.graph.node}
+            return self._one_at_a_time(c, [(n, ops.get(n, "?")) for n in sorted(quantized)])
+        qdq = path
+        if c.format != "qdq":  # the debug tools read QDQ; same numerics
+            qdq = self.build(c.replace(format="qdq")).path
+        return sens.rank_static(c.source, qdq, feeds, self.env.work)
+
+    def _one_at_a_time(self, c: Candidate, nodes: list[tuple[str, str]]
+                       ) -> list[NodeSensitivity]:
+        import numpy as np
+
+        from . import sensitivity as sens
+        from .accuracy import run_outputs
+
+        batches = self.env.judge.search_batches(32)
+        ref = run_outputs(c.source, batches)
+
+        def build_one(name: str) -> Path:
+            others = tuple(n for n, _ in nodes if n != name)
+            return self.build(c.replace(exclude=tuple(sorted({*c.exclude, *others})))).path
+
+        def run(p: Path) -> np.ndarray:
+            return run_outputs(p, batches)
+
+        limit = min(self.deadline, time.monotonic() + 0.25 * self.env.time_budget_s)
+        return sens.rank_one_at_a_time(nodes, build_one, ref, run, limit)
+
+    def _fallback(self, best: Attempt) -> Attempt | None:
+        """Greedy: the k most sensitive nodes back to float, k as small as holds."""
+        c = best.candidate
+        try:
+            ranking = [s for s in self._rank(c, best.path) if s.node not in c.exclude]
+        except Exception as e:  # noqa: BLE001
+            self.repairs_log.append({"repair": "fallback", "error": first_line(e, 200)})
+            return None
+        if not ranking:
+            return None
+        self.ranks.update({s.node: (i + 1, s) for i, s in enumerate(ranking)})
+        tried: dict[int, Attempt] = {}
+
+        def attempt(k: int) -> Attempt | None:
+            if k in tried:
+                return tried[k]
+            if self.out_of_time():
+                return None
+            names = tuple(s.node for s in ranking[:k])
+            self.env.on_step(f"fallback: {k} node(s) in float")
+            try:
+                a = self.score(self.build(c.replace(exclude=tuple(sorted({*c.exclude,
+                                                                            *names})))),
+                               holdout=False)
+            except Exception as e:  # noqa: BLE001
+                self.repairs_log.append({"repair": f"fallback k={k}",
+                                         "error": first_line(e, 200)})
+                return None
+            tried[k] = a
+            self.repairs_log.append({"repair": f"fallback k={k}", "attempt": a})
+            return a
+
+        n = len(ranking) - 1  # at least one node stays int8, or it is not an int8 model
+        last_fail = 0
+        k = 1
+        while k <= n:
+            a = attempt(k)
+            if a is None:
+                break
+            if not a.search.ok:
+                last_fail = k
+                k = k + 1 if k < 4 else min(n, max(k + 1, int(k * 1.5))) if k < n else n + 1
+                continue
+            lo, hi = last_fail, k  # hi holds on the search part: bisect down
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                m = attempt(mid)
+                if m is None:
+                    break
+                if m.search.ok:
+                    hi = mid
+                else:
+                    lo = mid
+            final = tried[hi]
+            self.score(final)  # held-out
+            if final.passed:
+                return final
+            final.note = "held on the search part, not on the held-out part"
+            last_fail = hi
+            k = hi + 1
+        return None  # no k held: the attempts compete as the best failing candidate
+
+
+TIE = 0.03  # candidates within 3% of the fastest are equally fast: timing noise
+
+
+def _fastest_first(attempts: Sequence[Attempt]) -> list[Attempt]:
+    """By p50; those within ``TIE`` of the fastest count as tied and go smallest first
+    (QDQ vs QOperator, or all ops vs compute ops, often time the same, but an embedding
+    table left float is four times the size)."""
+    best = min(a.p50_ms for a in attempts)
+    tied = [a for a in attempts if a.p50_ms <= best * (1 + TIE)]
+    rest = sorted((a for a in attempts if a not in tied), key=lambda a: a.p50_ms)
+    return sorted(tied, key=lambda a: (a.path.stat().st_size, a.p50_ms)) + rest
+
+
+def _logged(entry: dict[str, Any]) -> dict[str, Any]:
+    """A repairs-log entry for the record (attempts rendered at the end, with their notes)."""
+    a = entry.get("attempt")
+    rest = {k: v for k, v in entry.items() if k != "attempt"}
+    return {**rest, **a.to_dict()} if a is not None else rest
+
+
+def _dynamic_quantized_nodes(path: Path) -> set[str]:
+    """Float-graph names of the nodes ORT's dynamic quantizer replaced (``<name>_quant``)."""
+    import onnx
+
+    names = set()
+    for n in onnx.load(str(path), load_external_data=False).graph.node:
+        if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                         "QAttention", "DynamicQuantizeLSTM") and n.name.endswith("_quant"):
+            names.add(n.name[: -len("_quant")])
+    return names
+
+
+def default_space(base: Candidate, formats: Sequence[str], activation_types: Sequence[str],
+                  op_types: str | Sequence[str], **kw: Any) -> SearchSpace:
+    """The space for the recipe's settings: ``auto`` values open up a dimension."""
+    if op_types == "auto":
+        options: tuple = (None, COMPUTE_OP_TYPES)
+    elif op_types == "all":
+        options = (None,)
+    elif op_types == "compute":
+        options = (COMPUTE_OP_TYPES,)
+    else:
+        options = (tuple(op_types),)
+    return SearchSpace(base, tuple(formats), tuple(activation_types), options, **kw)

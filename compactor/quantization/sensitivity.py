@@ -1,0 +1,224 @@
+"""Which quantized nodes hurt accuracy most: the ranking the float fallback walks.
+
+- dynamic, MatMul nodes: each node's int8 error is emulated in numpy on the float model's
+  own activations (activations quantized per input as ``DynamicQuantizeLinear`` does, weights
+  as the candidate says): the node's output noise relative to its signal. One float run.
+- static: ORT's ``qdq_loss_debug`` tools on the QDQ model: the SQNR of every quantized
+  activation (before vs after its QDQ pair) and every weight; a node's noise is the sum over
+  its quantized inputs.
+- anything else: quantize one node at a time and measure the model output's noise.
+
+Errors are noise-to-signal ratios (lower is better); ``sqnr_db`` is the same in dB.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSensitivity:
+    node: str
+    op_type: str
+    error: float  # noise power / signal power of what the node's int8 form changes
+    method: str  # emulated | qdq_loss_debug | one-at-a-time
+
+    @property
+    def sqnr_db(self) -> float:
+        return 10 * math.log10(1.0 / max(self.error, 1e-30))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "op_type": self.op_type,
+                "sqnr_db": round(self.sqnr_db, 2), "method": self.method}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def const_weight_matmuls(model) -> list:
+    """MatMul nodes whose second input is a 2-D initializer (what dynamic int8 quantizes)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+            and n.input[0] not in inits]
+
+
+def capture(path: Path, tensors: Sequence[str], feeds: Sequence[dict]) -> dict[str, list]:
+    """Values of intermediate ``tensors`` of the model at ``path`` on each feed."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    have = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=t))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # No fusions: a fused node would hide the tensors asked for.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    out: dict[str, list] = {t: [] for t in tensors}
+    for f in feeds:
+        values = sess.run(list(tensors), {k: v for k, v in f.items() if k in names})
+        for t, v in zip(tensors, values, strict=True):
+            out[t].append(v)
+    return out
+
+
+def fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool,
+                      weight_type: str = "int8", axis: int = 1) -> np.ndarray:
+    """``w`` after symmetric int8 (or asymmetric uint8) quantization, as ORT does it."""
+    w = w.astype(np.float32)
+    red = (lambda a: np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)) if per_channel else (
+        lambda a: a.reshape(1, -1))
+    flat = red(w)
+    shape = [1] * w.ndim
+    if per_channel:
+        shape[axis] = w.shape[axis]
+    if weight_type == "int8":
+        qmax = 63.0 if reduce_range else 127.0
+        scale = np.maximum(np.abs(flat).max(1), 1e-12) / qmax
+        scale = scale.reshape(shape)
+        return np.clip(np.round(w / scale), -qmax, qmax) * scale
+    qmax = 127.0 if reduce_range else 255.0
+    lo, hi = np.minimum(flat.min(1), 0).reshape(shape), np.maximum(flat.max(1), 0).reshape(shape)
+    scale = np.maximum(hi - lo, 1e-12) / qmax
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(w / scale) + zp, 0, qmax) - zp) * scale
+
+
+def fake_quant_dynamic_activation(x: np.ndarray) -> np.ndarray:
+    """``x`` after ``DynamicQuantizeLinear`` (uint8, asymmetric, per tensor, range incl. 0)."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = max(hi - lo, 1e-12) / 255.0
+    zp = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+def dynamic_matmul_error(xs: Sequence[np.ndarray], w: np.ndarray, per_channel: bool,
+                         reduce_range: bool, weight_type: str = "int8",
+                         max_rows: int = 4096) -> float:
+    """Noise-to-signal of ``x @ w`` under dynamic int8, over the captured inputs ``xs``."""
+    wq = fake_quant_weight(w, per_channel, reduce_range, weight_type, axis=1)
+    noise = signal = 0.0
+    for x in xs:
+        xq = fake_quant_dynamic_activation(x)
+        a, aq = x.reshape(-1, x.shape[-1]), xq.reshape(-1, x.shape[-1])
+        if a.shape[0] > max_rows:  # rows are tokens or samples: a subset ranks as well
+            step = a.shape[0] // max_rows + 1
+            a, aq = a[::step], aq[::step]
+        y = a @ w
+        noise += float(((aq @ wq - y) ** 2).sum())
+        signal += float((y**2).sum())
+    return noise / max(signal, 1e-30)
+
+
+# --------------------------------------------------------------------------- rankings
+
+
+def rank_dynamic_matmuls(src: Path, feeds: Sequence[dict], per_channel: bool,
+                         reduce_range: bool, weight_type: str = "int8",
+                         nodes: Sequence[str] | None = None) -> list[NodeSensitivity]:
+    """Emulated dynamic-int8 error of each constant-weight MatMul (all, or ``nodes``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    mms = [n for n in const_weight_matmuls(model) if nodes is None or n.name in nodes]
+    acts = capture(src, sorted({n.input[0] for n in mms}), feeds)
+    out = []
+    for n in mms:
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        err = dynamic_matmul_error(acts[n.input[0]], w, per_channel, reduce_range,
+                                   weight_type)
+        out.append(NodeSensitivity(n.name, "MatMul", err, "emulated"))
+    return sorted(out, key=lambda s: -s.error)
+
+
+def rank_static(float_src: Path, qdq_model: Path, feeds: Sequence[dict], work: Path
+                ) -> list[NodeSensitivity]:
+    """Per-node error of a QDQ model from ORT's ``qdq_loss_debug`` tools."""
+    import onnx
+    from onnxruntime.quantization import qdq_loss_debug as dbg
+
+    from compactor.passes.export import quiet
+
+    from .candidates import Calibration, ort_quiet
+
+    aug = work / f"{qdq_model.stem}-debug.onnx"
+    with quiet(), ort_quiet():
+        dbg.modify_model_output_intermediate_tensors(str(qdq_model), str(aug))
+        acts = dbg.collect_activations(str(aug), Calibration(feeds, 0, work).reader())
+        # Each activation before vs after its QDQ pair: the error quantizing it adds.
+        act_err = {k: dbg.compute_signal_to_quantization_noice_ratio(m["pre_qdq"],
+                                                                     m["post_qdq"])
+                   for k, m in dbg.create_activation_matching(acts).items()}
+        w_err = dbg.compute_weight_error(dbg.create_weight_matching(str(float_src),
+                                                                     str(qdq_model)))
+    aug.unlink(missing_ok=True)
+    noise = {k: 10 ** (-v / 10) for k, v in act_err.items()}
+    noise.update({k: 10 ** (-v / 10) for k, v in w_err.items()})
+    quantized = _quantized_nodes(qdq_model)
+    # A quantized tensor's error belongs to the nodes reading it and to the node writing it
+    # in the QDQ graph: that node's output is quantized for it (with a Relu after it fused
+    # away), so returning only the readers to float would leave the QDQ pair in place.
+    qgraph = onnx.load(str(qdq_model), load_external_data=False).graph
+    writer = {o: n.name for n in qgraph.node
+              if n.op_type not in ("QuantizeLinear", "DequantizeLinear") for o in n.output}
+    out_noise: dict[str, float] = {}
+    for t, v in noise.items():
+        w = writer.get(t) or writer.get(f"{t}_QuantizeLinear_Input")
+        if w is not None:
+            out_noise[w] = out_noise.get(w, 0.0) + v
+    out = []
+    for n in onnx.load(str(float_src), load_external_data=False).graph.node:
+        if n.name not in quantized:
+            continue
+        err = sum(noise.get(i, 0.0) for i in n.input if i) + out_noise.get(n.name, 0.0)
+        if err > 0:
+            out.append(NodeSensitivity(n.name, n.op_type, err, "qdq_loss_debug"))
+    return sorted(out, key=lambda s: -s.error)
+
+
+def rank_one_at_a_time(nodes: Sequence[tuple[str, str]],
+                       build_one: Callable[[str], Path], reference: np.ndarray,
+                       run: Callable[[Path], np.ndarray], deadline: float
+                       ) -> list[NodeSensitivity]:
+    """Quantize each node alone (``build_one(name)``) and measure the output's noise; nodes
+    not reached before ``deadline`` rank last, in their graph order."""
+    ref = reference.astype(np.float64)
+    signal = max(float((ref**2).sum()), 1e-30)
+    ranked, rest = [], []
+    for name, op in nodes:
+        if time.monotonic() > deadline:
+            rest.append(NodeSensitivity(name, op, 0.0, "not ranked (time budget)"))
+            continue
+        got = run(build_one(name)).astype(np.float64)
+        ranked.append(NodeSensitivity(name, op, float(((got - ref) ** 2).sum()) / signal,
+                                      "one-at-a-time"))
+    return sorted(ranked, key=lambda s: -s.error) + rest
+
+
+def _quantized_nodes(qdq_model: Path) -> set[str]:
+    """Names of the nodes of a QDQ model fed by a DequantizeLinear (the int8 ones)."""
+    import onnx
+
+    graph = onnx.load(str(qdq_model), load_external_data=False).graph
+    dq_out = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(i in dq_out for i in n.input)}

@@ -1,0 +1,177 @@
+"""SmoothQuant-style scale migration for the inputs of MatMul/Gemm with constant weights.
+
+An activation with a few outlier channels wastes a per-tensor int8 range: every other
+channel gets few levels. Dividing channel k of the activation by ``s_k`` and multiplying row
+k of the weight by ``s_k`` leaves the float product unchanged and moves the difficulty into
+the weight, which is quantized per output channel. ``s_k = max|x_k|^a / max|w_k|^(1-a)``;
+``a`` is chosen per activation (shared by all MatMuls reading it) from a small grid, by the
+int8 error of its MatMuls emulated on calibration activations, and a group is left alone
+when no ``a`` helps. The division is a ``Mul`` inserted before the group (cheap next to the
+MatMul); for static int8 those Muls stay in float.
+
+After Xiao et al., "SmoothQuant" (2023).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .candidates import SMOOTH_MUL_SUFFIX
+from .sensitivity import capture, fake_quant_dynamic_activation, fake_quant_weight
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_GAIN = 0.8  # apply only when the emulated error falls below 80% of the unsmoothed one
+
+
+@dataclass
+class SmoothResult:
+    path: Path
+    mul_nodes: list[str] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.mul_nodes)
+
+    def describe(self) -> str:
+        alphas = sorted({g["alpha"] for g in self.groups})
+        return (f"{len(self.groups)} activation(s) smoothed, alpha "
+                + "/".join(f"{a:g}" for a in alphas))
+
+
+def _groups(model) -> dict[str, list[tuple[Any, int]]]:
+    """Activation tensor -> [(MatMul/Gemm node, axis of the weight's input channels)]."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, list[tuple[Any, int]]] = {}
+    for n in model.graph.node:
+        if len(n.input) < 2 or n.input[0] in inits or n.input[1] not in inits:
+            continue
+        if len(inits[n.input[1]].dims) != 2:
+            continue
+        if n.op_type == "MatMul":
+            out.setdefault(n.input[0], []).append((n, 0))
+        elif n.op_type == "Gemm":
+            attrs = {a.name: a.i for a in n.attribute}
+            if attrs.get("transA", 0):
+                continue
+            out.setdefault(n.input[0], []).append((n, 1 if attrs.get("transB", 0) else 0))
+    return out
+
+
+def _fake_quant_static(x: np.ndarray, lo: float, hi: float, signed: bool) -> np.ndarray:
+    if signed:
+        m = max(abs(lo), abs(hi), 1e-12)
+        scale = m / 127.0
+        return np.clip(np.round(x / scale), -127, 127) * scale
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-12) / 255.0
+    zp = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+def _group_error(xs: Sequence[np.ndarray], ws: Sequence[np.ndarray],
+                 refs: Sequence[Sequence[np.ndarray]], s: np.ndarray | None, mode: str,
+                 per_channel: bool, reduce_range: bool, signed: bool, step: int) -> float:
+    """Emulated int8 noise-to-signal of the group's MatMuls with smoothing ``s``. Ranges
+    come from whole tensors (as the runtime sees them); products use every ``step``-th row;
+    ``refs[i][j]`` is run i's float product with weight j on those rows."""
+    wq = [fake_quant_weight(w if s is None else w * s[:, None], per_channel, reduce_range)
+          for w in ws]
+    scaled = [x if s is None else x / s for x in xs]
+    lo = min(float(x.min()) for x in scaled)
+    hi = max(float(x.max()) for x in scaled)
+    noise = signal = 0.0
+    for xs_, ys in zip(scaled, refs, strict=True):
+        xq = (fake_quant_dynamic_activation(xs_) if mode == "dynamic"
+              else _fake_quant_static(xs_, lo, hi, signed))[::step]
+        for q, y in zip(wq, ys, strict=True):
+            noise += float(((xq @ q - y) ** 2).sum())
+            signal += float((y**2).sum())
+    return noise / max(signal, 1e-30)
+
+
+def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: str, per_channel: bool,
+           reduce_range: bool, signed_activations: bool = False,
+           alpha: float | None = None, max_rows: int = 1024,
+           deadline: float | None = None) -> SmoothResult:
+    """Write a smoothed copy of ``src`` to ``dst`` (``alpha`` None: chosen per group).
+    ``feeds`` are one per run, as the model is served: a dynamic range spans one run."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    groups = _groups(model)
+    if not groups:
+        return SmoothResult(src)
+    acts = capture(src, sorted(groups), feeds)
+    inits = {t.name: t for t in model.graph.initializer}
+    result = SmoothResult(dst)
+    inserted: list[tuple[list, Any]] = []
+    for x_name, members in groups.items():
+        if deadline is not None and time.monotonic() > deadline:
+            log.info("smoothing stopped at the search's time budget")
+            break
+        # One 2-D array per run: a dynamic range covers the whole tensor of one run.
+        xs = [a.reshape(-1, a.shape[-1]).astype(np.float32) for a in acts[x_name]]
+        rows = sum(len(x) for x in xs)
+        step = rows // max_rows + 1  # tokens or samples: a strided subset ranks the same
+        ws = []
+        for n, axis in members:
+            w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            ws.append(w if axis == 0 else w.T)  # as [in, out]
+        amax = np.max([np.abs(x).max(0) for x in xs], axis=0)
+        wmax = np.max([np.abs(w).max(1) for w in ws], axis=0)
+        if amax.shape != wmax.shape:
+            continue
+        refs = [[x[::step] @ w for w in ws] for x in xs]
+        base = _group_error(xs, ws, refs, None, mode, per_channel, reduce_range,
+                            signed_activations, step)
+        best = (base, None, None)
+        for a in (ALPHAS if alpha is None else (alpha,)):
+            s = (np.maximum(amax, 1e-5) ** a / np.maximum(wmax, 1e-5) ** (1 - a))
+            s = np.clip(s, 1e-3, 1e3).astype(np.float32)
+            err = _group_error(xs, ws, refs, s, mode, per_channel, reduce_range,
+                               signed_activations, step)
+            if err < best[0]:
+                best = (err, a, s)
+        err, a, s = best
+        if s is None or (alpha is None and err > MIN_GAIN * base):
+            continue
+        for (n, axis), w in zip(members, ws, strict=True):
+            scaled = w * s[:, None]
+            inits[n.input[1]].CopyFrom(numpy_helper.from_array(
+                (scaled if axis == 0 else scaled.T).astype(np.float32), n.input[1]))
+        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x_name}_smooth_scale")
+        model.graph.initializer.append(inv)
+        y = f"{x_name}_smoothed"
+        mul = helper.make_node("Mul", [x_name, inv.name], [y],
+                               name=f"{members[0][0].name}{SMOOTH_MUL_SUFFIX}")
+        for n, _ in members:
+            n.input[0] = y
+        inserted.append(([n for n, _ in members], mul))
+        result.mul_nodes.append(mul.name)
+        result.groups.append({"activation": x_name, "alpha": float(a),
+                              "nodes": [n.name for n, _ in members],
+                              "emulated_sqnr_db": [round(_db(base), 2), round(_db(err), 2)]})
+    if not inserted:
+        return SmoothResult(src)
+    nodes = list(model.graph.node)
+    for members, mul in inserted:  # each Mul just before the first MatMul that reads it
+        nodes.insert(min(nodes.index(n) for n in members), mul)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return result
+
+
+def _db(err: float) -> float:
+    return float(10 * np.log10(1.0 / max(err, 1e-30)))

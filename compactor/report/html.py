@@ -1,0 +1,624 @@
+"""report.html: one self-contained file (inline CSS and SVG, no scripts, nothing fetched)
+with the stage table, each target's verdicts, an accuracy-vs-latency chart per profile, size
+bars, what stayed in float, and the host the numbers were measured on.
+
+Rendered from the manifest alone, so ``compactor check`` and a CI job can re-render it.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Any
+
+from compactor.report.markdown import (
+    fmt_bytes,
+    fmt_count,
+    fmt_delta,
+    fmt_metric,
+    fmt_num,
+    fmt_share,
+)
+
+# One colour per stage, in pipeline order; chosen to stay apart for common colour blindness.
+PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948",
+           "#9c755f"]
+STATUS = {"pass": ("pass", "ok"), "fail": ("FAIL", "bad"), "not measured": ("not measured", "nm")}
+
+CSS = """
+:root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --bg:#ffffff; --panel:#f6f8fa;
+        --ok:#1a7f37; --ok-bg:#dafbe1; --bad:#cf222e; --bad-bg:#ffebe9; --nm:#9a6700;
+        --nm-bg:#fff8c5; --accent:#0969da; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial,
+       sans-serif; color: var(--fg); background: var(--bg); }
+main { max-width: 1180px; margin: 0 auto; padding: 28px 32px 48px; }
+h1 { font-size: 24px; margin: 0 0 4px; }
+h2 { font-size: 18px; margin: 36px 0 10px; padding-bottom: 6px;
+     border-bottom: 1px solid var(--line); }
+h3 { font-size: 15px; margin: 0 0 8px; }
+.sub { color: var(--muted); margin: 0 0 18px; }
+.badge { display: inline-block; padding: 3px 12px; border-radius: 999px; font-weight: 600;
+         font-size: 14px; vertical-align: middle; margin-left: 10px; }
+.badge.ok { background: var(--ok-bg); color: var(--ok); }
+.badge.bad { background: var(--bad-bg); color: var(--bad); }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(200px, 1fr)); gap: 12px; }
+.card { background: var(--panel); border: 1px solid var(--line); border-radius: 8px;
+        padding: 12px 14px; }
+.card .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .v { font-size: 22px; font-weight: 600; margin-top: 2px; }
+.card .d { color: var(--muted); font-size: 12px; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { padding: 6px 10px; border-bottom: 1px solid var(--line); text-align: right;
+         white-space: nowrap; }
+th { background: var(--panel); font-weight: 600; font-size: 13px; }
+th:first-child, td:first-child { text-align: left; }
+td.l, th.l { text-align: left; white-space: normal; }
+.scroll { overflow-x: auto; border: 1px solid var(--line); border-radius: 8px; }
+.scroll table tr:last-child td { border-bottom: 0; }
+.pill { display: inline-block; padding: 1px 9px; border-radius: 999px; font-size: 12px;
+        font-weight: 600; }
+.pill.ok { background: var(--ok-bg); color: var(--ok); }
+.pill.bad { background: var(--bad-bg); color: var(--bad); }
+.pill.nm { background: var(--nm-bg); color: var(--nm); }
+.est { color: var(--nm); font-style: italic; }
+.muted { color: var(--muted); }
+.stack { display: grid; gap: 16px; }
+.grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 16px; }
+.panel { border: 1px solid var(--line); border-radius: 8px; padding: 14px 16px; }
+.panel.fail { border-color: var(--bad); }
+.notes { margin: 8px 0 0; padding-left: 18px; color: var(--muted); font-size: 13px; }
+.kv { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; font-size: 13px; }
+.kv div:nth-child(odd) { color: var(--muted); }
+svg text { font-family: inherit; }
+.legend { display: flex; flex-wrap: wrap; gap: 4px 16px; font-size: 12px; margin-top: 6px; }
+.legend span i { display: inline-block; width: 10px; height: 10px; border-radius: 50%;
+                 margin-right: 5px; vertical-align: -1px; }
+footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
+"""
+
+
+def _e(x: Any) -> str:
+    return escape(str(x), quote=True)
+
+
+def _pill(status: str) -> str:
+    text, cls = STATUS.get(status, (status, "nm"))
+    return f'<span class="pill {cls}">{_e(text)}</span>'
+
+
+def _lat(stage: dict[str, Any], profile: str, batch: str = "1") -> dict[str, Any] | None:
+    return ((stage.get("latency_ms") or {}).get(profile) or {}).get(batch)
+
+
+def _est_ms(stage: dict[str, Any], profile: str) -> float | None:
+    e = ((stage.get("estimates") or {}).get(profile) or {}).get("latency")
+    return None if e is None else e.get("latency_ms")
+
+
+def _ms(v: float) -> str:
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 0.01:
+        return f"{v:.3f}"
+    return f"{v:.2g}"
+
+
+# --------------------------------------------------------------------------- page
+
+
+def render_html(manifest: dict[str, Any]) -> str:
+    name = manifest["name"]
+    ok = manifest.get("passed", True)
+    badge = ('<span class="badge ok">all budgets hold</span>' if ok
+             else '<span class="badge bad">a budget failed</span>')
+    metric = manifest["metric"]
+    host = manifest.get("host", {})
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>compactor: {_e(name)}</title>",
+        f"<style>{CSS}</style></head><body><main>",
+        f"<h1>{_e(name)}{badge}</h1>",
+        f'<p class="sub">compactor {_e(manifest.get("compactor_version", ""))} · '
+        f'{_e(manifest.get("created", ""))} · metric <b>{_e(metric["name"])}</b> on '
+        f'{_e(metric.get("eval_samples", "?"))} eval samples · latency measured in ONNX Runtime '
+        f'{_e(host.get("onnxruntime", ""))} on {_e(host.get("cpu", "this host"))} '
+        f'({_e(host.get("cores", "?"))} cores)</p>',
+        _summary_cards(manifest),
+        "<h2>Stages</h2>",
+        _stage_table(manifest),
+        "<h2>Targets</h2>",
+        _targets(manifest),
+        "<h2>Accuracy vs latency</h2>",
+        '<p class="sub">Each point is a stage at batch 1; the shaded region is where the '
+        "target's budgets hold. Hollow points are estimates (this host could not measure the "
+        "profile).</p>",
+        _charts(manifest),
+        "<h2>Size</h2>",
+        _size_bars(manifest),
+        "<h2>What stayed in float</h2>",
+        _precision(manifest),
+    ]
+    if manifest.get("deployables"):
+        parts += ["<h2>Deployables</h2>", _deployables(manifest)]
+    parts += [
+        "<h2>Host</h2>",
+        _host(host),
+        "<footer>Every latency, memory and size figure above was measured on the host "
+        "described here, in ONNX Runtime, on the exported model; figures marked "
+        '<span class="est">estimate</span> come from the profile\'s peak figures and were '
+        "not measured. Energy is always an estimate (latency × the profile's power).</footer>",
+        "</main></body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _summary_cards(m: dict[str, Any]) -> str:
+    base, final = m["stages"][0], m["stages"][-1]
+    metric = m["metric"]["name"]
+    cards = [
+        ("size", fmt_bytes(final["size_bytes"]),
+         f"{final['size_bytes'] / base['size_bytes']:.2f}× the baseline's "
+         f"({fmt_bytes(base['size_bytes'])})" if base["size_bytes"] else ""),
+        (metric, fmt_metric(metric, final["metric"]),
+         f"{fmt_delta(metric, final['delta'])} vs baseline"),
+    ]
+    for t in m["targets"]:
+        p = t["profile"]
+        b, f = _lat(base, p), _lat(final, p)
+        if b and f:
+            cards.append((f"speed-up on {p}", f"{b['p50'] / f['p50']:.2f}×",
+                          f"p50 {_ms(b['p50'])} → {_ms(f['p50'])} ms, batch 1"))
+        elif _est_ms(final, p) is not None:
+            cards.append((f"{p}", "not measured",
+                          f"estimate ≥ {_ms(_est_ms(final, p))} ms (roofline)"))
+    failed = sum(1 for t in m["targets"] for v in t["verdicts"] if v["status"] == "fail")
+    total = sum(len(t["verdicts"]) for t in m["targets"])
+    cards.append(("verdicts", f"{total - failed}/{total} hold" if total else "no budgets",
+                  f"{failed} failed" if failed else "across all targets"))
+    out = ['<div class="cards">']
+    for k, v, d in cards:
+        out.append(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div>'
+                   f'<div class="d">{_e(d)}</div></div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+def _stage_table(m: dict[str, Any]) -> str:
+    metric = m["metric"]["name"]
+    profiles = [t["profile"] for t in m["targets"]]
+    head = ["stage", metric, "Δ", "size", "params", "MACs"]
+    head += [f"{p}<br><span class='muted'>p50 / p90 ms</span>" for p in profiles]
+    rows = []
+    for s in m["stages"]:
+        cells = [
+            f"<b>{_e(s['name'])}</b>",
+            _e(fmt_metric(metric, s["metric"])),
+            "—" if s["name"] == "baseline" else _e(fmt_delta(metric, s["delta"])),
+            _e(fmt_bytes(s["size_bytes"])),
+            _e(fmt_count(s["params"])),
+            _e(fmt_count(s["macs"])),
+        ]
+        for p in profiles:
+            lat = _lat(s, p)
+            if lat:
+                cells.append(f"{_ms(lat['p50'])} / {_ms(lat['p90'])}")
+            else:
+                est = _est_ms(s, p)
+                cells.append("not measured" + (
+                    f'<br><span class="est">estimate ≥ {_ms(est)}</span>' if est else ""))
+        rows.append(cells)
+    return _table(head, rows, raw_head=True)
+
+
+def _table(head: list[str], rows: list[list[str]], raw_head: bool = False,
+           left: set[int] | None = None) -> str:
+    left = left or set()
+    out = ['<div class="scroll"><table><thead><tr>']
+    for i, h in enumerate(head):
+        cls = ' class="l"' if i in left else ""
+        out.append(f"<th{cls}>{h if raw_head else _e(h)}</th>")
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        out.append("<tr>" + "".join(
+            ('<td class="l">' if i in left else "<td>") + f"{c}</td>" for i, c in enumerate(r))
+            + "</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _targets(m: dict[str, Any]) -> str:
+    final = m["stages"][-1]
+    out = ['<div class="stack">']
+    for t in m["targets"]:
+        p = t["profile"]
+        settings = t.get("settings", {})
+        status = '<span class="pill ok">pass</span>' if t["passed"] else \
+            '<span class="pill bad">FAIL</span>'
+        out.append(f'<div class="panel{"" if t["passed"] else " fail"}">')
+        out.append(f"<h3>{_e(p)} {status} <span class='muted'>"
+                   f"{_e(settings.get('class', ''))} · "
+                   f"{_e(', '.join(settings.get('execution_providers', [])))}</span></h3>")
+        if t["verdicts"]:
+            rows = []
+            for v in t["verdicts"]:
+                if v["measured"] is not None:
+                    got = f"{fmt_num(v['measured'])} {_e(v['unit'])}"
+                elif v.get("estimate") is not None:
+                    got = f'<span class="est">estimate ≥ {v["estimate"]:.3g} {_e(v["unit"])}</span>'
+                else:
+                    got = "—"
+                rows.append([_e(v["budget"]), f"{fmt_num(v['limit'])} {_e(v['unit'])}", got,
+                             _pill(v["status"]), f'<span class="muted">{_e(v["detail"])}</span>'])
+            out.append(_table(["budget", "limit", "measured", "verdict", "detail"], rows,
+                              left={4}))
+        else:
+            out.append('<p class="muted">No budgets for this target.</p>')
+        out.append(_target_facts(final, t))
+        if t.get("notes"):
+            out.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in t["notes"])
+                       + "</ul>")
+        out.append("</div>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def _target_facts(final: dict[str, Any], t: dict[str, Any]) -> str:
+    p = t["profile"]
+    kv: list[tuple[str, str]] = []
+    lat = (final.get("latency_ms") or {}).get(p) or {}
+    if len(lat) > 1:
+        kv.append(("throughput", " · ".join(
+            f"batch {b}: {v['throughput']:,.0f}/s" for b, v in
+            sorted(lat.items(), key=lambda kv: int(kv[0])))))
+    hint = t.get("batching")
+    if hint:
+        if hint.get("batch_size"):
+            kv.append(("batching hint", f"batch {hint['batch_size']} "
+                       f"({hint['throughput']:,.0f} samples/s, p90 {_ms(hint['p90_ms'])} ms; "
+                       f"{_e(hint['within'])})"))
+        else:
+            kv.append(("batching hint", _e(hint.get("reason", "none"))))
+    rt = (final.get("runtime") or {}).get(p) or {}
+    if rt.get("session_create_ms") is not None:
+        kv.append(("cold start", f"session {rt['session_create_ms']:.1f} ms, first run "
+                   f"{(rt.get('first_run_ms') or 0):.2f} ms"))
+    if rt.get("peak_rss_mb") is not None:
+        limit = ((t.get("settings") or {}).get("limits") or {}).get("memory_mb")
+        kv.append(("peak memory", f"{rt['peak_rss_mb']:.0f} MB RSS"
+                   + (f" of {limit:g} MB" if limit else "")
+                   + (f" (runtime alone {rt['runtime_rss_mb']:.0f} MB)"
+                      if rt.get("runtime_rss_mb") else "")))
+    if lat.get("1") and lat["1"].get("ci") is not None:
+        l1 = lat["1"]
+        kv.append(("timing", f"{l1['runs']} runs, median ±{l1['ci'] * 100:.1f}% (95% CI)"
+                   + ("" if l1.get("stable", True) else ", not stable within the time cap")))
+    est = (final.get("estimates") or {}).get(p) or {}
+    if est.get("energy"):
+        e = est["energy"]
+        kv.append(("energy / inference",
+                   f'<span class="est">estimate {e["energy_mj"]:.3g} mJ</span> '
+                   f'<span class="muted">({_e(e["basis"])})</span>'))
+    if not lat and est.get("latency"):
+        e = est["latency"]
+        kv.append(("latency", f'<span class="est">estimate ≥ {_ms(e["latency_ms"])} ms</span> '
+                   f'<span class="muted">({_e(e["basis"])})</span>'))
+    if not kv:
+        return ""
+    return '<div class="kv" style="margin-top:10px">' + "".join(
+        f"<div>{_e(k)}</div><div>{v}</div>" for k, v in kv) + "</div>"
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def _tick_label(v: float, ticks: list[float]) -> str:
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else abs(v) or 1.0
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if step * 10 ** decimals % 1:
+        decimals += 1  # 2.5, 0.25
+    return f"{v:.{decimals}f}"
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
+    first = math.ceil(lo / step) * step
+    ticks = []
+    v = first
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def _budget_box(t: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
+    """The latency quantile, latency limit and metric floor of a target's budgets."""
+    q, lat_limit, floor = None, None, None
+    for v in t["verdicts"]:
+        b = v["budget"]
+        if b.startswith("max_latency_ms.") and lat_limit is None:
+            q, lat_limit = b.split(".", 1)[1], v["limit"]
+        if b == "max_accuracy_drop":
+            floor = v["limit"]  # allowed drop, in metric units
+    return q, lat_limit, floor
+
+
+def _charts(m: dict[str, Any]) -> str:
+    out = ['<div class="grid2">']
+    for t in m["targets"]:
+        out.append(f'<div class="panel"><h3>{_e(t["profile"])}</h3>{_chart(m, t)}</div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+def _chart(m: dict[str, Any], t: dict[str, Any]) -> str:
+    p = t["profile"]
+    metric = m["metric"]["name"]
+    higher = m["metric"].get("higher_is_better", True)
+    q, lat_limit, allowed_drop = _budget_box(t)
+    q = q or "p50"
+    stages = m["stages"]
+    pts = []
+    for i, s in enumerate(stages):
+        lat = _lat(s, p)
+        if lat:
+            pts.append((s["name"], lat[q], s["metric"], False, PALETTE[i % len(PALETTE)]))
+        elif _est_ms(s, p) is not None:
+            pts.append((s["name"], _est_ms(s, p), s["metric"], True, PALETTE[i % len(PALETTE)]))
+    if not pts:
+        return '<p class="muted">Not measured on this host, and the profile has no peak ' \
+               "figures to estimate from.</p>"
+    base_metric = stages[0]["metric"]
+    floor = None
+    if allowed_drop is not None:
+        floor = base_metric - allowed_drop if higher else base_metric + allowed_drop
+
+    W, H = 520, 300
+    ml, mr, mt, mb = 62, 18, 14, 44
+    pw, ph = W - ml - mr, H - mt - mb
+    # Axes fit the points; a budget far beyond them is drawn to the edge, not to scale.
+    x_pts = max(x for _, x, _, _, _ in pts) or 1.0
+    x_hi = x_pts * 1.25
+    if lat_limit is not None and lat_limit <= x_pts * 3:
+        x_hi = max(x_hi, lat_limit * 1.1)
+    ys = [y for _, _, y, _, _ in pts]
+    y_lo, y_hi = min(ys), max(ys)
+    pad = max((y_hi - y_lo) * 0.25, abs(y_hi) * 0.01, 1e-3)
+    if floor is not None and abs(floor - (y_lo if higher else y_hi)) <= 4 * pad:
+        y_lo, y_hi = min(y_lo, floor), max(y_hi, floor)
+        pad = max((y_hi - y_lo) * 0.15, pad * 0.5)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    if metric in ("accuracy", "top5", "fidelity") and max(ys) <= 1.0:
+        y_hi = min(y_hi, 1.0 + pad * 0.15)  # no room for accuracies above 100%
+
+    def X(v: float) -> float:
+        return ml + v / x_hi * pw
+
+    def Y(v: float) -> float:
+        return mt + (y_hi - v) / (y_hi - y_lo) * ph
+
+    svg = [f'<svg viewBox="0 0 {W} {H}" width="100%" role="img" '
+           f'aria-label="{_e(metric)} vs {_e(q)} latency on {_e(p)}" '
+           'xmlns="http://www.w3.org/2000/svg">']
+    # budget region: latency within the limit and metric no worse than the floor
+    budget_label = ""
+    if lat_limit is not None or floor is not None:
+        x1 = X(min(lat_limit, x_hi)) if lat_limit is not None else ml + pw
+        if floor is None:
+            y0, y1 = mt, mt + ph
+        elif higher:
+            y0, y1 = mt, Y(max(floor, y_lo))
+        else:
+            y0, y1 = Y(min(floor, y_hi)), mt + ph
+        svg.append(f'<rect x="{ml}" y="{y0:.1f}" width="{x1 - ml:.1f}" height="{y1 - y0:.1f}" '
+                   'fill="#2da44e" fill-opacity="0.10" stroke="#2da44e" stroke-opacity="0.5" '
+                   'stroke-dasharray="4 3"/>')
+        label = []
+        if lat_limit is not None:
+            label.append(f"{q} ≤ {lat_limit:g} ms" + (" (off the chart →)" if lat_limit > x_hi
+                                                       else ""))
+        if floor is not None:
+            off = floor < y_lo if higher else floor > y_hi
+            label.append(f"{metric} {'≥' if higher else '≤'} {fmt_metric(metric, floor)}"
+                         + (" (off the chart)" if off else ""))
+        budget_label = (
+            f'<text x="{ml + 6}" y="{y1 - 7 if higher or floor is None else y0 + 15:.1f}" '
+            'font-size="11" fill="#1a7f37" stroke="white" stroke-width="3" '
+            f'paint-order="stroke">budget: {_e(", ".join(label))}</text>')
+    # axes and grid
+    xticks = _nice_ticks(0, x_hi)
+    for v in xticks:
+        x = X(v)
+        if x > ml + pw + 0.5:
+            continue
+        svg.append(f'<line x1="{x:.1f}" y1="{mt}" x2="{x:.1f}" y2="{mt + ph}" stroke="#eaeef2"/>')
+        svg.append(f'<text x="{x:.1f}" y="{mt + ph + 16}" font-size="11" fill="#59636e" '
+                   f'text-anchor="middle">{_tick_label(v, xticks)}</text>')
+    for v in _nice_ticks(y_lo, y_hi, 5):
+        y = Y(v)
+        if y < mt - 0.5 or y > mt + ph + 0.5:
+            continue
+        svg.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eaeef2"/>')
+        svg.append(f'<text x="{ml - 6}" y="{y + 4:.1f}" font-size="11" fill="#59636e" '
+                   f'text-anchor="end">{_e(fmt_metric(metric, v))}</text>')
+    svg.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" '
+               'stroke="#d1d9e0"/>')
+    svg.append(budget_label)  # over the grid, so lines do not cross it
+    svg.append(f'<text x="{ml + pw / 2:.1f}" y="{H - 8}" font-size="12" fill="#1f2328" '
+               f'text-anchor="middle">{_e(q)} latency at batch 1 (ms)</text>')
+    svg.append(f'<text transform="translate(14 {mt + ph / 2:.1f}) rotate(-90)" font-size="12" '
+               f'fill="#1f2328" text-anchor="middle">{_e(metric)}</text>')
+    # the pipeline's path, stage to stage
+    path = " ".join(f"{'M' if i == 0 else 'L'}{X(x):.1f},{Y(y):.1f}"
+                    for i, (_, x, y, _, _) in enumerate(pts))
+    svg.append(f'<path d="{path}" fill="none" stroke="#8c959f" stroke-width="1.2" '
+               'stroke-dasharray="3 3"/>')
+    centres = [(X(x), Y(y)) for _, x, y, _, _ in pts]
+    for name, x, y, est, color in pts:
+        cx, cy = X(x), Y(y)
+        fill = "white" if est else color
+        svg.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{fill}" stroke="{color}" '
+                   f'stroke-width="2.5"><title>{_e(name)}: {_ms(x)} ms, '
+                   f'{_e(fmt_metric(metric, y))}{" (estimate)" if est else ""}</title></circle>')
+    boxes: list[tuple[float, float, float, float]] = []
+    for (name, _x, _y, est, color), (cx, cy) in zip(pts, centres, strict=True):
+        text = name + (" (est.)" if est else "")
+        x0, y0, w, h = _place_label(cx, cy, len(text) * 6.6 + 2, 12, boxes, centres,
+                                    (ml, mt, ml + pw, mt + ph))
+        boxes.append((x0, y0, w, h))
+        svg.append(f'<text x="{x0:.1f}" y="{y0 + h - 2:.1f}" font-size="11" fill="{color}" '
+                   'font-weight="600" stroke="white" stroke-width="3" paint-order="stroke">'
+                   f'{_e(text)}</text>')
+    svg.append("</svg>")
+    legend = '<div class="legend">' + "".join(
+        f'<span><i style="background:{"white" if est else c};border:2px solid {c}"></i>'
+        f'{_e(n)}: {_ms(x)} ms{" estimate" if est else ""}, {_e(fmt_metric(metric, y))}</span>'
+        for n, x, y, est, c in pts) + "</div>"
+    return "".join(svg) + legend
+
+
+def _place_label(cx: float, cy: float, w: float, h: float,
+                 boxes: list[tuple[float, float, float, float]],
+                 centres: list[tuple[float, float]],
+                 area: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """A spot for a point's label that overlaps no earlier label and no point: right, left,
+    above, below, then further out."""
+
+    def clear(x0: float, y0: float) -> bool:
+        if x0 < area[0] + 2 or x0 + w > area[2] - 2 or y0 < area[1] + 1 or y0 + h > area[3] - 1:
+            return False
+        for bx, by, bw, bh in boxes:
+            if x0 < bx + bw and bx < x0 + w and y0 < by + bh and by < y0 + h:
+                return False
+        return all(not (x0 - 7 < px < x0 + w + 7 and y0 - 7 < py < y0 + h + 7)
+                   for px, py in centres)
+
+    for dist in (10, 24, 40, 60):
+        for x0, y0 in ((cx + dist, cy - h / 2), (cx - dist - w, cy - h / 2),
+                       (cx - w / 2, cy - dist - h + 4), (cx - w / 2, cy + dist - 4),
+                       (cx + dist * 0.6, cy - dist * 0.8 - h / 2),
+                       (cx + dist * 0.6, cy + dist * 0.8 - h / 2),
+                       (cx - dist * 0.6 - w, cy - dist * 0.8 - h / 2),
+                       (cx - dist * 0.6 - w, cy + dist * 0.8 - h / 2)):
+            if clear(x0, y0):
+                return x0, y0, w, h
+    return cx + 10, cy - h / 2, w, h
+
+
+def _size_bars(m: dict[str, Any]) -> str:
+    stages = m["stages"]
+    limits = sorted({v["limit"] for t in m["targets"] for v in t["verdicts"]
+                     if v["budget"] == "max_size_mb"})
+    biggest = max([s["size_bytes"] / 1e6 for s in stages] + limits) or 1.0
+    W, bar_h, gap, ml = 760, 22, 10, 110
+    pw = W - ml - 150
+    H = len(stages) * (bar_h + gap) + 28
+    svg = [f'<svg viewBox="0 0 {W} {H}" width="100%" style="max-width:{W}px" role="img" '
+           'aria-label="model size per stage" xmlns="http://www.w3.org/2000/svg">']
+    base = stages[0]["size_bytes"] or 1
+    for i, s in enumerate(stages):
+        y = 6 + i * (bar_h + gap)
+        w = max(s["size_bytes"] / 1e6 / biggest * pw, 1.0)
+        color = PALETTE[i % len(PALETTE)]
+        svg.append(f'<text x="{ml - 8}" y="{y + bar_h * 0.7:.1f}" font-size="12" '
+                   f'text-anchor="end" fill="#1f2328">{_e(s["name"])}</text>')
+        svg.append(f'<rect x="{ml}" y="{y}" width="{w:.1f}" height="{bar_h}" rx="3" '
+                   f'fill="{color}"/>')
+        lx = ml + w + 6
+        for lim in limits:  # keep the figure clear of a budget line
+            line_x = ml + lim / biggest * pw
+            if lx - 4 <= line_x <= lx + 110:
+                lx = line_x + 6
+        svg.append(f'<text x="{lx:.1f}" y="{y + bar_h * 0.7:.1f}" font-size="12" '
+                   f'fill="#1f2328">{_e(fmt_bytes(s["size_bytes"]))} '
+                   f'<tspan fill="#59636e">({s["size_bytes"] / base:.2f}×)</tspan></text>')
+    for lim in limits:
+        x = ml + lim / biggest * pw
+        svg.append(f'<line x1="{x:.1f}" y1="2" x2="{x:.1f}" y2="{H - 20}" stroke="#cf222e" '
+                   'stroke-dasharray="5 3" stroke-width="1.5"/>')
+        svg.append(f'<text x="{x:.1f}" y="{H - 6}" font-size="11" fill="#cf222e" '
+                   f'text-anchor="middle">max_size_mb {lim:g}</text>')
+    svg.append("</svg>")
+    return "".join(svg)
+
+
+def _precision(m: dict[str, Any]) -> str:
+    final = m["stages"][-1]
+    prec = final.get("precision") or {}
+    if not prec:
+        return '<p class="muted">Not recorded for this artifact.</p>'
+    if not prec.get("quantized"):
+        return ("<p>The final model is entirely float: no pass quantized it.</p>"
+                + _op_list("float ops", prec.get("float_ops", {})))
+    out = []
+    share = prec.get("int8_macs_share")
+    if share is not None:
+        out.append(f"<p><b>{fmt_share(share)}</b> of the model's MACs run in int8.</p>")
+    heavy = prec.get("float_heavy_nodes") or []
+    if heavy:
+        rows = [[_e(n["node"]), _e(n["op"]), _e(fmt_count(n.get("macs"))),
+                 fmt_share(n["macs_share"]) if n.get("macs_share") is not None else "—"]
+                for n in heavy[:20]]
+        out.append("<p>Compute-heavy nodes that stayed float:</p>")
+        out.append(_table(["node", "op", "MACs", "share"], rows))
+        if len(heavy) > 20:
+            out.append(f'<p class="muted">… and {len(heavy) - 20} more.</p>')
+    else:
+        out.append("<p>Every compute-heavy node (Conv, MatMul, Gemm) runs in int8.</p>")
+    excluded = final.get("record", {}).get("excluded_nodes")
+    if excluded:
+        out.append(f'<p class="muted">Kept float on purpose (quantize exclude_nodes): '
+                   f"{_e(', '.join(excluded))}</p>")
+    out.append(_op_list("int8 ops", prec.get("int8_ops", {})))
+    out.append(_op_list("other float ops", prec.get("float_ops", {})))
+    return "".join(out)
+
+
+def _op_list(title: str, ops: dict[str, int]) -> str:
+    if not ops:
+        return ""
+    items = ", ".join(f"{_e(k)} ×{v}" for k, v in ops.items())
+    return f'<p><span class="muted">{_e(title)}:</span> {items}</p>'
+
+
+def _deployables(m: dict[str, Any]) -> str:
+    out = []
+    for d in m["deployables"]:
+        files = ", ".join(f"<code>{_e(n)}</code> ({_e(fmt_bytes(f['size_bytes']))})"
+                          for n, f in d["files"].items())
+        check = d.get("check", {})
+        ok = check.get("loaded")
+        out.append(
+            f"<p><b>{_e(d['format'])}</b> for {_e(', '.join(d['profiles']))}: {files}. "
+            f"Converted with <code>{_e(d['converter'])}</code>; "
+            + (f"loaded back and run: max |Δ| vs model.onnx = "
+               f"{check.get('max_abs_diff_vs_onnx', 0):.3g}.</p>" if ok else
+               "<b>not verified</b>.</p>"))
+    return "".join(out)
+
+
+def _host(host: dict[str, Any]) -> str:
+    if not host:
+        return '<p class="muted">Not recorded.</p>'
+    pkgs = ", ".join(f"{k} {v}" for k, v in (host.get("packages") or {}).items())
+    rows = [
+        ("CPU", f"{host.get('cpu', '?')} ({host.get('machine', '?')}, "
+                f"{host.get('cores', '?')} cores)"),
+        ("ISA", ", ".join(host.get("isa") or []) or "—"),
+        ("OS", host.get("os", "?")),
+        ("Python", host.get("python", "?")),
+        ("ONNX Runtime", f"{host.get('onnxruntime', '?')}; providers: "
+                         f"{', '.join(host.get('available_providers') or [])}"),
+        ("packages", pkgs or "—"),
+    ]
+    return '<div class="kv">' + "".join(f"<div>{_e(k)}</div><div>{_e(v)}</div>"
+                                        for k, v in rows) + "</div>"

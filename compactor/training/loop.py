@@ -1,0 +1,372 @@
+"""The training loop of a training pass.
+
+AdamW (no weight decay on biases and norms), linear warmup then cosine decay, a budget in
+epochs or steps, gradient clipping, an evaluation on the eval split after every epoch that
+keeps the best weights and can stop early, a fixed seed, and a checkpoint after every epoch.
+
+Interrupts are graceful: Ctrl-C (SIGINT) or SIGTERM during training lets the current step
+finish, saves a checkpoint, then raises KeyboardInterrupt; a second Ctrl-C stops at once.
+A NaN/inf loss or gradient stops training with a PassError and leaves the last good
+checkpoint in place. Under torchrun every rank takes the same number of steps on its own
+share of the batches, and only the rank that writes saves checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from compactor.errors import PassError, RecipeError
+from compactor.training import ddp
+from compactor.training.checkpoint import load_torch, save_torch
+
+log = logging.getLogger(__name__)
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int = 3
+    steps: int | None = None  # when set: the budget in optimizer steps, not epochs
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of all steps spent warming up
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = 1.0
+    select_best: bool = True
+    patience: int | None = None  # epochs without improvement before stopping
+    min_delta: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The metric on the eval split (``value``) and the training loss there (``loss``)."""
+
+    value: float
+    loss: float
+
+
+@dataclass
+class TrainTask:
+    """What the loop trains: ``module`` (its parameters are optimized and its state
+    checkpointed), ``step`` (one batch → loss, its weighted parts, samples seen),
+    ``evaluate`` (the eval split → EvalResult) and the training ``batches``."""
+
+    module: nn.Module
+    step: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
+    evaluate: Callable[[], EvalResult]
+    batches: Sequence[Any]
+    metric_name: str = "metric"
+    higher_is_better: bool = True
+    device: Any = None
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    steps: int
+    total_steps: int
+    best_epoch: int | None
+    best: EvalResult | None
+    stopped_early: bool
+    resumed_from: dict[str, int] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    world_size: int = 1
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "epochs_run": self.epochs,
+            "steps": self.steps,
+            "total_steps": self.total_steps,
+            "best_epoch": self.best_epoch,
+            "best_metric": None if self.best is None else round(self.best.value, 6),
+            "stopped_early": self.stopped_early,
+            "resumed_from": self.resumed_from,
+            "history": self.history,
+            "train_seconds": round(self.seconds, 2),
+            "samples_per_s": round(self.samples_per_s, 1),
+            "world_size": self.world_size,
+        }
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def lr_lambda(total: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to 0 (or flat)."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def optimizer_for(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The batch order of one epoch: a permutation fixed by the seed and the epoch, so a
+    resumed run (and every rank) sees the same order as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+class _Stop:
+    requested = False
+    signal_name = ""
+
+
+@contextlib.contextmanager
+def graceful_interrupt() -> Iterator[_Stop]:
+    """Turn the first SIGINT/SIGTERM into a request to stop at the next safe point."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        if stop.requested:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        stop.requested = True
+        stop.signal_name = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _better(new: EvalResult, best: EvalResult | None, higher: bool, min_delta: float) -> bool:
+    """Better metric; on a tie (accuracy often ties), the lower eval loss wins."""
+    if best is None:
+        return True
+    gain = (new.value - best.value) if higher else (best.value - new.value)
+    if gain > min_delta:
+        return True
+    return gain >= 0 and abs(gain) <= 1e-12 and new.loss < best.loss
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _rng_state(device: Any) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if getattr(device, "type", "cpu") == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(task: TrainTask, cfg: LoopConfig, checkpoint_dir: Path, *, key: str,
+          progress: Any, resume: bool = False, writable: bool = True,
+          label: str = "train") -> TrainResult:
+    """Train ``task.module`` in place; on return it holds the best weights (or the last,
+    with ``select_best`` off)."""
+    t_start = time.perf_counter()
+    world, rank = (ddp.world_size(), ddp.rank()) if ddp.initialized() else (1, 0)
+    n_batches = len(task.batches)
+    per_epoch = n_batches // world
+    if per_epoch < 1:
+        raise PassError(
+            f"{label}: {n_batches} training batch(es) cannot be shared by {world} processes",
+            "give data.train more batches, or launch fewer processes",
+        )
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    module = task.module
+    opt = optimizer_for(module, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(total, round(cfg.warmup * total), cfg.schedule)
+    )
+    st: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None,
+                          "best_epoch": None, "bad_epochs": 0, "history": [],
+                          "stopped_early": False}
+    best_state: dict[str, torch.Tensor] | None = None
+    resumed_from = None
+    last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
+
+    if resume and last_path.is_file():
+        ck = load_torch(last_path)
+        if ck.get("key") != key:
+            raise RecipeError(
+                f"cannot resume: the checkpoint in {checkpoint_dir} was saved by a run with "
+                "different settings",
+                "rerun without --resume to start over",
+            )
+        module.load_state_dict(ck["module"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"], task.device)
+        st.update(ck["state"])
+        if best_path.is_file():
+            best_state = load_torch(best_path)["module"]
+        resumed_from = {"epoch": st["epoch"], "step": st["global_step"]}
+        log.info("%s: resuming at epoch %d, step %d", label, st["epoch"], st["global_step"])
+
+    def save_last() -> None:
+        if not writable:
+            return
+        st["loss_ema"] = loss_ema
+        save_torch({"key": key, "module": module.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": _rng_state(task.device),
+                    "state": st}, last_path)
+
+    seen = steps_here = 0
+    loss_ema: float | None = st.get("loss_ema")
+    last_metric = st["best"].value if st["best"] else None
+    t_train = time.perf_counter()
+    step_time = 0.0
+
+    with progress.task(f"{label}", total=total) as bar, graceful_interrupt() as stop:
+        if st["global_step"]:
+            bar.advance(st["global_step"])
+        while st["epoch"] < epochs and not st["stopped_early"]:
+            epoch = st["epoch"]
+            mine = ddp.shard(epoch_order(cfg.seed, epoch, n_batches), rank, world)
+            while st["step_in_epoch"] < len(mine) and st["global_step"] < total:
+                batch = task.batches[mine[st["step_in_epoch"]]]
+                t0 = time.perf_counter()
+                module.train()
+                loss, parts, n = task.step(batch)
+                opt.zero_grad(set_to_none=True)
+                local_bad = not bool(torch.isfinite(loss.detach()))
+                if not local_bad:
+                    loss.backward()
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        module.parameters(), cfg.max_grad_norm or float("inf")
+                    )
+                    local_bad = not bool(torch.isfinite(norm))
+                bad, stopping = ddp.any_flag([local_bad, stop.requested], task.device)
+                if bad:
+                    _raise_non_finite(label, st, loss, parts, last_path)
+                opt.step()
+                sched.step()
+                st["step_in_epoch"] += 1
+                st["global_step"] += 1
+                seen += n * world
+                step_time += time.perf_counter() - t0
+                value = float(loss.detach())
+                loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+                bar.advance()
+                steps_here += 1
+                _status(bar, epoch, epochs, loss_ema, task.metric_name, last_metric, seen,
+                        steps_here, step_time, total - st["global_step"])
+                if stopping:
+                    save_last()
+                    raise KeyboardInterrupt(f"{label}: stopped by {stop.signal_name}")
+            # end of an epoch (or of the step budget): evaluate, keep the best, checkpoint
+            res = task.evaluate()
+            last_metric = res.value
+            st["history"].append({"epoch": epoch + 1, "step": st["global_step"],
+                                  "train_loss": round(loss_ema, 6) if loss_ema else None,
+                                  "eval_loss": round(res.loss, 6),
+                                  task.metric_name: round(res.value, 6)})
+            if _better(res, st["best"], task.higher_is_better, cfg.min_delta):
+                st["best"], st["best_epoch"], st["bad_epochs"] = res, epoch + 1, 0
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                if writable:
+                    save_torch({"key": key, "module": best_state, "epoch": epoch + 1},
+                               best_path)
+            else:
+                st["bad_epochs"] += 1
+                if cfg.patience is not None and st["bad_epochs"] >= cfg.patience:
+                    st["stopped_early"] = True
+            st["epoch"] += 1
+            st["step_in_epoch"] = 0
+            if st["global_step"] >= total:
+                st["epoch"] = epochs
+            save_last()
+            (stopping,) = ddp.any_flag([stop.requested], task.device)
+            if stopping:
+                raise KeyboardInterrupt(f"{label}: stopped by {stop.signal_name}")
+
+    if cfg.select_best and best_state is not None:
+        module.load_state_dict(best_state)
+    train_s = time.perf_counter() - t_train
+    return TrainResult(
+        epochs=len(st["history"]),
+        steps=st["global_step"],
+        total_steps=total,
+        best_epoch=st["best_epoch"],
+        best=st["best"],
+        stopped_early=st["stopped_early"],
+        resumed_from=resumed_from,
+        history=st["history"],
+        seconds=time.perf_counter() - t_start,
+        samples_per_s=seen / train_s if train_s > 0 and seen else 0.0,
+        world_size=world,
+    )
+
+
+def _status(bar: Any, epoch: int, epochs: int, loss: float | None, metric_name: str,
+            metric: float | None, seen: int, steps: int, step_time: float,
+            remaining: int) -> None:
+    """loss · metric · throughput · ETA on the progress bar (where it can show them)."""
+    status = getattr(bar, "status", None)
+    if status is None:
+        return
+    parts = [f"epoch {epoch + 1}/{epochs}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4g}")
+    if metric is not None:
+        parts.append(f"{metric_name} {metric:.4g}")
+    if step_time > 0 and steps:
+        parts.append(f"{seen / step_time:,.0f} samples/s")
+        parts.append(f"ETA {_fmt_eta(step_time / steps * remaining)}")
+    status(" · ".join(parts))
+
+
+def _raise_non_finite(label: str, st: dict[str, Any], loss: torch.Tensor,
+                      parts: dict[str, torch.Tensor], last_path: Path) -> None:
+    detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
+    kept = (f"the last good checkpoint (epoch {st['epoch']}) is kept in {last_path.parent}"
+            if last_path.is_file() else "no checkpoint had been saved yet")
+    raise PassError(
+        f"{label}: the loss became {float(loss.detach())} (or its gradients non-finite) at "
+        f"epoch {st['epoch'] + 1}, step {st['global_step'] + 1}"
+        + (f" ({detail})" if detail else "") + f"; {kept}",
+        "lower lr, raise warmup or set max_grad_norm; check that the teacher's outputs and "
+        "the data hold no NaN/inf",
+    )

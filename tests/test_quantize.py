@@ -1,0 +1,348 @@
+"""The quantize pass: mode and ISA choices, preparing foreign models, exclusions, and the
+bad inputs a user can give it (each a clear error or warning).
+
+The toy graphs here are built with ``onnx.helper`` (no torch, milliseconds to make): a
+convolution network, and a MatMul network whose middle layer can be given an activation
+outlier. ``tests/test_quantize_search.py`` imports them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from toys import assert_clean_error, cnn_model, ref, run_cli, write_recipe
+
+from compactor.model import onnx_input_specs
+from compactor.passes import get_pass
+from compactor.passes.quantize import QuantizeConfig
+from compactor.pipeline import Progress, RunContext
+from compactor.quantization import isa
+from compactor.quantization.timing import Timing
+from compactor.recipe import load_recipe
+from compactor.stage import Stage
+
+D = 64  # the MLP's width
+T = 8  # its tokens per sample
+
+# --------------------------------------------------------------------------- toy graphs
+
+
+def _save(path: Path, nodes, inits: dict[str, np.ndarray], inputs, output, opset: int = 17):
+    graph = helper.make_graph(nodes, "toy", inputs, [output],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def mlp_onnx(path: Path, outlier: float = 1.0, opset: int = 17, seed: int = 0) -> Path:
+    """x[batch, 8, 64] → fc1 → Relu → fc2 → Relu → head, all MatMuls. ``outlier`` scales
+    channel 0 of fc2's input up and fc2's row 0 down by the same factor: the float model
+    is unchanged, but a per-tensor int8 range of fc2's input is wrecked."""
+    r = np.random.default_rng(seed)
+    a = (r.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+    b = (r.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+    c = (r.standard_normal((D, 16)) / np.sqrt(D)).astype(np.float32)
+    a[:, 0] *= outlier
+    b[0, :] /= outlier
+    nodes = [
+        helper.make_node("MatMul", ["x", "A"], ["a"], name="fc1"),
+        helper.make_node("Relu", ["a"], ["h"], name="act1"),
+        helper.make_node("MatMul", ["h", "B"], ["b"], name="fc2"),
+        helper.make_node("Relu", ["b"], ["h2"], name="act2"),
+        helper.make_node("MatMul", ["h2", "C"], ["y"], name="head"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", T, D])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", T, 16])
+    return _save(path, nodes, {"A": a, "B": b, "C": c}, [x], y, opset)
+
+
+def cnn_onnx(path: Path, opset: int = 17, seed: int = 0) -> Path:
+    """image[batch, 3, 16, 16] → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten
+    → Gemm: a convolution network."""
+    r = np.random.default_rng(seed)
+    w1 = (r.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (r.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32)
+    fc = (r.standard_normal((10, 32)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["image", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "FC"], ["logits"], name="head", transB=1),
+    ]
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    return _save(path, nodes, {"W1": w1, "W2": w2, "FC": fc}, [x], y, opset)
+
+
+def two_input_onnx(path: Path) -> Path:
+    """x[n, 16] + z[m, 16] → MatMul: ORT's symbolic shape inference gives up on it (it
+    cannot tell that n and m are the same), plain ONNX shape inference does not."""
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "z"], ["s"], name="add"),
+             helper.make_node("MatMul", ["s", "W"], ["y"], name="fc")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16]),
+              helper.make_tensor_value_info("z", TensorProto.FLOAT, ["m", 16])]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])
+    return _save(path, nodes, {"W": w}, inputs, y)
+
+
+def mlp_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, T, D)).astype(np.float32)}
+
+
+def cnn_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"image": np.random.default_rng(seed).standard_normal((n, 3, 16, 16))
+            .astype(np.float32)}
+
+
+def toy_recipe(folder: Path, model: Path, data, quantize: dict | None = None,
+               calibration: bool = True, budgets: dict | None = None, n_eval: int = 64,
+               n_calib: int = 64, batch_size: int = 16, metric: str = "fidelity") -> Path:
+    """A recipe quantizing an ONNX toy, data as .npz files (no labels: fidelity)."""
+    np.savez(folder / "eval.npz", **data(n_eval, seed=1))
+    files = {"eval": "eval.npz", "batch_size": batch_size}
+    if calibration:
+        np.savez(folder / "calib.npz", **data(n_calib, seed=2))
+        files["calibration"] = "calib.npz"
+    return write_recipe(folder, budgets=budgets, model={"onnx": str(model)}, data=files,
+                        metric=metric, passes=[{"quantize": quantize or {}}])
+
+
+def fake_timer(latency=None):
+    """A deterministic timer: ``latency(path) -> ms`` (default: float 2 ms, int8 1 ms)."""
+    def default(path: Path) -> float:
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        quantized = bool(ops & {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                                "MatMulInteger", "ConvInteger", "QLinearMatMul"})
+        return 1.0 if quantized else 2.0
+
+    fn = latency or default
+
+    def make(ctx, cfg):
+        def timer(models):
+            return Timing({k: fn(Path(p)) for k, p in models.items()}, 10, "fake", 1, 1, 0.0)
+        return timer
+    return make
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """Candidates are 'timed' by a fake: tests that are not about speed stay fast."""
+    monkeypatch.setattr("compactor.passes.quantize._timer", fake_timer())
+
+
+def run_pass(folder: Path, recipe: Path, model: Path, **config) -> Stage:
+    """The quantize pass alone, on a bare context (no pipeline around it)."""
+    r = load_recipe(recipe)
+    work = folder / "work"
+    work.mkdir(exist_ok=True)
+    ctx = RunContext(r, onnx_input_specs(model), work, Progress())
+    stage = Stage("baseline", "onnx", onnx_path=model, lineage=("baseline",))
+    return get_pass("quantize")(QuantizeConfig(**config)).run(stage, ctx)
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "out" / "manifest.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- mode: auto
+
+
+def test_auto_mode_is_static_for_a_conv_net_and_dynamic_for_a_matmul_net(tmp_path, no_timing):
+    (tmp_path / "cnn").mkdir()
+    (tmp_path / "mlp").mkdir()
+    cnn = cnn_onnx(tmp_path / "cnn" / "cnn.onnx")
+    mlp = mlp_onnx(tmp_path / "mlp" / "mlp.onnx")
+    out = run_pass(tmp_path / "cnn", toy_recipe(tmp_path / "cnn", cnn, cnn_data), cnn,
+                   mode="auto")
+    rec = out.record
+    assert rec["mode"] == "static", rec["mode_reason"]
+    assert "Conv" in rec["mode_reason"] and "convolution" in rec["mode_reason"], rec
+    assert rec["op_mix"]["shares"]["Conv"] > 0.9, rec["op_mix"]
+
+    out = run_pass(tmp_path / "mlp", toy_recipe(tmp_path / "mlp", mlp, mlp_data), mlp,
+                   mode="auto")
+    rec = out.record
+    assert rec["mode"] == "dynamic", rec["mode_reason"]
+    assert "MatMul 100%" in rec["mode_reason"], rec["mode_reason"]
+    assert rec["quantization_ops"].get("DynamicQuantizeLinear"), rec["quantization_ops"]
+
+
+def test_auto_mode_without_calibration_data_is_dynamic_and_says_why(tmp_path, no_timing):
+    cnn = cnn_onnx(tmp_path / "cnn.onnx")
+    recipe = toy_recipe(tmp_path, cnn, cnn_data, calibration=False, quantize={"mode": "auto"})
+    rec = run_pass(tmp_path, recipe, cnn, mode="auto").record
+    assert rec["mode"] == "dynamic"
+    assert "no data.calibration" in rec["mode_reason"], rec["mode_reason"]
+
+
+# --------------------------------------------------------------------------- ISA
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "path", "acts", "reduce_range"),
+    [
+        (["avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"], "x86_64", "amx",
+         ("uint8", "int8"), False),
+        (["avx2", "avx512f", "avx512bw", "avx512_vnni"], "x86_64", "avx512_vnni",
+         ("uint8", "int8"), False),
+        (["avx2", "avx_vnni"], "x86_64", "avx_vnni", ("uint8", "int8"), False),
+        (["avx2", "avx512f", "avx512bw"], "x86_64", "avx512", ("uint8",), True),
+        (["avx", "avx2", "fma"], "x86_64", "avx2", ("uint8",), True),
+        (["asimddp"], "aarch64", "arm_dotprod", ("int8", "uint8"), False),
+        ([], "aarch64", "arm", ("uint8",), False),
+    ],
+)
+def test_int8_settings_follow_the_cpu(flags, machine, path, acts, reduce_range):
+    found = isa.detect(flags, machine)
+    choice = isa.choose(found, "static")
+    assert (found.path, choice.activation_types, choice.reduce_range) == (
+        path, acts, reduce_range), choice
+    assert choice.warning is None
+    if not found.no_saturation and not found.arm:
+        assert "saturate" in choice.reason and "reduce_range" in choice.reason, choice.reason
+    assert isa.choose(found, "dynamic").activation_types == ("uint8",)
+
+
+def test_uint8_weights_avoid_saturation_without_reduce_range():
+    choice = isa.choose(isa.detect(["avx2"], "x86_64"), "static", weight_type="uint8")
+    assert choice.reduce_range is False and "u8u8" in choice.reason, choice
+
+
+def test_isa_choice_is_recorded_and_a_risky_pin_warns(tmp_path, monkeypatch, no_timing):
+    monkeypatch.setattr("compactor.measure.host.isa_flags", lambda: ["avx", "avx2", "fma"])
+    mlp = mlp_onnx(tmp_path / "mlp.onnx")
+    recipe = toy_recipe(tmp_path, mlp, mlp_data)
+    rec = run_pass(tmp_path, recipe, mlp, mode="static", search_speed=False).record
+    assert rec["isa"]["int8_path"] == "avx2" and rec["isa"]["no_saturation"] is False
+    assert rec["int8_choice"]["reduce_range"] is True, rec["int8_choice"]
+    assert rec["reduce_range"] is True and rec["activation_type"] == "uint8", rec
+    assert not rec.get("warnings"), rec.get("warnings")
+
+    (tmp_path / "pinned").mkdir()
+    recipe = toy_recipe(tmp_path / "pinned", mlp, mlp_data)
+    rec = run_pass(tmp_path / "pinned", recipe, mlp, mode="static", reduce_range=False,
+                   search_speed=False).record
+    assert rec["reduce_range"] is False
+    assert any("saturation" in w for w in rec["warnings"]), rec["warnings"]
+
+
+# --------------------------------------------------------------------------- foreign models
+
+
+def test_old_opset_is_upgraded_and_per_channel_output_is_valid(tmp_path, no_timing):
+    mlp = mlp_onnx(tmp_path / "mlp11.onnx", opset=11)
+    recipe = toy_recipe(tmp_path, mlp, mlp_data)
+    out = run_pass(tmp_path, recipe, mlp, mode="static", per_channel=True, format="qdq")
+    assert out.record["opset_upgraded"] == {"from": 11, "to": 13}, out.record
+    model = onnx.load(str(out.onnx_path))
+    onnx.checker.check_model(model)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    scales = {t.name: list(t.dims) for t in model.graph.initializer}
+    weight_scales = [scales[n.input[1]] for n in model.graph.node
+                     if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
+    assert weight_scales and all(d == [D] or d == [16] for d in weight_scales), (
+        f"per-channel weights have one scale per output channel: {weight_scales}")
+    import onnxruntime as ort
+
+    x = mlp_data(4, seed=5)["x"]
+    (got,) = ort.InferenceSession(str(out.onnx_path)).run(None, {"x": x})
+    assert got.shape == (4, T, 16)
+
+
+def test_symbolic_shape_inference_fallback_is_recorded(tmp_path, no_timing, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = two_input_onnx(tmp_path / "two.onnx")
+
+    def data(n, seed):
+        r = np.random.default_rng(seed)
+        return {"x": r.standard_normal((n, 16)).astype(np.float32),
+                "z": r.standard_normal((n, 16)).astype(np.float32)}
+
+    recipe = toy_recipe(tmp_path, model, data, calibration=False,
+                        quantize={"mode": "dynamic"})
+    rec = run_pass(tmp_path, recipe, model, mode="dynamic").record
+    assert rec["preprocess"] == "ONNX shape inference + optimization", rec
+    assert "gave up" in rec["symbolic_shape_inference"], rec
+    assert any("symbolic shape inference gave up" in w for w in rec["warnings"]), rec
+    assert rec["quantization_ops"], rec
+    litter = [p.name for p in tmp_path.iterdir() if "sym_shape" in p.name or p.suffix == ".data"]
+    assert litter == [], f"ORT's partial model must stay in the work folder: {litter}"
+
+
+# --------------------------------------------------------------------------- exclusions
+
+
+def test_exclude_block_keeps_nodes_and_op_types_in_float_and_says_why(tmp_path, no_timing):
+    mlp = mlp_onnx(tmp_path / "mlp.onnx")
+    recipe = toy_recipe(tmp_path, mlp, mlp_data)
+    out = run_pass(tmp_path, recipe, mlp, mode="static", search_speed=False,
+                   exclude={"nodes": ["fc*"], "op_types": ["Relu"]})
+    rec = out.record
+    reasons = {f["node"]: f["reason"] for f in rec["float_nodes"]}
+    assert reasons["fc1"] == reasons["fc2"] == "exclude pattern 'fc*'", reasons
+    assert reasons["act1"] == "op type Relu excluded", reasons
+    assert rec["excluded_nodes"] == ["fc1", "fc2"]
+    model = onnx.load(str(out.onnx_path))
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    fed = {n.name: any(i in dq_out for i in n.input) for n in model.graph.node}
+    assert not fed["fc1"] and not fed["fc2"] and fed["head"], fed
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_quantize_on_a_torch_model_without_export_is_a_recipe_error(tmp_path):
+    path = write_recipe(tmp_path, model=cnn_model(weights=None),
+                        data={"calibration": ref("cnn_calibration_batches"),
+                              "eval": ref("cnn_eval_batches")},
+                        passes=[{"quantize": {"mode": "static"}}])
+    result = run_cli("optimize", path)
+    assert_clean_error(result, 2, "passes[0] 'quantize' needs an onnx model",
+                       "- export: {}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_data_that_does_not_fit_the_model_exits_3(tmp_path, no_timing):
+    mlp = mlp_onnx(tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "eval.npz", **mlp_data(32, seed=1))
+    np.savez(tmp_path / "calib.npz",
+             x=np.zeros((32, T + 4, D), dtype=np.float32))  # 12 tokens; the model has 8
+    path = write_recipe(
+        tmp_path, model={"onnx": str(mlp),
+                         "inputs": [{"name": "x", "shape": ["batch", "tokens", D]}]},
+        data={"eval": "eval.npz", "calibration": "calib.npz"}, metric="fidelity",
+        passes=[{"quantize": {"mode": "static"}}])
+    result = run_cli("optimize", path)
+    error, _ = assert_clean_error(result, 3, "data.calibration", "model expects")
+    assert "[32, 12, 64]" in error and "[?, 8, 64]" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_calibration_samples_warn_with_the_number_used(tmp_path, no_timing):
+    mlp = mlp_onnx(tmp_path / "mlp.onnx")
+    recipe = toy_recipe(tmp_path, mlp, mlp_data, n_calib=5)
+    rec = run_pass(tmp_path, recipe, mlp, mode="static", search_speed=False).record
+    assert rec["calibration_samples"] == 5
+    (warning,) = [w for w in rec["warnings"] if "calibration samples" in w]
+    assert "only 5 calibration samples" in warning and "asked for 256" in warning, warning
+
+
+def test_max_accuracy_drop_takes_the_recipe_syntax(tmp_path):
+    assert QuantizeConfig(max_accuracy_drop="2%").max_accuracy_drop == "2%"
+    assert QuantizeConfig(max_accuracy_drop=0.01).max_accuracy_drop == 0.01
+    mlp = mlp_onnx(tmp_path / "mlp.onnx")
+    path = toy_recipe(tmp_path, mlp, mlp_data, quantize={"max_accuracy_drop": "lots"})
+    result = run_cli("recipe", "validate", path)
+    assert_clean_error(result, 2, "max_accuracy_drop", "'lots' is not a drop")
