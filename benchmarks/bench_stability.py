@@ -167,7 +167,6 @@ def render(r: dict) -> str:
         "`cpu share` is the CPU time the measuring process got / (wall time × its threads): "
         "well below 1 means another process took a core mid-measurement.",
         "",
-        "",
         "| profile | bench run | p50 ms | p90 ms | timed runs | median 95% CI | cpu share | "
         "host idle before | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -128,25 +128,28 @@ def mobilenet_v2(classes: int = 1000):
     return MobileNetV2().eval()
 
 
-def build_models(tmp: Path) -> dict[str, dict]:
-    from compactor.examples import digits
+def build_models(tmp: Path, names) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    if "digits-cnn" in names:
+        from compactor.examples import digits
 
-    out = {}
-    x, y = [], []
-    for xb, yb in digits.eval_batches():
-        x.append(xb)
-        y.append(yb)
-    out["digits-cnn"] = {
-        "path": _export(digits.build_pretrained(), (1, 1, 16, 16), tmp / "digits-cnn.onnx"),
-        "data": [{"image": np.concatenate(x)}], "targets": np.concatenate(y),
-        "data_note": f"{sum(len(a) for a in x)} held-out digits (real)",
-    }
-    rng = np.random.default_rng(0)
-    out["mobilenetv2-224"] = {
-        "path": _export(mobilenet_v2(), (1, 3, 224, 224), tmp / "mobilenetv2-224.onnx"),
-        "data": [{"image": rng.standard_normal((8, 3, 224, 224)).astype(np.float32)}],
-        "targets": None, "data_note": "8 random images (random weights: no accuracy)",
-    }
+        x, y = [], []
+        for xb, yb in digits.eval_batches():
+            x.append(xb)
+            y.append(yb)
+        out["digits-cnn"] = {
+            "path": _export(digits.build_pretrained(), (1, 1, 16, 16),
+                            tmp / "digits-cnn.onnx"),
+            "data": [{"image": np.concatenate(x)}], "targets": np.concatenate(y),
+            "data_note": f"{sum(len(a) for a in x)} held-out digits (real)",
+        }
+    if "mobilenetv2-224" in names:
+        rng = np.random.default_rng(0)
+        out["mobilenetv2-224"] = {
+            "path": _export(mobilenet_v2(), (1, 3, 224, 224), tmp / "mobilenetv2-224.onnx"),
+            "data": [{"image": rng.standard_normal((8, 3, 224, 224)).astype(np.float32)}],
+            "targets": None, "data_note": "8 random images (random weights: no accuracy)",
+        }
     return out
 
 
@@ -208,7 +211,8 @@ def _row(name: str, bw: str, compress: str, r, device: str, m: dict) -> dict:
     }
 
 
-def run(requests: int, results_dir: Path, threads: int | None, n_trials: int = 1) -> dict:
+def run(requests: int, results_dir: Path, threads: int | None, n_trials: int = 1,
+        models_wanted=tuple(MODELS)) -> dict:
     from compactor.partition.config import PartitionSpec
     from compactor.partition.planner import plan_partition
 
@@ -216,7 +220,7 @@ def run(requests: int, results_dir: Path, threads: int | None, n_trials: int = 1
     with tempfile.TemporaryDirectory(prefix="compactor-partition-bench-") as tmp:
         tmp = Path(tmp)
         device, server = _profiles(tmp, threads)
-        built = build_models(tmp)
+        built = build_models(tmp, models_wanted)
         for name, m in built.items():
             slowdown, why = MODELS[name]
             models[name] = {"device_slowdown": slowdown, "why": why, "data": m["data_note"]}
@@ -373,6 +377,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads for both profiles (default: the profiles' own); "
                          "1 keeps timings steadier on a busy host")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                    help="which models to run (default: both)")
     ap.add_argument("--trials", type=int, default=1,
                     help="plan and simulate each row N times; the trial with the median "
                          "|error| stands for the row (all are reported)")
@@ -385,7 +391,7 @@ def main() -> int:
     from _results import write_json, write_section
 
     t0 = time.perf_counter()
-    r = run(args.requests, args.results_dir, args.threads, args.trials)
+    r = run(args.requests, args.results_dir, args.threads, args.trials, args.models)
     r["trials"] = args.trials
     r["run_seconds"] = round(time.perf_counter() - t0, 1)
     r["niceness"] = niceness

@@ -8,16 +8,17 @@ the built-in ``host-cpu`` profile (all cores, batch 1 and 32). The unpruned expo
 pipeline's own export of the baseline (same exporter, same opset); the pruned export is the
 ``export`` stage, the artifact's model.
 
-A single measurement on a busy host can be off by a factor of two, so after the run the
-ONNX files are measured again, alternately (A B B A A B ...), each time in a fresh process
-with the profile's settings; the speed-up judged is the ratio of each model's fastest round
-(background load only adds time), and the median of the per-round ratios and the pipeline's
-own single-pass figures are reported next to it.
+The pipeline measures each stage once, minutes apart; on a shared host a burst of other
+work can make one of two such numbers off by a factor of two. So the speed-up judged comes
+from a paired measurement after the run: the unpruned and pruned exports loaded in one
+process with the profile's ONNX Runtime settings and run one inference each in turn, for
+``--seconds`` per batch size, so load falls on both alike; speed-up = ratio of their p50s.
+The pipeline's own single-pass ratios are reported next to it.
 
 Targets (from the issue): pruned export ≥ 1.6× faster than the unpruned export at batch 1
 and ≥ 1.8× at batch 32 (p50), parameters ≤ 0.55× of the baseline's.
 
-Usage: python benchmarks/prune_cnn.py [--results-dir DIR] [--rounds N]
+Usage: python benchmarks/prune_cnn.py [--results-dir DIR] [--seconds S]
 Exit code: 0 when every target holds, 1 when one fails (the results are written either way).
 """
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import tempfile
 import time
@@ -76,47 +76,52 @@ class Progress:
         print(f"  note: {message}", file=sys.stderr)
 
 
-def interleaved(models: dict[str, Path], profile_name: str, feeds: dict, work: Path,
-                rounds: int) -> dict:
-    """p50 of each model per batch size, measured ``rounds`` times alternately (ABBA...),
-    each in a fresh process; and the median over rounds of each model's p50."""
-    from compactor.measure.latency import measure_in_subprocess
+def paired(models: dict[str, Path], profile_name: str, feeds: dict, seconds: float) -> dict:
+    """Latency of each model per batch size, measured together: one inference of each in
+    turn (A B C, B C A, C A B, ...) in one process, with the profile's ONNX Runtime settings,
+    for ``seconds`` per batch size, so load from other processes falls on all of them alike.
+    Returns each model's p50 and p10 (ms) and its number of runs."""
+    import numpy as np
+
+    from compactor.measure.latency import session
     from compactor.profiles import load_profile
 
     prof = load_profile(profile_name, Path.cwd())
-    names = list(models)
-    p50: dict[str, dict[int, list[float]]] = {n: {b: [] for b in feeds} for n in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            lat, _ = measure_in_subprocess(models[n], prof, feeds, work,
-                                           timing=prof.timing.model_dump())
-            for b, v in lat.items():
-                p50[n][b].append(v.p50)
-            print(f"  round {r + 1}/{rounds} {n}: "
-                  + ", ".join(f"b{b} {v.p50:.3f} ms" for b, v in lat.items()), file=sys.stderr)
-    return {"p50_ms": {n: {b: v for b, v in d.items()} for n, d in p50.items()},
-            "median_p50_ms": {n: {b: statistics.median(v) for b, v in d.items()}
-                              for n, d in p50.items()}}
+    sessions = {n: session(p, prof) for n, p in models.items()}
+    names = list(sessions)
+    out: dict[str, dict[int, dict]] = {n: {} for n in names}
+    for bs, feed in feeds.items():
+        inputs = {n: {i.name: feed[i.name] for i in s.get_inputs()} for n, s in sessions.items()}
+        for n in names:
+            for _ in range(5):
+                sessions[n].run(None, inputs[n])
+        times: dict[str, list[float]] = {n: [] for n in names}
+        t_end, k = time.perf_counter() + seconds, 0
+        while time.perf_counter() < t_end or k < 20:
+            for n in names[k % len(names):] + names[:k % len(names)]:
+                t0 = time.perf_counter()
+                sessions[n].run(None, inputs[n])
+                times[n].append((time.perf_counter() - t0) * 1000)
+            k += 1
+        for n in names:
+            t = np.array(times[n])
+            out[n][bs] = {"p50": float(np.median(t)), "p10": float(np.percentile(t, 10)),
+                          "runs": len(t)}
+        print(f"  batch {bs}: " + ", ".join(f"{n} p50 {out[n][bs]['p50']:.3f} ms"
+                                            for n in names) + f" ({k} turns)", file=sys.stderr)
+    return out
 
 
-def ratios(p50: dict, a: str, b: str) -> dict[int, float]:
-    """Per batch size, a's p50 / b's p50, each model's fastest round: other processes only
-    ever add time, so the fastest of several rounds is the closest to the model's own
-    speed on this host (as ``timeit`` advises)."""
-    return {bs: min(p50[a][bs]) / min(p50[b][bs]) for bs in p50[a]}
-
-
-def median_ratios(p50: dict, a: str, b: str) -> dict[int, float]:
-    """Per batch size, the median over rounds of (a's p50 / b's p50) in the same round."""
-    return {bs: statistics.median(x / y for x, y in zip(p50[a][bs], p50[b][bs], strict=True))
-            for bs in p50[a]}
+def speedups(lat: dict, a: str, b: str) -> dict[int, float]:
+    """Per batch size: a's p50 / b's p50, from one paired measurement."""
+    return {bs: lat[a][bs]["p50"] / lat[b][bs]["p50"] for bs in lat[a]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results-dir", type=Path, default=HERE)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved re-measurements")
+    ap.add_argument("--seconds", type=float, default=15.0,
+                    help="paired measurement time per batch size")
     args = ap.parse_args(argv)
 
     from _results import machine, wait_for_idle, write_json, write_section
@@ -161,16 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         export_module(alt.eval(), ctx.inputs, ctx.eval_batches[0], alt_path,
                       ExportConfig(opset=18), recipe.model.outputs)
         feeds = {bs: feeds_for_batch(ctx.inputs, ctx.eval_batches, bs) for bs in (1, 32)}
-        again = interleaved({"unpruned": unpruned, "pruned": pruned, f"round_to {other}":
-                             alt_path}, PROFILE, feeds, tmp_path, args.rounds)
+        lat = paired({"unpruned": unpruned, "pruned": pruned, f"round_to {other}": alt_path},
+                     PROFILE, feeds, args.seconds)
     seconds = time.perf_counter() - t0
 
     def p50(stage: str, bs: int) -> float:
         return stages[stage]["latency_ms"][PROFILE][str(bs)]["p50"]
 
-    speed = ratios(again["p50_ms"], "unpruned", "pruned")
-    speed_median = median_ratios(again["p50_ms"], "unpruned", "pruned")
-    alt_speed = ratios(again["p50_ms"], "unpruned", f"round_to {other}")
+    speed = speedups(lat, "unpruned", "pruned")
+    alt_speed = speedups(lat, "unpruned", f"round_to {other}")
     single = {bs: p50("baseline", bs) / p50("export", bs) for bs in (1, 32)}
     params_ratio = stages["export"]["params"] / stages["baseline"]["params"]
     macs_ratio = stages["export"]["macs"] / stages["baseline"]["macs"]
@@ -199,10 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "alternative": {"round_to": other, "speedup": alt_speed,
                         "units": [u.to_dict() for u in alt_report.units],
                         "macs_ratio_torch": alt_search.achieved},
-        "speedup_median_of_rounds": speed_median,
         "speedup_single_pass": single,
-        "interleaved": again,
-        "rounds": args.rounds,
+        "paired": lat,
+        "paired_seconds": args.seconds,
         "params_ratio": params_ratio,
         "macs_ratio_onnx": macs_ratio,
         "accuracy_drop_pt": (stages["baseline"]["metric"] - stages["export"]["metric"]) * 100,
@@ -239,9 +242,10 @@ def render(r: dict) -> str:
         f"`prune` pass (Torch-Pruning dependency graph, l2 importance, round_to "
         f"{r['round_to']}: this host's SIMD block for ONNX Runtime's convolutions; no "
         "fine-tuning) then exported; every figure measured on the ONNX files in ONNX "
-        f"Runtime. Speed-up: both exports measured in {r['rounds']} interleaved rounds, each "
-        "in a fresh process with the profile's settings; judged on each model's fastest "
-        "round's p50 (other jobs on this shared host only ever add time).",
+        "Runtime. Speed-up: the unpruned and pruned exports measured together after the "
+        "run, in one process with the profile's settings, one inference of each in turn for "
+        f"{r['paired_seconds']:g} s per batch size (so load from other jobs on this shared "
+        "host falls on both alike); ratio of their p50s.",
         "",
         f"- date: {r['date']}; host: {h['cpu']}, {h['cores']} cores; 1-min load average at "
         f"end {h['load_avg_1m']:.2f}; idle before: "
@@ -265,13 +269,10 @@ def render(r: dict) -> str:
         "",
         "| | measured | target | |",
         "|---|---|---|---|",
-        f"| speed-up b1 (fastest rounds) | {_at(r['speedup'], 1):.2f}× | ≥ 1.6× | "
+        f"| speed-up b1 (paired p50) | {_at(r['speedup'], 1):.2f}× | ≥ 1.6× | "
         f"{'✅' if r['checks'][0]['passed'] else '❌'} |",
-        f"| speed-up b32 (fastest rounds) | {_at(r['speedup'], 32):.2f}× | ≥ 1.8× | "
+        f"| speed-up b32 (paired p50) | {_at(r['speedup'], 32):.2f}× | ≥ 1.8× | "
         f"{'✅' if r['checks'][1]['passed'] else '❌'} |",
-        f"| speed-up b1 / b32, median of per-round ratios | "
-        f"{_at(r['speedup_median_of_rounds'], 1):.2f}× / "
-        f"{_at(r['speedup_median_of_rounds'], 32):.2f}× | | |",
         f"| params ratio | {r['params_ratio']:.3f} | ≤ 0.55 | "
         f"{'✅' if r['checks'][2]['passed'] else '❌'} |",
         f"| speed-up b1 / b32, pipeline single pass | {_at(r['speedup_single_pass'], 1):.2f}× / "
@@ -281,9 +282,9 @@ def render(r: dict) -> str:
         f"{_at(a['speedup'], 1):.2f}× / {_at(a['speedup'], 32):.2f}× | | |",
         f"| accuracy drop before any fine-tuning | {r['accuracy_drop_pt']:.2f} pt | | |",
     ]
-    p50 = r["interleaved"]["p50_ms"]
-    lines += ["", "p50 per round (ms), batch 1 / 32: " + "; ".join(
-        f"{n}: {_at(d, 1)} / {_at(d, 32)}" for n, d in p50.items())]
+    lines += ["", "Paired measurement, p50 (p10) ms at batch 1 / 32: " + "; ".join(
+        f"{n}: {_at(d, 1)['p50']:.3f} ({_at(d, 1)['p10']:.3f}) / {_at(d, 32)['p50']:.2f} "
+        f"({_at(d, 32)['p10']:.2f})" for n, d in r["paired"].items())]
     if r["notes"]:
         lines += ["", "Notes from the pipeline run: " + "; ".join(r["notes"])]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -50,7 +51,8 @@ def resolve_callable(
         hint = did_you_mean(fn_name, names)
         raise error(
             f"{what}: {mod_ref!r} has no callable {fn_name!r}",
-            hint or f"callables there: {', '.join(n for n in names if callable(getattr(module, n)))}",
+            hint or "callables there: "
+            + ", ".join(n for n in names if callable(getattr(module, n))),
         )
     return fn, source
 
@@ -76,10 +78,8 @@ def _load_file(path: Path, error: type[CompactorError], what: str):
             "fix the error in that file; run with --debug for the traceback",
         ) from e
     finally:
-        try:
+        with contextlib.suppress(ValueError):
             sys.path.remove(str(path.parent))
-        except ValueError:
-            pass
     return module
 
 

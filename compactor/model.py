@@ -119,7 +119,8 @@ def onnx_input_specs(path: Path) -> tuple[InputSpec, ...]:
             if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(d.dim_value)
             else:
-                name = d.dim_param if d.HasField("dim_param") and d.dim_param.isidentifier() else None
+                named = d.HasField("dim_param") and d.dim_param.isidentifier()
+                name = d.dim_param if named else None
                 dims.append(name or ("batch" if i == 0 else f"{inp.name}_dim{i}"))
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
         if dtype not in DTYPES:

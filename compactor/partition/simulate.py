@@ -39,11 +39,11 @@ _STAMP = struct.Struct("!d")
 def _sleep_until(t: float) -> None:
     """Sleep, then spin the last millisecond: a sleep can overshoot by that much on a busy
     host, and each message waits twice (pacing, then delay)."""
-    left = t - time.monotonic()
-    if left > 0.0015:
-        time.sleep(left - 0.001)
-    while time.monotonic() < t:
-        pass
+    while True:
+        left = t - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(left if left > 0.002 else left / 2)
 
 
 def encode(tensors: Mapping[str, np.ndarray]) -> bytes:

@@ -195,7 +195,10 @@ def export_module(
                 if exporter == "dynamo":
                     dims: dict[str, Any] = {}
                     shapes = [
-                        {ax: dims.setdefault(n, torch.export.Dim(n)) for ax, n in s.dynamic_axes.items()}
+                        {
+                            ax: dims.setdefault(n, torch.export.Dim(n))
+                            for ax, n in s.dynamic_axes.items()
+                        }
                         for s in specs
                     ]
                     dynamic_shapes = (
