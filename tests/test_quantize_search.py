@@ -286,3 +286,27 @@ def test_the_demo_recipe_shape_still_quantizes_fast_with_the_speed_search(tmp_pa
     assert rec["search"]["seconds"] < 30
     assert np.isfinite(rec["search"]["speedup_vs_input"])
     assert "quantize" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- emulation
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_emulated_dynamic_int8_error_matches_onnx_runtime(tmp_path, per_channel):
+    """The sensitivity ranking and SmoothQuant's scale choice rest on this emulation."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from compactor.quantization.sensitivity import capture, dynamic_matmul_error
+
+    mlp = mlp_onnx(tmp_path / "mlp.onnx", outlier=30.0)
+    q = tmp_path / "q.onnx"
+    quantize_dynamic(str(mlp), str(q), per_channel=per_channel, nodes_to_quantize=["fc2"])
+    feeds = [{"x": mlp_data(1, seed=i)["x"]} for i in range(8)]  # served one at a time
+    want = capture(mlp, ["h", "b"], feeds)
+    got = capture(q, ["b"], feeds)["b"]
+    y, yq = np.concatenate(want["b"]), np.concatenate(got)
+    actual = 10 * np.log10((y**2).sum() / ((yq - y) ** 2).sum())
+    b = next(t for t in onnx.load(str(mlp)).graph.initializer if t.name == "B")
+    err = dynamic_matmul_error(want["h"], onnx.numpy_helper.to_array(b), per_channel, False)
+    emulated = 10 * np.log10(1 / err)
+    assert abs(emulated - actual) < 0.5, f"emulated {emulated:.2f} dB, ORT {actual:.2f} dB"

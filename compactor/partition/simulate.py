@@ -3,12 +3,15 @@ and time whole requests for real.
 
 The link is shaped in userspace on both ends of one TCP connection over 127.0.0.1:
 
-- bandwidth: the sender paces each message with a token bucket at the link's rate (the
-  clock decides when each chunk may leave; the message's last byte leaves ``bytes / rate``
-  after its first), so a message takes its transmission time however fast loopback is;
-- round-trip time: each message carries the time its last byte left, and the receiver
-  hands it over only ``rtt / 2`` after that (CLOCK_MONOTONIC is shared by processes on
-  one host), so a request and its reply together add one RTT.
+- bandwidth: the sender paces each message at the link's rate (the clock decides when
+  each chunk may leave) and stamps it with the time its last byte has gone out at that
+  rate, ``bytes / rate`` after its first, so a message takes its transmission time however
+  fast loopback is;
+- round-trip time: the receiver hands a message over ``rtt / 2`` after that stamp
+  (CLOCK_MONOTONIC is shared by processes on one host), so a request and its reply
+  together add one RTT. Delivering at the stamped time, rather than when the bytes came
+  in, keeps a late wake-up of the sender on a busy host out of the measurement, as long
+  as it is shorter than the one-way delay.
 
 The device side runs in the calling process, the server side in a child process
 (``python -m compactor.partition.simulate JOB.json``), each with its profile's ONNX
@@ -37,13 +40,12 @@ _STAMP = struct.Struct("!d")
 
 
 def _sleep_until(t: float) -> None:
-    """Sleep, then spin the last millisecond: a sleep can overshoot by that much on a busy
-    host, and each message waits twice (pacing, then delay)."""
-    while True:
-        left = t - time.monotonic()
-        if left <= 0:
-            return
-        time.sleep(left if left > 0.002 else left / 2)
+    """One sleep (each wake-up can run late on a busy host), then a short spin."""
+    left = t - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+    while time.monotonic() < t:
+        pass
 
 
 def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -100,15 +102,18 @@ class ShapedLink:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send(self, payload: bytes) -> None:
+        """Pace ``payload`` at the link's rate; the stamp says when its last byte has gone
+        out at that rate (the receiver delivers it one delay later, which also absorbs any
+        lateness of the paced chunks)."""
         data = _LEN.pack(len(payload)) + payload
         chunk = int(max(1024, min(256 * 1024, self.rate * 0.002)))  # ~2 ms of data
         t0 = time.monotonic()
         view = memoryview(data)
         for off in range(0, len(data), chunk):
-            _sleep_until(t0 + off / self.rate)
+            if off:
+                _sleep_until(t0 + off / self.rate)
             self.sock.sendall(view[off: off + chunk])
-        _sleep_until(t0 + len(data) / self.rate)
-        self.sock.sendall(_STAMP.pack(time.monotonic()))
+        self.sock.sendall(_STAMP.pack(t0 + len(data) / self.rate))
 
     def recv(self) -> bytes:
         (n,) = _LEN.unpack(self._exact(_LEN.size))

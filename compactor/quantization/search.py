@@ -220,7 +220,11 @@ class Search:
                           else "misses the budget on the held-out part")
         for a in plain:
             if a.search is None and not a.note:
+                tied = (chosen is not None and chosen.p50_ms is not None
+                        and a.p50_ms is not None and a.p50_ms <= chosen.p50_ms * (1 + TIE))
                 a.note = ("not evaluated (time budget)" if self.timed_out else
+                          "not evaluated: as fast as the chosen one (within timing noise) "
+                          "but larger" if tied else
                           "not evaluated: slower than the chosen candidate")
         met = chosen is not None
         if chosen is None:  # nothing holds the budget: keep the closest

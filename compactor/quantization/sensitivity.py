@@ -100,30 +100,53 @@ def fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool,
     return (np.clip(np.round(w / scale) + zp, 0, qmax) - zp) * scale
 
 
-def fake_quant_dynamic_activation(x: np.ndarray) -> np.ndarray:
-    """``x`` after ``DynamicQuantizeLinear`` (uint8, asymmetric, per tensor, range incl. 0)."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = max(hi - lo, 1e-12) / 255.0
-    zp = np.clip(np.round(-lo / scale), 0, 255)
-    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+@dataclass
+class Runs:
+    """One activation's captured runs, reduced to what the emulation needs: per run, the
+    per-channel min and max (a run's dynamic range is over its whole tensor, and for
+    ``x / s`` with ``s > 0`` it follows from those), and a strided subset of rows to
+    multiply, stacked over the runs, with the run each row came from."""
+
+    cmin: np.ndarray  # [runs, channels]
+    cmax: np.ndarray  # [runs, channels]
+    rows: np.ndarray  # [n, channels]
+    run_of_row: np.ndarray  # [n]
+
+    @classmethod
+    def of(cls, arrays: Sequence[np.ndarray], max_rows: int) -> Runs:
+        xs = [a.reshape(-1, a.shape[-1]).astype(np.float32) for a in arrays]
+        step = sum(len(x) for x in xs) // max_rows + 1
+        picked = [x[::step] for x in xs]
+        return cls(np.stack([x.min(0) for x in xs]), np.stack([x.max(0) for x in xs]),
+                   np.concatenate(picked),
+                   np.concatenate([np.full(len(p), i) for i, p in enumerate(picked)]))
+
+    def quantized(self, s: np.ndarray | None, mode: str, signed: bool) -> np.ndarray:
+        """The rows of ``x / s`` after int8 quantization: per run (``DynamicQuantizeLinear``,
+        uint8) in dynamic mode, with one range over all runs (as calibrated) in static."""
+        inv = 1.0 if s is None else 1.0 / s
+        lo = np.minimum((self.cmin * inv).min(1), 0.0)  # per run; s > 0 keeps min/max
+        hi = np.maximum((self.cmax * inv).max(1), 0.0)
+        x = self.rows * inv
+        if mode == "static":
+            lo, hi = np.full_like(lo, lo.min()), np.full_like(hi, hi.max())
+        if mode == "static" and signed:
+            scale = (np.maximum(np.maximum(-lo, hi), 1e-12) / 127.0)[self.run_of_row, None]
+            return np.clip(np.round(x / scale), -127, 127) * scale
+        scale = (np.maximum(hi - lo, 1e-12) / 255.0)[self.run_of_row, None]
+        zp = np.clip(np.round(-lo[self.run_of_row, None] / scale), 0, 255)
+        return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
 
 
 def dynamic_matmul_error(xs: Sequence[np.ndarray], w: np.ndarray, per_channel: bool,
                          reduce_range: bool, weight_type: str = "int8",
-                         max_rows: int = 4096) -> float:
-    """Noise-to-signal of ``x @ w`` under dynamic int8, over the captured inputs ``xs``."""
-    wq = fake_quant_weight(w, per_channel, reduce_range, weight_type, axis=1)
-    noise = signal = 0.0
-    for x in xs:
-        xq = fake_quant_dynamic_activation(x)
-        a, aq = x.reshape(-1, x.shape[-1]), xq.reshape(-1, x.shape[-1])
-        if a.shape[0] > max_rows:  # rows are tokens or samples: a subset ranks as well
-            step = a.shape[0] // max_rows + 1
-            a, aq = a[::step], aq[::step]
-        y = a @ w
-        noise += float(((aq @ wq - y) ** 2).sum())
-        signal += float((y**2).sum())
-    return noise / max(signal, 1e-30)
+                         max_rows: int = 2048) -> float:
+    """Noise-to-signal of ``x @ w`` under dynamic int8, over the captured runs ``xs``."""
+    runs = Runs.of(xs, max_rows)
+    y = runs.rows @ w
+    got = runs.quantized(None, "dynamic", False) @ fake_quant_weight(
+        w, per_channel, reduce_range, weight_type, axis=1)
+    return float(((got - y) ** 2).sum()) / max(float((y**2).sum()), 1e-30)
 
 
 # --------------------------------------------------------------------------- rankings

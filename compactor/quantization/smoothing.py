@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .candidates import SMOOTH_MUL_SUFFIX
-from .sensitivity import capture, fake_quant_dynamic_activation, fake_quant_weight
+from .sensitivity import Runs, capture, fake_quant_weight
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +67,17 @@ def _groups(model) -> dict[str, list[tuple[Any, int]]]:
     return out
 
 
-def _fake_quant_static(x: np.ndarray, lo: float, hi: float, signed: bool) -> np.ndarray:
-    if signed:
-        m = max(abs(lo), abs(hi), 1e-12)
-        scale = m / 127.0
-        return np.clip(np.round(x / scale), -127, 127) * scale
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-12) / 255.0
-    zp = np.clip(np.round(-lo / scale), 0, 255)
-    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
-
-
-def _group_error(xs: Sequence[np.ndarray], ws: Sequence[np.ndarray],
-                 refs: Sequence[Sequence[np.ndarray]], s: np.ndarray | None, mode: str,
-                 per_channel: bool, reduce_range: bool, signed: bool, step: int) -> float:
-    """Emulated int8 noise-to-signal of the group's MatMuls with smoothing ``s``. Ranges
-    come from whole tensors (as the runtime sees them); products use every ``step``-th row;
-    ``refs[i][j]`` is run i's float product with weight j on those rows."""
-    wq = [fake_quant_weight(w if s is None else w * s[:, None], per_channel, reduce_range)
-          for w in ws]
-    scaled = [x if s is None else x / s for x in xs]
-    lo = min(float(x.min()) for x in scaled)
-    hi = max(float(x.max()) for x in scaled)
+def _group_error(runs: Runs, ws: Sequence[np.ndarray], refs: Sequence[np.ndarray],
+                 s: np.ndarray | None, mode: str, per_channel: bool, reduce_range: bool,
+                 signed: bool) -> float:
+    """Emulated int8 noise-to-signal of the group's MatMuls with smoothing ``s``;
+    ``refs[j]`` is the float product of the sampled rows with weight j."""
+    xq = runs.quantized(s, mode, signed)
     noise = signal = 0.0
-    for xs_, ys in zip(scaled, refs, strict=True):
-        xq = (fake_quant_dynamic_activation(xs_) if mode == "dynamic"
-              else _fake_quant_static(xs_, lo, hi, signed))[::step]
-        for q, y in zip(wq, ys, strict=True):
-            noise += float(((xq @ q - y) ** 2).sum())
-            signal += float((y**2).sum())
+    for w, y in zip(ws, refs, strict=True):
+        q = fake_quant_weight(w if s is None else w * s[:, None], per_channel, reduce_range)
+        noise += float(((xq @ q - y) ** 2).sum())
+        signal += float((y**2).sum())
     return noise / max(signal, 1e-30)
 
 
@@ -120,27 +102,24 @@ def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: str, per_channel: 
         if deadline is not None and time.monotonic() > deadline:
             log.info("smoothing stopped at the search's time budget")
             break
-        # One 2-D array per run: a dynamic range covers the whole tensor of one run.
-        xs = [a.reshape(-1, a.shape[-1]).astype(np.float32) for a in acts[x_name]]
-        rows = sum(len(x) for x in xs)
-        step = rows // max_rows + 1  # tokens or samples: a strided subset ranks the same
+        runs = Runs.of(acts.pop(x_name), max_rows)
         ws = []
         for n, axis in members:
             w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
             ws.append(w if axis == 0 else w.T)  # as [in, out]
-        amax = np.max([np.abs(x).max(0) for x in xs], axis=0)
+        amax = np.maximum(np.abs(runs.cmin), np.abs(runs.cmax)).max(0)
         wmax = np.max([np.abs(w).max(1) for w in ws], axis=0)
         if amax.shape != wmax.shape:
             continue
-        refs = [[x[::step] @ w for w in ws] for x in xs]
-        base = _group_error(xs, ws, refs, None, mode, per_channel, reduce_range,
-                            signed_activations, step)
+        refs = [runs.rows @ w for w in ws]
+        base = _group_error(runs, ws, refs, None, mode, per_channel, reduce_range,
+                            signed_activations)
         best = (base, None, None)
         for a in (ALPHAS if alpha is None else (alpha,)):
             s = (np.maximum(amax, 1e-5) ** a / np.maximum(wmax, 1e-5) ** (1 - a))
             s = np.clip(s, 1e-3, 1e3).astype(np.float32)
-            err = _group_error(xs, ws, refs, s, mode, per_channel, reduce_range,
-                               signed_activations, step)
+            err = _group_error(runs, ws, refs, s, mode, per_channel, reduce_range,
+                               signed_activations)
             if err < best[0]:
                 best = (err, a, s)
         err, a, s = best
