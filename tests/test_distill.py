@@ -551,15 +551,18 @@ def test_data_parallel_training_with_two_cpu_processes(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for _attempt in range(2):  # a free port can be taken before rank 0 binds it: retry once
+        port = str(_free_port())
+        procs = []
+        for rank in (0, 1):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+            procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                                          env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        if not any("address already in use" in o.lower() for o in outs):
+            break
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
     w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in (0, 1))
     for k in w0:

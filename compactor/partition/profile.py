@@ -2,7 +2,8 @@
 
 Timing every possible head and tail is quadratic work; instead the model is cut at every
 candidate point into contiguous segments (in topological order), each segment is timed
-once per profile, and a head's time is the sum of its segments. Each run of a small model
+once per profile, and a head's time is the sum of its segments. The full model is timed
+before and after the segments, and its time is the mean of the two. Each run of a small model
 carries a fixed cost (the call into ONNX Runtime, copying outputs), so the sums subtract
 that overhead (timed on a one-node model) and are then scaled so that all segments add up
 to the full model's own time. The best few candidates are re-timed directly as real head
@@ -251,9 +252,7 @@ def profile_segments(graph, positions: Sequence[int], profile: Profile,
     crosses a cut at ``positions`` (from one run of the model)."""
     quick = TimingSettings.of(profile, quick=True)
     full_t = TimingSettings.of(profile, quick=False)
-    full = time_ms(graph.model, profile, values, full_t)
-    if on_step:
-        on_step()
+    before = time_ms(graph.model, profile, values, full_t)
     over = time_ms(overhead_model(), profile, {"x": np.zeros(1, np.float32)}, quick)
     segs = []
     cuts = [graph.cut(p) for p in positions]
@@ -262,7 +261,11 @@ def profile_segments(graph, positions: Sequence[int], profile: Profile,
         segs.append(time_ms(model, profile, values, quick))
         if on_step:
             on_step()
-    return HostTimes(list(positions), full, segs, over)
+    # timed before and after the segments: on a shared host the speed drifts meanwhile
+    after = time_ms(graph.model, profile, values, full_t)
+    if on_step:
+        on_step()
+    return HostTimes(list(positions), (before + after) / 2, segs, over)
 
 
 def time_direct(graph, cut, times: HostTimes, profile: Profile, role: str,

@@ -320,27 +320,50 @@ class Search:
         return a
 
     def _smoothquant(self, best: Attempt) -> Attempt | None:
-        from .smoothing import smooth
+        """Smooth every activation where it helps; when that holds the budget, keep only
+        as many (largest gain first) as still hold it: each costs a ``Mul`` at run time."""
+        from .smoothing import choose_scales
 
         c = best.candidate
         self.env.on_step("SmoothQuant: choosing scales")
         try:
-            res = smooth(c.source, self.env.work / f"smooth-{c.key}.onnx",
-                         self.env.analysis_feeds, c.mode, c.per_channel, c.reduce_range,
-                         c.activation_type == "int8", self.space.smoothquant_alpha,
-                         deadline=self.deadline)
+            scales = choose_scales(c.source, self.env.analysis_feeds, c.mode, c.per_channel,
+                                   c.reduce_range, c.activation_type == "int8",
+                                   self.space.smoothquant_alpha, deadline=self.deadline)
         except Exception as e:  # noqa: BLE001 - an analysis failure skips this repair
             self.repairs_log.append({"repair": "smoothquant", "error": first_line(e, 200)})
             return None
-        if not res.applied:
+        if not scales:
             self.repairs_log.append({"repair": "smoothquant",
                                      "note": "no MatMul/Gemm input it would help"})
             return None
+        full = self._smoothed(c, scales)
+        if full is None or not full.passed:
+            return full
+        lo, hi, kept = 0, len(scales), full  # the unsmoothed one fails; all of them hold
+        while hi - lo > 1 and not self.out_of_time():
+            mid = (lo + hi) // 2
+            a = self._smoothed(c, scales[:mid])
+            if a is not None and a.passed:
+                hi, kept = mid, a
+            else:
+                lo = mid
+        return kept
+
+    def _smoothed(self, c: Candidate, scales) -> Attempt | None:
+        from .smoothing import apply_scales
+
+        path = self.env.work / f"smooth-{c.key}-{len(scales)}.onnx"
+        try:
+            res = apply_scales(c.source, path, scales)
+        except Exception as e:  # noqa: BLE001
+            self.repairs_log.append({"repair": "smoothquant", "error": first_line(e, 200)})
+            return None
+        self.smooth_info[res.path] = {"description": res.describe(), "groups": res.groups}
         # The scale Muls stay float: quantizing their input would undo the migration.
         cand = c.replace(source=res.path, smoothquant=res.describe(),
                          exclude=tuple(sorted({*c.exclude, *res.mul_nodes})))
-        self.smooth_info[res.path] = {"description": res.describe(), "groups": res.groups}
-        return self._try(cand, "smoothquant")
+        return self._try(cand, f"smoothquant: {len(scales)} activation(s)")
 
     def _rank(self, c: Candidate, path: Path) -> list[NodeSensitivity]:
         from . import sensitivity as sens

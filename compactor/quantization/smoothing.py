@@ -81,23 +81,42 @@ def _group_error(runs: Runs, ws: Sequence[np.ndarray], refs: Sequence[np.ndarray
     return noise / max(signal, 1e-30)
 
 
-def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: str, per_channel: bool,
-           reduce_range: bool, signed_activations: bool = False,
-           alpha: float | None = None, max_rows: int = 1024,
-           deadline: float | None = None) -> SmoothResult:
-    """Write a smoothed copy of ``src`` to ``dst`` (``alpha`` None: chosen per group).
-    ``feeds`` are one per run, as the model is served: a dynamic range spans one run."""
+@dataclass
+class GroupScale:
+    """The smoothing chosen for one activation and the MatMuls reading it."""
+
+    activation: str
+    nodes: list[str]
+    alpha: float
+    scale: np.ndarray  # s: the activation is divided by it, the weights' rows multiplied
+    sqnr_db: tuple[float, float]  # emulated int8 SQNR of the group without / with it
+
+    @property
+    def gain_db(self) -> float:
+        return self.sqnr_db[1] - self.sqnr_db[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"activation": self.activation, "alpha": self.alpha, "nodes": self.nodes,
+                "emulated_sqnr_db": [round(v, 2) for v in self.sqnr_db]}
+
+
+def choose_scales(src: Path, feeds: Sequence[dict], mode: str, per_channel: bool,
+                  reduce_range: bool, signed_activations: bool = False,
+                  alpha: float | None = None, max_rows: int = 1024,
+                  deadline: float | None = None) -> list[GroupScale]:
+    """The smoothing worth doing, largest emulated gain first (``alpha`` None: chosen per
+    activation). ``feeds`` are one per run, as the model is served: a dynamic range spans
+    one run's whole tensor."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     model = onnx.load(str(src))
     groups = _groups(model)
     if not groups:
-        return SmoothResult(src)
+        return []
     acts = capture(src, sorted(groups), feeds)
     inits = {t.name: t for t in model.graph.initializer}
-    result = SmoothResult(dst)
-    inserted: list[tuple[list, Any]] = []
+    out = []
     for x_name, members in groups.items():
         if deadline is not None and time.monotonic() > deadline:
             log.info("smoothing stopped at the search's time budget")
@@ -125,24 +144,43 @@ def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: str, per_channel: 
         err, a, s = best
         if s is None or (alpha is None and err > MIN_GAIN * base):
             continue
-        for (n, axis), w in zip(members, ws, strict=True):
-            scaled = w * s[:, None]
+        out.append(GroupScale(x_name, [n.name for n, _ in members], float(a), s,
+                              (_db(base), _db(err))))
+    return sorted(out, key=lambda g: -g.gain_db)
+
+
+def apply_scales(src: Path, dst: Path, scales: Sequence[GroupScale]) -> SmoothResult:
+    """Write ``src`` with ``scales`` applied to ``dst``: weights' rows multiplied, and a
+    ``Mul`` by ``1/s`` inserted before each group's MatMuls."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not scales:
+        return SmoothResult(src)
+    model = onnx.load(str(src))
+    groups = _groups(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    result = SmoothResult(dst)
+    inserted: list[tuple[list, Any]] = []
+    for g in scales:
+        members = groups[g.activation]
+        s = g.scale
+        for n, axis in members:
+            w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            w = (w if axis == 0 else w.T) * s[:, None]
             inits[n.input[1]].CopyFrom(numpy_helper.from_array(
-                (scaled if axis == 0 else scaled.T).astype(np.float32), n.input[1]))
-        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x_name}_smooth_scale")
+                np.ascontiguousarray(w if axis == 0 else w.T), n.input[1]))
+        inv = numpy_helper.from_array((1.0 / s).astype(np.float32),
+                                      f"{g.activation}_smooth_scale")
         model.graph.initializer.append(inv)
-        y = f"{x_name}_smoothed"
-        mul = helper.make_node("Mul", [x_name, inv.name], [y],
+        y = f"{g.activation}_smoothed"
+        mul = helper.make_node("Mul", [g.activation, inv.name], [y],
                                name=f"{members[0][0].name}{SMOOTH_MUL_SUFFIX}")
         for n, _ in members:
             n.input[0] = y
         inserted.append(([n for n, _ in members], mul))
         result.mul_nodes.append(mul.name)
-        result.groups.append({"activation": x_name, "alpha": float(a),
-                              "nodes": [n.name for n, _ in members],
-                              "emulated_sqnr_db": [round(_db(base), 2), round(_db(err), 2)]})
-    if not inserted:
-        return SmoothResult(src)
+        result.groups.append(g.to_dict())
     nodes = list(model.graph.node)
     for members, mul in inserted:  # each Mul just before the first MatMul that reads it
         nodes.insert(min(nodes.index(n) for n in members), mul)
@@ -150,6 +188,16 @@ def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: str, per_channel: 
     model.graph.node.extend(nodes)
     onnx.save(model, str(dst))
     return result
+
+
+def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: str, per_channel: bool,
+           reduce_range: bool, signed_activations: bool = False,
+           alpha: float | None = None, max_rows: int = 1024,
+           deadline: float | None = None) -> SmoothResult:
+    """Choose the scales and write the smoothed model (every worthwhile group)."""
+    scales = choose_scales(src, feeds, mode, per_channel, reduce_range, signed_activations,
+                           alpha, max_rows, deadline)
+    return apply_scales(src, dst, scales)
 
 
 def _db(err: float) -> float:
