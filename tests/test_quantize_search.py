@@ -99,7 +99,7 @@ def test_real_timing_compares_against_float_in_one_run(tmp_path):
                    time_budget_s=20).record
     (timing,) = rec["search"]["timings"]
     assert timing["profile"] == "fast" and timing["batch_size"] == 1, timing
-    assert timing["float_p50_ms"] > 0 and timing["runs_per_model"] >= 10, timing
+    assert timing["float_p50_ms"] > 0 and timing["rounds"] >= 5, timing
     cands = [c for c in rec["search"]["candidates"] if "p50_ms" in c]
     assert len(cands) >= 4, cands
     p50s = [c["p50_ms"] for c in cands]

@@ -309,7 +309,8 @@ class QuantizePass(Pass):
         if outcome.float_p50_ms is not None and chosen.p50_ms is not None:
             speed = {"float_p50_ms": round(outcome.float_p50_ms, 4),
                      "int8_p50_ms": round(chosen.p50_ms, 4),
-                     "speedup_vs_input": round(outcome.float_p50_ms / chosen.p50_ms, 3)}
+                     "speedup_vs_input": round(chosen.speedup or
+                                               outcome.float_p50_ms / chosen.p50_ms, 3)}
         record["search"] = {
             "chosen": c.label,
             "time_budget_s": cfg.time_budget_s,

@@ -1,21 +1,29 @@
 """Candidates timed against their float input in one run, on the target profile's settings.
 
-Sessions are created with the profile's threads and optimization level, and their runs are
-interleaved (float, candidate 1, candidate 2, ..., float, ...), so load from other processes
-hits every model alike and the ratios stay fair on a busy machine.
+Sessions are created with the profile's threads and optimization level, and timed in
+alternating blocks (float, candidate 1, candidate 2, ..., float, ...), so load from other
+processes hits every model alike and the ratios stay fair on a busy machine. A block is
+0.15 s of runs in a row (at least four), of which the first quarter is not counted: right
+after a switch, the previous session's worker threads still spin and the int8 kernels run
+slow for a few runs (measured here: interleaving single runs made fp32 MiniLM 37 ms instead
+of 21 ms on 2 cores, and int8 ratios swing between 1.2x and 1.9x).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compactor.profiles import Profile
+
+BLOCK_S = 0.15  # each model runs this long in a row per round (at least MIN_BLOCK runs)
+MIN_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -28,20 +36,25 @@ class Timing:
     batch_size: int
     threads: int
     seconds: float
+    # Median over rounds of (reference's time / this model's time) in the same round:
+    # runs next to each other share whatever else the host was doing.
+    paired: dict[str, float] = field(default_factory=dict)
 
     def speedup(self, key: str, reference: str) -> float:
+        if key in self.paired:
+            return self.paired[key]
         return self.p50_ms[reference] / self.p50_ms[key]
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "batch_size": self.batch_size,
-                "threads": self.threads, "runs_per_model": self.runs,
+                "threads": self.threads, "rounds": self.runs, "block_s": BLOCK_S,
                 "seconds": round(self.seconds, 2)}
 
 
 def compare_latency(models: Mapping[str, Path], profile: Profile,
                     feeds: Mapping[str, np.ndarray], batch_size: int,
-                    max_seconds: float = 10.0, min_rounds: int = 10,
-                    max_rounds: int = 200, reference: str = "float") -> Timing:
+                    max_seconds: float = 10.0, min_rounds: int = 5,
+                    max_rounds: int = 100, reference: str = "float") -> Timing:
     """Interleaved p50 latency of each model on ``feeds``, within about ``max_seconds``
     (at least ``min_rounds`` rounds). ``reference`` is always timed to the end."""
     from compactor.measure.latency import session
@@ -50,27 +63,43 @@ def compare_latency(models: Mapping[str, Path], profile: Profile,
     sessions = {k: session(Path(p), profile) for k, p in models.items()}
     names = {k: {i.name for i in s.get_inputs()} for k, s in sessions.items()}
     feed = {k: {n: v for n, v in feeds.items() if n in names[k]} for k in sessions}
-    for k, s in sessions.items():  # warm up
+    per_run: dict[str, float] = {}
+    for k, s in sessions.items():  # warm up, and size each model's block
         for _ in range(3):
+            t0 = time.perf_counter()
             s.run(None, feed[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+            per_run[k] = time.perf_counter() - t0
+    block = {k: int(min(max(math.ceil(BLOCK_S / max(t, 1e-6)), MIN_BLOCK), 1000))
+             for k, t in per_run.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}  # per round: the block's p50
     active = list(sessions)
     rounds = 0
     while rounds < max_rounds:
         order = active if rounds % 2 == 0 else active[::-1]
         for k in order:
-            t0 = time.perf_counter()
-            sessions[k].run(None, feed[k])
-            times[k].append((time.perf_counter() - t0) * 1000.0)
+            kept = []
+            for i in range(block[k]):
+                t0 = time.perf_counter()
+                sessions[k].run(None, feed[k])
+                if i >= block[k] // 4:  # the first quarter runs while the last one settles
+                    kept.append((time.perf_counter() - t0) * 1000.0)
+            times[k].append(float(np.median(kept)))
         rounds += 1
-        if rounds == min_rounds and len(active) > 2:
-            # A model at over twice the best one's time is out of the race: stop timing it
-            # (its figure stays, from its first rounds), so the close ones get the runs.
+        if rounds in (2, min_rounds) and len(active) > 2:
+            # A model far slower than the best is out of the race: stop timing it (its
+            # figure stays, from its first rounds), so the close ones get the time.
+            limit = 3.0 if rounds == 2 else 2.0
             best = min(float(np.median(times[k])) for k in active)
             active = [k for k in active if k == reference
-                      or float(np.median(times[k])) <= 2.0 * best]
+                      or float(np.median(times[k])) <= limit * best]
         if rounds >= min_rounds and time.perf_counter() - t_start > max_seconds:
             break
     threads, _ = profile.threads_on_host()
+    paired = {}
+    if reference in times:
+        ref = times[reference]
+        for k, v in times.items():
+            n = min(len(v), len(ref))
+            paired[k] = float(np.median(np.asarray(ref[:n]) / np.asarray(v[:n])))
     return Timing({k: float(np.median(v)) for k, v in times.items()}, rounds, profile.name,
-                  batch_size, threads, time.perf_counter() - t_start)
+                  batch_size, threads, time.perf_counter() - t_start, paired)
