@@ -105,6 +105,40 @@ def test_dynamo_failure_falls_back_to_legacy(cnn_ctx, monkeypatch):
     assert "aten::frobnicate" in e.value.message and "legacy" in e.value.hint
 
 
+class _Bag(torch.nn.Module):
+    """An embedding table, mean-pooled: the dynamo exporter names a value ``embedding``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+
+    def forward(self, ids):
+        return self.embed(ids).mean(1)
+
+
+def test_output_name_that_an_inner_value_has_keeps_the_dynamo_export(tmp_path):
+    from compactor.data import Batch
+    from compactor.passes.export import export_module
+    from compactor.recipe import InputSpec
+
+    specs = [InputSpec(name="ids", shape=("batch", 5), dtype="int64")]
+    batch = Batch({"ids": np.arange(10, dtype=np.int64).reshape(2, 5)})
+    path = tmp_path / "bag.onnx"
+    module = _Bag().eval()
+    rec = export_module(module, specs, batch, path, ExportConfig(exporter="dynamo"),
+                        output_names=["embedding"])
+    assert rec["exporter"] == "dynamo" and "fallback_reason" not in rec, rec
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert [o.name for o in model.graph.output] == ["embedding"]
+    import onnxruntime as ort
+
+    (got,) = ort.InferenceSession(str(path)).run(None, batch.inputs)
+    with torch.no_grad():
+        want = module(torch.from_numpy(batch.inputs["ids"])).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 @pytest.mark.parametrize("error", [AssertionError(), RuntimeError("\x1b[96mcolored\x1b[0m")],
                          ids=["empty message", "ansi codes"])
 def test_fallback_reason_is_one_clean_line(cnn_ctx, monkeypatch, error):

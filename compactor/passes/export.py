@@ -207,9 +207,12 @@ def export_module(
                     torch.onnx.export(
                         module, args, str(path), kwargs=kwargs, dynamo=True,
                         dynamic_shapes=dynamic_shapes, input_names=input_names,
-                        output_names=names, opset_version=cfg.opset,
+                        opset_version=cfg.opset,
                         external_data=False, verbose=False, optimize=True,
                     )
+                    # Named afterwards: the dynamo exporter rejects an output name that an
+                    # inner value already has (e.g. ``embedding`` in a BERT model).
+                    rename_outputs(path, names)
                 else:
                     torch.onnx.export(
                         module, args, str(path), kwargs=kwargs, dynamo=False,
@@ -236,6 +239,60 @@ def export_module(
     if failures:
         record["fallback_reason"] = failures
     return record
+
+
+def rename_outputs(path: Path, names: Sequence[str]) -> None:
+    """Give the graph's outputs ``names``; an inner value already called so is renamed."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    current = [o.name for o in graph.output]
+    if len(names) != len(current):
+        raise PassError(
+            f"export: the model has {len(current)} output(s) and {len(names)} name(s) were "
+            f"given ({', '.join(names)})",
+            "model.outputs must list one name per output of forward()",
+        )
+    mapping = {old: new for old, new in zip(current, names) if old != new}
+    if not mapping:
+        return
+    taken = {v for n in graph.node for v in (*n.input, *n.output)}
+    taken |= {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for new in list(mapping.values()):  # move inner values out of the way
+        if new in taken and new not in mapping:
+            k = 0
+            while f"{new}__{k}" in taken:
+                k += 1
+            mapping[new] = f"{new}__{k}"
+    _rename_values(graph, mapping)
+    onnx.save(model, str(path))
+
+
+def _rename_values(graph, mapping: dict[str, str]) -> None:
+    """Rename values everywhere in ``graph``, subgraphs included (all at once)."""
+    from onnx import AttributeProto
+
+    def swap(seq) -> None:
+        for i, v in enumerate(seq):
+            if v in mapping:
+                seq[i] = mapping[v]
+
+    for node in graph.node:
+        swap(node.input)
+        swap(node.output)
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                _rename_values(attr.g, mapping)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _rename_values(g, mapping)
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        if vi.name in mapping:
+            vi.name = mapping[vi.name]
+    for init in graph.initializer:
+        if init.name in mapping:
+            init.name = mapping[init.name]
 
 
 def _check_and_fix_opset(path: Path, opset: int, record: dict[str, Any]) -> None:

@@ -73,6 +73,10 @@ class QuantizeConfig(PassConfig):
         default=DEFAULT_CALIBRATION_SAMPLES, ge=1,
         description="calibrate on up to this many samples of data.calibration")
     preprocess: bool = Field(default=True, description="ORT quant_pre_process first")
+    transformer_fusion: Literal["auto", "on", "off"] = Field(
+        default="auto", description="dynamic int8 of transformer graphs: ONNX Runtime's "
+        "fusions (Attention, SkipLayerNorm, BiasGelu) first; auto: fused and unfused "
+        "candidates are timed; on: fused only")
     exclude: ExcludeConfig = Field(default_factory=ExcludeConfig,
                                    description="nodes and op types kept in float")
     exclude_nodes: tuple[str, ...] = Field(
@@ -152,6 +156,8 @@ class QuantizePass(Pass):
                 src = converted
                 model = onnx.load(str(src), load_external_data=False)
 
+        fused = self._fuse(src, model, mode, mix, ctx, work, record)
+
         isa = isa_mod.detect()
         choice = isa_mod.choose(isa, mode, cfg.activation_type, cfg.reduce_range,
                                 cfg.weight_type)
@@ -169,6 +175,7 @@ class QuantizePass(Pass):
             calibration = self._calibration(model, ctx, work, record)
         judge, budget = self._judge(src, ctx, record)
         space = self._space(cfg, mode, src, choice, excluded, excluded_types)
+        space.fused, space.fused_only = fused, cfg.transformer_fusion == "on"
         if cfg.repairs == "auto":
             # Outlier channels, not ranges, are what hurts MatMul models: SmoothQuant first.
             space.repairs = (("smoothquant", "calibration", "fallback")
@@ -195,6 +202,32 @@ class QuantizePass(Pass):
         return stage.derive("quantize", kind="onnx", onnx_path=out, record=record)
 
     # ------------------------------------------------------------------ setup
+
+    def _fuse(self, src: Path, model, mode: str, mix, ctx: RunContext, work: Path,
+              record: dict[str, Any]) -> Path | None:
+        """The transformer-fused form of ``src``, when it applies (dynamic int8 of a graph
+        with attention) and fuses something; timed against the unfused one in the search."""
+        from compactor.quantization import prepare
+
+        cfg: QuantizeConfig = self.config
+        if cfg.transformer_fusion == "off" or (cfg.transformer_fusion == "auto"
+                                               and not cfg.search_speed):
+            return None
+        if mode != "dynamic" or not mix.softmax:
+            if cfg.transformer_fusion == "on":
+                record.setdefault("warnings", []).append(
+                    "transformer_fusion: on applies to dynamic int8 of graphs with attention "
+                    f"(Softmax); this is {mode} int8 with {mix.softmax} Softmax node(s): "
+                    "not fused")
+            return None
+        feeds, _ = prepare.fit_batches(model, ctx.eval_batches[:2], "eval")
+        with ctx.progress.task("quantize: transformer fusion"):
+            fused = prepare.fuse_transformer(src, work / "fused.onnx", feeds[:2], record)
+        if fused is None and cfg.transformer_fusion == "on":
+            reason = record["transformer_fusion"].get("reason", "")
+            record.setdefault("warnings", []).append(
+                f"transformer_fusion: on, but the model was not fused ({reason})")
+        return fused
 
     def _exclusions(self, model, record: dict[str, Any]) -> tuple[str, ...]:
         from compactor.quantization.prepare import match_nodes
@@ -294,6 +327,8 @@ class QuantizePass(Pass):
 
     def _record(self, record: dict[str, Any], outcome: Outcome, budget: Budget, judge,
                 model, sample, cfg: QuantizeConfig) -> None:
+        from compactor.quantization.search import FUSED_FLOAT
+
         c = outcome.chosen.candidate
         record.update(c.settings())
         chosen = outcome.chosen
@@ -320,6 +355,13 @@ class QuantizePass(Pass):
         }
         if outcome.smoothquant:
             record["smoothquant"] = outcome.smoothquant
+        fusion = record.get("transformer_fusion")
+        if fusion and fusion.get("applied"):
+            fusion["chosen"] = c.fused
+            fused_float = next((t[FUSED_FLOAT] for t in outcome.log.get("timings", [])
+                                if FUSED_FLOAT in t), None)
+            if fused_float:  # how much of the speed-up the fusion alone gives, in float
+                fusion["float_speedup_vs_input"] = fused_float["speedup_vs_float"]
         record["float_nodes"] = _float_nodes(record, outcome, model, sample, cfg)
         if outcome.fallback_cost_ms is not None:
             record["search"]["repair_cost_ms"] = round(outcome.fallback_cost_ms, 4)

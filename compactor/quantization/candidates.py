@@ -25,7 +25,8 @@ SMOOTH_MUL_SUFFIX = "/SmoothQuantMul"  # the scale Muls smoothing inserts: float
 @dataclass(frozen=True)
 class Candidate:
     """An int8 configuration. ``source`` is the float model it quantizes (the prepared
-    input, or a smoothed copy of it); ``exclude`` are node names kept in float."""
+    input, its transformer-fused form, or a smoothed copy of either); ``exclude`` are node
+    names kept in float."""
 
     mode: str  # static | dynamic
     source: Path
@@ -41,6 +42,7 @@ class Candidate:
     weight_symmetric: bool = True
     exclude: tuple[str, ...] = ()
     smoothquant: str | None = None  # a description, when ``source`` is a smoothed model
+    fused: bool = False  # ``source`` has ORT's transformer fusions (Attention, ...)
 
     def replace(self, **changes: Any) -> Candidate:
         return dataclasses.replace(self, **changes)
@@ -70,6 +72,8 @@ class Candidate:
         if self.reduce_range:
             parts.append("7-bit weights")
         parts.append(self.ops_label)
+        if self.fused:
+            parts.append("fused")
         if self.mode == "static" and self.calibration_method != "minmax":
             parts.append(self.calibration_method + (
                 f" {self.percentile:g}" if self.calibration_method == "percentile" else ""))
@@ -99,6 +103,8 @@ class Candidate:
                    op_types="all" if self.op_types is None else list(self.op_types))
         if self.smoothquant:
             out["smoothed"] = self.smoothquant
+        if self.fused:
+            out["fused"] = True  # ORT transformer fusions: see record.transformer_fusion
         return out
 
 
@@ -188,7 +194,9 @@ def build(c: Candidate, dst: Path, calibration: Calibration | None,
                 weight_type=qtype[c.weight_type],
                 nodes_to_exclude=nodes_to_exclude,
                 op_types_to_quantize=op_types,
-                extra_options={"WeightSymmetric": c.weight_symmetric},
+                extra_options={"WeightSymmetric": c.weight_symmetric,
+                               # contrib ops (fused graphs) have no type ORT can infer
+                               "DefaultTensorType": onnx.TensorProto.FLOAT},
             )
             return dst
         if calibration is None:  # the recipe check makes this a bug, not a user error
@@ -196,6 +204,7 @@ def build(c: Candidate, dst: Path, calibration: Calibration | None,
         extra: dict[str, Any] = {
             "ActivationSymmetric": c.activation_symmetric,
             "WeightSymmetric": c.weight_symmetric,
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
         }
         if c.calibration_method == "percentile":
             extra["CalibPercentile"] = c.percentile

@@ -166,6 +166,129 @@ def gemm_to_matmul(src: Path, dst: Path, record: dict[str, Any]) -> Path:
     return dst
 
 
+# --------------------------------------------------------------------------- fusion
+
+
+def fuse_transformer(src: Path, dst: Path, feeds: Sequence[dict], record: dict[str, Any]
+                     ) -> Path | None:
+    """ONNX Runtime's transformer fusions (``onnxruntime.transformers``): attention blocks
+    into one ``Attention`` op, Add + LayerNorm into ``SkipLayerNormalization``, bias + GELU
+    into ``BiasGelu``. Dynamic int8 then quantizes a whole attention block as ``QAttention``
+    instead of three MatMuls around float glue; on this repository's 2-core host that made
+    all-MiniLM-L6-v2's int8 model 1.95× faster than fp32 where plain dynamic int8 was 1.5×.
+
+    Returns ``dst`` when something fused and the fused model's outputs match ``src`` on
+    ``feeds`` (float, before any int8); None otherwise. ``record["transformer_fusion"]``
+    says what happened either way. The fused ops are ONNX Runtime contrib ops: the model
+    then needs ONNX Runtime, which every compactor profile uses."""
+    import onnx
+
+    from compactor.passes.export import quiet
+
+    from .candidates import ort_quiet
+
+    info: dict[str, Any] = {"applied": False}
+    record["transformer_fusion"] = info
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as e:
+        info["reason"] = f"onnxruntime.transformers is not available: {e}"
+        return None
+    model = onnx.load(str(src), load_external_data=False)
+    shapes = head_shapes(model) or [(0, 0)]  # 0, 0: ORT's own detection
+    fused, stats, heads = None, {}, None
+    for num_heads, hidden in shapes:
+        try:
+            with quiet(), ort_quiet(), _cwd(dst.parent):
+                m = optimize_model(str(src), model_type="bert", num_heads=num_heads,
+                                   hidden_size=hidden, opt_level=0, use_gpu=False)
+            got = {k: int(v) for k, v in m.get_fused_operator_statistics().items() if v}
+        except Exception as e:  # noqa: BLE001 - the optimizer raises many types
+            info["reason"] = f"ONNX Runtime's transformer optimizer failed: {first_line(e)}"
+            continue
+        if sum(got.values()) > sum(stats.values()):
+            fused, stats, heads = m, got, (num_heads, hidden)
+        if got.get("Attention"):
+            break
+    if fused is None or not stats:
+        info.setdefault("reason", "nothing to fuse: no attention, LayerNorm or GELU pattern "
+                                  "ONNX Runtime recognizes")
+        return None
+    info.pop("reason", None)
+    info["fused"] = stats
+    if heads and heads[0]:
+        info["num_heads"], info["hidden_size"] = heads
+    fused.save_model_to_file(str(dst))
+    err, scale = _max_difference(src, dst, feeds)
+    info["max_abs_error"] = float(f"{err:.3g}")
+    if not err <= 1e-3 * max(scale, 1.0):
+        info["reason"] = (f"the fused model's outputs differ from the input's by up to "
+                          f"{err:.3g} (scale {scale:.3g}): not used")
+        dst.unlink(missing_ok=True)
+        return None
+    info["applied"] = True
+    return dst
+
+
+def head_shapes(model) -> list[tuple[int, int]]:
+    """(num_heads, hidden_size) pairs read off the Reshapes that split attention heads
+    (a shape ending in [heads, head_size], or [-1, head_size] with the hidden size from the
+    square projection weights), most frequent first."""
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    consts: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+        if t.data_type == 7 and len(t.dims) <= 1}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    # The hidden size, for shapes that leave the head count to Reshape ([b, s, -1, 32]):
+    # the width of the square projections (query, key, value, output).
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    square: Counter = Counter(dims[n.input[1]][0] for n in model.graph.node
+                              if n.op_type == "MatMul" and len(dims.get(n.input[1], ())) == 2
+                              and dims[n.input[1]][0] == dims[n.input[1]][1])
+    hidden = square.most_common(1)[0][0] if square else 0
+    counts: Counter = Counter()
+    for n in model.graph.node:
+        if n.op_type != "Reshape" or len(n.input) < 2:
+            continue
+        tail: list[int] = []
+        if n.input[1] in consts and consts[n.input[1]].size == 4:
+            tail = [int(v) for v in consts[n.input[1]].reshape(-1)[2:]]
+        elif n.input[1] in producers and producers[n.input[1]].op_type == "Concat":
+            parts = [consts.get(i) for i in producers[n.input[1]].input]
+            if len(parts) == 4 and all(p is not None and p.size == 1 for p in parts[2:]):
+                tail = [int(p.reshape(-1)[0]) for p in parts[2:]]
+        if len(tail) == 2 and tail[0] > 1 and tail[1] > 0:
+            counts[(tail[0], tail[0] * tail[1])] += 1
+        elif len(tail) == 2 and tail[0] == -1 and tail[1] > 0 and hidden % tail[1] == 0:
+            counts[(hidden // tail[1], hidden)] += 1
+    return [k for k, c in counts.most_common(3) if c >= 2]
+
+
+def _max_difference(a: Path, b: Path, feeds: Sequence[dict]) -> tuple[float, float]:
+    """Largest absolute difference of two models' outputs on ``feeds``, and the outputs'
+    largest magnitude."""
+    from compactor.measure.latency import session
+
+    sa, sb = session(a), session(b)
+    names = {i.name for i in sa.get_inputs()}
+    err = scale = 0.0
+    for f in feeds:
+        feed = {k: v for k, v in f.items() if k in names}
+        for x, y in zip(sa.run(None, feed), sb.run(None, feed), strict=True):
+            if x.size and np.issubdtype(x.dtype, np.floating):
+                err = max(err, float(np.max(np.abs(x.astype(np.float64) - y))))
+                scale = max(scale, float(np.max(np.abs(x))))
+            elif x.size and not np.array_equal(x, y):
+                err = float("inf")
+    return err, scale
+
+
 # --------------------------------------------------------------------------- op mix
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 FLOAT = "float"  # the timing key of the float input
+FUSED_FLOAT = "float_fused"  # the float input with ORT's transformer fusions
 
 
 @dataclass
@@ -48,11 +49,16 @@ class SearchSpace:
     excluded_types: tuple[str, ...] = ()
     repairs: tuple[str, ...] = ("calibration", "smoothquant", "fallback")
     smoothquant_alpha: float | None = None  # None: chosen per activation
+    fused: Path | None = None  # the input with ORT's transformer fusions (dynamic only)
+    fused_only: bool = False  # the recipe asked for fusion: no unfused candidates
 
     def candidates(self) -> list[Candidate]:
         b = self.base
         if b.mode == "dynamic":
-            return [b.replace(op_types=ops) for ops in self.op_type_options]
+            sources = [] if self.fused_only and self.fused else [b]
+            if self.fused is not None:
+                sources.append(b.replace(source=self.fused, fused=True))
+            return [s.replace(op_types=ops) for s in sources for ops in self.op_type_options]
         return [b.replace(format=f, activation_type=a, op_types=ops)
                 for ops in self.op_type_options for f in self.formats
                 for a in self.activation_types]
@@ -166,16 +172,22 @@ class Search:
             a.holdout = self.env.judge.score(a.path, "held-out")
         return a
 
-    def time(self, attempts: Sequence[Attempt], why: str) -> Timing:
-        """Time ``attempts`` against the float model, interleaved, in one run."""
+    def time(self, attempts: Sequence[Attempt], why: str,
+             floats: dict[str, Path] | None = None) -> Timing:
+        """Time ``attempts`` against the float model, interleaved, in one run; ``floats``
+        are other float models timed beside them (their speed-ups go in the log)."""
         self.env.on_step(f"timing {len(attempts)} candidate(s) against float")
         keys = {f"c{i}": a for i, a in enumerate(attempts)}
-        timing = self.env.timer({FLOAT: self.src, **{k: a.path for k, a in keys.items()}})
+        timing = self.env.timer({FLOAT: self.src, **(floats or {}),
+                                 **{k: a.path for k, a in keys.items()}})
         for k, a in keys.items():
             a.p50_ms = timing.p50_ms[k]
             a.speedup = timing.speedup(k, FLOAT)
-        self.timings.append({"why": why, "float_p50_ms": round(timing.p50_ms[FLOAT], 4),
-                             **timing.to_dict()})
+        entry = {"why": why, "float_p50_ms": round(timing.p50_ms[FLOAT], 4)}
+        for k in floats or {}:
+            entry[k] = {"p50_ms": round(timing.p50_ms[k], 4),
+                        "speedup_vs_float": round(timing.speedup(k, FLOAT), 3)}
+        self.timings.append({**entry, **timing.to_dict()})
         self.float_p50 = timing.p50_ms[FLOAT]
         return timing
 
@@ -267,8 +279,10 @@ class Search:
                 self.failed.append(Attempt(c, Path(), note=f"build failed: {first_line(e, 200)}"))
         if not built:
             raise BuildFailed(first_error or RuntimeError("no candidate could be built"))
-        if len(built) > 1:
-            self.time(built, "speed candidates")
+        if len(built) > 1 or self.space.fused is not None:
+            # The fused float model is timed too: how much of the speed-up is fusion's.
+            fused = {FUSED_FLOAT: self.space.fused} if self.space.fused is not None else None
+            self.time(built, "speed candidates", fused)
             built = _fastest_first(built)
         return built
 

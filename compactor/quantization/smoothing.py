@@ -1,4 +1,5 @@
-"""SmoothQuant-style scale migration for the inputs of MatMul/Gemm with constant weights.
+"""SmoothQuant-style scale migration for the inputs of MatMul/Gemm (and ORT's fused
+Attention) with constant weights.
 
 An activation with a few outlier channels wastes a per-tensor int8 range: every other
 channel gets few levels. Dividing channel k of the activation by ``s_k`` and multiplying row
@@ -57,7 +58,8 @@ def _groups(model) -> dict[str, list[tuple[Any, int]]]:
             continue
         if len(inits[n.input[1]].dims) != 2:
             continue
-        if n.op_type == "MatMul":
+        if n.op_type == "MatMul" or (n.op_type == "Attention" and n.domain == "com.microsoft"):
+            # ORT's fused Attention: input 0 times the [hidden, 3 × hidden] QKV weight
             out.setdefault(n.input[0], []).append((n, 0))
         elif n.op_type == "Gemm":
             attrs = {a.name: a.i for a in n.attribute}
