@@ -22,7 +22,6 @@ from compactor.errors import (
     EXIT_OK,
     EXIT_PASS,
     EXIT_USAGE,
-    RecipeError,
 )
 from compactor.passes import registry
 from compactor.profiles import builtin_names, load_profile
@@ -408,12 +407,14 @@ def test_no_traceback_without_debug(invoke, tmp_path: Path):
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
-def test_debug_lets_the_exception_through(invoke, tmp_path: Path, how: str):
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(invoke, tmp_path: Path, how: str):
     args = ("--debug",) if how == "flag" else ()
     env = {"COMPACTOR_DEBUG": "1"} if how == "env" else None
     r = invoke(*args, "recipe", "validate", tmp_path / "nope.yaml", env=env)
-    assert isinstance(r.exception, RecipeError), r.output
-    assert "recipe file not found" in str(r.exception)
+    assert r.exit_code == EXIT_USAGE, r.output  # CI scripts see the same code with --debug
+    assert "Traceback (most recent call last)" in r.stderr
+    assert "RecipeError: recipe file not found" in r.stderr
+    assert "error: recipe file not found" in r.stderr
 
 
 def _run_compactor(*args: str) -> subprocess.CompletedProcess:
@@ -431,7 +432,7 @@ def test_debug_prints_a_traceback(tmp_path: Path):
     assert "error: recipe file not found" in plain.stderr
 
     debug = _run_compactor("--debug", "recipe", "validate", missing)
-    assert debug.returncode != EXIT_OK
+    assert debug.returncode == EXIT_USAGE, debug.stderr
     assert "Traceback (most recent call last)" in debug.stderr
     assert "RecipeError: recipe file not found" in debug.stderr
 
@@ -449,7 +450,9 @@ def test_internal_error(invoke, monkeypatch, write_recipe):
     assert "Traceback" not in r.output
 
     r = invoke("--debug", "recipe", "validate", write_recipe(RECIPE))
-    assert isinstance(r.exception, RuntimeError)
+    assert r.exit_code == EXIT_PASS
+    assert "Traceback (most recent call last)" in r.stderr
+    assert "RuntimeError: boom" in r.stderr
 
 
 def test_interrupt(invoke, monkeypatch, write_recipe):

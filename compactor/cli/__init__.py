@@ -1,13 +1,15 @@
 """The command line: click commands and rich rendering. The only place that prints.
 
 Errors are caught in exactly one place (``CompactorGroup.main``) and shown as one message
-with a hint; ``--debug`` (or COMPACTOR_DEBUG=1) shows the traceback instead.
+with a hint; ``--debug`` (or COMPACTOR_DEBUG=1) prints the traceback before it; the exit
+code is the same either way.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import click
 
@@ -55,13 +57,13 @@ class CompactorGroup(click.Group):
                 click.secho(f"resume with: {_resume_command(args)}", err=True, fg="yellow")
             code = EXIT_INTERRUPTED
         except CompactorError as e:
-            if debug:
-                raise
+            if debug:  # the traceback, then the same error and exit code as without --debug
+                traceback.print_exc(file=sys.stderr)
             show_error(e.message, e.hint)
             code = e.exit_code
         except Exception as e:  # noqa: BLE001 - last resort: a bug, shown without a traceback
             if debug:
-                raise
+                traceback.print_exc(file=sys.stderr)
             show_error(f"internal error: {type(e).__name__}: {e}",
                        "this is a bug in compactor; rerun with --debug and report the traceback")
             code = EXIT_PASS
