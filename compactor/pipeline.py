@@ -480,10 +480,14 @@ class Evaluator:
             from compactor.passes.export import ExportConfig, export_module
 
             path = self.ctx.work_path(f"{len(stage.lineage):02d}-eval-{stage.name}.onnx")
+            # Exported as the recipe's export pass does (exporter, opset), so the torch
+            # stages' figures compare with the exported ones like for like.
+            config = next((c for name, c in self.ctx.recipe.pass_list if name == "export"),
+                          ExportConfig())
             with self.ctx.progress.task(f"{stage.name}: export for measurement"):
                 eval_export = export_module(
                     stage.module, self.ctx.inputs, self.ctx.eval_batches[0], path,
-                    ExportConfig(), self.ctx.output_names,
+                    config, self.ctx.output_names,
                 )
         batches = self.ctx.eval_batches
         outputs, targets = self._run_eval(path, stage.name, batches)

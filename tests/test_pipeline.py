@@ -180,6 +180,19 @@ def test_export_record(cnn_run):
     assert rec["checked_samples"] > 0, rec
 
 
+def test_torch_stages_are_measured_as_the_recipe_exports(tmp_path):
+    """The baseline (torch) is exported for measurement with the recipe's export settings,
+    so its figures compare like for like with the exported stage's."""
+    torch.save(toys.cnn_state_dict(), tmp_path / "weights.pt")
+    path = write_recipe(tmp_path, model=cnn_model(), data={"eval": ref("cnn_eval_batches")},
+                        metric="accuracy",
+                        passes=[{"export": {"opset": 17, "exporter": "legacy"}}])
+    result = optimize(load_recipe(path))
+    base = stage(result.manifest, "baseline")
+    assert base["eval_export"]["exporter"] == "legacy", base["eval_export"]
+    assert base["eval_export"]["opset"] == 17, base["eval_export"]
+
+
 # --------------------------------------------------------------------------- 2. other sources
 
 
