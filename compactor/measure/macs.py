@@ -2,8 +2,9 @@
 
 Counted: Conv / ConvInteger / QLinearConv / ConvTranspose, Gemm, MatMul / MatMulInteger /
 QLinearMatMul (QDQ models keep float op types, so they count the same as float). Other ops
-are cheap next to these and are ignored; the result is ``None`` when shapes cannot be
-inferred.
+are cheap next to these and are ignored. Shapes come from ONNX shape inference, or, where
+it cannot follow the graph (reshapes computed at run time), from one ONNX Runtime run on
+zeros; the result is ``None`` when neither works.
 """
 
 from __future__ import annotations
@@ -73,9 +74,72 @@ def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str
             continue
         out[node_key(node, i)] = macs
     if unknown:
-        log.debug("%d heavy nodes without inferable shapes", unknown)
-        return None
+        log.debug("%d heavy nodes without inferable shapes; running the model for them",
+                  unknown)
+        ran = _shapes_by_running(model, input_shapes)
+        if ran is None:
+            return None
+        shapes.update(ran)
+        out, unknown = {}, 0
+        for i, node in enumerate(m.graph.node):
+            if node.op_type not in _HEAVY:
+                continue
+            try:
+                macs = _node_macs(node, node.op_type, shapes)
+            except (KeyError, TypeError, IndexError, ValueError):
+                macs = None
+            if macs is None:
+                return None
+            out[node_key(node, i)] = macs
     return out
+
+
+_NP_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.int32,
+             9: np.bool_, 2: np.uint8, 3: np.int8}
+
+
+def _shapes_by_running(model, input_shapes: Mapping[str, tuple[int, ...]]
+                       ) -> dict[str, tuple[int, ...]] | None:
+    """Shapes of the heavy nodes' inputs and outputs, read off one ONNX Runtime run on zeros
+    at ``input_shapes``: for graphs whose reshapes ONNX shape inference cannot follow
+    (shapes computed at run time, as in exported transformers)."""
+    import onnx
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name for t in m.graph.initializer}
+    have = {o.name for o in m.graph.output}
+    wanted = [t for n in m.graph.node if n.op_type in _HEAVY
+              for t in (*n.input, *n.output) if t and t not in inits]
+    wanted = list(dict.fromkeys(wanted))
+    for t in wanted:
+        if t not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=t))
+    feeds = {}
+    for i in m.graph.input:
+        if i.name in inits:
+            continue
+        if i.name not in input_shapes:
+            return None
+        dtype = _NP_TYPES.get(i.type.tensor_type.elem_type)
+        if dtype is None:
+            return None
+        feeds[i.name] = np.zeros(tuple(int(d) for d in input_shapes[i.name]), dtype=dtype)
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(m.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        values = sess.run(wanted, feeds)
+    except Exception as e:  # noqa: BLE001 - a model that does not run has no MAC count
+        log.debug("running the model for shapes failed: %s", e)
+        return None
+    return {t: tuple(v.shape) for t, v in zip(wanted, values, strict=True)}
 
 
 _HEAVY = {
