@@ -436,7 +436,8 @@ def _timer(ctx: RunContext, cfg: QuantizeConfig):
         target = ctx.recipe.targets[0].profile if ctx.recipe.targets else "host-cpu"
         profile = load_profile(target, ctx.recipe.base_dir)
     bs = 1 if 1 in profile.batch_sizes else profile.batch_sizes[0]
-    seconds = min(max(0.02 * cfg.time_budget_s, 1.5), 8.0)
+    # Long enough that a noisy shared host does not decide between close candidates.
+    seconds = min(max(0.04 * cfg.time_budget_s, 4.0), 10.0)
 
     def timer(models):
         from compactor.pipeline import feeds_for_batch
