@@ -255,6 +255,15 @@ class Recipe(Strict):
                         "static quantization needs calibration data: set data.calibration "
                         "(or use quantize mode: dynamic)"
                     )
+        names = [i.name for i in self.model.inputs]
+        for i, (name, cfg) in enumerate(self.pass_list):
+            mask = getattr(cfg, "hint_mask", None) if name == "distill" else None
+            if mask is not None and names and mask not in names:
+                hint = did_you_mean(mask, names)
+                raise ValueError(
+                    f"passes[{i}].distill.hint_mask: {mask!r} is not one of the model's inputs "
+                    f"({', '.join(names)})" + (f"; {hint}" if hint else "")
+                )
         if self.data.train is None:
             for i, (name, _cfg) in enumerate(self.pass_list):
                 if name == "distill":

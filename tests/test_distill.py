@@ -105,6 +105,25 @@ def test_distill_loss_sums_its_weighted_parts():
         fn(s, t, None)
 
 
+def test_masked_hint_counts_real_positions_only():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    real = mask.bool()
+    want = F.mse_loss(s[real], t[real])
+    got = losses.hint_loss(s, t, mask)
+    assert torch.allclose(got, want, atol=1e-6), (float(got), float(want))
+    s2 = s.clone()
+    s2[~real] += 100.0  # padding positions: anything goes
+    assert torch.allclose(losses.hint_loss(s2, t, mask), want, atol=1e-6)
+    assert torch.allclose(losses.hint_loss(s, t, torch.ones(3, 5)), F.mse_loss(s, t))
+    fn = losses.DistillLoss(losses.LossWeights(cosine=1.0), hint_weights=[2.0])
+    _, parts = fn(s.mean(1), t.mean(1), None, [s2], [t], mask)
+    assert torch.allclose(parts["hint0"], 2.0 * want, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        losses.hint_loss(s, t, mask[:, :4])
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -371,6 +390,54 @@ def test_frozen_parameters_stay_and_the_teacher_runs_once_per_batch(tmp_path, mo
     assert calls["n"] == 1 + 3 + 8, calls
 
 
+def test_hidden_state_hints_with_a_padding_mask_and_a_cached_teacher(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from compactor.passes import distill
+
+    calls = {"n": 0}
+    real = distill._Teacher.__call__
+
+    def counting(self, batch):
+        calls["n"] += 1
+        return real(self, batch)
+
+    monkeypatch.setattr(distill._Teacher, "__call__", counting)
+    hints = [{"student": "bert.encoder.layer.0", "teacher": "bert.encoder.layer.1"},
+             {"student": "bert.encoder.layer.1", "teacher": "bert.encoder.layer.3",
+              "weight": 2.0}]
+    ctx, baseline = _context(
+        tmp_path,
+        model={"factory": ref("build_tiny_bert"), "inputs": TEXT_INPUTS},
+        data={"train": ref("text_train_batches"), "eval": ref("text_batches")},
+        metric="fidelity",
+        passes=[{"distill": {"student": {"keep_layers": [0, 3]}, "epochs": 8, "lr": 0.003,
+                             "hints": hints, "hint_mask": "attention_mask"}}],
+    )
+    out = _run_distill(ctx, baseline)
+    assert out.record["hint_mask"] == "attention_mask"
+    assert [h["projection"] for h in out.record["hints"]] == [None, None]
+    history = out.record["history"]
+    assert history[-1]["train_loss"] < 0.85 * history[0]["train_loss"], history
+    assert len(out.module.bert.encoder.layer) == 2
+    assert not any("projection" in k for k in out.module.state_dict())
+    # probe 1 + eval batches 3 + 6 training batches once (8 epochs): hinted features cached
+    assert calls["n"] == 1 + 3 + 6, calls
+
+
+def test_hint_mask_must_fit_the_hinted_features(tmp_path):
+    ctx, baseline = _context(
+        tmp_path,
+        model={"factory": ref("build_cnn"), "inputs": [CNN_INPUT]},
+        data={"train": ref("cnn_distill_batches"), "eval": ref("cnn_eval_batches")},
+        passes=[{"distill": {"teacher": {"factory": ref("teacher_cnn")}, "epochs": 1,
+                             "hints": [{"student": "features.3", "teacher": "features.3"}],
+                             "hint_mask": "image"}}],
+    )
+    with pytest.raises(PassError, match="hint_mask 'image' has shape") as e:
+        _run_distill(ctx, baseline)
+    assert "hidden states" in e.value.hint
+
+
 def test_freeze_pattern_that_matches_nothing(tmp_path):
     ctx, baseline = _context(
         tmp_path,
@@ -466,6 +533,15 @@ def test_unknown_hint_module_suggests_the_closest_name(tmp_path):
     hints = [{"student": "features.3", "teacher": "featurs.2"}]
     result = run_cli("optimize", _cli_recipe(tmp_path, {"hints": hints}))
     assert_clean_error(result, 2, "hints[0].teacher", "'featurs.2'", "did you mean 'features.2'")
+
+
+def test_hint_mask_is_checked_at_load(tmp_path):
+    hints = [{"student": "features.3", "teacher": "features.3"}]
+    result = run_cli("optimize", _cli_recipe(tmp_path, {"hints": hints, "hint_mask": "imag"}))
+    assert_clean_error(result, 2, "hint_mask", "'imag' is not one of the model's inputs",
+                       "did you mean 'image'")
+    result = run_cli("optimize", _cli_recipe(tmp_path, {"hint_mask": "image"}))
+    assert_clean_error(result, 2, "hint_mask applies to feature hints")
 
 
 def test_ce_without_labels_explains_label_free_mode(tmp_path):

@@ -9,7 +9,8 @@ Losses combine with weights: ``kl`` (Hinton's soft targets at ``temperature``, s
 T²), ``ce`` (labels, when the training data has them), ``mse`` and ``cosine`` (outputs, for
 embedding and regression models), and feature ``hints`` (a student module's output matched
 to a teacher module's with MSE, through a learned projection when widths differ; the
-projection is dropped after training). Left unset, the losses follow the metric: ``kl``
+projection is dropped after training; ``hint_mask`` names the input that marks padding, which
+the hints then leave out). Left unset, the losses follow the metric: ``kl``
 (+ ``ce`` with labels) for classification, ``cosine`` + ``mse`` for ``fidelity``, ``mse``
 otherwise, so unlabelled data works out of the box: the student learns from the teacher's
 outputs alone.
@@ -115,6 +116,11 @@ class DistillConfig(PassConfig):
     )
     temperature: float = Field(default=4.0, gt=0)
     hints: tuple[HintSpec, ...] = ()
+    hint_mask: str | None = Field(
+        default=None, min_length=1,
+        description="a model input (batch × positions, 0 = padding, e.g. attention_mask): the "
+        "hints' MSE counts only the positions where it is nonzero",
+    )
     epochs: int | None = Field(default=3, ge=1, description="passes over data.train")
     steps: int | None = Field(default=None, ge=1, description="a budget in steps instead")
     lr: float = Field(default=5e-4, gt=0)
@@ -131,8 +137,8 @@ class DistillConfig(PassConfig):
     )
     cache_teacher: bool = Field(
         default=True,
-        description="compute the teacher's outputs on each training batch once, not every "
-        "epoch (not with hints)",
+        description="compute the teacher's outputs (and hinted features) on each training "
+        "batch once, not every epoch; they stay in memory",
     )
 
     @model_validator(mode="before")
@@ -143,6 +149,12 @@ class DistillConfig(PassConfig):
                 raise ValueError("give 'epochs' or 'steps', not both")
             raw = {**raw, "epochs": None}
         return raw
+
+    @model_validator(mode="after")
+    def _mask_needs_hints(self) -> DistillConfig:
+        if self.hint_mask is not None and not self.hints:
+            raise ValueError("hint_mask applies to feature hints, and no 'hints' are given")
+        return self
 
 
 @register
@@ -283,6 +295,18 @@ class DistillPass(Pass):
                 ) from e
             projections.append(proj)
         model.set_projections(projections)
+        if cfg.hint_mask is not None:
+            mask_shape = list(batch.inputs[cfg.hint_mask].shape)
+            for h, s, t in zip(cfg.hints, s_feats, t_feats, strict=True):
+                if any(list(f.shape[:len(mask_shape)]) != mask_shape for f in (s, t)):
+                    raise PassError(
+                        f"distill: hint_mask {cfg.hint_mask!r} has shape {mask_shape} on the "
+                        f"probe batch, and hint {h.student} → {h.teacher} has features of "
+                        f"shape {list(s.shape)} (student) and {list(t.shape)} (teacher)",
+                        "a hint mask fits features that start with its (batch, positions) "
+                        "axes, such as a transformer's hidden states; drop hint_mask otherwise",
+                    )
+            record["hint_mask"] = cfg.hint_mask
         record["hints"] = [
             {"student": h.student, "teacher": h.teacher, "weight": h.weight,
              "student_shape": list(s.shape[1:]), "teacher_shape": list(t.shape[1:]),
@@ -302,19 +326,19 @@ class DistillPass(Pass):
         specs = model.specs
 
         cache: dict[int, Any] = {}
-        use_cache = cfg.cache_teacher and not cfg.hints
 
         def step(batch: Batch):
-            t_out = t_feats = None
-            if teacher is not None and use_cache and id(batch) in cache:
-                t_out = cache[id(batch)]
+            t_out, t_feats = None, []
+            if teacher is not None and cfg.cache_teacher and id(batch) in cache:
+                t_out, t_feats = cache[id(batch)]
             elif teacher is not None:
                 t_out, t_feats = teacher(batch)
-                if use_cache:  # the batches are the same objects every epoch
-                    cache[id(batch)] = t_out
+                if cfg.cache_teacher:  # the batches are the same objects every epoch
+                    cache[id(batch)] = (t_out, t_feats)
             s_out, s_feats = wrapped(_tensors(batch, specs, device))
             labels = _labels(batch, device) if weights.ce else None
-            loss, parts = loss_fn(s_out, t_out, labels, s_feats, t_feats or ())
+            loss, parts = loss_fn(s_out, t_out, labels, s_feats, t_feats,
+                                  _hint_mask(batch, cfg, device))
             return loss, parts, batch.size
 
         eval_batches = ctx.eval_batches
@@ -412,6 +436,14 @@ def _tensors(batch: Batch, specs: Sequence[Any], device: Any) -> list:
 
     return [torch.from_numpy(np.ascontiguousarray(batch.inputs[s.name])).to(device)
             for s in specs]
+
+
+def _hint_mask(batch: Batch, cfg: DistillConfig, device: Any):
+    import torch
+
+    if cfg.hint_mask is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(batch.inputs[cfg.hint_mask])).to(device)
 
 
 def _labels(batch: Batch, device: Any):
@@ -548,7 +580,8 @@ def _has_unused_params(model: Any, teacher: _Teacher | None, batch: Batch, weigh
         t_out, t_feats = teacher(batch) if teacher is not None else (None, [])
         s_out, s_feats = model(_tensors(batch, model.specs, device))
         labels = _labels(batch, device) if weights.ce else None
-        loss, _ = loss_fn(s_out, t_out, labels, s_feats, t_feats)
+        loss, _ = loss_fn(s_out, t_out, labels, s_feats, t_feats,
+                          _hint_mask(batch, cfg, device))
         model.zero_grad(set_to_none=True)
         loss.backward()
     unused = any(p.grad is None for p in model.parameters() if p.requires_grad)

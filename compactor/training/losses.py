@@ -7,6 +7,7 @@ each weighted part, so the progress line and the stage record can show what is l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,9 +53,22 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
 
 
-def hint_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """A feature hint: MSE between a (projected) student feature and the teacher's."""
-    return F.mse_loss(student.float(), teacher.float())
+def hint_loss(student: torch.Tensor, teacher: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A feature hint: MSE between a (projected) student feature and the teacher's.
+
+    ``mask`` (batch, positions), nonzero where a position is real: features of shape
+    (batch, positions, ...) are averaged over the real positions only, so padding (whose
+    hidden states the model's output never uses) neither adds to the loss nor dilutes it."""
+    if mask is None:
+        return F.mse_loss(student.float(), teacher.float())
+    if tuple(mask.shape) != tuple(student.shape[:mask.ndim]):
+        raise ValueError(f"a hint mask of shape {list(mask.shape)} does not fit features of "
+                         f"shape {list(student.shape)}")
+    keep = (mask != 0).reshape(*mask.shape, *([1] * (student.ndim - mask.ndim)))
+    sq = (student.float() - teacher.float()).square() * keep
+    per_position = math.prod(student.shape[mask.ndim:])
+    return sq.sum() / (keep.sum() * per_position).clamp(min=1)
 
 
 def make_projection(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module | None:
@@ -119,6 +133,7 @@ class DistillLoss:
         labels: torch.Tensor | None,
         student_features: Sequence[torch.Tensor] = (),
         teacher_features: Sequence[torch.Tensor] = (),
+        hint_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
         w = self.weights
@@ -134,6 +149,6 @@ class DistillLoss:
             parts["cosine"] = w.cosine * cosine_loss(student, teacher)
         hints = zip(self.hint_weights, student_features, teacher_features, strict=False)
         for i, (hw, s, t) in enumerate(hints):
-            parts[f"hint{i}"] = hw * hint_loss(s, t)
+            parts[f"hint{i}"] = hw * hint_loss(s, t, hint_mask)
         total = sum(parts.values()) if parts else student.new_zeros(())
         return total, parts
