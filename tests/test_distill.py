@@ -360,7 +360,8 @@ def test_feature_hints_train_through_a_projection_that_is_dropped(tmp_path):
     assert any("hint0" in s or "loss" in s for s in ctx.progress.statuses)
 
 
-def test_frozen_parameters_stay_and_the_teacher_runs_once_per_batch(tmp_path, monkeypatch):
+def _count_teacher_calls(monkeypatch) -> dict[str, int]:
+    """``calls["n"]`` counts the teacher's forward passes from here on."""
     from compactor.passes import distill
 
     calls = {"n": 0}
@@ -371,6 +372,11 @@ def test_frozen_parameters_stay_and_the_teacher_runs_once_per_batch(tmp_path, mo
         return real(self, batch)
 
     monkeypatch.setattr(distill._Teacher, "__call__", counting)
+    return calls
+
+
+def test_frozen_parameters_stay_and_the_teacher_runs_once_per_batch(tmp_path, monkeypatch):
+    calls = _count_teacher_calls(monkeypatch)
     ctx, baseline = _context(
         tmp_path,
         model={"factory": ref("build_cnn"), "inputs": [CNN_INPUT]},
@@ -392,16 +398,7 @@ def test_frozen_parameters_stay_and_the_teacher_runs_once_per_batch(tmp_path, mo
 
 def test_hidden_state_hints_with_a_padding_mask_and_a_cached_teacher(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    from compactor.passes import distill
-
-    calls = {"n": 0}
-    real = distill._Teacher.__call__
-
-    def counting(self, batch):
-        calls["n"] += 1
-        return real(self, batch)
-
-    monkeypatch.setattr(distill._Teacher, "__call__", counting)
+    calls = _count_teacher_calls(monkeypatch)
     hints = [{"student": "bert.encoder.layer.0", "teacher": "bert.encoder.layer.1"},
              {"student": "bert.encoder.layer.1", "teacher": "bert.encoder.layer.3",
               "weight": 2.0}]

@@ -59,20 +59,7 @@ def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str
     for init in m.graph.initializer:
         shapes[init.name] = tuple(init.dims)
 
-    out: dict[str, int] = {}
-    unknown = 0
-    for i, node in enumerate(m.graph.node):
-        op = node.op_type
-        if op not in _HEAVY:
-            continue
-        try:
-            macs = _node_macs(node, op, shapes)
-        except (KeyError, TypeError, IndexError, ValueError):
-            macs = None
-        if macs is None:
-            unknown += 1
-            continue
-        out[node_key(node, i)] = macs
+    out, unknown = _heavy_macs(m, shapes)
     if unknown:
         log.debug("%d heavy nodes without inferable shapes; running the model for them",
                   unknown)
@@ -80,18 +67,28 @@ def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str
         if ran is None:
             return None
         shapes.update(ran)
-        out, unknown = {}, 0
-        for i, node in enumerate(m.graph.node):
-            if node.op_type not in _HEAVY:
-                continue
-            try:
-                macs = _node_macs(node, node.op_type, shapes)
-            except (KeyError, TypeError, IndexError, ValueError):
-                macs = None
-            if macs is None:
-                return None
-            out[node_key(node, i)] = macs
+        out, unknown = _heavy_macs(m, shapes)
+        if unknown:
+            return None
     return out
+
+
+def _heavy_macs(model, shapes) -> tuple[dict[str, int], int]:
+    """MACs of each heavy node whose shapes are known, and how many heavy nodes are not."""
+    out: dict[str, int] = {}
+    unknown = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in _HEAVY:
+            continue
+        try:
+            macs = _node_macs(node, node.op_type, shapes)
+        except (KeyError, TypeError, IndexError, ValueError):
+            macs = None
+        if macs is None:
+            unknown += 1
+        else:
+            out[node_key(node, i)] = macs
+    return out, unknown
 
 
 _NP_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.int32,
