@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from compactor.errors import UsageError, did_you_mean
-from compactor.recipe import Budgets
+from compactor.spec import Budgets
 
 if TYPE_CHECKING:
     from compactor.measure.latency import Latency

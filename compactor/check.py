@@ -16,8 +16,8 @@ from typing import Any
 from compactor.artifact import MANIFEST, MANIFEST_SCHEMA_VERSION, MODEL, read_manifest
 from compactor.budgets import Verdict, evaluate_budgets, merge_budgets, regressions
 from compactor.errors import EXIT_USAGE, ArtifactError, UsageError, did_you_mean
-from compactor.recipe import Budgets
 from compactor.report.markdown import fmt_num
+from compactor.spec import Budgets
 
 
 @dataclass

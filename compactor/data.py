@@ -18,7 +18,7 @@ import numpy as np
 
 from compactor._imports import call_user, resolve_callable
 from compactor.errors import DataError
-from compactor.recipe import InputSpec
+from compactor.spec import InputSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from compactor._imports import call_user, resolve_callable
 from compactor.errors import ModelLoadError
-from compactor.recipe import DTYPES, InputSpec, ModelSpec
+from compactor.spec import DTYPES, InputSpec, ModelSpec
 from compactor.stage import Stage
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ def bench(model: Path, profile_names: tuple[str, ...], dims: tuple[str, ...],
     from compactor.errors import EXIT_BUDGET, EXIT_OK, UsageError
     from compactor.measure.bench import bench as run_bench
     from compactor.profiles import load_profile
-    from compactor.recipe import Budgets
+    from compactor.spec import Budgets
 
     parsed_dims = parse_dims(dims)
     overrides = parse_budget_overrides(budget_pairs)

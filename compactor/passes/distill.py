@@ -506,7 +506,7 @@ class _Teacher:
             module, desc = base.module, "baseline"
         else:
             from compactor.model import load_model
-            from compactor.recipe import ModelSpec
+            from compactor.spec import ModelSpec
 
             spec = ModelSpec(**cfg.teacher.model_dump(exclude_defaults=True),
                              inputs=ctx.inputs)

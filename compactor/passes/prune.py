@@ -27,7 +27,7 @@ from compactor.passes import Pass, PassConfig, register
 if TYPE_CHECKING:
     from compactor.data import Batch
     from compactor.pipeline import RunContext
-    from compactor.recipe import InputSpec
+    from compactor.spec import InputSpec
     from compactor.stage import Stage
 
 log = logging.getLogger(__name__)

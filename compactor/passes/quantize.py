@@ -102,7 +102,7 @@ class QuantizeConfig(PassConfig):
     def _drop(cls, v: float | str | None) -> float | str | None:
         if v is None:
             return v
-        from compactor.recipe import Drop
+        from compactor.spec import Drop
 
         drop = Drop.model_validate(v)  # the recipe's syntax: 0.01 or "2%"
         return drop.model_dump()
@@ -396,7 +396,7 @@ def _budget_resolver(cfg: QuantizeConfig, ctx: RunContext, metric):
     """The accuracy budget: quantize's own (vs its float input), else the tightest target
     budget (vs the baseline), else a default guard that fails nothing."""
     from compactor.quantization.accuracy import Budget
-    from compactor.recipe import Drop
+    from compactor.spec import Drop
 
     if cfg.max_accuracy_drop is not None:
         drop = Drop.model_validate(cfg.max_accuracy_drop)

@@ -1,0 +1,161 @@
+"""The value types a recipe is made of: model and data specs, inputs, budgets, targets.
+
+They live below every other module (only ``errors`` beneath them), so the data, model,
+budget and measurement code can take typed specs without importing ``recipe``, which sits
+above the passes because it composes their configs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Drop(Strict):
+    """An allowed metric drop: absolute in metric units (0.01) or relative ("2%")."""
+
+    value: float = Field(ge=0)
+    relative: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, raw: Any) -> Any:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number (absolute) or a percentage string like '2%'")
+        if isinstance(raw, (int, float)):
+            return {"value": float(raw), "relative": False}
+        if isinstance(raw, str):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", raw)
+            if not m:
+                raise ValueError(
+                    f"{raw!r} is not a drop: use a number (absolute, e.g. 0.01) or 'N%'"
+                )
+            return {"value": float(m.group(1)) / 100.0, "relative": True}
+        return raw
+
+    @model_serializer
+    def _dump(self) -> float | str:
+        return f"{self.value * 100:g}%" if self.relative else self.value
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # Editors check what a recipe writes (0.01 or "2%"), not the parsed object.
+        return {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+\s*%\s*$"},
+            ],
+            "description": cls.__doc__,
+        }
+
+    def allowed(self, baseline: float) -> float:
+        """The largest allowed drop in metric units, given the baseline's value."""
+        return self.value * abs(baseline) if self.relative else self.value
+
+
+class InputSpec(Strict):
+    name: str = Field(min_length=1)
+    shape: tuple[int | str, ...] = Field(min_length=0)
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        for d in shape:
+            if isinstance(d, int) and d <= 0:
+                raise ValueError(f"dimension {d} must be positive, or a name for a dynamic axis")
+            if isinstance(d, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", d):
+                raise ValueError(f"dynamic axis name {d!r} must be an identifier")
+        return shape
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+class ModelSpec(Strict):
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    torchscript: str | None = None
+    onnx: str | None = None
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("factory", "torchscript", "onnx") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'factory', 'torchscript' or 'onnx'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.weights and not self.factory:
+            raise ValueError("'weights' applies only to a 'factory' model")
+        if self.args and not self.factory:
+            raise ValueError("'args' applies only to a 'factory' model")
+        if not self.onnx and not self.inputs:
+            raise ValueError("a torch model needs 'inputs' (name, shape, dtype of each input)")
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be unique, got {names}")
+        return self
+
+    @property
+    def kind(self) -> Literal["torch", "onnx"]:
+        return "onnx" if self.onnx else "torch"
+
+
+class DataSpec(Strict):
+    train: str | None = None
+    calibration: str | None = None
+    eval: str
+    batch_size: int = Field(default=32, ge=1, description="batch size for .npz data")
+
+
+class LatencyBudget(Strict):
+    p50: float | None = Field(default=None, gt=0)
+    p90: float | None = Field(default=None, gt=0)
+    p99: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_p50(cls, raw: Any) -> Any:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return {"p50": raw}
+        return raw
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # A bare number is a p50 budget; the schema must accept it too.
+        return {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, handler(core_schema)]}
+
+
+class Budgets(Strict):
+    max_size_mb: float | None = Field(default=None, gt=0)
+    max_latency_ms: LatencyBudget | None = None
+    max_memory_mb: float | None = Field(
+        default=None, gt=0, description="peak RSS of the process measuring the final model"
+    )
+    max_accuracy_drop: Drop | None = None
+    min_speedup: float | None = Field(default=None, gt=0)
+
+
+class Target(Strict):
+    profile: str
+    budgets: Budgets = Field(default_factory=Budgets)
