@@ -93,28 +93,113 @@ def plan_partition(
     ``timing_cache``: pass the same dict to several calls on the same model (say, one per
     bandwidth) to time its parts once; the timings depend on the model, batch size and
     ONNX Runtime settings, not on the link."""
+    progress = progress or NullProgress()
+    p = _prepare(Path(model_path), spec, base_dir, data, progress)
+    _time_parts(p, timing_cache, progress)
+    costs = _refine(p, p.options(), progress)
+    choice = best(costs, spec.objective)
+    split_costs = [c for c in costs if c.kind == "split"]
+    best_split = best(split_costs, spec.objective) if split_costs else None
+    lo, hi = _chart_range(p.link)
+    cross = crossovers(costs, lo, hi, spec.objective, p.power) if p.needs_network else []
+    plan = _plan_dict(p, choice, best_split, costs, cross)
+
+    head = tail = None
+    if best_split is not None:
+        head, tail = _verified_parts(p, plan, _cut_of(p.cuts, best_split), targets, progress)
+        if choice.kind != "split":
+            p.notes.append(f"the plan is {choice.option}; head.onnx/tail.onnx hold the best "
+                           f"split ({best_split.option}), for when the link changes "
+                           "(see the crossovers)")
+    if simulate:
+        plan["simulate"] = _simulate(p.graph, p.cuts, choice, best_split, head, tail, p.device,
+                                     p.server, p.link, p.samples[0], simulate_requests,
+                                     progress, p.compress, p.scales)
+    files: dict[str, Path] = {}
+    if out_dir is not None:
+        files = _write(Path(out_dir), plan, head, tail, costs, cross, p.link, p.graph, spec,
+                       p.device, p.server)
+        plan["files"] = {k: str(v.name) for k, v in files.items()}
+        (Path(out_dir) / "plan.json").write_text(json.dumps(plan, indent=2, default=str),
+                                                 encoding="utf-8")
+    return PartitionResult(plan, choice, best_split, costs, files, p.notes)
+
+
+@dataclass
+class _Planning:
+    """What one plan learns on its way, threaded through its steps."""
+
+    model_path: Path
+    spec: PartitionSpec
+    graph: PartitionGraph
+    device: Side
+    server: Side
+    batch: int
+    positions: list[int]
+    rejected: list
+    link: Link
+    power: Power | None
+    samples: list[dict[str, np.ndarray]]
+    calib: list
+    evals: list
+    notes: list[str]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    cuts: dict[int, Cut] = field(default_factory=dict)
+    scales: dict[str, tuple[float, int]] = field(default_factory=dict)
+    out_bytes: int = 0  # the reply: the model's outputs
+    dev_t: HostTimes | None = None
+    srv_t: HostTimes | None = None
+
+    @property
+    def compress(self) -> str | None:
+        return self.spec.compress
+
+    @property
+    def needs_network(self) -> bool:
+        return bool(self.positions) or not self.spec.keep_input_on_device
+
+    @property
+    def all_positions(self) -> list[int]:
+        return [0, *self.positions, self.graph.n_nodes]
+
+    def cost_of(self, cut: Cut) -> Cost:
+        assert self.dev_t is not None and self.srv_t is not None  # set by _time_parts
+        c = self.compress if cut.kind == "split" else None
+        d_ms, d_src = self.dev_t.head(cut.position, c)
+        s_ms, s_src = self.srv_t.tail(cut.position, c)
+        return make_cost(cut.id, cut.kind, cut.describe(), d_ms * self.device.slowdown,
+                         s_ms * self.server.slowdown, message_bytes(cut.wire_tensors(c)),
+                         self.out_bytes, self.link, self.power, d_src, s_src)
+
+    def options(self) -> list[Cost]:
+        opts = [self.cost_of(self.cuts[self.graph.n_nodes])]
+        if not self.spec.keep_input_on_device:
+            opts.append(self.cost_of(self.cuts[0]))
+        return opts + [self.cost_of(self.cuts[p]) for p in self.positions]
+
+
+def _prepare(model_path: Path, spec: PartitionSpec, base_dir: Path | None, data,
+             progress) -> _Planning:
+    """Everything before timing: profiles, cuts, link, samples and the cut tensors' values."""
     from compactor.profiles import load_profile
 
-    progress = progress or NullProgress()
     notes: list[str] = []
     device_p = load_profile(spec.device, base_dir)
     server_p = load_profile(spec.server, base_dir)
     device = _side("device", device_p, spec.device_slowdown, spec.device_latency_ms)
     server = _side("server", server_p, spec.server_slowdown, spec.server_latency_ms)
     batch = spec.batch_size or device_p.batch_sizes[0]
-    compress = spec.compress
     for side in (device, server):
         _, thread_note = side.profile.threads_on_host()
         if thread_note:
             notes.append(f"{side.role} {side.profile.name}: {thread_note}")
 
     with progress.task("read the graph and find its cuts"):
-        graph = PartitionGraph.load(Path(model_path), batch, spec.dims)
+        graph = PartitionGraph.load(model_path, batch, spec.dims)
         positions, rejected = graph.candidates(spec.max_cut_tensors, spec.keep_input_on_device)
     notes.extend(graph.notes)
-    n = graph.n_nodes
     if not positions:
-        why = _why_no_cut(rejected, n)
+        why = _why_no_cut(rejected, graph.n_nodes)
         notes.append(f"no valid cut inside the model other than the extremes ({why}); "
                      + ("only all-on-device remains (--keep-input-on-device)"
                         if spec.keep_input_on_device else
@@ -127,93 +212,93 @@ def plan_partition(
     if sample_note:
         notes.append(sample_note)
     calib, evals = _split_calibration(samples)
+    p = _Planning(model_path, spec, graph, device, server, batch, positions, rejected, link,
+                  power, samples, calib, evals, notes)
+    _observe(p, progress)
+    return p
 
-    all_pos = [0, *positions, n]
-    exposed = sorted({t for p in all_pos[:-1] for t in graph.crossing(p)}
+
+def _observe(p: _Planning, progress) -> None:
+    """Run the model once to learn every cut tensor's shape and value (and, for int8 on
+    the wire, the scales)."""
+    graph, all_pos = p.graph, p.all_positions
+    exposed = sorted({t for pos in all_pos[:-1] for t in graph.crossing(pos)}
                      - set(graph.input_names))
     with progress.task("run the model once to see the cut tensors"):
-        ref_model = graph.with_outputs(exposed)
-        ref_sess = plain_session(ref_model)
+        ref_sess = plain_session(graph.with_outputs(exposed))
         out_names = [o.name for o in ref_sess.get_outputs()]
-        values = dict(samples[0])
-        values.update(zip(out_names, ref_sess.run(None, _feeds(ref_sess, samples[0])),
+        values = dict(p.samples[0])
+        values.update(zip(out_names, ref_sess.run(None, _feeds(ref_sess, p.samples[0])),
                           strict=True))
         graph.observe({k: v for k, v in values.items() if k in exposed})
-    cuts = {p: graph.cut(p) for p in all_pos}
-    scales: dict[str, tuple[float, int]] = {}
-    if compress == "int8":
-        scales = _calibrate(ref_sess, out_names, calib or samples, cuts.values())
+    p.values = values
+    p.out_bytes = message_bytes([(o, values[o].dtype.name, values[o].shape)
+                                 for o in graph.output_names])
+    p.cuts = {pos: graph.cut(pos) for pos in all_pos}
+    if p.compress == "int8":
+        p.scales = _calibrate(ref_sess, out_names, p.calib or p.samples, p.cuts.values())
 
-    # ---- timing
+
+def _time_parts(p: _Planning, timing_cache: dict | None, progress) -> None:
+    """Time the segments once per distinct set of ONNX Runtime settings, then calibrate
+    each side's slowdown to the full model's time."""
     groups: dict[tuple, HostTimes] = {}
     keys = {}
-    for side in (device, server):
+    all_pos = p.all_positions
+    for side in (p.device, p.server):
         key = side.settings_key()
         keys[side.role] = key
         if key in groups:
-            notes.append(f"device and server run with the same ONNX Runtime settings here; "
-                         f"their parts were timed once ({side.profile.name})")
+            p.notes.append(f"device and server run with the same ONNX Runtime settings here; "
+                           f"their parts were timed once ({side.profile.name})")
             continue
-        cache_key = (str(Path(model_path).resolve()), batch, tuple(all_pos), key)
+        cache_key = (str(p.model_path.resolve()), p.batch, tuple(all_pos), key)
         if timing_cache is not None and cache_key in timing_cache:
             groups[key] = timing_cache[cache_key]
             continue
         with progress.task(f"time {len(all_pos) - 1} segments on {side.profile.name}",
                            total=len(all_pos)) as task:
-            groups[key] = profile_segments(graph, all_pos, side.profile, values,
+            groups[key] = profile_segments(p.graph, all_pos, side.profile, p.values,
                                            on_step=lambda: task.advance())
         if timing_cache is not None:
             timing_cache[cache_key] = groups[key]
-    device = calibrated(device, groups[keys["device"]].full_ms)
-    server = calibrated(server, groups[keys["server"]].full_ms)
-    dev_t, srv_t = groups[keys["device"]], groups[keys["server"]]
-    reply = [(o, values[o].dtype.name, values[o].shape) for o in graph.output_names]
-    out_bytes = message_bytes(reply)
+    p.dev_t, p.srv_t = groups[keys["device"]], groups[keys["server"]]
+    p.device = calibrated(p.device, p.dev_t.full_ms)
+    p.server = calibrated(p.server, p.srv_t.full_ms)
 
-    def cost_of(cut: Cut) -> Cost:
-        c = compress if cut.kind == "split" else None
-        d_ms, d_src = dev_t.head(cut.position, c)
-        s_ms, s_src = srv_t.tail(cut.position, c)
-        return make_cost(cut.id, cut.kind, cut.describe(), d_ms * device.slowdown,
-                         s_ms * server.slowdown, message_bytes(cut.wire_tensors(c)),
-                         out_bytes, link, power, d_src, s_src)
 
-    def options() -> list[Cost]:
-        opts = [cost_of(cuts[n])]
-        if not spec.keep_input_on_device:
-            opts.append(cost_of(cuts[0]))
-        opts += [cost_of(cuts[p]) for p in positions]
-        return opts
+def _refine(p: _Planning, costs: list[Cost], progress) -> list[Cost]:
+    """Re-time the best splits as real head and tail models until the leaders are all
+    direct measurements (a segment sum can flatter a split)."""
+    spec = p.spec
+    if not (p.positions and spec.refine):
+        return costs
+    with progress.task("re-time the best splits as real head and tail models"):
+        for _ in range(4):
+            splits = sorted((c for c in costs if c.kind == "split"),
+                            key=lambda c: (c.value(spec.objective), c.total_ms))
+            todo = [c for c in splits[: spec.refine]
+                    if "segment sum" in (c.device_source, c.server_source)]
+            if not todo:
+                break
+            for c in todo:
+                cut = _cut_of(p.cuts, c)
+                time_direct(p.graph, cut, p.dev_t, p.device.profile, "device", p.values,
+                            p.compress, p.scales)
+                time_direct(p.graph, cut, p.srv_t, p.server.profile, "server", p.values,
+                            p.compress, p.scales)
+            costs = p.options()
+    return costs
 
-    costs = options()
-    if positions and spec.refine:
-        with progress.task("re-time the best splits as real head and tail models"):
-            for _ in range(4):
-                splits = sorted((c for c in costs if c.kind == "split"),
-                                key=lambda c: (c.value(spec.objective), c.total_ms))
-                todo = [c for c in splits[: spec.refine]
-                        if "segment sum" in (c.device_source, c.server_source)]
-                if not todo:
-                    break
-                for c in todo:
-                    cut = cuts[int(c.option.split("@")[1])]
-                    time_direct(graph, cut, dev_t, device.profile, "device", values, compress,
-                                scales)
-                    time_direct(graph, cut, srv_t, server.profile, "server", values, compress,
-                                scales)
-                costs = options()
-    choice = best(costs, spec.objective)
-    split_costs = [c for c in costs if c.kind == "split"]
-    best_split = best(split_costs, spec.objective) if split_costs else None
-    lo = min(CHART_RANGE[0], link.uplink_bps / 10)
-    hi = max(CHART_RANGE[1], link.uplink_bps * 10)
-    cross = crossovers(costs, lo, hi, spec.objective, power) if needs_network else []
 
-    plan: dict[str, Any] = {
+def _plan_dict(p: _Planning, choice: Cost, best_split: Cost | None, costs: list[Cost],
+               cross: list[dict]) -> dict[str, Any]:
+    spec, graph, link, power = p.spec, p.graph, p.link, p.power
+    return {
         "schema": PLAN_SCHEMA,
-        "model": {"file": str(model_path), "nodes": n, "batch_size": batch,
+        "model": {"file": str(p.model_path), "nodes": graph.n_nodes, "batch_size": p.batch,
                   "inputs": {k: list(v) for k, v in graph.input_shapes.items()},
-                  "outputs": graph.output_names, "output_bytes": out_bytes},
+                  "outputs": graph.output_names, "output_bytes": p.out_bytes},
         "objective": spec.objective,
         "keep_input_on_device": spec.keep_input_on_device,
         "compress_transfer": spec.compress_transfer,
@@ -223,60 +308,53 @@ def plan_partition(
         "power": None if power is None else {"device_w": power.device_w,
                                              "radio_w": power.radio_w,
                                              "radio_source": power.radio_source},
-        "device": device.to_dict(),
-        "server": server.to_dict(),
-        "estimate": device.estimate or server.estimate,
-        "choice": _option_dict(choice, cuts, graph),
-        "best_split": _option_dict(best_split, cuts, graph) if best_split else None,
-        "alternatives": [_option_dict(c, cuts, graph) for c in
+        "device": p.device.to_dict(),
+        "server": p.server.to_dict(),
+        "estimate": p.device.estimate or p.server.estimate,
+        "choice": _option_dict(choice, p.cuts, graph),
+        "best_split": _option_dict(best_split, p.cuts, graph) if best_split else None,
+        "alternatives": [_option_dict(c, p.cuts, graph) for c in
                          sorted(costs, key=lambda c: (c.value(spec.objective), c.total_ms))],
-        "rejected_cuts": [{"position": r.position, "reason": r.reason} for r in rejected],
+        "rejected_cuts": [{"position": r.position, "reason": r.reason} for r in p.rejected],
         "crossovers": [{**c, "uplink": fmt_bandwidth(c["uplink_bps"])} for c in cross],
         "crossovers_by": spec.objective,
-        "timing": {"device": dev_t.to_dict(), "server": srv_t.to_dict(),
+        "timing": {"device": p.dev_t.to_dict(), "server": p.srv_t.to_dict(),
                    "method": "segments in topological order, summed less the run overhead "
                              "and scaled to the full model; the best splits re-timed "
                              "directly as head and tail models",
                    "spinning": "intra-op spinning off"},
-        "notes": notes,
+        "notes": p.notes,
     }
 
-    written_cut = cuts[int(best_split.option.split("@")[1])] if best_split else None
-    files: dict[str, Path] = {}
-    head = tail = None
-    if written_cut is not None:
-        with progress.task("verify tail(head(x)) against the model"):
-            plan["verification"] = _verify(graph, written_cut, _first(samples,
-                                                                       VERIFY_SAMPLES))
-            v = plan["verification"]
-            if not v["passed"]:
-                raise PassError(
-                    f"tail(head(x)) differs from the model by {v['max_abs_error']:.3g} "
-                    f"(relative {v['max_rel_error']:.3g} > {TOLERANCE:g}) at {written_cut.id}",
-                    "report this model: a split should compute the same outputs",
-                )
-            head = graph.head(written_cut, compress, scales)
-            tail = graph.tail(written_cut, compress, scales)
-            if compress == "int8":
-                plan["compression"] = _accuracy_effect(
-                    graph, head, tail, evals or samples, targets, written_cut,
-                    calibrated_on=len(calib),
-                    target_offset=len(calib) * batch if evals else 0)
-        if choice.kind != "split":
-            notes.append(f"the plan is {choice.option}; head.onnx/tail.onnx hold the best "
-                         f"split ({best_split.option}), for when the link changes "
-                         "(see the crossovers)")
-    if simulate:
-        plan["simulate"] = _simulate(graph, cuts, choice, best_split, head, tail, device,
-                                     server, link, samples[0], simulate_requests, progress,
-                                     compress, scales)
-    if out_dir is not None:
-        files = _write(Path(out_dir), plan, head, tail, costs, cross, link, graph, spec,
-                       device, server)
-        plan["files"] = {k: str(v.name) for k, v in files.items()}
-        (Path(out_dir) / "plan.json").write_text(json.dumps(plan, indent=2, default=str),
-                                                 encoding="utf-8")
-    return PartitionResult(plan, choice, best_split, costs, files, notes)
+
+def _verified_parts(p: _Planning, plan: dict[str, Any], cut: Cut, targets,
+                    progress) -> tuple[Any, Any]:
+    """The head and tail models at ``cut``, after checking tail(head(x)) == model(x); with
+    int8 on the wire, also the accuracy effect (both recorded in ``plan``)."""
+    with progress.task("verify tail(head(x)) against the model"):
+        v = plan["verification"] = _verify(p.graph, cut, _first(p.samples, VERIFY_SAMPLES))
+        if not v["passed"]:
+            raise PassError(
+                f"tail(head(x)) differs from the model by {v['max_abs_error']:.3g} "
+                f"(relative {v['max_rel_error']:.3g} > {TOLERANCE:g}) at {cut.id}",
+                "report this model: a split should compute the same outputs",
+            )
+        head = p.graph.head(cut, p.compress, p.scales)
+        tail = p.graph.tail(cut, p.compress, p.scales)
+        if p.compress == "int8":
+            plan["compression"] = _accuracy_effect(
+                p.graph, head, tail, p.evals or p.samples, targets, cut,
+                calibrated_on=len(p.calib),
+                target_offset=len(p.calib) * p.batch if p.evals else 0)
+    return head, tail
+
+
+def _cut_of(cuts: Mapping[int, Cut], c: Cost) -> Cut:
+    return cuts[int(c.option.split("@")[1])]
+
+
+def _chart_range(link: Link) -> tuple[float, float]:
+    return (min(CHART_RANGE[0], link.uplink_bps / 10), max(CHART_RANGE[1], link.uplink_bps * 10))
 
 
 # --------------------------------------------------------------------------- settings
@@ -498,7 +576,7 @@ def _simulate(graph, cuts, choice: Cost, best_split: Cost | None, head, tail, de
         elif head is not None and best_split is not None and c.option == best_split.option:
             h, t = head, tail
         else:
-            cut = cuts[int(c.option.split("@")[1])]
+            cut = _cut_of(cuts, c)
             h, t = graph.head(cut, compress, scales), graph.tail(cut, compress, scales)
         with progress.task(f"simulate {c.option} over {fmt_bandwidth(link.uplink_bps)}, "
                            f"rtt {link.rtt_ms:g} ms"):
@@ -546,12 +624,11 @@ def _write(out_dir: Path, plan, head, tail, costs, cross, link: Link, graph, spe
     sub = (f"{device.profile.name} x{device.slowdown:.3g} → {server.profile.name} "
            f"x{server.slowdown:.3g}, rtt {link.rtt_ms:g} ms, batch {graph.batch_size}"
            f"{', int8 transfer' if spec.compress else ''}{est}")
+    lo, hi = _chart_range(link)
     if spec.objective != "latency":  # the chart plots latency: mark latency's crossovers
-        cross = crossovers(costs, min(CHART_RANGE[0], link.uplink_bps / 10),
-                           max(CHART_RANGE[1], link.uplink_bps * 10), "latency")
+        cross = crossovers(costs, lo, hi, "latency")
     svg = render_svg(costs, cross, link.uplink_bps, f"{graph.path.name}: where to run it",
-                     lo=min(CHART_RANGE[0], link.uplink_bps / 10),
-                     hi=max(CHART_RANGE[1], link.uplink_bps * 10), subtitle=sub)
+                     lo=lo, hi=hi, subtitle=sub)
     (out_dir / "chart.svg").write_text(svg, encoding="utf-8")
     files["chart"] = out_dir / "chart.svg"
     files["plan"] = out_dir / "plan.json"
