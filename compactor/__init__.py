@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from compactor.version import __version__
+
 __all__ = ["__version__", "load_recipe", "optimize"]
 
 if TYPE_CHECKING:

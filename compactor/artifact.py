@@ -83,8 +83,8 @@ def build_manifest(
 ) -> dict[str, Any]:
     import onnx
 
-    from compactor import __version__
     from compactor.measure.host import describe_host
+    from compactor.version import __version__
 
     final = stages[-1]
     model = onnx.load(str(final.onnx_path), load_external_data=False)

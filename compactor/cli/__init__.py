@@ -13,8 +13,8 @@ import traceback
 
 import click
 
-from compactor import __version__
 from compactor.errors import EXIT_INTERRUPTED, EXIT_PASS, EXIT_USAGE, CompactorError
+from compactor.version import __version__
 
 
 def _debug(args: list[str]) -> bool:
