@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from html import escape
 
 from compactor.partition.cost import Cost, Link, best
@@ -37,6 +38,31 @@ def curves(costs: Sequence[Cost], grid: Sequence[float]) -> dict[str, list[float
     return out
 
 
+@dataclass(frozen=True)
+class _Axes:
+    """Log-log plot area: bandwidth (bps) across, latency (ms) up."""
+
+    lo: float
+    hi: float
+    ymin: float
+    ymax: float
+
+    @property
+    def pw(self) -> float:
+        return W - LEFT - RIGHT
+
+    @property
+    def ph(self) -> float:
+        return H - TOP - BOTTOM
+
+    def x(self, bps: float) -> float:
+        return LEFT + self.pw * math.log10(bps / self.lo) / math.log10(self.hi / self.lo)
+
+    def y(self, ms: float) -> float:
+        ms = min(max(ms, self.ymin), self.ymax)
+        return TOP + self.ph * (1 - math.log10(ms / self.ymin) / math.log10(self.ymax / self.ymin))
+
+
 def render_svg(costs: Sequence[Cost], crossings: Sequence[dict], plan_bps: float,
                title: str, lo: float = 1e5, hi: float = 1e9, subtitle: str = "") -> str:
     grid = bandwidth_grid(lo, hi)
@@ -46,15 +72,8 @@ def render_svg(costs: Sequence[Cost], crossings: Sequence[dict], plan_bps: float
     ymax = 10 ** math.ceil(math.log10(max(values))) if values else 10.0
     if ymax <= ymin:
         ymax = ymin * 10
-    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-
-    def x(bps: float) -> float:
-        return LEFT + pw * math.log10(bps / lo) / math.log10(hi / lo)
-
-    def y(ms: float) -> float:
-        ms = min(max(ms, ymin), ymax)
-        return TOP + ph * (1 - math.log10(ms / ymin) / math.log10(ymax / ymin))
-
+    ax = _Axes(lo, hi, ymin, ymax)
+    pw, ph = ax.pw, ax.ph
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
         f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
@@ -62,18 +81,35 @@ def render_svg(costs: Sequence[Cost], crossings: Sequence[dict], plan_bps: float
         f'<text x="{LEFT}" y="20" font-size="15" font-weight="bold">{escape(title)}</text>',
         f'<text x="{LEFT}" y="37" fill="#555">{escape(subtitle)}</text>',
         f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+        *_gridlines(ax),
     ]
-    e = math.floor(math.log10(lo))
-    while 10**e <= hi:
+    ly = _draw_series(parts, ax, grid, series)
+    if lo <= plan_bps <= hi:
+        px = ax.x(plan_bps)
+        parts.append(f'<line x1="{px:.1f}" y1="{TOP}" x2="{px:.1f}" y2="{TOP + ph}" '
+                     'stroke="#444" stroke-dasharray="2 3"/>')
+        parts.append(f'<text x="{px + 3:.1f}" y="{TOP + 12}" fill="#444">plan: '
+                     f'{escape(fmt_bandwidth(plan_bps))}</text>')
+    _draw_crossings(parts, ax, crossings, ly + 10)
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _gridlines(ax: _Axes) -> list[str]:
+    """Decade lines and labels on both axes, and the axis titles."""
+    parts = []
+    pw, ph, x, y = ax.pw, ax.ph, ax.x, ax.y
+    e = math.floor(math.log10(ax.lo))
+    while 10**e <= ax.hi:
         bps = 10**e
-        if bps >= lo:
+        if bps >= ax.lo:
             parts.append(f'<line x1="{x(bps):.1f}" y1="{TOP}" x2="{x(bps):.1f}" '
                          f'y2="{TOP + ph}" stroke="#eee"/>')
             parts.append(f'<text x="{x(bps):.1f}" y="{TOP + ph + 16}" text-anchor="middle">'
                          f'{escape(fmt_bandwidth(bps))}</text>')
         e += 1
-    e = round(math.log10(ymin))
-    while 10**e <= ymax * 1.0001:
+    e = round(math.log10(ax.ymin))
+    while 10**e <= ax.ymax * 1.0001:
         ms = 10**e
         parts.append(f'<line x1="{LEFT}" y1="{y(ms):.1f}" x2="{LEFT + pw}" y2="{y(ms):.1f}" '
                      f'stroke="#eee"/>')
@@ -84,10 +120,17 @@ def render_svg(costs: Sequence[Cost], crossings: Sequence[dict], plan_bps: float
                  'uplink bandwidth (log scale)</text>')
     parts.append(f'<text x="16" y="{TOP + ph / 2}" text-anchor="middle" '
                  f'transform="rotate(-90 16 {TOP + ph / 2})">end-to-end latency, ms (log)</text>')
+    return parts
+
+
+def _draw_series(parts: list[str], ax: _Axes, grid: Sequence[float],
+                 series: dict[str, list[float | None]]) -> float:
+    """One curve per option kind, with its legend entry; returns the legend's next y."""
     labels = {"on-device": "all on device", "offload": "full offload", "split": "best split"}
+    right = LEFT + ax.pw
     ly = TOP + 10
     for kind, vals in series.items():
-        pts = [(x(b), y(v)) for b, v in zip(grid, vals, strict=True) if v is not None]
+        pts = [(ax.x(b), ax.y(v)) for b, v in zip(grid, vals, strict=True) if v is not None]
         if not pts:
             continue
         d = " ".join(f"{'M' if i == 0 else 'L'}{px:.1f},{py:.1f}" for i, (px, py) in
@@ -95,37 +138,34 @@ def render_svg(costs: Sequence[Cost], crossings: Sequence[dict], plan_bps: float
         dash = ' stroke-dasharray="6 3"' if kind == "split" else ""
         parts.append(f'<path d="{d}" fill="none" stroke="{COLORS[kind]}" '
                      f'stroke-width="2.2"{dash}/>')
-        parts.append(f'<line x1="{LEFT + pw + 12}" y1="{ly}" x2="{LEFT + pw + 36}" y2="{ly}" '
+        parts.append(f'<line x1="{right + 12}" y1="{ly}" x2="{right + 36}" y2="{ly}" '
                      f'stroke="{COLORS[kind]}" stroke-width="2.2"{dash}/>')
-        parts.append(f'<text x="{LEFT + pw + 42}" y="{ly + 4}">{labels[kind]}</text>')
+        parts.append(f'<text x="{right + 42}" y="{ly + 4}">{labels[kind]}</text>')
         ly += 18
-    if lo <= plan_bps <= hi:
-        px = x(plan_bps)
-        parts.append(f'<line x1="{px:.1f}" y1="{TOP}" x2="{px:.1f}" y2="{TOP + ph}" '
-                     'stroke="#444" stroke-dasharray="2 3"/>')
-        parts.append(f'<text x="{px + 3:.1f}" y="{TOP + 12}" fill="#444">plan: '
-                     f'{escape(fmt_bandwidth(plan_bps))}</text>')
-    ly += 10
-    parts.append(f'<text x="{LEFT + pw + 12}" y="{ly}" font-weight="bold">best choice</text>')
+    return ly
+
+
+def _draw_crossings(parts: list[str], ax: _Axes, crossings: Sequence[dict], ly: float) -> None:
+    """Where the best choice changes: a marked line on the plot and a numbered legend."""
+    right, ph = LEFT + ax.pw, ax.ph
+    parts.append(f'<text x="{right + 12}" y="{ly}" font-weight="bold">best choice</text>')
     ly += 16
     for i, c in enumerate(crossings, 1):
         bps = c["uplink_bps"]
-        if lo <= bps <= hi:
-            px = x(bps)
+        if ax.lo <= bps <= ax.hi:
+            px = ax.x(bps)
             parts.append(f'<line x1="{px:.1f}" y1="{TOP}" x2="{px:.1f}" y2="{TOP + ph}" '
                          'stroke="#b83280" stroke-width="1.2" stroke-dasharray="4 3"/>')
             parts.append(f'<text x="{px:.1f}" y="{TOP + ph - 4}" text-anchor="middle" '
                          f'font-size="10" fill="#b83280">{i}</text>')
-        parts.append(f'<text x="{LEFT + pw + 12}" y="{ly}" fill="#b83280">{i}. at '
+        parts.append(f'<text x="{right + 12}" y="{ly}" fill="#b83280">{i}. at '
                      f'{escape(fmt_bandwidth(bps))}:</text>')
-        parts.append(f'<text x="{LEFT + pw + 12}" y="{ly + 14}" fill="#b83280">'
+        parts.append(f'<text x="{right + 12}" y="{ly + 14}" fill="#b83280">'
                      f'{escape(c["from"])} → {escape(c["to"])}</text>')
         ly += 34
     if not crossings:
-        parts.append(f'<text x="{LEFT + pw + 12}" y="{ly}" fill="#555">no change in '
+        parts.append(f'<text x="{right + 12}" y="{ly}" fill="#555">no change in '
                      'this range</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
 
 
 def _fmt_ms(ms: float) -> str:

@@ -31,7 +31,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -187,7 +189,7 @@ def simulate(head, tail, device, server, bps: float, rtt_ms: float,
     end-to-end milliseconds (p50, mean, each run) and the device and server compute parts.
     """
     from compactor.errors import UsageError
-    from compactor.partition.profile import PAUSE_S, make_session
+    from compactor.partition.profile import make_session
 
     for side in (device, server):
         if side.slowdown < 1:
@@ -199,79 +201,109 @@ def simulate(head, tail, device, server, bps: float, rtt_ms: float,
     if expected_ms and expected_ms > 0:
         requests = max(3, min(requests, int(max_seconds * 1000 / expected_ms)))
     head_sess = make_session(head, device.profile) if head is not None else None
-    head_in = [i.name for i in head_sess.get_inputs()] if head_sess else list(feeds)
-    out: dict = {"requests": requests, "warmup": warmup, "uplink_bps": bps, "rtt_ms": rtt_ms}
-    e2e, dev_ms = [], []
+    run = _Requests(head_sess, device, feeds, warmup, requests)
     server_ms: list[float] = []
     if tail is None:
         for i in range(warmup + requests):
             t0 = time.perf_counter()
-            head_sess.run(None, {k: feeds[k] for k in head_in})
-            dt = time.perf_counter() - t0
-            if device.slowdown > 1:
-                time.sleep((device.slowdown - 1) * dt)
-            if i >= warmup:
-                e2e.append((time.perf_counter() - t0) * 1000.0)
-                dev_ms.append(dt * device.slowdown * 1000.0)
-            time.sleep(PAUSE_S)
+            _, dt = run.head(t0)
+            run.done(i, t0, dt)
     else:
-        with tempfile.TemporaryDirectory(prefix="compactor-simulate-") as tmp:
-            tail_path = Path(tmp) / "tail.onnx"
-            tail_path.write_bytes(tail.SerializeToString())
-            job = Path(tmp) / "job.json"
-            job.write_text(json.dumps({
-                "model": str(tail_path),
-                "profile": server.profile.model_dump(mode="json", by_alias=True),
-                "slowdown": server.slowdown, "bps": bps, "one_way_ms": rtt_ms / 2.0,
-            }), encoding="utf-8")
-            proc = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate",
-                                     str(job)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-            try:
-                line = proc.stdout.readline() if proc.stdout else ""
-                if not line:
-                    raise _server_failed(proc)
-                port = json.loads(line)["port"]
-                sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-                link = ShapedLink(sock, bps, rtt_ms / 2.0)
-                for i in range(warmup + requests):
-                    t0 = time.perf_counter()
-                    if head_sess is not None:
-                        names = [o.name for o in head_sess.get_outputs()]
-                        vals = head_sess.run(None, {k: feeds[k] for k in head_in})
-                        sent = dict(zip(names, vals, strict=True))
-                        dt = time.perf_counter() - t0
-                        if device.slowdown > 1:
-                            time.sleep((device.slowdown - 1) * dt)
-                    else:
-                        sent, dt = {k: feeds[k] for k in feeds}, 0.0
-                    link.send(encode(sent))
-                    decode(link.recv())
-                    if i >= warmup:
-                        e2e.append((time.perf_counter() - t0) * 1000.0)
-                        dev_ms.append(dt * device.slowdown * 1000.0)
-                    time.sleep(PAUSE_S)
-                link.send(b"")
-                sock.close()
-                rest, err = proc.communicate(timeout=60)
-                if proc.returncode != 0:
-                    raise _server_failed(proc, err)
-                for ln in rest.splitlines():
-                    if ln.startswith("{"):
-                        server_ms = json.loads(ln).get("server_ms", [])[warmup:]
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    a = np.asarray(e2e)
-    out.update({
+        server_ms = _run_with_server(run, tail, server, bps, rtt_ms)
+    a = np.asarray(run.e2e)
+    return {
+        "requests": requests, "warmup": warmup, "uplink_bps": bps, "rtt_ms": rtt_ms,
         "measured_ms": {"p50": float(np.median(a)), "mean": float(a.mean()),
                         "min": float(a.min()), "max": float(a.max())},
         "runs_ms": [round(float(x), 3) for x in a],
-        "device_ms_p50": float(np.median(dev_ms)) if dev_ms else 0.0,
+        "device_ms_p50": float(np.median(run.dev_ms)) if run.dev_ms else 0.0,
         "server_ms_p50": float(np.median(server_ms)) if server_ms else 0.0,
-    })
-    return out
+    }
+
+
+@dataclass
+class _Requests:
+    """The device's side of the requests: runs the head (slowed down to the device's
+    speed) and keeps the times after the warm-up."""
+
+    head_sess: Any
+    device: Any
+    feeds: Mapping[str, np.ndarray]
+    warmup: int
+    requests: int
+    e2e: list[float] = field(default_factory=list)
+    dev_ms: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sess = self.head_sess
+        self._in = [i.name for i in sess.get_inputs()] if sess is not None else []
+        self._out = [o.name for o in sess.get_outputs()] if sess is not None else []
+
+    def head(self, t0: float) -> tuple[dict[str, np.ndarray], float]:
+        """What the device sends, and its compute seconds on this host."""
+        if self.head_sess is None:
+            return dict(self.feeds), 0.0
+        vals = self.head_sess.run(None, {k: self.feeds[k] for k in self._in})
+        dt = time.perf_counter() - t0
+        if self.device.slowdown > 1:
+            time.sleep((self.device.slowdown - 1) * dt)
+        return dict(zip(self._out, vals, strict=True)), dt
+
+    def done(self, i: int, t0: float, dt: float) -> None:
+        from compactor.partition.profile import PAUSE_S
+
+        if i >= self.warmup:
+            self.e2e.append((time.perf_counter() - t0) * 1000.0)
+            self.dev_ms.append(dt * self.device.slowdown * 1000.0)
+        time.sleep(PAUSE_S)
+
+
+def _run_with_server(run: _Requests, tail, server, bps: float, rtt_ms: float) -> list[float]:
+    """The requests with the tail in a server process over a shaped loopback link; returns
+    the server's compute milliseconds after the warm-up."""
+    with tempfile.TemporaryDirectory(prefix="compactor-simulate-") as tmp:
+        tail_path = Path(tmp) / "tail.onnx"
+        tail_path.write_bytes(tail.SerializeToString())
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({
+            "model": str(tail_path),
+            "profile": server.profile.model_dump(mode="json", by_alias=True),
+            "slowdown": server.slowdown, "bps": bps, "one_way_ms": rtt_ms / 2.0,
+        }), encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate",
+                                 str(job)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line:
+                raise _server_failed(proc)
+            port = json.loads(line)["port"]
+            sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+            link = ShapedLink(sock, bps, rtt_ms / 2.0)
+            for i in range(run.warmup + run.requests):
+                t0 = time.perf_counter()
+                sent, dt = run.head(t0)
+                link.send(encode(sent))
+                decode(link.recv())
+                run.done(i, t0, dt)
+            link.send(b"")
+            sock.close()
+            return _server_times(proc, run.warmup)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _server_times(proc: subprocess.Popen, warmup: int) -> list[float]:
+    rest, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        raise _server_failed(proc, err)
+    server_ms: list[float] = []
+    for ln in rest.splitlines():
+        if ln.startswith("{"):
+            server_ms = json.loads(ln).get("server_ms", [])[warmup:]
+    return server_ms
 
 
 def _server_failed(proc: subprocess.Popen, err: str | None = None):
