@@ -154,6 +154,30 @@ class _Plan:
 
     def __init__(self, model: nn.Module, graph: PruningGraph, blocks: list[AttentionBlock],
                  spec: PruneSpec, report: PruneReport):
+        self._ignore(model, spec, report)
+        units = graph.units(self.ignored_modules)
+        report.kept_for_outputs = list(graph.output_units)
+        report.unreached = graph.unreached()
+        self.init = {u.name: u.group_width for u in units}
+        self.groups = {u.name: u.channel_groups for u in units}
+        self.layers = {u.name: u.layers for u in units}
+        self.overridden: set[str] = set()
+        used_globs: set[str] = set()
+        self.amount = self._channel_amounts(units, spec, used_globs)
+        self.blocks: dict[str, AttentionBlock] = {}
+        self.head_amount: dict[str, float] = {}
+        self.init_heads: dict[str, int] = {}
+        self._head_amounts(blocks, spec, used_globs, report)
+        unused = [g for g, _ in spec.layers if g not in used_globs]
+        if unused:
+            report.warnings.append(
+                "layers: pattern" + "s" * (len(unused) > 1) + " matched no prunable layer: "
+                + ", ".join(repr(g) for g in unused)
+                + f" (prunable: {', '.join(list(self.init)[:8] + list(self.init_heads)[:4])}"
+                + ("..." if len(self.init) > 8 or len(self.init_heads) > 4 else "") + ")"
+            )
+
+    def _ignore(self, model: nn.Module, spec: PruneSpec, report: PruneReport) -> None:
         names = [n for n, _ in model.named_modules() if n]
         unmatched = [g for g in spec.ignore if not any(_matches(n, g) for n in names)]
         if unmatched:
@@ -166,41 +190,38 @@ class _Plan:
         report.ignored = [n for n in self.ignored
                           if not any(n.startswith(p + ".") for p in self.ignored)]
         self.ignored_modules = [model.get_submodule(n) for n in report.ignored]
-        ignored_ids = {id(m) for top in self.ignored_modules for m in top.modules()}
+        self.ignored_ids = {id(m) for top in self.ignored_modules for m in top.modules()}
 
-        units = graph.units(self.ignored_modules)
-        report.kept_for_outputs = list(graph.output_units)
-        report.unreached = graph.unreached()
-        self.init = {u.name: u.group_width for u in units}
-        self.groups = {u.name: u.channel_groups for u in units}
-        self.layers = {u.name: u.layers for u in units}
-        self.amount: dict[str, float] = {}
-        self.overridden: set[str] = set()
-        used_globs: set[str] = set()
+    def _override(self, names: tuple[str, ...], spec: PruneSpec, used_globs: set[str]
+                  ) -> float | None:
+        """The amount of the first ``layers`` glob matching any of ``names`` (the first
+        name is the unit's), or None."""
+        glob = next((g for g, _ in spec.layers
+                     if any(fnmatch.fnmatchcase(n, g) for n in names)), None)
+        if glob is None:
+            return None
+        used_globs.add(glob)
+        self.overridden.add(names[0])
+        return dict(spec.layers)[glob]
+
+    def _channel_amounts(self, units: list[Unit], spec: PruneSpec, used_globs: set[str]
+                         ) -> dict[str, float]:
+        amount: dict[str, float] = {}
         for u in units:
-            glob = next((g for g, _ in spec.layers
-                         if any(fnmatch.fnmatchcase(n, g) for n in (u.name, *u.layers))), None)
-            if glob is not None:
-                used_globs.add(glob)
-                self.overridden.add(u.name)
-                a = dict(spec.layers)[glob]
-            else:
+            a = self._override((u.name, *u.layers), spec, used_globs)
+            if a is None:
                 a = spec.amount or 0.0
             if a > 0:
-                self.amount[u.name] = a
+                amount[u.name] = a
+        return amount
 
-        self.blocks: dict[str, AttentionBlock] = {}
-        self.head_amount: dict[str, float] = {}
-        self.init_heads: dict[str, int] = {}
+    def _head_amounts(self, blocks: list[AttentionBlock], spec: PruneSpec,
+                      used_globs: set[str], report: PruneReport) -> None:
         for b in blocks:
-            if any(id(p) in ignored_ids for p in (b.module, *b.projections)):
+            if any(id(p) in self.ignored_ids for p in (b.module, *b.projections)):
                 continue
-            glob = next((g for g, _ in spec.layers if fnmatch.fnmatchcase(b.name, g)), None)
-            if glob is not None:
-                used_globs.add(glob)
-                self.overridden.add(b.name)
-                a = dict(spec.layers)[glob]
-            else:
+            a = self._override((b.name,), spec, used_globs)
+            if a is None:
                 a = spec.heads if spec.heads is not None else (spec.amount or 0.0)
             if a <= 0:
                 continue
@@ -211,15 +232,6 @@ class _Plan:
             self.blocks[b.name] = b
             self.head_amount[b.name] = a
             self.init_heads[b.name] = b.num_heads
-
-        unused = [g for g, _ in spec.layers if g not in used_globs]
-        if unused:
-            report.warnings.append(
-                "layers: pattern" + "s" * (len(unused) > 1) + " matched no prunable layer: "
-                + ", ".join(repr(g) for g in unused)
-                + f" (prunable: {', '.join(list(self.init)[:8] + list(self.init_heads)[:4])}"
-                + ("..." if len(self.init) > 8 or len(self.init_heads) > 4 else "") + ")"
-            )
 
     def check(self, spec: PruneSpec) -> None:
         """Fail before any surgery when the final widths would empty a layer."""
@@ -246,13 +258,7 @@ def prune_model(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec,
     from a few batches of training data (needed by ``taylor``).
     """
     report = PruneReport()
-    report.replaced_attention = split_multihead_attention(model)
-    blocks = find_attention(model)
-    protected = [p for b in blocks for p in b.projections]
-    for p in model.parameters():
-        p.requires_grad_(True)
-    graph = PruningGraph(model, example_inputs, protected)
-    plan = _Plan(model, graph, blocks, spec, report)
+    graph, plan = _trace(model, example_inputs, spec, report)
     if plan.empty():
         raise PassError(
             "prune: nothing to prune: " + _why_nothing(plan, report),
@@ -263,9 +269,7 @@ def prune_model(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec,
     if spec.importance == "taylor" and gradients is None:
         raise PassError("prune: importance 'taylor' needs training data",
                         "set data.train in the recipe, or use importance: l2")
-    importance = make_importance(spec.importance)
-    fallback = make_importance("l2")
-    fell_back: list[str] = []
+    scorer = _Scorer(graph, make_importance(spec.importance), make_importance("l2"))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -273,43 +277,8 @@ def prune_model(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec,
             frac = step / spec.steps
             if gradients is not None and spec.importance == "taylor":
                 _fill_gradients(model, gradients)
-            units = {u.name: u for u in graph.units(plan.ignored_modules)}
-            cuts: list[tuple[Unit, list[int]]] = []
-            pool: list[tuple[Unit, torch.Tensor]] = []
-            for name, a in plan.amount.items():
-                unit = units.get(name)
-                if unit is None:  # pragma: no cover - the graph lost a unit between steps
-                    raise PassError(f"prune: layer '{name}' vanished from the graph at step "
-                                    f"{step}", "use steps: 1")
-                scores = graph.scores(unit, importance)
-                if scores is None:
-                    fell_back.append(name)
-                    scores = graph.scores(unit, fallback)
-                per_group = scores.view(unit.channel_groups, -1).mean(0)
-                if spec.global_ranking and name not in plan.overridden:
-                    pool.append((unit, per_group))
-                    continue
-                keep = kept_width(plan.init[name], a * frac, plan._round(name, spec), name)
-                cuts.append((unit, _expand(unit, _lowest(per_group, unit.group_width - keep))))
-            if pool:
-                cuts += _global_cuts(pool, plan, spec, frac)
-            heads_cut = []
-            for name, block in plan.blocks.items():
-                target = kept_heads(plan.init_heads[name], plan.head_amount[name] * frac, name)
-                n = block.num_heads - target
-                if n <= 0:
-                    continue
-                q = block.projections[0]
-                unit = graph.head_unit(q)
-                scores = graph.scores(unit, importance)
-                if scores is None:
-                    fell_back.append(name)
-                    scores = graph.scores(unit, fallback)
-                d = block.head_dim
-                per_head = scores.view(block.num_heads, d).mean(1)
-                heads = _lowest(per_head, n)
-                channels = [h * d + i for h in heads for i in range(d)]
-                heads_cut.append((block, unit, channels, target))
+            cuts = _channel_cuts(graph, plan, spec, scorer, step)
+            heads_cut = _head_cuts(graph, plan, scorer, frac)
             for unit, channels in cuts:
                 graph.remove(unit, channels)
             for block, unit, channels, target in heads_cut:
@@ -318,7 +287,84 @@ def prune_model(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec,
             _check_runs(model, example_inputs, step, spec.steps)
     for p in model.parameters():
         p.grad = None
+    _fill_report(report, model, graph, plan, spec, scorer.fell_back)
+    return report
 
+
+def _trace(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec,
+           report: PruneReport) -> tuple[PruningGraph, _Plan]:
+    """Split fused attention, trace the dependency graph and plan what ``spec`` removes."""
+    report.replaced_attention = split_multihead_attention(model)
+    blocks = find_attention(model)
+    protected = [p for b in blocks for p in b.projections]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    graph = PruningGraph(model, example_inputs, protected)
+    return graph, _Plan(model, graph, blocks, spec, report)
+
+
+@dataclass
+class _Scorer:
+    """Channel scores by the chosen importance, or by l2 where it has nothing to rank by
+    (say, taylor without BatchNorm); remembers where it fell back."""
+
+    graph: PruningGraph
+    importance: Any
+    fallback: Any
+    fell_back: list[str] = field(default_factory=list)
+
+    def __call__(self, unit: Unit, name: str) -> torch.Tensor:
+        scores = self.graph.scores(unit, self.importance)
+        if scores is None:
+            self.fell_back.append(name)
+            scores = self.graph.scores(unit, self.fallback)
+        return scores
+
+
+def _channel_cuts(graph: PruningGraph, plan: _Plan, spec: PruneSpec, scorer: _Scorer,
+                  step: int) -> list[tuple[Unit, list[int]]]:
+    """The channels each unit loses in round ``step``: per layer, or by one global ranking
+    for the units without a per-layer amount."""
+    frac = step / spec.steps
+    units = {u.name: u for u in graph.units(plan.ignored_modules)}
+    cuts: list[tuple[Unit, list[int]]] = []
+    pool: list[tuple[Unit, torch.Tensor]] = []
+    for name, a in plan.amount.items():
+        unit = units.get(name)
+        if unit is None:  # pragma: no cover - the graph lost a unit between steps
+            raise PassError(f"prune: layer '{name}' vanished from the graph at step "
+                            f"{step}", "use steps: 1")
+        per_group = scorer(unit, name).view(unit.channel_groups, -1).mean(0)
+        if spec.global_ranking and name not in plan.overridden:
+            pool.append((unit, per_group))
+            continue
+        keep = kept_width(plan.init[name], a * frac, plan._round(name, spec), name)
+        cuts.append((unit, _expand(unit, _lowest(per_group, unit.group_width - keep))))
+    if pool:
+        cuts += _global_cuts(pool, plan, spec, frac)
+    return cuts
+
+
+def _head_cuts(graph: PruningGraph, plan: _Plan, scorer: _Scorer, frac: float) -> list[tuple]:
+    """Per attention block: the lowest-scored heads' channels in its query projection
+    (Torch-Pruning takes key and value along), and the heads it keeps."""
+    heads_cut = []
+    for name, block in plan.blocks.items():
+        target = kept_heads(plan.init_heads[name], plan.head_amount[name] * frac, name)
+        n = block.num_heads - target
+        if n <= 0:
+            continue
+        unit = graph.head_unit(block.projections[0])
+        d = block.head_dim
+        per_head = scorer(unit, name).view(block.num_heads, d).mean(1)
+        heads = _lowest(per_head, n)
+        channels = [h * d + i for h in heads for i in range(d)]
+        heads_cut.append((block, unit, channels, target))
+    return heads_cut
+
+
+def _fill_report(report: PruneReport, model: nn.Module, graph: PruningGraph, plan: _Plan,
+                 spec: PruneSpec, fell_back: list[str]) -> None:
     final = {u.name: u for u in graph.units(plan.ignored_modules)}
     for name, a in plan.amount.items():
         u = final[name]
@@ -335,7 +381,6 @@ def prune_model(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec,
             f"(e.g. '{fell_back[0]}': no BatchNorm); they were ranked by l2 instead"
         )
     report.warnings += [w for w in graph.warnings if "Unknown operation" in w]
-    return report
 
 
 def _check_runs(model: nn.Module, example_inputs: tuple | dict, step: int, steps: int) -> None:
@@ -481,14 +526,9 @@ def prune_to_target(model: nn.Module, example_inputs: tuple | dict, count_inputs
 def discover(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec
              ) -> tuple[_Plan, PruneReport]:
     """What ``spec`` would prune in ``model`` (traced on a copy; nothing is removed)."""
-    m = copy.deepcopy(model)
     report = PruneReport()
-    report.replaced_attention = split_multihead_attention(m)
-    blocks = find_attention(m)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    graph = PruningGraph(m, example_inputs, [p for b in blocks for p in b.projections])
-    return _Plan(m, graph, blocks, spec, report), report
+    _, plan = _trace(copy.deepcopy(model), example_inputs, spec, report)
+    return plan, report
 
 
 def max_amount(model: nn.Module, example_inputs: tuple | dict, spec: PruneSpec) -> float:
