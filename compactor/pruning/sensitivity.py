@@ -170,40 +170,13 @@ def analyze(recipe, amounts: Sequence[float] = DEFAULT_AMOUNTS, target_macs: flo
     amounts for ``target_macs`` (the fraction of the baseline's MACs kept)."""
     from compactor.metrics import get_metric
     from compactor.model import load_model
-    from compactor.passes.prune import model_inputs, spec_from_config, taylor_gradients
+    from compactor.passes.prune import model_inputs, taylor_gradients
     from compactor.pipeline import Progress, RunContext
-    from compactor.pruning.pruner import (
-        EmptiesLayer,
-        PruneSpec,
-        discover,
-        prune_model,
-    )
 
     t0 = time.perf_counter()
     progress = progress or Progress()
-    amounts = tuple(sorted(set(float(a) for a in amounts)))
-    if not amounts or any(not 0 < a < 1 for a in amounts):
-        raise RecipeError("sensitivity: amounts must be fractions in (0, 1)",
-                          "e.g. --amounts 0.25,0.5,0.75")
-    if target_macs is not None and not 0 < target_macs < 1:
-        raise RecipeError(f"sensitivity: target MACs {target_macs:g} must be in (0, 1)",
-                          "the fraction of the baseline's MACs kept, e.g. 0.5")
-    if recipe.model.kind != "torch":
-        raise RecipeError(
-            "sensitivity prunes the torch model, and this recipe's model is ONNX",
-            "give the model as model.factory (or model.torchscript) to analyse it",
-        )
-    base_cfg = next((cfg for name, cfg in recipe.pass_list if name == "prune"), None)
-    spec = spec_from_config(base_cfg, recipe.seed) if base_cfg is not None else PruneSpec(
-        seed=recipe.seed)
-    spec = replace(spec, amount=None, layers=(), heads=None, global_ranking=False,
-                   importance=importance or spec.importance,
-                   ignore=tuple(ignore) if ignore is not None else spec.ignore)
-    settings = {"importance": spec.importance, "round_to": spec.round_to}
-    if spec.ignore:
-        settings["ignore"] = list(spec.ignore)
-    if spec.steps > 1:
-        settings["steps"] = spec.steps
+    amounts = _check_args(recipe, amounts, target_macs)
+    base_cfg, spec, settings = _base_spec(recipe, importance, ignore)
 
     with progress.task("load model"):
         baseline, _ = load_model(recipe.model, recipe.base_dir)
@@ -220,37 +193,15 @@ def analyze(recipe, amounts: Sequence[float] = DEFAULT_AMOUNTS, target_macs: flo
         with progress.task("baseline: export and evaluate"):
             base_value, base_macs = measure(model)
         measure.baseline_value, measure.baseline_macs = base_value, base_macs
-        plan, report = discover(model, trace_inputs, replace(spec, amount=0.5))
-        units = [(n, "channels", w * plan.groups[n]) for n, w in plan.init.items()]
-        units += [(n, "heads", h) for n, h in plan.init_heads.items()]
-        if not units:
-            raise PassError("sensitivity: the model has no prunable layer",
-                            "see `compactor optimize` with a prune pass for why")
-        layers: list[LayerSensitivity] = []
-        for name, kind, width in units:
-            row = LayerSensitivity(name, kind, width)
-            with progress.task(f"{name}: {len(amounts)} amounts", total=len(amounts)) as task:
-                for a in amounts:
-                    m = copy.deepcopy(model)
-                    try:
-                        rep = prune_model(m, trace_inputs, replace(spec, layers=((name, a),)),
-                                          gradients)
-                    except EmptiesLayer:
-                        task.advance()
-                        continue
-                    value, macs = measure(m)
-                    kept = next((u.after for u in rep.units if u.name == name), width)
-                    row.points.append(Point(
-                        a, value, metric.drop(base_value, value),
-                        None if not (macs and base_macs) else macs / base_macs, kept))
-                    task.advance()
-            layers.append(row)
+        units, report = _prunable(model, trace_inputs, spec)
+        sweep = _Sweep(model, trace_inputs, spec, gradients, measure, metric, base_value)
+        layers = [sweep.layer(name, kind, width, amounts, progress)
+                  for name, kind, width in units]
 
         suggestion = None
         if target_macs is not None:
             with progress.task(f"suggestion for MACs ≤ {target_macs:g} of baseline"):
-                suggestion = _suggest(model, trace_inputs, count_inputs, spec, layers,
-                                      target_macs, gradients, measure, base_value, metric)
+                suggestion = _suggest(sweep, count_inputs, layers, target_macs)
                 suggestion.settings = settings
         return SensitivityResult(
             recipe=recipe.name, metric=metric.name, higher_is_better=metric.higher_is_better,
@@ -266,34 +217,125 @@ def analyze(recipe, amounts: Sequence[float] = DEFAULT_AMOUNTS, target_macs: flo
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _suggest(model, trace_inputs, count_inputs, spec, layers: list[LayerSensitivity],
-             target: float, gradients, measure, base_value: float, metric) -> Suggestion:
-    """Greedy: raise the layer amount with the least metric lost per MAC saved, until the
-    pruned model (checked for real, in torch) keeps at most ``target`` of the MACs."""
-    from compactor.pruning.pruner import measure as count
-    from compactor.pruning.pruner import prune_model
+def _check_args(recipe, amounts: Sequence[float], target_macs: float | None
+                ) -> tuple[float, ...]:
+    amounts = tuple(sorted(set(float(a) for a in amounts)))
+    if not amounts or any(not 0 < a < 1 for a in amounts):
+        raise RecipeError("sensitivity: amounts must be fractions in (0, 1)",
+                          "e.g. --amounts 0.25,0.5,0.75")
+    if target_macs is not None and not 0 < target_macs < 1:
+        raise RecipeError(f"sensitivity: target MACs {target_macs:g} must be in (0, 1)",
+                          "the fraction of the baseline's MACs kept, e.g. 0.5")
+    if recipe.model.kind != "torch":
+        raise RecipeError(
+            "sensitivity prunes the torch model, and this recipe's model is ONNX",
+            "give the model as model.factory (or model.torchscript) to analyse it",
+        )
+    return amounts
 
-    base_torch = count(model, count_inputs)["macs"]
-    options = {
-        layer.name: [(0.0, 0.0, 0.0)] + [
-            (p.amount, max(p.drop, 0.0), 1.0 - p.macs_ratio)
-            for p in layer.points if p.macs_ratio is not None
-        ]
-        for layer in layers
-    }
-    if not any(len(opts) > 1 for opts in options.values()):
-        return Suggestion(target, {}, False)
-    chosen = {name: 0 for name in options}  # index into options
-    needed = 1.0 - target
 
-    def saved() -> float:
-        return sum(options[n][i][2] for n, i in chosen.items())
+def _prunable(model, trace_inputs, spec) -> tuple[list[tuple[str, str, int]], Any]:
+    """Each prunable layer as (name, kind, width), and the pruner's report on the model."""
+    from compactor.pruning.pruner import discover
 
-    def upgrade() -> bool:
+    plan, report = discover(model, trace_inputs, replace(spec, amount=0.5))
+    units = [(n, "channels", w * plan.groups[n]) for n, w in plan.init.items()]
+    units += [(n, "heads", h) for n, h in plan.init_heads.items()]
+    if not units:
+        raise PassError("sensitivity: the model has no prunable layer",
+                        "see `compactor optimize` with a prune pass for why")
+    return units, report
+
+
+def _base_spec(recipe, importance: str | None, ignore: Sequence[str] | None):
+    """The recipe's prune settings (or the defaults) with no amounts: each point sets its
+    own. Returns the prune config (or None), the spec and the settings a suggestion keeps."""
+    from compactor.passes.prune import spec_from_config
+    from compactor.pruning.pruner import PruneSpec
+
+    base_cfg = next((cfg for name, cfg in recipe.pass_list if name == "prune"), None)
+    spec = spec_from_config(base_cfg, recipe.seed) if base_cfg is not None else PruneSpec(
+        seed=recipe.seed)
+    spec = replace(spec, amount=None, layers=(), heads=None, global_ranking=False,
+                   importance=importance or spec.importance,
+                   ignore=tuple(ignore) if ignore is not None else spec.ignore)
+    settings: dict[str, Any] = {"importance": spec.importance, "round_to": spec.round_to}
+    if spec.ignore:
+        settings["ignore"] = list(spec.ignore)
+    if spec.steps > 1:
+        settings["steps"] = spec.steps
+    return base_cfg, spec, settings
+
+
+@dataclass
+class _Sweep:
+    """Prunes copies of one model by per-layer amounts and measures them."""
+
+    model: Any
+    trace_inputs: Any
+    spec: Any
+    gradients: Any
+    measure: _Measure
+    metric: Any
+    base_value: float
+
+    def pruned(self, layers: tuple[tuple[str, float], ...]):
+        """A pruned copy of the model and the pruner's report."""
+        from compactor.pruning.pruner import prune_model
+
+        m = copy.deepcopy(self.model)
+        rep = prune_model(m, self.trace_inputs, replace(self.spec, layers=layers),
+                          self.gradients)
+        return m, rep
+
+    def layer(self, name: str, kind: str, width: int, amounts: tuple[float, ...],
+              progress) -> LayerSensitivity:
+        """One layer alone pruned by each amount (an amount that empties it is skipped)."""
+        from compactor.pruning.pruner import EmptiesLayer
+
+        row = LayerSensitivity(name, kind, width)
+        base_macs = self.measure.baseline_macs
+        with progress.task(f"{name}: {len(amounts)} amounts", total=len(amounts)) as task:
+            for a in amounts:
+                try:
+                    m, rep = self.pruned(((name, a),))
+                except EmptiesLayer:
+                    task.advance()
+                    continue
+                value, macs = self.measure(m)
+                kept = next((u.after for u in rep.units if u.name == name), width)
+                row.points.append(Point(
+                    a, value, self.metric.drop(self.base_value, value),
+                    None if not (macs and base_macs) else macs / base_macs, kept))
+                task.advance()
+        return row
+
+
+class _Greedy:
+    """Per layer, its measured options (amount, metric lost, MACs saved) and the one
+    chosen so far; upgrades the cheapest loss per MAC saved."""
+
+    def __init__(self, layers: list[LayerSensitivity]):
+        self.options = {
+            layer.name: [(0.0, 0.0, 0.0)] + [
+                (p.amount, max(p.drop, 0.0), 1.0 - p.macs_ratio)
+                for p in layer.points if p.macs_ratio is not None
+            ]
+            for layer in layers
+        }
+        self.chosen = {name: 0 for name in self.options}  # index into options
+
+    def any_option(self) -> bool:
+        return any(len(opts) > 1 for opts in self.options.values())
+
+    def saved(self) -> float:
+        return sum(self.options[n][i][2] for n, i in self.chosen.items())
+
+    def upgrade(self) -> bool:
         best = None
-        for name, opts in options.items():
-            cur = opts[chosen[name]]
-            for j in range(chosen[name] + 1, len(opts)):
+        for name, opts in self.options.items():
+            cur = opts[self.chosen[name]]
+            for j in range(self.chosen[name] + 1, len(opts)):
                 gain = opts[j][2] - cur[2]
                 if gain <= 0:
                     continue
@@ -302,33 +344,46 @@ def _suggest(model, trace_inputs, count_inputs, spec, layers: list[LayerSensitiv
                     best = (cost, name, j)
         if best is None:
             return False
-        chosen[best[1]] = best[2]
+        self.chosen[best[1]] = best[2]
         return True
 
-    def plan() -> dict[str, float]:
-        return {n: options[n][i][0] for n, i in chosen.items() if options[n][i][0] > 0}
+    def plan(self) -> dict[str, float]:
+        return {n: self.options[n][i][0] for n, i in self.chosen.items()
+                if self.options[n][i][0] > 0}
 
+
+def _suggest(sweep: _Sweep, count_inputs, layers: list[LayerSensitivity],
+             target: float) -> Suggestion:
+    """Greedy: raise the layer amount with the least metric lost per MAC saved, until the
+    pruned model (checked for real, in torch) keeps at most ``target`` of the MACs."""
+    from compactor.pruning.pruner import measure as count
+
+    base_torch = count(sweep.model, count_inputs)["macs"]
+    greedy = _Greedy(layers)
+    if not greedy.any_option():
+        return Suggestion(target, {}, False)
+    needed = 1.0 - target
     reachable = False
     pruned = None
     for _ in range(200):
-        while saved() < needed and upgrade():
+        while greedy.saved() < needed and greedy.upgrade():
             pass
-        m = copy.deepcopy(model)
-        prune_model(m, trace_inputs, replace(spec, layers=tuple(plan().items())), gradients)
+        m, _ = sweep.pruned(tuple(greedy.plan().items()))
         ratio = count(m, count_inputs)["macs"] / base_torch
         if ratio <= target:
             reachable, pruned = True, m
             break
         # layers interact (pruning one shrinks its neighbours' inputs too): ask for more
-        needed = saved() + (ratio - target)
-        if not upgrade():
+        needed = greedy.saved() + (ratio - target)
+        if not greedy.upgrade():
             pruned = m
             break
-    layers_plan = plan()
+    layers_plan = greedy.plan()
     s = Suggestion(target, layers_plan, reachable)
     if pruned is not None and layers_plan:
+        measure = sweep.measure
         value, macs = measure(pruned)
-        s.metric, s.drop = value, metric.drop(base_value, value)
+        s.metric, s.drop = value, sweep.metric.drop(sweep.base_value, value)
         s.macs_ratio = None if not (macs and measure.baseline_macs) else \
             macs / measure.baseline_macs
     return s
@@ -431,22 +486,29 @@ def svg_chart(r: SensitivityResult) -> str:
                '(fraction of the layer removed)</text>')
     out.append(f'<line x1="{left}" y1="{Y(r.baseline_metric):.1f}" x2="{left + pw}" '
                f'y2="{Y(r.baseline_metric):.1f}" stroke="#999" stroke-dasharray="4 3"/>')
+    legend_x = w - right
     for i, layer in enumerate(r.layers):
-        color = _COLORS[i % len(_COLORS)]
         pts = [(0.0, r.baseline_metric)] + [(p.amount, p.metric) for p in layer.points]
-        path = " ".join(f"{X(a):.1f},{Y(v):.1f}" for a, v in pts)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
-                   'stroke-width="1.8"/>')
-        for a, v in pts[1:]:
-            out.append(f'<circle cx="{X(a):.1f}" cy="{Y(v):.1f}" r="3" fill="{color}"/>')
         ly = top + 14 * i
-        if ly < h - 20:
-            out.append(f'<line x1="{w - right + 12}" y1="{ly}" x2="{w - right + 30}" '
-                       f'y2="{ly}" stroke="{color}" stroke-width="3"/>')
-            out.append(f'<text x="{w - right + 36}" y="{ly + 4}">{_esc(layer.name[-28:])}'
-                       '</text>')
+        out += _layer_line(layer.name, [(X(a), Y(v)) for a, v in pts],
+                           _COLORS[i % len(_COLORS)], legend_x, ly if ly < h - 20 else None)
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _layer_line(name: str, pts: list[tuple[float, float]], color: str, legend_x: float,
+                ly: float | None) -> list[str]:
+    """One layer's line from the baseline through its points, and its legend entry (none
+    where ``ly`` is None: the legend is full)."""
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+    out = [f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>']
+    for x, y in pts[1:]:
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
+    if ly is not None:
+        out.append(f'<line x1="{legend_x + 12}" y1="{ly}" x2="{legend_x + 30}" '
+                   f'y2="{ly}" stroke="{color}" stroke-width="3"/>')
+        out.append(f'<text x="{legend_x + 36}" y="{ly + 4}">{_esc(name[-28:])}</text>')
+    return out
 
 
 SPARK = "▁▂▃▄▅▆▇█"
