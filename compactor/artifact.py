@@ -175,11 +175,13 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
 
 
 def read_manifest(artifact: Path) -> dict[str, Any]:
+    """The raw JSON of ``artifact``'s manifest (a folder or its manifest.json), read with a
+    size cap; unreadable JSON is ``ArtifactDamaged``. ``compactor.manifest.load_manifest``
+    also validates it against the schema (what ``check`` uses)."""
+    from compactor.manifest import parse_json, read_text_bounded
+
     path = artifact / MANIFEST if artifact.is_dir() else artifact
     if not path.is_file():
         raise ArtifactError(f"{artifact} is not a compactor artifact (no {MANIFEST})",
                             "point at the folder `compactor optimize` wrote")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"cannot read {path}: {e}", "the artifact may be damaged") from e
+    return parse_json(read_text_bounded(path))

@@ -7,15 +7,26 @@ onnxruntime.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compactor.artifact import MANIFEST, MANIFEST_SCHEMA_VERSION, MODEL, read_manifest
 from compactor.budgets import Verdict, evaluate_budgets, merge_budgets, regressions
-from compactor.errors import EXIT_USAGE, ArtifactError, UsageError, did_you_mean
+from compactor.errors import EXIT_USAGE, ArtifactDamaged, ArtifactError, UsageError, did_you_mean
+from compactor.manifest import (
+    MANIFEST,
+    EstimateRecord,
+    Manifest,
+    RuntimeRecord,
+    TargetRecord,
+    damaged,
+    inside,
+    load_manifest,
+    read_text_bounded,
+    visible,
+)
+from compactor.profiles import Profile
 from compactor.report.markdown import fmt_num
 from compactor.spec import Budgets
 
@@ -79,8 +90,9 @@ class CheckResult:
 # --------------------------------------------------------------------------- reading
 
 
-def load_artifact_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
-    """The artifact folder and its manifest; a clear error when ``path`` is not one."""
+def load_artifact_manifest(path: Path) -> tuple[Path, Manifest]:
+    """The artifact folder and its validated manifest; a clear error when ``path`` is not
+    an artifact, "artifact damaged: FIELD: why" (exit 1) when its manifest is damaged."""
     folder = path.parent if path.is_file() and path.name == MANIFEST else path
     if not folder.exists():
         raise ArtifactError(f"{path} does not exist", "give the folder `compactor optimize` "
@@ -91,57 +103,40 @@ def load_artifact_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
             "give the folder `compactor optimize` wrote (it holds model.onnx and manifest.json)",
             exit_code=EXIT_USAGE,
         )
-    manifest = read_manifest(folder)
-    _check_schema(manifest, folder / MANIFEST)
-    return folder, manifest
+    return folder, load_manifest(folder)
 
 
-def read_other_manifest(path: Path) -> dict[str, Any]:
+def read_other_manifest(path: Path) -> Manifest:
     """The manifest of an older artifact, given as its folder or its manifest.json."""
     file = path / MANIFEST if path.is_dir() else path
     if not file.is_file():
         raise UsageError(f"--against {path}: no manifest there",
                          "give an older artifact's folder or its manifest.json")
-    manifest = read_manifest(file)
-    _check_schema(manifest, file, flag="--against ")
-    return manifest
+    try:
+        return load_manifest(file.parent, file)
+    except ArtifactError as e:
+        raise type(e)(f"--against {file}: {e.message}", e.hint, exit_code=e.exit_code) from None
 
 
-def _check_schema(manifest: Any, file: Path, flag: str = "") -> None:
-    if not isinstance(manifest, dict) or "schema_version" not in manifest:
-        raise ArtifactError(f"{flag}{file} is not a compactor manifest (no schema_version)",
-                            "give a manifest.json written by `compactor optimize`",
-                            exit_code=EXIT_USAGE)
-    got = manifest["schema_version"]
-    if got != MANIFEST_SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{flag}{file} has manifest schema version {got}; this compactor reads version "
-            f"{MANIFEST_SCHEMA_VERSION}",
-            "compare artifacts written by the same major version of compactor, or re-run "
-            "`compactor optimize` on the older recipe",
-            exit_code=EXIT_USAGE,
-        )
-    for key in ("name", "model", "stages", "targets", "metric"):
-        if key not in manifest:
-            raise ArtifactError(f"{flag}{file}: the manifest has no {key!r}",
-                                "the artifact is damaged; re-run `compactor optimize`",
-                                exit_code=EXIT_USAGE)
-
-
-def verify_integrity(folder: Path, manifest: Mapping[str, Any]) -> list[Verdict]:
-    """One verdict per file the manifest hashes: pass when the file's sha256 matches."""
+def verify_integrity(folder: Path, manifest: Manifest) -> list[Verdict]:
+    """One verdict per file the manifest hashes: pass when the file's sha256 matches. Each
+    path must resolve inside the artifact, and a file larger than the manifest says fails
+    before a byte of it is read."""
     from compactor.measure.size import sha256
 
-    files = {manifest["model"].get("file", MODEL): manifest["model"].get("sha256")}
-    for d in manifest.get("deployables") or []:
-        for name, f in d.get("files", {}).items():
-            files[name] = f.get("sha256")
     out = []
-    for name, want in files.items():
-        path = folder / name
+    for name, (where, want, size) in manifest.hashed_files().items():
+        path = inside(folder, name, where)
         if not path.is_file():
             out.append(Verdict(f"integrity.{name}", 0, None, "", "fail",
                                f"{name} is missing from the artifact"))
+            continue
+        got_size = path.stat().st_size
+        if got_size > size:
+            out.append(Verdict(f"integrity.{name}", 0, None, "", "fail",
+                               f"size {got_size:,} bytes does not match the manifest's "
+                               f"{size:,}: the file changed after compactor wrote it (larger, "
+                               "so not hashed)"))
             continue
         got = sha256(path)
         if got == want:
@@ -149,7 +144,10 @@ def verify_integrity(folder: Path, manifest: Mapping[str, Any]) -> list[Verdict]
         else:
             out.append(Verdict(f"integrity.{name}", 0, None, "", "fail",
                                f"sha256 {got[:12]}… does not match the manifest's "
-                               f"{str(want)[:12]}…: the file changed after compactor wrote it"))
+                               f"{want[:12]}…: the file changed after compactor wrote it"))
+    if manifest.partition is not None:
+        for i, name in enumerate(manifest.partition.files):
+            inside(folder, name, f"partition.files.{i}")  # not hashed, but never outside
     return out
 
 
@@ -171,108 +169,165 @@ def check_artifact(
     """Check the artifact at ``path``; see ``compactor check --help``."""
     folder, manifest = load_artifact_manifest(path)
     old = read_other_manifest(against) if against is not None else None
-    result = CheckResult(folder, manifest["name"], verify_integrity(folder, manifest),
+    result = CheckResult(folder, manifest.name, verify_integrity(folder, manifest),
                          strict=strict)
     if not result.intact:
         return result  # numbers of a model that is not the one measured mean nothing
 
-    by_profile = {t["profile"]: t for t in manifest["targets"]}
+    by_profile = {t.profile: (i, t) for i, t in enumerate(manifest.targets)}
     chosen = list(targets) or list(by_profile)
-    current = copy.deepcopy(manifest)
+    current = manifest.to_dict()
     for name in chosen:
-        entry = by_profile.get(name)
+        index, entry = by_profile.get(name, (None, None))
         if entry is None and not remeasure:
             hint = did_you_mean(name, by_profile)
             raise UsageError(
                 f"--target {name!r}: this artifact has no measurements for it",
-                (hint + " " if hint else "") + f"its targets: {', '.join(by_profile)}; "
-                "or add --remeasure to measure it on this host",
+                (visible(hint) + " " if hint else "") + "its targets: "
+                + visible(", ".join(by_profile)) + "; or add --remeasure to measure it on "
+                "this host",
             )
-        budgets = _budgets_of(folder, entry) if entry else Budgets()
+        budgets = _budgets_of(folder, index, entry) if entry else Budgets()
         if overrides:
             budgets = merge_budgets(budgets, overrides)
         if remeasure:
             if on_measure:
                 on_measure(name)
-            check = _remeasured(folder, manifest, current, name, entry, budgets, dims or {})
+            check = _remeasured(folder, manifest, current, name, index, entry, budgets,
+                                dims or {})
         else:
-            check = _from_manifest(manifest, entry, budgets)
+            check = _from_manifest(manifest, index, entry, budgets)
         result.targets.append(check)
 
     if old is not None:
         result.against = str(against)
-        result.regressions = regressions(old, current, max_regression, chosen)
-        if old.get("host", {}).get("cpu") != current.get("host", {}).get("cpu"):
+        result.regressions = regressions(old.to_dict(), current, max_regression, chosen)
+        before, after = old.host.get("cpu", "?"), manifest.host.get("cpu", "?")
+        if before != after:
             result.notes.append(
-                f"latency compared across hosts ({old.get('host', {}).get('cpu', '?')} → "
-                f"{current.get('host', {}).get('cpu', '?')}); a change may be the host's")
+                f"latency compared across hosts ({before} → {after}); a change may be the "
+                "host's")
     return result
 
 
-def _budgets_of(folder: Path, entry: Mapping[str, Any]) -> Budgets:
-    if entry.get("budgets") is not None:
-        return Budgets.model_validate(entry["budgets"])
+# A lock file is a few kilobytes; it is read only for manifests that predate target budgets.
+MAX_LOCK_BYTES = 1 << 20
+
+
+def _budgets_of(folder: Path, index: int, entry: TargetRecord) -> Budgets:
+    if entry.budgets is not None:
+        return entry.budgets
     # Manifests written before targets recorded their budgets: read them from the lock.
     import yaml
+    from pydantic import ValidationError
 
-    lock = folder / "recipe.lock.yaml"
-    if lock.is_file():
-        raw = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
-        for t in raw.get("targets") or []:
-            if t.get("profile") == entry["profile"]:
-                return Budgets.model_validate(t.get("budgets") or {})
-    return Budgets()
+    where = "recipe.lock.yaml"
+    lock = inside(folder, where, where)
+    if not lock.is_file():
+        return Budgets()
+    try:
+        raw = yaml.safe_load(read_text_bounded(lock, MAX_LOCK_BYTES, where))
+    except yaml.YAMLError as e:
+        raise ArtifactDamaged(f"artifact damaged: {where}: not valid YAML "
+                              f"({visible(str(e).splitlines()[0])[:200]})",
+                              "rebuild the artifact with `compactor optimize`") from None
+    found = [t for t in (raw.get("targets") if isinstance(raw, dict) else None) or []
+             if isinstance(t, dict) and t.get("profile") == entry.profile]
+    try:
+        return Budgets.model_validate(found[0].get("budgets") or {}) if found else Budgets()
+    except ValidationError as e:
+        raise damaged(e, where) from None
 
 
-def _profile(entry: Mapping[str, Any] | None, name: str, folder: Path):
-    from compactor.profiles import Profile, load_profile
+# Bounds on what an artifact's profile settings may ask a re-measurement to do: a manifest
+# that asks for 31 years of timing, or a billion warm-up runs, gets these instead.
+MAX_TIME_S = 30.0
+MAX_WARMUP_RUNS = 1000
+MAX_BATCH_SIZES = 8
 
-    if entry is not None and entry.get("settings"):
-        return Profile.model_validate(entry["settings"])
-    return load_profile(name, folder)
+
+def _profile(entry: TargetRecord | None, index: int | None, name: str) -> Profile:
+    from compactor.profiles import builtin_names, load_profile
+
+    if entry is None:  # --target NAME given on the command line: the user's own profile
+        return load_profile(name, Path.cwd())
+    if entry.settings is not None:
+        return entry.settings
+    # Manifests that predate recorded settings name a built-in profile; a file named by an
+    # artifact is never read (it could be anywhere on this host).
+    if entry.profile not in builtin_names():
+        raise ArtifactDamaged(
+            f"artifact damaged: targets.{index}.settings: missing, and "
+            f"{visible(entry.profile)!r} is not a built-in profile",
+            "an artifact records its profiles' settings; rebuild it with `compactor optimize`, "
+            "or give a profile file with --target and --remeasure")
+    return load_profile(entry.profile)
 
 
-def _judge(manifest: Mapping[str, Any], prof_name: str, budgets: Budgets, profile,
+def _bounded(profile: Profile) -> tuple[Profile, list[str]]:
+    """``profile`` with its timing and batch sizes held to what a check may spend."""
+    t = profile.timing
+    timing = t.model_copy(update={
+        "max_time_s": min(t.max_time_s, MAX_TIME_S),
+        "min_time_s": min(t.min_time_s, MAX_TIME_S),
+        "warmup_s": min(t.warmup_s, MAX_TIME_S),
+        "warmup": min(t.warmup, MAX_WARMUP_RUNS),
+    })
+    batches = profile.batch_sizes[:MAX_BATCH_SIZES]
+    notes = []
+    if timing != t:
+        notes.append(f"the artifact's timing settings for {profile.name} were capped "
+                     f"(at most {MAX_TIME_S:g} s and {MAX_WARMUP_RUNS} warm-up runs per batch "
+                     "size)")
+    if batches != profile.batch_sizes:
+        notes.append(f"measured the first {MAX_BATCH_SIZES} of the artifact's "
+                     f"{len(profile.batch_sizes)} batch sizes for {profile.name}")
+    return profile.model_copy(update={"timing": timing, "batch_sizes": batches}), notes
+
+
+def _judge(manifest: Manifest, prof_name: str, budgets: Budgets, profile: Profile | None,
            final_latency: Mapping[str, Any] | None, memory_mb: float | None) -> list[Verdict]:
-    base, final = manifest["stages"][0], manifest["stages"][-1]
+    base, final = manifest.baseline, manifest.final
     lat = None if final_latency is None else {q: final_latency[q] for q in ("p50", "p90", "p99")}
-    b1 = ((base.get("latency_ms") or {}).get(prof_name) or {}).get("1")
-    est = (((final.get("estimates") or {}).get(prof_name) or {}).get("latency") or {}).get(
-        "latency_ms")
-    metric = manifest["metric"]
+    b1 = base.latency_at(prof_name)
+    est = (final.estimates.get(prof_name) or EstimateRecord()).latency
     return evaluate_budgets(
         budgets,
-        size_mb=final["size_bytes"] / 1e6,
+        size_mb=final.size_bytes / 1e6,
         latency_ms=lat,
-        baseline_latency_ms=None if b1 is None else b1["p50"],
-        metric_name=metric["name"],
-        metric_value=final.get("metric"),
-        metric_drop=final.get("drop"),
-        baseline_metric=base.get("metric"),
+        baseline_latency_ms=None if b1 is None else b1.p50,
+        metric_name=manifest.metric.name,
+        metric_value=final.metric,
+        metric_drop=final.drop,
+        baseline_metric=base.metric,
         memory_mb=memory_mb,
         profile=profile,
-        latency_estimate_ms=est,
+        latency_estimate_ms=None if est is None else est.latency_ms,
     )
 
 
-def _from_manifest(manifest: Mapping[str, Any], entry: Mapping[str, Any],
+def _from_manifest(manifest: Manifest, index: int, entry: TargetRecord,
                    budgets: Budgets) -> TargetCheck:
-    name = entry["profile"]
-    final = manifest["stages"][-1]
-    l1 = ((final.get("latency_ms") or {}).get(name) or {}).get("1")
-    mem = ((final.get("runtime") or {}).get(name) or {}).get("peak_rss_mb")
-    profile = _profile(entry, name, Path("."))
-    verdicts = _judge(manifest, name, budgets, profile, l1, mem)
-    return TargetCheck(name, "manifest", verdicts, list(entry.get("notes") or []))
+    name = entry.profile
+    final = manifest.final
+    l1 = final.latency_at(name)
+    mem = (final.runtime.get(name) or RuntimeRecord()).peak_rss_mb
+    profile = _profile(entry, index, name)
+    verdicts = _judge(manifest, name, budgets, profile,
+                      None if l1 is None else l1.model_dump(), mem)
+    return TargetCheck(name, "manifest", verdicts, list(entry.notes))
 
 
-def _remeasured(folder: Path, manifest: Mapping[str, Any], current: dict[str, Any], name: str,
-                entry: Mapping[str, Any] | None, budgets: Budgets,
+def _remeasured(folder: Path, manifest: Manifest, current: dict[str, Any], name: str,
+                index: int | None, entry: TargetRecord | None, budgets: Budgets,
                 dims: Mapping[str, int]) -> TargetCheck:
     from compactor.measure.bench import input_specs, measure_profile, random_feeds
 
-    profile = _profile(entry, name, folder)
-    model = folder / manifest["model"].get("file", MODEL)
+    profile = _profile(entry, index, name)
+    notes: list[str] = []
+    if entry is not None:  # settings from the artifact: bounded before they are used
+        profile, notes = _bounded(profile)
+    model = inside(folder, manifest.model.file, "model.file")
     specs = input_specs(model)
     feeds = {bs: random_feeds(specs, bs, dims)[0] for bs in profile.batch_sizes}
     m = measure_profile(model, profile, feeds)
@@ -281,9 +336,9 @@ def _remeasured(folder: Path, manifest: Mapping[str, Any], current: dict[str, An
         {str(b): v.to_dict() for b, v in m.latency.items()} if m.measured else None)
     final.setdefault("runtime", {})[name] = m.runtime
     l1 = m.latency.get(1)
-    verdicts = _judge(current, name, budgets, profile, None if l1 is None else l1.to_dict(),
+    verdicts = _judge(manifest, name, budgets, profile, None if l1 is None else l1.to_dict(),
                       m.runtime.get("peak_rss_mb"))
-    notes = list(m.notes)
+    notes += m.notes
     if budgets.min_speedup is not None:
         notes.append("min_speedup compares the manifest's baseline with the latency measured "
                      "now, on this host; the artifact does not hold the baseline model")
@@ -302,14 +357,15 @@ def junit_xml(result: CheckResult) -> str:
     groups: dict[str, list[Verdict]] = {}
     for group, v in result.all_verdicts():
         groups.setdefault(group, []).append(v)
-    root = ET.Element("testsuites", name=f"compactor check {result.name}")
+    name = visible(result.name)
+    root = ET.Element("testsuites", name=f"compactor check {name}")
     totals = {"tests": 0, "failures": 0, "skipped": 0}
     for group, verdicts in groups.items():
-        suite = ET.SubElement(root, "testsuite", name=f"{result.name}.{group}")
+        suite = ET.SubElement(root, "testsuite", name=f"{name}.{visible(group)}")
         counts = {"tests": 0, "failures": 0, "skipped": 0}
         for v in verdicts:
-            case = ET.SubElement(suite, "testcase", classname=f"{result.name}.{group}",
-                                 name=v.budget, time="0")
+            case = ET.SubElement(suite, "testcase", classname=f"{name}.{visible(group)}",
+                                 name=visible(v.budget), time="0")
             counts["tests"] += 1
             text = _verdict_line(group, v)
             if v.status == "fail" or (v.status == "not measured" and result.strict):
@@ -332,6 +388,11 @@ def junit_xml(result: CheckResult) -> str:
 
 
 def _verdict_line(group: str, v: Verdict) -> str:
+    """One verdict as plain text, every string from the artifact made visible."""
+    return visible(_verdict_text(group, v))
+
+
+def _verdict_text(group: str, v: Verdict) -> str:
     if v.budget.startswith("integrity."):
         return f"{v.budget}: {v.detail}"
     if v.measured is None:
@@ -352,13 +413,14 @@ def github_annotations(result: CheckResult) -> list[str]:
         if v.status == "pass":
             continue
         level = "error" if v.status == "fail" or result.strict else "warning"
-        title = f"compactor {result.name}: {group} {v.budget}"
+        title = visible(f"compactor {result.name}: {group} {v.budget}")
         out.append(f"::{level} title={_gh_escape(title, prop=True)}::"
                    f"{_gh_escape(_verdict_line(group, v))}")
     return out
 
 
 def _gh_escape(s: str, prop: bool = False) -> str:
+    """GitHub's workflow-command escaping: data cannot end the command or start another."""
     s = s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
     if prop:
         s = s.replace(":", "%3A").replace(",", "%2C")
@@ -367,11 +429,13 @@ def _gh_escape(s: str, prop: bool = False) -> str:
 
 def summary_markdown(result: CheckResult) -> str:
     """A short Markdown summary, for ``$GITHUB_STEP_SUMMARY``."""
+    from compactor.report.markdown import md_text
+
     mark = {"pass": "✅ pass", "fail": "❌ FAIL", "not measured": "⚪ not measured"}
-    lines = [f"### compactor check: {result.name} — "
+    lines = [f"### compactor check: {md_text(result.name)} — "
              + ("✅ passed" if result.passed else "❌ failed"), "",
              "| group | check | verdict | detail |", "|---|---|---|---|"]
     for group, v in result.all_verdicts():
-        lines.append(f"| {group} | {v.budget} | {mark[v.status]} | "
-                     f"{_verdict_line(group, v).replace('|', '/')} |")
-    return "\n".join(lines + [""] + [f"- {n}" for n in result.notes]) + "\n"
+        lines.append(f"| {md_text(group)} | {md_text(v.budget)} | {mark[v.status]} | "
+                     f"{md_text(_verdict_text(group, v))} |")
+    return "\n".join(lines + [""] + [f"- {md_text(n)}" for n in result.notes]) + "\n"

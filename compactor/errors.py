@@ -67,6 +67,13 @@ class ArtifactError(CompactorError):
     exit_code = EXIT_PASS
 
 
+class ArtifactDamaged(ArtifactError):
+    """An artifact being checked is damaged or hostile: its manifest does not match its
+    schema, or names a path outside the artifact. A check that fails, so exit 1."""
+
+    exit_code = EXIT_BUDGET
+
+
 class BudgetFailed(CompactorError):
     """At least one budget does not hold. Raised by callers that want a non-zero exit."""
 

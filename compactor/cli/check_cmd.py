@@ -43,15 +43,16 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     from compactor.budgets import parse_budget_overrides, parse_percent
     from compactor.check import check_artifact, github_annotations, junit_xml, summary_markdown
     from compactor.cli.bench_cmd import parse_dims
-    from compactor.cli.render import check_report, console
+    from compactor.cli.render import check_report, console, safe
     from compactor.errors import EXIT_BUDGET, EXIT_OK
+    from compactor.manifest import visible
 
     overrides = parse_budget_overrides(budget_pairs)
     limit = parse_percent(max_regression)
     err = console(stderr=True)
 
     def on_measure(name: str) -> None:
-        err.print(f"measuring {artifact.name} on {name} …", highlight=False)
+        err.print(f"measuring {safe(artifact.name)} on {safe(name)} …", highlight=False)
 
     result = check_artifact(
         artifact, targets=targets, overrides=overrides, remeasure=remeasure, against=against,
@@ -70,7 +71,7 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
                 with open(summary, "a", encoding="utf-8") as f:
                     f.write(summary_markdown(result))
             except OSError as e:
-                err.print(f"[yellow]note[/] cannot write the step summary: {e}")
+                err.print(f"[yellow]note[/] cannot write the step summary: {safe(e)}")
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -80,8 +81,9 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
 
         bad = [v for v in result.integrity if v.status != "pass"]
         show_error(
-            f"{result.artifact} was modified after compactor wrote it: "
-            + "; ".join(f"{v.budget.removeprefix('integrity.')}: {v.detail}" for v in bad),
+            visible(f"{result.artifact} was modified after compactor wrote it: "
+                    + "; ".join(f"{v.budget.removeprefix('integrity.')}: {v.detail}"
+                                for v in bad)),
             "rebuild it with `compactor optimize`; its manifest's figures describe another model",
         )
         return EXIT_BUDGET

@@ -8,11 +8,21 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from compactor.pipeline import Progress as PipelineProgress
 from compactor.pipeline import Task
+
+
+def safe(text: Any) -> str:
+    """Text from an artifact, a model or a manifest, ready for rich: control characters and
+    CI command prefixes made visible (``manifest.visible``) and markup escaped, so
+    ``[green]ok[/]`` prints as written and an ANSI escape never reaches the terminal."""
+    from compactor.manifest import visible
+
+    return escape(visible(text))
 
 
 def console(stderr: bool = False) -> Console:
@@ -78,12 +88,12 @@ def stage_table(manifest: dict[str, Any]) -> Table:
     from compactor.report.markdown import stage_rows
 
     header, rows = stage_rows(manifest, combined=True)
-    table = Table(title=f"{manifest['name']}: stages (latency at batch 1, ONNX Runtime)",
+    table = Table(title=f"{safe(manifest['name'])}: stages (latency at batch 1, ONNX Runtime)",
                   title_justify="left")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        table.add_column(safe(h), justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*map(safe, r))
     return table
 
 
@@ -98,7 +108,7 @@ def verdict_table(manifest: dict[str, Any]) -> Table | None:
         table.add_column(h)
     style = {"✅": "green", "❌": "bold red", "⚪": "yellow"}
     for r in rows:
-        table.add_row(*r[:-1], f"[{style[r[-1][0]]}]{r[-1][2:]}[/]")
+        table.add_row(*map(safe, r[:-1]), f"[{style[r[-1][0]]}]{r[-1][2:]}[/]")
     return table
 
 
@@ -108,16 +118,14 @@ def _fmt_ms(v: float) -> str:
 
 def bench_report(out: Console, r: dict[str, Any]) -> None:
     """What `compactor bench` prints for one profile."""
-    from rich.markup import escape
-
     from compactor.report.markdown import fmt_bytes, fmt_count
 
     m = r["model"]
-    out.print(f"[bold]{escape(m['file'])}[/] on [bold]{escape(r['profile'])}[/]: "
+    out.print(f"[bold]{safe(m['file'])}[/] on [bold]{safe(r['profile'])}[/]: "
               f"{fmt_bytes(m['size_bytes'])}, "
               + (f"{fmt_count(m['macs'])} MACs, " if m["macs"] is not None else "")
               + {True: "int8", False: "float", None: "precision not read (.ort)"}[m["quantized"]]
-              + (f"; dims {m['dims']}" if m["dims"] else ""), highlight=False)
+              + (f"; dims {safe(m['dims'])}" if m["dims"] else ""), highlight=False)
     if r["measured"]:
         t = Table(title_justify="left", title="latency (ms) and throughput")
         for h in ("batch", "p50", "p90", "p99", "mean", "std", "runs", "median ±", "samples/s"):
@@ -144,25 +152,25 @@ def bench_report(out: Console, r: dict[str, Any]) -> None:
         if hint:
             if hint.get("batch_size"):
                 out.print(f"batching hint: batch {hint['batch_size']} "
-                          f"({hint['throughput']:,.0f} samples/s; {hint['within']})",
+                          f"({hint['throughput']:,.0f} samples/s; {safe(hint['within'])})",
                           highlight=False)
             else:
-                out.print(f"batching hint: {hint['reason']}", highlight=False)
+                out.print(f"batching hint: {safe(hint['reason'])}", highlight=False)
     else:
         out.print("[yellow]not measured[/] on this host", highlight=False)
     est = r.get("estimates") or {}
     if est.get("latency") and not r["measured"]:
         e = est["latency"]
         out.print(f"[yellow]estimate[/]: latency ≥ {e['latency_ms']:.3g} ms at batch 1 "
-                  f"({e['kind']}; {e['basis']})", highlight=False)
+                  f"({safe(e['kind'])}; {safe(e['basis'])})", highlight=False)
     if est.get("energy"):
         e = est["energy"]
         out.print(f"[yellow]estimate[/]: energy {e['energy_mj']:.3g} mJ per inference "
-                  f"({e['basis']})", highlight=False)
+                  f"({safe(e['basis'])})", highlight=False)
     for v in r.get("verdicts") or []:
         out.print(_verdict_text(r["profile"], v), highlight=False)
     for n in r["notes"]:
-        out.print(f"[yellow]note[/] {n}", highlight=False)
+        out.print(f"[yellow]note[/] {safe(n)}", highlight=False)
     out.print()
 
 
@@ -171,31 +179,29 @@ _STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]",
 
 
 def _verdict_text(group: str, v: dict[str, Any]) -> str:
-    from rich.markup import escape
-
     from compactor.report.markdown import fmt_num
 
+    group, budget = safe(group), safe(v["budget"])
     if v["budget"].startswith("integrity."):
-        return f"{_STYLE[v['status']]} {group} {v['budget']}: {escape(v['detail'])}"
+        return f"{_STYLE[v['status']]} {group} {budget}: {safe(v['detail'])}"
     if v["measured"] is None:
-        got = "not measured" + (f" (estimate ≥ {v['estimate']:.3g} {v['unit']})"
+        got = "not measured" + (f" (estimate ≥ {v['estimate']:.3g} {safe(v['unit'])})"
                                 if v.get("estimate") is not None else "")
     else:
-        got = f"{fmt_num(v['measured'])} {v['unit']}"
+        got = f"{fmt_num(v['measured'])} {safe(v['unit'])}"
     rel = "≥" if v["budget"].startswith("min_") else "≤"
-    return (f"{_STYLE[v['status']]} {group} {v['budget']}: {got} (limit {rel} "
-            f"{fmt_num(v['limit'])} {v['unit']})"
-            + (f" [dim]{escape(v['detail'])}[/]" if v.get("detail") else ""))
+    return (f"{_STYLE[v['status']]} {group} {budget}: {got} (limit {rel} "
+            f"{fmt_num(v['limit'])} {safe(v['unit'])})"
+            + (f" [dim]{safe(v['detail'])}[/]" if v.get("detail") else ""))
 
 
 def check_report(out: Console, result: dict[str, Any]) -> None:
-    """What `compactor check` prints: a verdict table, then notes."""
-    from rich.markup import escape
-
+    """What `compactor check` prints: a verdict table, then notes. Every string that came
+    from the artifact goes through :func:`safe`."""
     from compactor.report.markdown import fmt_num
 
     sources = sorted({t["source"] for t in result["targets"]})
-    table = Table(title=f"{result['name']}: check (figures from the "
+    table = Table(title=f"{safe(result['name'])}: check (figures from the "
                   f"{' and '.join(sources) or 'manifest'})", title_justify="left")
     for h in ("group", "check", "limit", "measured", "verdict", "detail"):
         table.add_column(h, overflow="fold")
@@ -208,18 +214,18 @@ def check_report(out: Console, result: dict[str, Any]) -> None:
             limit, got = "sha256", ("matches" if v["status"] == "pass" else "differs")
         else:
             rel = "≥" if v["budget"].startswith("min_") else "≤"
-            limit = f"{rel} {fmt_num(v['limit'])} {v['unit']}"
+            limit = f"{rel} {fmt_num(v['limit'])} {safe(v['unit'])}"
             if v["measured"] is not None:
-                got = f"{fmt_num(v['measured'])} {v['unit']}"
+                got = f"{fmt_num(v['measured'])} {safe(v['unit'])}"
             elif v.get("estimate") is not None:
-                got = f"[yellow]estimate ≥ {v['estimate']:.3g} {v['unit']}[/]"
+                got = f"[yellow]estimate ≥ {v['estimate']:.3g} {safe(v['unit'])}[/]"
             else:
                 got = "—"
-        table.add_row(escape(group), escape(v["budget"]), limit, got, _STYLE[v["status"]],
-                      escape(v.get("detail", "")))
+        table.add_row(safe(group), safe(v["budget"]), limit, got, _STYLE[v["status"]],
+                      safe(v.get("detail", "")))
     out.print(table)
     for t in result["targets"]:
         for n in t["notes"]:
-            out.print(f"[yellow]note[/] {t['profile']}: {n}", highlight=False)
+            out.print(f"[yellow]note[/] {safe(t['profile'])}: {safe(n)}", highlight=False)
     for n in result["notes"]:
-        out.print(f"[yellow]note[/] {n}", highlight=False)
+        out.print(f"[yellow]note[/] {safe(n)}", highlight=False)

@@ -192,8 +192,8 @@ def _summary_cards(m: dict[str, Any]) -> str:
 def _stage_table(m: dict[str, Any]) -> str:
     metric = m["metric"]["name"]
     profiles = [t["profile"] for t in m["targets"]]
-    head = ["stage", metric, "Δ", "size", "params", "MACs"]
-    head += [f"{p}<br><span class='muted'>p50 / p90 ms</span>" for p in profiles]
+    head = ["stage", _e(metric), "Δ", "size", "params", "MACs"]  # raw_head: escaped here
+    head += [f"{_e(p)}<br><span class='muted'>p50 / p90 ms</span>" for p in profiles]
     rows = []
     for s in m["stages"]:
         cells = [

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+# Characters that would end a table cell, open code, a link or an HTML tag in GitHub's
+# Markdown. Text from an artifact is escaped so it can only ever read as text.
+_MD_SPECIAL = {"\\": "\\\\", "|": "\\|", "`": "\\`", "[": "\\[", "]": "\\]",
+               "<": "&lt;", ">": "&gt;"}
+
+
+def md_text(text: Any) -> str:
+    """``text`` safe inside a Markdown paragraph or table cell: control characters made
+    visible (no new line, no ANSI), and ``| ` [ ] < >`` and backslashes escaped."""
+    from compactor.manifest import visible
+
+    return "".join(_MD_SPECIAL.get(ch, ch) for ch in visible(text))
 
 
 def fmt_bytes(n: int) -> str:
@@ -95,8 +109,9 @@ def verdict_rows(manifest: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def target_facts(manifest: dict[str, Any]) -> list[str]:
-    """One bullet per fact worth a PR comment: memory, batching hint, energy, float nodes."""
+def target_facts(manifest: dict[str, Any], esc: Callable[[Any], str] = str) -> list[str]:
+    """One bullet per fact worth a PR comment: memory, batching hint, energy, float nodes.
+    ``esc`` escapes the text that comes from the manifest (:func:`md_text` for Markdown)."""
     final = manifest["stages"][-1]
     out = []
     for t in manifest["targets"]:
@@ -108,33 +123,33 @@ def target_facts(manifest: dict[str, Any]) -> list[str]:
         hint = t.get("batching")
         if hint and hint.get("batch_size"):
             facts.append(f"batching hint: batch {hint['batch_size']} "
-                         f"({hint['throughput']:,.0f} samples/s; {hint['within']})")
+                         f"({hint['throughput']:,.0f} samples/s; {esc(hint['within'])})")
         est = (final.get("estimates") or {}).get(p) or {}
         if est.get("energy"):
             facts.append(f"energy ≈ {est['energy']['energy_mj']:.3g} mJ/inference "
-                         f"(estimate: {est['energy']['basis']})")
+                         f"(estimate: {esc(est['energy']['basis'])})")
         if facts:
-            out.append(f"- {p}: " + "; ".join(facts) + ".")
+            out.append(f"- {esc(p)}: " + "; ".join(facts) + ".")
     prec = final.get("precision") or {}
     if prec.get("quantized"):
         heavy = prec.get("float_heavy_nodes") or []
         share = prec.get("int8_macs_share")
         out.append("- int8: " + (f"{fmt_share(share)} of MACs" if share is not None else "yes")
-                   + (f"; stayed float: {', '.join(n['node'] for n in heavy[:5])}"
+                   + (f"; stayed float: {esc(', '.join(n['node'] for n in heavy[:5]))}"
                       + (" …" if len(heavy) > 5 else "") if heavy else
                       "; every Conv/MatMul/Gemm is int8") + ".")
     elif prec:
         out.append("- the final model is float (not quantized).")
     for d in manifest.get("deployables") or []:
-        out.append(f"- {d['format']} for {', '.join(d['profiles'])}: "
-                   f"{', '.join(d['files'])} (loaded back and run: "
+        out.append(f"- {esc(d['format'])} for {esc(', '.join(d['profiles']))}: "
+                   f"{esc(', '.join(d['files']))} (loaded back and run: "
                    f"{'ok' if d.get('check', {}).get('loaded') else 'not verified'}).")
     return out
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = ["| " + " | ".join(map(md_text, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(md_text, r)) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -142,11 +157,12 @@ def render_markdown(manifest: dict[str, Any]) -> str:
     status = "✅ all budgets hold" if manifest["passed"] else "❌ a budget failed"
     host = manifest["host"]
     lines = [
-        f"# compactor: {manifest['name']} — {status}",
+        f"# compactor: {md_text(manifest['name'])} — {status}",
         "",
-        f"Metric **{manifest['metric']['name']}** on {manifest['metric']['eval_samples']} "
-        "eval samples; latency is batch 1, measured in ONNX Runtime "
-        f"{host['onnxruntime']} on this host ({host['cpu']}, {host['cores']} cores). "
+        f"Metric **{md_text(manifest['metric']['name'])}** on "
+        f"{manifest['metric']['eval_samples']} eval samples; latency is batch 1, measured in "
+        f"ONNX Runtime {md_text(host['onnxruntime'])} on this host ({md_text(host['cpu'])}, "
+        f"{md_text(host['cores'])} cores). "
         "Energy and anything marked *estimate* come from the profile's figures, not a "
         "measurement; report.html in the artifact has the charts.",
         "",
@@ -159,11 +175,11 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         b = (base["latency_ms"].get(p) or {}).get("1")
         f = (final["latency_ms"].get(p) or {}).get("1")
         if b and f:
-            lines.append(f"- {p}: final model is **{b['p50'] / f['p50']:.2f}×** the baseline's "
-                         f"speed (p50, batch 1, same run).")
+            lines.append(f"- {md_text(p)}: final model is **{b['p50'] / f['p50']:.2f}×** the "
+                         "baseline's speed (p50, batch 1, same run).")
     lines.append(f"- size: {fmt_bytes(final['size_bytes'])} "
                  f"({final['size_bytes'] / base['size_bytes']:.2f}× the baseline's).")
-    lines += target_facts(manifest)
+    lines += target_facts(manifest, md_text)
     lines.append("")
     vrows = verdict_rows(manifest)
     if vrows:
@@ -178,7 +194,7 @@ def render_markdown(manifest: dict[str, Any]) -> str:
     notes += [f"{s['name']}: {w}" for s in manifest["stages"]
               for w in s["record"].get("warnings", [])]
     if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+        lines += ["## Notes", ""] + [f"- {md_text(n)}" for n in notes] + [""]
     return "\n".join(lines)
 
 
@@ -187,28 +203,30 @@ def quantize_section(rec: dict[str, Any]) -> list[str]:
     search = rec["search"]
     acc = rec.get("accuracy_budget") or {}
     lines = ["## Quantization", "",
-             f"- mode **{rec.get('mode')}**: {rec.get('mode_reason', '')}"]
+             f"- mode **{md_text(rec.get('mode'))}**: {md_text(rec.get('mode_reason', ''))}"]
     isa = rec.get("isa") or {}
     choice = rec.get("int8_choice") or {}
     if isa:
-        lines.append(f"- CPU int8 path: {isa.get('int8_path')}; {choice.get('reason', '')}")
+        lines.append(f"- CPU int8 path: {md_text(isa.get('int8_path'))}; "
+                     f"{md_text(choice.get('reason', ''))}")
     speed = (f", {search['speedup_vs_input']:.2f}× its float input (timed interleaved on "
-             f"{(search.get('timings') or [{}])[0].get('profile', '?')})"
+             f"{md_text((search.get('timings') or [{}])[0].get('profile', '?'))})"
              if search.get("speedup_vs_input") else "")
-    lines.append(f"- chosen: **{search.get('chosen')}**{speed}; search took "
+    lines.append(f"- chosen: **{md_text(search.get('chosen'))}**{speed}; search took "
                  f"{search.get('seconds', 0):.1f} s"
                  + (" (stopped at time_budget_s)" if search.get("timed_out") else ""))
     if acc:
         held = (acc.get("held_out") or {}).get("drop")
         found = (acc.get("search") or {}).get("drop", 0.0)
         lines.append(
-            f"- accuracy budget ({acc.get('source')}): {acc.get('metric')} drop ≤ "
+            f"- accuracy budget ({md_text(acc.get('source'))}): {md_text(acc.get('metric'))} "
+            "drop ≤ "
             f"{acc.get('allowed', 0):.4g}; search part {found:.4g}"
             + (f", held-out part {held:.4g}" if held is not None else "")
             + (" — met" if acc.get("met") else " — **not met**"))
     if isinstance(rec.get("smoothquant"), dict):
         lines.append("- SmoothQuant-style scale migration: "
-                     f"{rec['smoothquant'].get('description', '')}")
+                     f"{md_text(rec['smoothquant'].get('description', ''))}")
     cands = [c for c in search.get("candidates", []) if "p50_ms" in c]
     if len(cands) > 1:
         lines += ["", _table(["candidate", "p50 ms", "vs float", "note"],
