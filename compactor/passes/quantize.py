@@ -20,6 +20,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,8 +28,10 @@ from pydantic import Field, field_validator
 
 from compactor.errors import PassError
 from compactor.passes import Pass, PassConfig, register
+from compactor.quantization.modes import IntType, QuantFormat, QuantMode
 
 if TYPE_CHECKING:
+    from compactor.budgets import SizeFloor
     from compactor.pipeline import RunContext
     from compactor.quantization.accuracy import Budget
     from compactor.quantization.search import Outcome
@@ -123,12 +126,15 @@ class QuantizePass(Pass):
     output_kind = "onnx"
     summary = "int8 with ONNX Runtime: fastest configuration within the accuracy budget"
 
-    def run(self, stage: Stage, ctx: RunContext) -> Stage:
-        import onnx
+    def size_floor(self, floor: SizeFloor) -> SizeFloor | None:
+        from dataclasses import replace
 
-        from compactor.quantization import isa as isa_mod
+        # int8/uint8 weights: one byte each at best (scales and zero points come on top)
+        return replace(floor, bytes_per_weight=min(floor.bytes_per_weight, 1.0))
+
+    def run(self, stage: Stage, ctx: RunContext) -> Stage:
         from compactor.quantization import prepare
-        from compactor.quantization.search import BuildFailed, Search
+        from compactor.quantization.search import BuildFailed
 
         cfg: QuantizeConfig = self.config
         t0 = time.monotonic()
@@ -137,7 +143,40 @@ class QuantizePass(Pass):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         record: dict[str, Any] = {}
-        src = prepare.ensure_opset(stage.onnx_path, work / "opset.onnx", record)
+        prep = self._prepare(stage.onnx_path, ctx, work, record)
+        search, judge, budget = self._search(prep, ctx, work, record)
+        out = ctx.work_path(f"{step}.onnx")
+        try:
+            with ctx.progress.task("quantize: search") as task:
+                search.env.on_step = _status(task)
+                outcome = search.run()
+            shutil.copyfile(outcome.chosen.path, out)
+        except BuildFailed as e:
+            raise PassError(
+                f"quantize ({prep.mode}) failed: {prepare.first_line(e.first)}",
+                "try mode: dynamic, or exclude the failing node with exclude.nodes",
+            ) from e.first
+        finally:  # every candidate is a full model: do not leave them in the run folder
+            shutil.rmtree(work, ignore_errors=True)
+        self._record(record, outcome, budget, judge, prep.model, prep.sample, cfg)
+        record["search"]["seconds"] = round(outcome.seconds, 2)
+        record["search"]["pass_seconds"] = round(time.monotonic() - t0, 2)
+        record.update(_int8_summary(out))
+        return stage.derive("quantize", kind="onnx", onnx_path=out, record=record)
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare(self, src: Path, ctx: RunContext, work: Path, record: dict[str, Any]
+                 ) -> _Prepared:
+        """The float model as the search starts from it, the mode (``auto`` resolved here,
+        once) and the int8 settings this CPU calls for."""
+        import onnx
+
+        from compactor.quantization import isa as isa_mod
+        from compactor.quantization import prepare
+
+        cfg: QuantizeConfig = self.config
+        src = prepare.ensure_opset(src, work / "opset.onnx", record)
         if cfg.preprocess:
             src = prepare.preprocess(src, work / "pre.onnx", record)
         model = onnx.load(str(src), load_external_data=False)
@@ -145,12 +184,9 @@ class QuantizePass(Pass):
         sample = {s.name: ctx.eval_batches[0].inputs[s.name][:1] for s in ctx.inputs}
         mix = prepare.op_mix(model, {k: v.shape for k, v in sample.items()})
         has_calibration = ctx.recipe.data.calibration is not None
-        if cfg.mode == "auto":
-            mode, why = prepare.choose_mode(mix, has_calibration)
-        else:
-            mode, why = cfg.mode, "set in the recipe"
-        record.update(mode=mode, mode_reason=why, op_mix=mix.to_dict())
-        if mode == "dynamic":
+        mode, why = prepare.resolve_mode(cfg.mode, mix, has_calibration)
+        record.update(mode=mode.value, mode_reason=why, op_mix=mix.to_dict())
+        if mode == QuantMode.DYNAMIC:
             converted = prepare.gemm_to_matmul(src, work / "matmul.onnx", record)
             if converted != src:
                 src = converted
@@ -166,44 +202,30 @@ class QuantizePass(Pass):
         record["int8_choice"] = choice.to_dict()
         if choice.warning:
             record.setdefault("warnings", []).append(choice.warning)
+        return _Prepared(src, model, sample, mix, mode, fused, choice)
 
-        excluded = self._exclusions(model, record)
+    def _search(self, prep: _Prepared, ctx: RunContext, work: Path, record: dict[str, Any]):
+        """The search over the recipe's settings, with its judge and budget."""
+        from compactor.quantization.search import Search
+
+        cfg: QuantizeConfig = self.config
+        excluded = self._exclusions(prep.model, record)
         excluded_types = tuple(sorted({*cfg.exclude.op_types, *cfg.exclude_op_types}))
-
         calibration = None
-        if mode == "static":
-            calibration = self._calibration(model, ctx, work, record)
-        judge, budget = self._judge(src, ctx, record)
-        space = self._space(cfg, mode, src, choice, excluded, excluded_types)
-        space.fused, space.fused_only = fused, cfg.transformer_fusion == "on"
+        if prep.mode == QuantMode.STATIC:
+            calibration = self._calibration(prep.model, ctx, work, record)
+        judge, budget = self._judge(prep.src, ctx, record)
+        space = self._space(cfg, prep.mode, prep.src, prep.choice, excluded, excluded_types)
+        space.fused, space.fused_only = prep.fused, cfg.transformer_fusion == "on"
         if cfg.repairs == "auto":
             # Outlier channels, not ranges, are what hurts MatMul models: SmoothQuant first.
             space.repairs = (("smoothquant", "calibration", "fallback")
-                             if mix.share("MatMul", "Gemm") >= 0.5
+                             if prep.mix.share("MatMul", "Gemm") >= 0.5
                              else ("calibration", "smoothquant", "fallback"))
-        search = Search(src, space, self._env(ctx, judge, calibration, work, model, cfg))
-        out = ctx.work_path(f"{step}.onnx")
-        try:
-            with ctx.progress.task("quantize: search") as task:
-                search.env.on_step = _status(task)
-                outcome = search.run()
-            shutil.copyfile(outcome.chosen.path, out)
-        except BuildFailed as e:
-            raise PassError(
-                f"quantize ({mode}) failed: {prepare.first_line(e.first)}",
-                "try mode: dynamic, or exclude the failing node with exclude.nodes",
-            ) from e.first
-        finally:  # every candidate is a full model: do not leave them in the run folder
-            shutil.rmtree(work, ignore_errors=True)
-        self._record(record, outcome, budget, judge, model, sample, cfg)
-        record["search"]["seconds"] = round(outcome.seconds, 2)
-        record["search"]["pass_seconds"] = round(time.monotonic() - t0, 2)
-        record.update(_int8_summary(out))
-        return stage.derive("quantize", kind="onnx", onnx_path=out, record=record)
+        env = self._env(ctx, judge, calibration, work, prep.model, cfg)
+        return Search(prep.src, space, env), judge, budget
 
-    # ------------------------------------------------------------------ setup
-
-    def _fuse(self, src: Path, model, mode: str, mix, ctx: RunContext, work: Path,
+    def _fuse(self, src: Path, model, mode: QuantMode, mix, ctx: RunContext, work: Path,
               record: dict[str, Any]) -> Path | None:
         """The transformer-fused form of ``src``, when it applies (dynamic int8 of a graph
         with attention) and fuses something; timed against the unfused one in the search."""
@@ -213,7 +235,7 @@ class QuantizePass(Pass):
         if cfg.transformer_fusion == "off" or (cfg.transformer_fusion == "auto"
                                                and not cfg.search_speed):
             return None
-        if mode != "dynamic" or not mix.softmax:
+        if mode != QuantMode.DYNAMIC or not mix.softmax:
             if cfg.transformer_fusion == "on":
                 record.setdefault("warnings", []).append(
                     "transformer_fusion: on applies to dynamic int8 of graphs with attention "
@@ -279,21 +301,21 @@ class QuantizePass(Pass):
                                   cfg.holdout_fraction, ctx.seed, input_outputs=last)
         return judge, judge.budget
 
-    def _space(self, cfg: QuantizeConfig, mode: str, src: Path, choice, excluded,
+    def _space(self, cfg: QuantizeConfig, mode: QuantMode, src: Path, choice, excluded,
                excluded_types):
         from compactor.quantization.candidates import Candidate
         from compactor.quantization.search import default_space
 
         base = Candidate(
             mode=mode, source=src, per_channel=cfg.per_channel,
-            weight_type=cfg.weight_type, reduce_range=choice.reduce_range,
+            weight_type=IntType(cfg.weight_type), reduce_range=choice.reduce_range,
             activation_type=choice.activation_types[0],
             calibration_method=cfg.calibration_method, percentile=cfg.percentile,
             activation_symmetric=cfg.activation_symmetric,
             weight_symmetric=cfg.weight_symmetric, exclude=excluded,
-            format="qdq" if cfg.format == "auto" else cfg.format,
+            format=QuantFormat.QDQ if cfg.format == "auto" else QuantFormat(cfg.format),
         )
-        formats = ("qdq", "qoperator") if cfg.format == "auto" else (cfg.format,)
+        formats = tuple(QuantFormat) if cfg.format == "auto" else (QuantFormat(cfg.format),)
         acts = choice.activation_types
         op_types = cfg.op_types
         if not cfg.search_speed:  # one candidate: the first choice of each setting
@@ -327,51 +349,19 @@ class QuantizePass(Pass):
 
     def _record(self, record: dict[str, Any], outcome: Outcome, budget: Budget, judge,
                 model, sample, cfg: QuantizeConfig) -> None:
-        from compactor.quantization.search import FUSED_FLOAT
-
         c = outcome.chosen.candidate
         record.update(c.settings())
-        chosen = outcome.chosen
-        acc: dict[str, Any] = {**budget.to_dict(), "metric": judge.metric.name,
-                               "reference_value": round(judge.reference_value, 6),
-                               "met": outcome.met}
-        if chosen.search is not None:
-            acc["search"] = chosen.search.to_dict()
-        if chosen.holdout is not None:
-            acc["held_out"] = chosen.holdout.to_dict()
+        acc = _accuracy_record(outcome, budget, judge)
         record["accuracy_budget"] = acc
-        speed: dict[str, Any] = {}
-        if outcome.float_p50_ms is not None and chosen.p50_ms is not None:
-            speed = {"float_p50_ms": round(outcome.float_p50_ms, 4),
-                     "int8_p50_ms": round(chosen.p50_ms, 4),
-                     "speedup_vs_input": round(chosen.speedup or
-                                               outcome.float_p50_ms / chosen.p50_ms, 3)}
-        record["search"] = {
-            "chosen": c.label,
-            "time_budget_s": cfg.time_budget_s,
-            "timed_out": outcome.timed_out,
-            **speed,
-            **outcome.log,
-        }
+        record["search"] = _search_record(outcome, cfg)
         if outcome.smoothquant:
             record["smoothquant"] = outcome.smoothquant
-        fusion = record.get("transformer_fusion")
-        if fusion and fusion.get("applied"):
-            fusion["chosen"] = c.fused
-            fused_float = next((t[FUSED_FLOAT] for t in outcome.log.get("timings", [])
-                                if FUSED_FLOAT in t), None)
-            if fused_float:  # how much of the speed-up the fusion alone gives, in float
-                fusion["float_speedup_vs_input"] = fused_float["speedup_vs_float"]
+        _fusion_record(record, outcome)
         record["float_nodes"] = _float_nodes(record, outcome, model, sample, cfg)
         if outcome.fallback_cost_ms is not None:
             record["search"]["repair_cost_ms"] = round(outcome.fallback_cost_ms, 4)
         if not outcome.met:
-            drop = max(chosen.search.drop, chosen.holdout.drop if chosen.holdout else 0.0)
-            where = "held-out" if chosen.search.ok else "search"
-            msg = (f"no int8 configuration meets the accuracy budget ({budget.source}: "
-                   f"{judge.metric.name} drop <= {budget.allowed:.4g}); the best found, "
-                   f"'{c.label}', drops {drop:.4g} on the {where} part of the eval data"
-                   + (" (the search hit time_budget_s)" if outcome.timed_out else ""))
+            msg = _unmet_message(outcome, budget, judge)
             if budget.enforced:
                 record.setdefault("warnings", []).append(msg + "; it is kept, marked failing")
             else:  # no budget was set: the guard only steered the choice of candidate
@@ -380,16 +370,86 @@ class QuantizePass(Pass):
         if budget.source == "quantize.max_accuracy_drop":
             # The pass's own budget becomes a verdict; a budget taken from the targets is
             # judged there already, on the final stage and all the eval data.
-            drop = max(chosen.search.drop, chosen.holdout.drop if chosen.holdout else 0.0)
             record["verdict"] = {
                 "budget": "quantize.max_accuracy_drop",
                 "limit": budget.allowed,
-                "measured": drop,
+                "measured": _worst_drop(outcome),
                 "unit": judge.metric.name,
                 "status": "pass" if outcome.met else "fail",
                 "detail": f"int8 search on eval data ({budget.source}), worst of the search "
                 f"and held-out parts",
             }
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The float model the search starts from, and what was decided about it."""
+
+    src: Path
+    model: Any  # onnx.ModelProto of ``src``
+    sample: dict[str, Any]  # one sample per input, for MAC counts
+    mix: Any  # prepare.OpMix
+    mode: QuantMode
+    fused: Path | None  # its transformer-fused form, when that applies
+    choice: Any  # isa.Int8Choice
+
+
+def _worst_drop(outcome: Outcome) -> float:
+    chosen = outcome.chosen
+    return max(chosen.search.drop, chosen.holdout.drop if chosen.holdout else 0.0)
+
+
+def _accuracy_record(outcome: Outcome, budget: Budget, judge) -> dict[str, Any]:
+    chosen = outcome.chosen
+    acc: dict[str, Any] = {**budget.to_dict(), "metric": judge.metric.name,
+                           "reference_value": round(judge.reference_value, 6),
+                           "met": outcome.met}
+    if chosen.search is not None:
+        acc["search"] = chosen.search.to_dict()
+    if chosen.holdout is not None:
+        acc["held_out"] = chosen.holdout.to_dict()
+    return acc
+
+
+def _search_record(outcome: Outcome, cfg: QuantizeConfig) -> dict[str, Any]:
+    chosen = outcome.chosen
+    speed: dict[str, Any] = {}
+    if outcome.float_p50_ms is not None and chosen.p50_ms is not None:
+        speed = {"float_p50_ms": round(outcome.float_p50_ms, 4),
+                 "int8_p50_ms": round(chosen.p50_ms, 4),
+                 "speedup_vs_input": round(chosen.speedup or
+                                           outcome.float_p50_ms / chosen.p50_ms, 3)}
+    return {
+        "chosen": chosen.candidate.label,
+        "time_budget_s": cfg.time_budget_s,
+        "timed_out": outcome.timed_out,
+        **speed,
+        **outcome.log,
+    }
+
+
+def _fusion_record(record: dict[str, Any], outcome: Outcome) -> None:
+    """Whether the chosen candidate is the fused one, and what fusion alone gives."""
+    from compactor.quantization.search import FUSED_FLOAT
+
+    fusion = record.get("transformer_fusion")
+    if not (fusion and fusion.get("applied")):
+        return
+    fusion["chosen"] = outcome.chosen.candidate.fused
+    fused_float = next((t[FUSED_FLOAT] for t in outcome.log.get("timings", [])
+                        if FUSED_FLOAT in t), None)
+    if fused_float:  # how much of the speed-up the fusion alone gives, in float
+        fusion["float_speedup_vs_input"] = fused_float["speedup_vs_float"]
+
+
+def _unmet_message(outcome: Outcome, budget: Budget, judge) -> str:
+    chosen = outcome.chosen
+    where = "held-out" if chosen.search.ok else "search"
+    return (f"no int8 configuration meets the accuracy budget ({budget.source}: "
+            f"{judge.metric.name} drop <= {budget.allowed:.4g}); the best found, "
+            f"'{chosen.candidate.label}', drops {_worst_drop(outcome):.4g} on the {where} "
+            "part of the eval data"
+            + (" (the search hit time_budget_s)" if outcome.timed_out else ""))
 
 
 def _budget_resolver(cfg: QuantizeConfig, ctx: RunContext, metric):

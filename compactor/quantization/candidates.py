@@ -12,8 +12,11 @@ import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from compactor.quantization.modes import IntType, QuantFormat, QuantMode
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +31,11 @@ class Candidate:
     input, its transformer-fused form, or a smoothed copy of either); ``exclude`` are node
     names kept in float."""
 
-    mode: str  # static | dynamic
+    mode: QuantMode
     source: Path
-    format: str = "qdq"  # static: qdq | qoperator
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
+    format: QuantFormat = QuantFormat.QDQ  # static only
+    activation_type: IntType = IntType.UINT8
+    weight_type: IntType = IntType.INT8
     per_channel: bool = True
     reduce_range: bool = False
     op_types: tuple[str, ...] | None = None  # None: every op type ORT can quantize
@@ -44,14 +47,19 @@ class Candidate:
     smoothquant: str | None = None  # a description, when ``source`` is a smoothed model
     fused: bool = False  # ``source`` has ORT's transformer fusions (Attention, ...)
 
+    def __post_init__(self) -> None:
+        # Callers may give the recipe's words; from here on they are members.
+        for name, kind in (("mode", QuantMode), ("format", QuantFormat),
+                           ("activation_type", IntType), ("weight_type", IntType)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
     def replace(self, **changes: Any) -> Candidate:
         return dataclasses.replace(self, **changes)
 
     @property
     def types(self) -> str:
         """``U8S8`` style: activation then weight type."""
-        short = {"uint8": "U8", "int8": "S8"}
-        return short[self.activation_type] + short[self.weight_type]
+        return self.activation_type.short + self.weight_type.short
 
     @property
     def ops_label(self) -> str:
@@ -63,9 +71,9 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        parts = [self.mode]
-        if self.mode == "static":
-            parts += [self.format.upper() if self.format == "qdq" else "QOperator", self.types]
+        parts = [self.mode.value]
+        if self.mode == QuantMode.STATIC:
+            parts += [self.format.label, self.types]
         else:
             parts.append(f"{self.types[2:]} weights")
         parts.append("per-channel" if self.per_channel else "per-tensor")
@@ -74,7 +82,7 @@ class Candidate:
         parts.append(self.ops_label)
         if self.fused:
             parts.append("fused")
-        if self.mode == "static" and self.calibration_method != "minmax":
+        if self.mode == QuantMode.STATIC and self.calibration_method != "minmax":
             parts.append(self.calibration_method + (
                 f" {self.percentile:g}" if self.calibration_method == "percentile" else ""))
         if self.smoothquant:
@@ -87,18 +95,19 @@ class Candidate:
     @property
     def key(self) -> str:
         """A short stable id, for file names."""
-        text = repr(dataclasses.astuple(self))
+        text = repr(tuple(str(v) if isinstance(v, Enum) else v
+                          for v in dataclasses.astuple(self)))
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
     def settings(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.mode}
-        if self.mode == "static":
-            out.update(format=self.format, activation_type=self.activation_type,
+        out: dict[str, Any] = {"mode": self.mode.value}
+        if self.mode == QuantMode.STATIC:
+            out.update(format=self.format.value, activation_type=self.activation_type.value,
                        calibration_method=self.calibration_method,
                        activation_symmetric=self.activation_symmetric)
             if self.calibration_method == "percentile":
                 out["percentile"] = self.percentile
-        out.update(weight_type=self.weight_type, per_channel=self.per_channel,
+        out.update(weight_type=self.weight_type.value, per_channel=self.per_channel,
                    reduce_range=self.reduce_range, weight_symmetric=self.weight_symmetric,
                    op_types="all" if self.op_types is None else list(self.op_types))
         if self.smoothquant:
@@ -165,7 +174,7 @@ def op_types_for(c: Candidate, present: set[str], excluded_types: Sequence[str]
             QLinearOpsRegistry,
         )
 
-        reg = (set(IntegerOpsRegistry) if c.mode == "dynamic"
+        reg = (set(IntegerOpsRegistry) if c.mode == QuantMode.DYNAMIC
                else set(QLinearOpsRegistry) | set(QDQRegistry))
         base = present & reg
     else:
@@ -184,9 +193,9 @@ def build(c: Candidate, dst: Path, calibration: Calibration | None,
     present = {n.op_type for n in onnx.load(str(c.source), load_external_data=False).graph.node}
     op_types = op_types_for(c, present, excluded_types)
     nodes_to_exclude = sorted(c.exclude)
-    qtype = {"uint8": oq.QuantType.QUInt8, "int8": oq.QuantType.QInt8}
+    qtype = {IntType.UINT8: oq.QuantType.QUInt8, IntType.INT8: oq.QuantType.QInt8}
     with quiet(), ort_quiet():
-        if c.mode == "dynamic":
+        if c.mode == QuantMode.DYNAMIC:
             oq.quantize_dynamic(
                 str(c.source), str(dst),
                 per_channel=c.per_channel,
@@ -215,7 +224,8 @@ def build(c: Candidate, dst: Path, calibration: Calibration | None,
         }[c.calibration_method]
         oq.quantize_static(
             str(c.source), str(dst), calibration.reader(),
-            quant_format=oq.QuantFormat.QDQ if c.format == "qdq" else oq.QuantFormat.QOperator,
+            quant_format=(oq.QuantFormat.QDQ if c.format == QuantFormat.QDQ
+                          else oq.QuantFormat.QOperator),
             per_channel=c.per_channel,
             reduce_range=c.reduce_range,
             activation_type=qtype[c.activation_type],

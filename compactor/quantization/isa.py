@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from compactor.quantization.modes import IntType, QuantMode
+
 _ARM_MACHINES = ("aarch64", "arm64", "armv8l", "armv7l")
 
 
@@ -68,48 +70,49 @@ class Int8Choice:
     """Activation types worth timing (in preference order), the reduce_range setting, and
     why; ``warning`` when a pinned setting risks saturation on this CPU."""
 
-    activation_types: tuple[str, ...]
+    activation_types: tuple[IntType, ...]
     reduce_range: bool
     reason: str
     warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"activation_types": list(self.activation_types),
+        out = {"activation_types": [a.value for a in self.activation_types],
                "reduce_range": self.reduce_range, "reason": self.reason}
         if self.warning:
             out["warning"] = self.warning
         return out
 
 
-def choose(isa: Int8ISA, mode: str, activation_type: str = "auto",
-           reduce_range: bool | str = "auto", weight_type: str = "int8") -> Int8Choice:
+def choose(isa: Int8ISA, mode: QuantMode | str, activation_type: str = "auto",
+           reduce_range: bool | str = "auto", weight_type: IntType | str = IntType.INT8
+           ) -> Int8Choice:
     """Int8 settings for ``isa``. ``"auto"`` values are chosen; pinned ones are kept (with a
     warning when they risk u8s8 saturation here)."""
     if isa.no_saturation:
-        acts = ("int8", "uint8") if isa.arm else ("uint8", "int8")
+        acts = (IntType.INT8, IntType.UINT8) if isa.arm else (IntType.UINT8, IntType.INT8)
         rr = False
         why = (f"{isa.path}: 8-bit products accumulate in int32 without saturation, so "
                "weights keep all 8 bits; " + ("signed activations suit ARM's dot product"
                                               if isa.arm else "u8s8 and s8s8 are both timed"))
     elif isa.arm:
-        acts, rr = ("uint8",), False
+        acts, rr = (IntType.UINT8,), False
         why = "ARM without dot-product instructions: u8s8, full 8-bit weights"
     else:
-        acts = ("uint8",)
-        rr = weight_type == "int8"
+        acts = (IntType.UINT8,)
+        rr = weight_type == IntType.INT8
         why = (f"{isa.path} without VNNI: u8s8 products saturate in int16 (vpmaddubsw), so "
                + ("weights are quantized to 7 bits (reduce_range)" if rr else
                   "uint8 weights (u8u8) are used as given, which avoids it")
                + "; signed activations are not tried (slower without VNNI)")
-    if mode == "dynamic":
-        acts = ("uint8",)  # ORT's dynamic quantization has uint8 activations only
+    if mode == QuantMode.DYNAMIC:
+        acts = (IntType.UINT8,)  # ORT's dynamic quantization has uint8 activations only
     warning = None
     if activation_type != "auto":
-        acts = (activation_type,)
+        acts = (IntType(activation_type),)
         why += f"; activation_type pinned to {activation_type}"
     if reduce_range != "auto":
         if (reduce_range is False and not isa.no_saturation and not isa.arm
-                and weight_type == "int8" and "uint8" in acts):
+                and weight_type == IntType.INT8 and IntType.UINT8 in acts):
             warning = (f"reduce_range: false on a CPU without VNNI ({isa.path}) risks u8s8 "
                        "saturation and silent accuracy loss; leave it 'auto'")
         rr = bool(reduce_range)

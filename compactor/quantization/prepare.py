@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from compactor.errors import DataError, PassError
+from compactor.quantization.modes import QuantMode
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,15 @@ def op_mix(model, input_shapes: Mapping[str, tuple[int, ...]]) -> OpMix:
     return OpMix({k: v / total for k, v in totals.items()}, basis, softmax)
 
 
-def choose_mode(mix: OpMix, has_calibration: bool) -> tuple[str, str]:
+def resolve_mode(setting: str, mix: OpMix, has_calibration: bool) -> tuple[QuantMode, str]:
+    """The recipe's ``mode`` as a member, ``auto`` chosen from the op mix. Returns (mode,
+    why)."""
+    if setting == "auto":
+        return choose_mode(mix, has_calibration)
+    return QuantMode(setting), "set in the recipe"
+
+
+def choose_mode(mix: OpMix, has_calibration: bool) -> tuple[QuantMode, str]:
     """``auto``: dynamic for MatMul-dominated (transformer) graphs, static for convolution
     networks and the rest; dynamic when there is no calibration data. Returns (mode, why)."""
     matmul, conv = mix.share("MatMul"), mix.share("Conv", "ConvTranspose")
@@ -341,15 +350,15 @@ def choose_mode(mix: OpMix, has_calibration: bool) -> tuple[str, str]:
     # Linear layers export as MatMul or Gemm; with attention (Softmax), both make a
     # transformer, whose activation ranges vary from input to input.
     if matmul >= 0.5 or (mix.softmax and matmul + gemm >= 0.5):
-        return "dynamic", (f"{desc}: a MatMul-dominated (transformer) graph, whose "
-                           "activation ranges vary from input to input; dynamic int8 "
-                           "measures them per input")
+        return QuantMode.DYNAMIC, (f"{desc}: a MatMul-dominated (transformer) graph, whose "
+                                   "activation ranges vary from input to input; dynamic int8 "
+                                   "measures them per input")
     if not has_calibration:
-        return "dynamic", (f"{desc}: static int8 would suit it, but the recipe has no "
-                           "data.calibration, so dynamic it is")
-    return "static", (f"{desc}: " + ("a convolution network" if conv >= 0.5 else
-                                      "not MatMul-dominated")
-                      + "; static int8 with calibrated ranges runs fused int8 kernels")
+        return QuantMode.DYNAMIC, (f"{desc}: static int8 would suit it, but the recipe has "
+                                   "no data.calibration, so dynamic it is")
+    return QuantMode.STATIC, (f"{desc}: " + ("a convolution network" if conv >= 0.5 else
+                                             "not MatMul-dominated")
+                              + "; static int8 with calibrated ranges runs fused int8 kernels")
 
 
 # --------------------------------------------------------------------------- data checks

@@ -27,6 +27,7 @@ from typing import Any
 
 from .accuracy import AccuracyJudge, Score
 from .candidates import COMPUTE_OP_TYPES, Calibration, Candidate, build
+from .modes import IntType, QuantFormat, QuantMode
 from .prepare import first_line
 from .sensitivity import NodeSensitivity
 from .timing import Timing
@@ -43,8 +44,8 @@ class SearchSpace:
     """What the search may vary and with what: the recipe's pinned values narrow it."""
 
     base: Candidate  # the settings every candidate starts from
-    formats: tuple[str, ...]  # static: qdq / qoperator
-    activation_types: tuple[str, ...]
+    formats: tuple[QuantFormat, ...]  # static only
+    activation_types: tuple[IntType, ...]
     op_type_options: tuple[tuple[str, ...] | None, ...]  # None: all ops ORT can quantize
     excluded_types: tuple[str, ...] = ()
     repairs: tuple[str, ...] = ("calibration", "smoothquant", "fallback")
@@ -54,7 +55,7 @@ class SearchSpace:
 
     def candidates(self) -> list[Candidate]:
         b = self.base
-        if b.mode == "dynamic":
+        if b.mode == QuantMode.DYNAMIC:
             sources = [] if self.fused_only and self.fused else [b]
             if self.fused is not None:
                 sources.append(b.replace(source=self.fused, fused=True))
@@ -311,7 +312,7 @@ class Search:
         """The attempts of one cheap fix on ``best``."""
         c = best.candidate
         if fix == "calibration":
-            if c.mode != "static":
+            if c.mode != QuantMode.STATIC:
                 return
             for method in CALIBRATION_METHODS:
                 if method == c.calibration_method or self.out_of_time():
@@ -342,7 +343,7 @@ class Search:
         self.env.on_step("SmoothQuant: choosing scales")
         try:
             scales = choose_scales(c.source, self.env.analysis_feeds, c.mode, c.per_channel,
-                                   c.reduce_range, c.activation_type == "int8",
+                                   c.reduce_range, c.activation_type == IntType.INT8,
                                    self.space.smoothquant_alpha, deadline=self.deadline)
         except Exception as e:  # noqa: BLE001 - an analysis failure skips this repair
             self.repairs_log.append({"repair": "smoothquant", "error": first_line(e, 200)})
@@ -384,7 +385,7 @@ class Search:
 
         feeds = self.env.analysis_feeds
         self.env.on_step("sensitivity: ranking quantized nodes")
-        if c.mode == "dynamic":
+        if c.mode == QuantMode.DYNAMIC:
             import onnx
 
             model = onnx.load(str(c.source), load_external_data=False)
@@ -397,8 +398,8 @@ class Search:
             ops = {n.name: n.op_type for n in model.graph.node}
             return self._one_at_a_time(c, [(n, ops.get(n, "?")) for n in sorted(quantized)])
         qdq = path
-        if c.format != "qdq":  # the debug tools read QDQ; same numerics
-            qdq = self.build(c.replace(format="qdq")).path
+        if c.format != QuantFormat.QDQ:  # the debug tools read QDQ; same numerics
+            qdq = self.build(c.replace(format=QuantFormat.QDQ)).path
         return sens.rank_static(c.source, qdq, feeds, self.env.work)
 
     def _one_at_a_time(self, c: Candidate, nodes: list[tuple[str, str]]
@@ -516,8 +517,9 @@ def _dynamic_quantized_nodes(path: Path) -> set[str]:
     return names
 
 
-def default_space(base: Candidate, formats: Sequence[str], activation_types: Sequence[str],
-                  op_types: str | Sequence[str], **kw: Any) -> SearchSpace:
+def default_space(base: Candidate, formats: Sequence[QuantFormat | str],
+                  activation_types: Sequence[IntType | str], op_types: str | Sequence[str],
+                  **kw: Any) -> SearchSpace:
     """The space for the recipe's settings: ``auto`` values open up a dimension."""
     if op_types == "auto":
         options: tuple = (None, COMPUTE_OP_TYPES)
@@ -527,4 +529,5 @@ def default_space(base: Candidate, formats: Sequence[str], activation_types: Seq
         options = (COMPUTE_OP_TYPES,)
     else:
         options = (tuple(op_types),)
-    return SearchSpace(base, tuple(formats), tuple(activation_types), options, **kw)
+    return SearchSpace(base, tuple(QuantFormat(f) for f in formats),
+                       tuple(IntType(a) for a in activation_types), options, **kw)

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .modes import IntType, QuantMode
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,7 @@ def capture(path: Path, tensors: Sequence[str], feeds: Sequence[dict]) -> dict[s
 
 
 def fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool,
-                      weight_type: str = "int8", axis: int = 1) -> np.ndarray:
+                      weight_type: IntType | str = IntType.INT8, axis: int = 1) -> np.ndarray:
     """``w`` after symmetric int8 (or asymmetric uint8) quantization, as ORT does it."""
     w = w.astype(np.float32)
     red = (lambda a: np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)) if per_channel else (
@@ -88,7 +90,7 @@ def fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool,
     shape = [1] * w.ndim
     if per_channel:
         shape[axis] = w.shape[axis]
-    if weight_type == "int8":
+    if weight_type == IntType.INT8:
         qmax = 63.0 if reduce_range else 127.0
         scale = np.maximum(np.abs(flat).max(1), 1e-12) / qmax
         scale = scale.reshape(shape)
@@ -121,16 +123,17 @@ class Runs:
                    np.concatenate(picked),
                    np.concatenate([np.full(len(p), i) for i, p in enumerate(picked)]))
 
-    def quantized(self, s: np.ndarray | None, mode: str, signed: bool) -> np.ndarray:
+    def quantized(self, s: np.ndarray | None, mode: QuantMode, signed: bool) -> np.ndarray:
         """The rows of ``x / s`` after int8 quantization: per run (``DynamicQuantizeLinear``,
         uint8) in dynamic mode, with one range over all runs (as calibrated) in static."""
         inv = 1.0 if s is None else 1.0 / s
         lo = np.minimum((self.cmin * inv).min(1), 0.0)  # per run; s > 0 keeps min/max
         hi = np.maximum((self.cmax * inv).max(1), 0.0)
         x = self.rows * inv
-        if mode == "static":
+        static = mode == QuantMode.STATIC
+        if static:
             lo, hi = np.full_like(lo, lo.min()), np.full_like(hi, hi.max())
-        if mode == "static" and signed:
+        if static and signed:
             scale = (np.maximum(np.maximum(-lo, hi), 1e-12) / 127.0)[self.run_of_row, None]
             return np.clip(np.round(x / scale), -127, 127) * scale
         scale = (np.maximum(hi - lo, 1e-12) / 255.0)[self.run_of_row, None]
@@ -139,12 +142,12 @@ class Runs:
 
 
 def dynamic_matmul_error(xs: Sequence[np.ndarray], w: np.ndarray, per_channel: bool,
-                         reduce_range: bool, weight_type: str = "int8",
+                         reduce_range: bool, weight_type: IntType | str = IntType.INT8,
                          max_rows: int = 2048) -> float:
     """Noise-to-signal of ``x @ w`` under dynamic int8, over the captured runs ``xs``."""
     runs = Runs.of(xs, max_rows)
     y = runs.rows @ w
-    got = runs.quantized(None, "dynamic", False) @ fake_quant_weight(
+    got = runs.quantized(None, QuantMode.DYNAMIC, False) @ fake_quant_weight(
         w, per_channel, reduce_range, weight_type, axis=1)
     return float(((got - y) ** 2).sum()) / max(float((y**2).sum()), 1e-30)
 
@@ -153,7 +156,7 @@ def dynamic_matmul_error(xs: Sequence[np.ndarray], w: np.ndarray, per_channel: b
 
 
 def rank_dynamic_matmuls(src: Path, feeds: Sequence[dict], per_channel: bool,
-                         reduce_range: bool, weight_type: str = "int8",
+                         reduce_range: bool, weight_type: IntType | str = IntType.INT8,
                          nodes: Sequence[str] | None = None) -> list[NodeSensitivity]:
     """Emulated dynamic-int8 error of each constant-weight MatMul (all, or ``nodes``)."""
     import onnx

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .candidates import SMOOTH_MUL_SUFFIX
+from .modes import QuantMode
 from .sensitivity import Runs, capture, fake_quant_weight
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _groups(model) -> dict[str, list[tuple[Any, int]]]:
 
 
 def _group_error(runs: Runs, ws: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-                 s: np.ndarray | None, mode: str, per_channel: bool, reduce_range: bool,
+                 s: np.ndarray | None, mode: QuantMode, per_channel: bool, reduce_range: bool,
                  signed: bool) -> float:
     """Emulated int8 noise-to-signal of the group's MatMuls with smoothing ``s``;
     ``refs[j]`` is the float product of the sampled rows with weight j."""
@@ -102,7 +103,7 @@ class GroupScale:
                 "emulated_sqnr_db": [round(v, 2) for v in self.sqnr_db]}
 
 
-def choose_scales(src: Path, feeds: Sequence[dict], mode: str, per_channel: bool,
+def choose_scales(src: Path, feeds: Sequence[dict], mode: QuantMode, per_channel: bool,
                   reduce_range: bool, signed_activations: bool = False,
                   alpha: float | None = None, max_rows: int = 1024,
                   deadline: float | None = None) -> list[GroupScale]:
@@ -192,7 +193,7 @@ def apply_scales(src: Path, dst: Path, scales: Sequence[GroupScale]) -> SmoothRe
     return result
 
 
-def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: str, per_channel: bool,
+def smooth(src: Path, dst: Path, feeds: Sequence[dict], mode: QuantMode, per_channel: bool,
            reduce_range: bool, signed_activations: bool = False,
            alpha: float | None = None, max_rows: int = 1024,
            deadline: float | None = None) -> SmoothResult:
