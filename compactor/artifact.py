@@ -4,15 +4,25 @@ recipe.lock.yaml, report.html and report.md, written atomically.
 The artifact is assembled in a temporary folder beside its destination and renamed into
 place, so an interrupted run never leaves a half-written artifact that looks complete, and
 an older artifact at that path survives until the new one is whole.
+
+compactor deletes or replaces only what it can prove it wrote: each artifact holds a marker
+(``.compactor-artifact.json``) listing its files with their sizes and sha256. An output
+folder is replaced only when that marker verifies and the folder holds nothing else; a
+folder without it, with files it does not list, or with a listed file changed, is refused
+(exit 2) and left as it is. An interrupted swap is finished by the next run (``recover``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,9 +36,16 @@ if TYPE_CHECKING:
     from compactor.pipeline import StageResult, TargetResult
     from compactor.recipe import InputSpec, Recipe
 
+log = logging.getLogger(__name__)
+
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
+# The marker compactor writes into each artifact: the files it wrote, with their sizes and
+# hashes. Only a folder whose marker verifies (and that holds nothing else) is replaced.
+ARTIFACT_MARKER = ".compactor-artifact.json"
+MARKER_KIND = "compactor-artifact"
+MARKER_MAX_BYTES = 1 << 20
 
 
 def lock_text(recipe: Recipe) -> str:
@@ -38,9 +55,20 @@ def lock_text(recipe: Recipe) -> str:
     )
 
 
+def output_path(path: Path) -> Path:
+    """``path`` made absolute without following a link at its last component (a symlink
+    at the output path is refused, never written through)."""
+    path = Path(path).absolute()
+    return path.parent.resolve() / path.name
+
+
 def check_writable(out_dir: Path) -> None:
-    """Fail before any work when the artifact could not be written."""
-    parent = out_dir.resolve().parent
+    """Fail before any work when the artifact could not be written, or when writing it
+    would replace something compactor cannot prove it wrote."""
+    if out_dir.name in ("", ".", ".."):
+        raise UsageError(f"{out_dir} cannot be an artifact folder",
+                         "choose a folder of its own with --output")
+    parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".compactor-probe-{uuid.uuid4().hex[:8]}"
@@ -51,14 +79,163 @@ def check_writable(out_dir: Path) -> None:
             f"cannot write the artifact to {out_dir}: {e.strerror or e}",
             "choose another folder with --output, or fix the folder's permissions",
         ) from e
-    if out_dir.exists() and not out_dir.is_dir():
+    check_replaceable(out_dir)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """UsageError (exit 2) unless ``out_dir`` is absent, an empty folder, or an artifact
+    whose marker verifies and which holds nothing beyond the files the marker lists."""
+    if out_dir.is_symlink():
+        raise UsageError(f"output path {out_dir} is a symbolic link",
+                         "compactor does not write through links; choose another path with "
+                         "--output")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
         raise UsageError(f"output path {out_dir} exists and is not a folder",
                          "choose another path with --output")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+    if not any(out_dir.iterdir()):
+        return
+    problem = artifact_problem(out_dir)
+    if problem is None:
+        return
+    kind, detail = problem
+    if kind == "foreign":
         raise UsageError(
-            f"output folder {out_dir} is not empty and does not hold a compactor artifact",
-            "compactor only replaces its own artifacts; choose another path with --output",
+            f"output folder {out_dir} is not empty and does not hold a compactor artifact"
+            f" ({detail})",
+            "compactor only replaces its own artifacts (folders holding the "
+            f"{ARTIFACT_MARKER} it wrote); choose another path with --output",
         )
+    raise UsageError(
+        f"output folder {out_dir} holds a compactor artifact, but {detail}",
+        "compactor never deletes files it did not write: move them out of the folder, or "
+        "choose another path with --output",
+    )
+
+
+# --------------------------------------------------------------------------- the marker
+
+
+def _list_files(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in folder.iterdir()}
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker's content when it is a plain file compactor could have written."""
+    path = folder / ARTIFACT_MARKER
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_MAX_BYTES:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    if (data.get("kind") != MARKER_KIND or not isinstance(files, dict) or not all(
+            _plain_name(n) and isinstance(f, dict) and isinstance(f.get("size"), int)
+            and isinstance(f.get("sha256"), str) for n, f in files.items())):
+        return None
+    return data
+
+
+def _plain_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..", ARTIFACT_MARKER)
+            and "/" not in name and "\\" not in name and "\0" not in name)
+
+
+def artifact_problem(folder: Path) -> tuple[str, str] | None:
+    """None when ``folder`` is an artifact compactor wrote, unchanged and holding nothing
+    else; else ("foreign", why) or ("changed", what)."""
+    marker = _read_marker(folder)
+    if marker is None:
+        return "foreign", f"no valid {ARTIFACT_MARKER}"
+    listed: dict[str, dict[str, Any]] = marker["files"]
+    present = _list_files(folder)
+    extra = sorted(n for n in present if n != ARTIFACT_MARKER and n not in listed)
+    if extra:
+        return "extra", (f"also holds {len(extra)} file(s) it did not write: "
+                         + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
+    changed = []
+    for name, rec in listed.items():
+        path = present.get(name)
+        if path is None:
+            continue  # a file of ours that is gone deletes nothing
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != rec["size"] \
+                or _sha256_file(path) != rec["sha256"]:
+            changed.append(name)
+    if changed:
+        return "changed", ("its file(s) " + ", ".join(sorted(changed))
+                           + " changed since compactor wrote them")
+    return None
+
+
+def seal(folder: Path, state: str = "complete") -> None:
+    """Write the marker that proves compactor wrote every file now in ``folder``."""
+    files = {
+        name: {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+        for name, p in sorted(_list_files(folder).items()) if name != ARTIFACT_MARKER
+    }
+    marker = {"kind": MARKER_KIND, "format": 1, "id": uuid.uuid4().hex, "state": state,
+              "files": files}
+    tmp = folder / f".{ARTIFACT_MARKER}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / ARTIFACT_MARKER)
+
+
+def _remove_artifact(folder: Path) -> bool:
+    """Delete the files the marker lists (unchanged since written), then the marker and
+    the folder; anything else (a file someone added or changed) keeps the folder. Returns
+    whether the folder is gone."""
+    marker = _read_marker(folder)
+    if marker is None:
+        return False
+    staging = marker.get("state") == "staging"  # names only: a crash came mid-write
+    for name, rec in marker["files"].items():
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        if staging or (path.stat().st_size == rec["size"]
+                       and _sha256_file(path) == rec["sha256"]):
+            path.unlink()
+    (folder / f".{ARTIFACT_MARKER}.tmp").unlink(missing_ok=True)
+    (folder / ARTIFACT_MARKER).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("kept %s: it holds files compactor did not write", folder)
+        return False
+    return True
+
+
+def recover(out_dir: Path) -> list[str]:
+    """Finish what an interrupted swap left beside ``out_dir``: restore the earlier
+    artifact when the output path is missing, and delete stale staging and superseded
+    folders (only those holding compactor's marker, and only the files it lists).
+    Call it while holding the output's lock. Returns what it did, one note each."""
+    notes: list[str] = []
+    parent, name = out_dir.parent, out_dir.name
+    found = []
+    with contextlib.suppress(OSError):
+        for p in parent.iterdir():
+            for kind in ("old", "partial"):
+                if p.name.startswith(f".{name}.{kind}-") and not p.is_symlink() \
+                        and p.is_dir() and _read_marker(p) is not None:
+                    found.append((kind, p))
+    if not os.path.lexists(out_dir):
+        olds = sorted((p for k, p in found if k == "old" and artifact_problem(p) is None),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        if olds:
+            olds[0].rename(out_dir)
+            found.remove(("old", olds[0]))
+            notes.append(f"restored the earlier artifact at {out_dir} from {olds[0].name}, "
+                         "left by an interrupted run")
+    for _kind, p in found:
+        if _remove_artifact(p):
+            notes.append(f"removed {p.name}, left by an interrupted run")
+    return notes
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -129,49 +306,115 @@ def write_artifact(out_dir: Path, recipe: Recipe, model_path: Path,
                    manifest: dict[str, Any],
                    extra_files: Mapping[str, Path] | None = None) -> None:
     """Assemble the artifact beside ``out_dir`` and swap it into place. ``extra_files``
-    (artifact name → file) are deployables some profiles ask for, such as ``model.ort``."""
+    (artifact name → file) are deployables some profiles ask for, such as ``model.ort``.
+
+    ``out_dir`` must be absolute with its parent resolved (``output_path``); the caller
+    holds the output's lock (the run's work folder)."""
     from compactor.report.html import render_html
     from compactor.report.markdown import render_markdown
 
-    out_dir = out_dir.resolve()
+    extra = dict(extra_files or {})
+    bad = [n for n in extra if not _plain_name(n) or n in _OWN_NAMES]
+    if bad:
+        raise ArtifactError(f"cannot add {', '.join(bad)} to the artifact",
+                            "an artifact file needs a plain name of its own")
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        staging.mkdir(parents=True)
+        staging.mkdir()
+        # Marked first, listing the names it will hold, so a crash mid-way leaves a folder
+        # the next run can prove is its own and delete.
+        _seal_staging(staging, [*_OWN_NAMES, *extra])
         shutil.copyfile(model_path, staging / MODEL)
-        for name, path in (extra_files or {}).items():
+        for name, path in extra.items():
             shutil.copyfile(path, staging / name)
         (staging / "recipe.lock.yaml").write_text(lock_text(recipe), encoding="utf-8")
         (staging / "report.md").write_text(render_markdown(manifest), encoding="utf-8")
         (staging / "report.html").write_text(render_html(manifest), encoding="utf-8")
-        # The manifest goes last: its presence is what marks an artifact complete.
         with open(staging / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
+        # The complete marker goes last: it is what marks an artifact whole and ours.
+        seal(staging)
         _swap_into_place(staging, out_dir)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise ArtifactError(
             f"writing the artifact to {out_dir} failed: {e}",
             "check free disk space and permissions; any earlier artifact there is intact",
         ) from e
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise
 
 
+_OWN_NAMES = (MODEL, "recipe.lock.yaml", "report.md", "report.html", MANIFEST)
+
+
+def _seal_staging(folder: Path, names: Sequence[str]) -> None:
+    marker = {"kind": MARKER_KIND, "format": 1, "id": uuid.uuid4().hex, "state": "staging",
+              "files": {n: {"size": -1, "sha256": ""} for n in names}}
+    (folder / ARTIFACT_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+
+
+def _discard(staging: Path) -> None:
+    if staging.is_dir() and not staging.is_symlink():
+        _remove_artifact(staging)
+
+
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
+    """Put the sealed ``staging`` folder at ``out_dir``. An earlier artifact there is
+    deleted only once the new one is in place, and only the files its marker lists; a
+    crash at any point leaves either artifact whole, and ``recover`` finishes the job."""
+    if not os.path.lexists(out_dir):
         staging.rename(out_dir)
+        return
+    check_replaceable(out_dir)  # again: the folder may have changed during the run
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()
+        staging.rename(out_dir)
+        return
+    if _exchange(staging, out_dir):
+        _remove_artifact(staging)  # now the earlier artifact
         return
     old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
     out_dir.rename(old)
     try:
+        _between_renames()
         staging.rename(out_dir)
     except BaseException:
         old.rename(out_dir)  # put the earlier artifact back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_artifact(old)
+
+
+def _between_renames() -> None:
+    """Nothing; a seam where tests simulate a crash between the two renames."""
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    system cannot, and the caller falls back to two renames."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # not supported here (kernel, file system, sandbox): two renames
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def read_manifest(artifact: Path) -> dict[str, Any]:

@@ -228,8 +228,14 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 class ResumableRun:
-    """A run's persistent work folder, ``<artifact>.work/``: scratch files, every finished
-    stage and training checkpoints, so ``--resume`` can continue an interrupted run.
+    """A run's persistent work folder, ``.<artifact>.compactor-work/`` beside the artifact:
+    scratch files, every finished stage and training checkpoints, so ``--resume`` can
+    continue an interrupted run.
+
+    The folder carries compactor's marker and is locked for the run (a second run on the
+    same output is refused); a path there that compactor did not make (a user's folder, a
+    file, a symlink) is refused, never followed or deleted. Under the lock, a swap that an
+    interrupted run left half done is finished, and the output is checked again.
 
     It is removed when the run succeeds, and kept when a failed or interrupted run leaves
     work to resume (a finished stage, a training checkpoint). Under torchrun, ranks other
@@ -237,20 +243,35 @@ class ResumableRun:
     there."""
 
     def __init__(self, recipe: Recipe, out_dir: Path, resume: bool, progress: Progress):
+        from compactor import artifact
         from compactor.passes import get_pass
         from compactor.training import ddp
-        from compactor.training.checkpoint import RunFolder
+        from compactor.training.checkpoint import RunFolder, WorkLock, work_folder_for
 
         self.recipe = recipe
-        self.path = out_dir.with_name(out_dir.name + ".work")
+        self.path = work_folder_for(out_dir)
         self.writes = ddp.is_main()
         self.launched = ddp.launched()
-        folder = RunFolder.open(self.path, self.writes) if resume else None
+        self.lock: WorkLock | None = None
+        if self.writes:
+            self.lock = WorkLock.claim(self.path, out_dir)
+            try:
+                for note in artifact.recover(out_dir):
+                    progress.note(note)
+                artifact.check_replaceable(out_dir)
+                folder = RunFolder.open(self.path, self.writes) if resume else None
+            except BaseException:
+                self._drop_lock()
+                raise
+        else:
+            folder = RunFolder.open(self.path, self.writes) if resume else None
         if resume and folder is None:
             progress.note(f"nothing to resume in {self.path}: starting a fresh run")
         elif not resume and self.writes and RunFolder.holds_work(self.path):
             progress.note(f"replacing the interrupted run in {self.path} (--resume continues "
                           "an interrupted run)")
+        if folder is None and self.lock is not None:
+            self.lock.clear()
         self.folder = folder or RunFolder.fresh(self.path, self.writes)
         self.work_dir = self.path if self.writes else Path(
             tempfile.mkdtemp(prefix=f"compactor-{recipe.name}-rank{ddp.rank()}-")
@@ -263,6 +284,18 @@ class ResumableRun:
              if getattr(get_pass(n), "distributed", False)),
             default=-1,
         )
+
+    def _drop_lock(self) -> None:
+        """Release the work folder; remove it when it holds no work worth keeping."""
+        from compactor.training.checkpoint import RunFolder
+
+        if self.lock is None:
+            return
+        if RunFolder.holds_work(self.path):
+            self.lock.release()
+        else:
+            self.lock.remove()
+        self.lock = None
 
     def begin(self, ctx: RunContext, baseline: Stage, source_files: Sequence[Path]) -> None:
         """Key every pass by what produces it; on resume, refuse a recipe that changed in a
@@ -291,15 +324,23 @@ class ResumableRun:
                       for n, c in self.recipe.pass_list]
         self.keys = self.folder.begin(self.recipe.name, root, self.parts)
 
-    def finished_stage(self, index: int) -> Stage | None:
+    def finished_stage(self, index: int, previous: Stage) -> Stage | None:
+        """The saved stage of pass ``index`` when it can be reused: its file matches the
+        signed record written with it, and it loads without running code (a torch stage
+        is rebuilt on ``previous``). Otherwise a note says why, and the pass runs again."""
+        from compactor.training.checkpoint import Refused
+
         if not self.folder.resumed or not self.folder.finished(index, self.keys[index]):
             return None
         try:
-            return self.folder.load_stage(index)
+            return self.folder.load_stage(index, previous)
+        except Refused as e:
+            self.progress.note(f"the saved stage of passes[{index}] is not reused: {e}; "
+                               "making it again")
         except Exception as e:  # noqa: BLE001 - an unreadable saved stage is made again
             self.progress.note(f"the saved stage of passes[{index}] cannot be read "
                                f"({type(e).__name__}: {str(e)[:120]}); making it again")
-            return None
+        return None
 
     def enter(self, index: int, ctx: RunContext) -> RunContext:
         """Point ``ctx`` at pass ``index`` (its key, checkpoints, whether it resumes)."""
@@ -327,8 +368,12 @@ class ResumableRun:
             ddp.shutdown()
         if not self.writes:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-        elif ok or not self.resumable():
-            self.folder.remove()
+        elif self.lock is not None:
+            if ok or not self.resumable():
+                self.lock.remove()
+            else:
+                self.lock.release()
+            self.lock = None
 
 
 def _short(path: Path, base: Path) -> str:
@@ -346,24 +391,30 @@ def optimize(recipe: Recipe, progress: Progress | None = None,
     """Run ``recipe`` end to end and write its artifact. Budget failures do not raise: the
     result's ``passed`` says whether every budget holds.
 
-    Work happens in ``<artifact>.work/``, kept when a run fails or is interrupted: with
+    Work happens in ``.<artifact>.compactor-work/``, kept when a run fails or is
+    interrupted: with
     ``resume``, finished stages there are reused and a training pass continues from its
     checkpoint (refused, with the reason, when the recipe changed in a way that invalidates
     them). Without it, a fresh run replaces that folder."""
     from compactor import artifact
+    from compactor.budgets import judge_before_passes, reachable_floor, weight_floor
     from compactor.model import load_model, onnx_input_specs
     from compactor.passes import get_pass
 
     t_start = time.perf_counter()
     progress = progress or Progress()
     # absolute: passes and ORT tools get paths inside the work folder beside it
-    out_dir = (Path(output) if output else recipe.output_dir).resolve()
+    out_dir = artifact.output_path(Path(output) if output else recipe.output_dir)
     artifact.check_writable(out_dir)
     profiles = [load_profile(t.profile, recipe.base_dir) for t in recipe.targets]
     metric = get_metric(recipe.metric, recipe.base_dir)
 
     with progress.task("load model"):
         baseline, source_files = load_model(recipe.model, recipe.base_dir)
+    # a size or memory limit no run of these passes can meet fails now, not after every pass
+    floor = weight_floor(baseline)
+    judge_before_passes(recipe.targets, profiles, floor, reachable_floor(
+        floor, [get_pass(name)(cfg) for name, cfg in recipe.pass_list]))
     inputs = recipe.model.inputs or onnx_input_specs(baseline.onnx_path)
 
     run = ResumableRun(recipe, out_dir, resume, progress)
@@ -382,7 +433,7 @@ def optimize(recipe: Recipe, progress: Progress | None = None,
         for i, (name, cfg) in enumerate(recipe.pass_list):
             p = get_pass(name)(cfg)
             t0 = time.perf_counter()
-            reused = run.finished_stage(i)
+            reused = run.finished_stage(i, current)
             with progress.task(f"pass {i + 1}/{len(recipe.pass_list)}: {name}"
                                + (" (reused from the interrupted run)" if reused else "")):
                 try:
@@ -579,15 +630,17 @@ class Evaluator:
         return np.concatenate(outs), (np.concatenate(tgts) if tgts else None)
 
     def _latency(self, path: Path, name: str, prof: Profile, batches: list[Batch]):
+        from compactor.data import batch_sizes_for
         from compactor.measure.bench import measure_profile
         from compactor.measure.latency import providers_available
 
         if not providers_available(prof)[0]:
             m = measure_profile(path, prof, {})
             return None, {}, "\n".join(m.notes)
-        feeds = {bs: feeds_for_batch(self.ctx.inputs, batches, bs) for bs in prof.batch_sizes}
+        sizes = batch_sizes_for(self.ctx.inputs, prof.batch_sizes)  # a fixed batch axis: its size
+        feeds = {bs: feeds_for_batch(self.ctx.inputs, batches, bs) for bs in sizes}
         with self.ctx.progress.task(
-            f"{name}: latency on {prof.name}", total=len(prof.batch_sizes)
+            f"{name}: latency on {prof.name}", total=len(sizes)
         ) as task:
             m = measure_profile(path, prof, feeds, self.ctx.work_dir,
                                 on_batch=lambda _l: task.advance())

@@ -523,7 +523,7 @@ def test_teacher_with_other_output_shape_names_both_shapes(tmp_path):
     teacher = {"factory": ref("build_cnn"), "args": {"classes": 12}}
     result = run_cli("optimize", _cli_recipe(tmp_path, {"teacher": teacher}))
     assert_clean_error(result, 4, "teacher's output has shape [32, 12]", "student's [32, 10]")
-    assert not (tmp_path / "out.work").exists(), "nothing to resume: no work folder kept"
+    assert not (tmp_path / ".out.compactor-work").exists(), "nothing to resume: no work folder kept"
 
 
 def test_unknown_hint_module_suggests_the_closest_name(tmp_path):
@@ -562,7 +562,7 @@ def test_nan_loss_exits_4_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     result = run_cli("optimize", _cli_recipe(
         tmp_path, {"teacher": {"factory": ref("teacher_cnn")}, "epochs": 3}))
     assert_clean_error(result, 4, "loss became nan", "epoch 2, step 11", "last good checkpoint")
-    last = load_torch(tmp_path / "out.work" / "checkpoints" / "01-distill" / "last.pt")
+    last = load_torch(tmp_path / ".out.compactor-work" / "checkpoints" / "01-distill" / "last.pt")
     assert last["state"]["epoch"] == 1 and last["state"]["global_step"] == 8
     assert np.isfinite([float(v.float().abs().sum()) for v in last["module"].values()]).all()
 
@@ -671,4 +671,4 @@ def test_torchrun_runs_the_pipeline_data_parallel(tmp_path):
     record = manifest["stages"][1]["record"]
     assert record["world_size"] == 2 and record["steps"] == 2 * 4  # 8 batches over 2 ranks
     assert r.stdout.count("all budgets hold") == 1, "only rank 0 reports"
-    assert not (tmp_path / "out.work").exists()
+    assert not (tmp_path / ".out.compactor-work").exists()

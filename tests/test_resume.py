@@ -81,7 +81,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(runs):
     assert "Traceback" not in r.output
     assert f"resume with: compactor optimize {runs['path']} --resume" in r.stderr
     assert not (folder / "out").exists(), "no artifact from an interrupted run"
-    work = folder / "out.work"
+    work = folder / ".out.compactor-work"
     assert (work / "stages" / "01-distill.pt").is_file(), "the finished first pass is kept"
     ck = load_torch(work / "checkpoints" / "02-distill" / "last.pt")
     assert ck["state"]["global_step"] == 5 and ck["state"]["step_in_epoch"] == 5
@@ -113,7 +113,7 @@ def test_resume_refuses_a_recipe_that_invalidates_the_saved_work(runs, tmp_path,
     finally:
         changed.unlink()
     assert_clean_error(result, 2, "cannot resume", reason, "without --resume")
-    assert (runs["folder"] / "out.work" / "run.json").is_file(), "the saved work is kept"
+    assert (runs["folder"] / ".out.compactor-work" / "run.json").is_file(), "the saved work is kept"
 
 
 def test_resume_reuses_finished_stages_and_matches_an_uninterrupted_run(runs):
@@ -125,7 +125,7 @@ def test_resume_reuses_finished_stages_and_matches_an_uninterrupted_run(runs):
     second = manifest["stages"][2]["record"]
     assert second["resumed_from"] == {"epoch": 0, "step": 5}
     assert second["steps"] == EPOCHS_2 * STEPS_PER_EPOCH
-    assert not (runs["folder"] / "out.work").exists(), "a finished run removes its work folder"
+    assert not (runs["folder"] / ".out.compactor-work").exists(), "a finished run removes its work folder"
 
     assert runs["rerun"].exit_code == 0, runs["rerun"].output
     reference = json.loads((runs["reference"] / "out" / "manifest.json").read_text())
@@ -149,7 +149,7 @@ def test_resume_without_an_interrupted_run_starts_fresh(tmp_path):
     result = run_cli("optimize", path, "--resume")
     assert result.exit_code == 0, result.output
     assert "nothing to resume" in result.stderr
-    assert not (tmp_path / "out.work").exists()
+    assert not (tmp_path / ".out.compactor-work").exists()
 
 
 def test_interrupt_before_any_saved_work_offers_no_resume(tmp_path, monkeypatch):
@@ -165,4 +165,4 @@ def test_interrupt_before_any_saved_work_offers_no_resume(tmp_path, monkeypatch)
     result = run_cli("optimize", path)
     assert result.exit_code == 130
     assert "resume with" not in result.stderr
-    assert not (tmp_path / "out.work").exists()
+    assert not (tmp_path / ".out.compactor-work").exists()

@@ -14,6 +14,7 @@ share of the batches, and only the rank that writes saves checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -240,6 +241,8 @@ def train(task: TrainTask, cfg: LoopConfig, checkpoint_dir: Path, *, key: str,
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"], task.device)
         st.update(ck["state"])
+        if st["best"] is not None:  # saved as plain values (weights-only checkpoints)
+            st["best"] = EvalResult(**st["best"])
         if best_path.is_file():
             best_state = load_torch(best_path)["module"]
         resumed_from = {"epoch": st["epoch"], "step": st["global_step"]}
@@ -249,9 +252,11 @@ def train(task: TrainTask, cfg: LoopConfig, checkpoint_dir: Path, *, key: str,
         if not writable:
             return
         st["loss_ema"] = loss_ema
+        # Tensors and plain values only: it is read back with weights_only=True.
+        state = {**st, "best": None if st["best"] is None else dataclasses.asdict(st["best"])}
         save_torch({"key": key, "module": module.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": _rng_state(task.device),
-                    "state": st}, last_path)
+                    "state": state}, last_path)
 
     seen = steps_here = 0
     loss_ema: float | None = st.get("loss_ema")
