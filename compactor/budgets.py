@@ -10,16 +10,17 @@ estimate; the estimate is shown beside it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from compactor.errors import UsageError, did_you_mean
-from compactor.spec import Budgets
+from compactor.errors import BudgetFailed, UsageError, did_you_mean
+from compactor.spec import Budgets, Target
 
 if TYPE_CHECKING:
     from compactor.measure.latency import Latency
     from compactor.profiles import Profile
+    from compactor.stage import Stage
 
 Status = Literal["pass", "fail", "not measured"]
 
@@ -122,6 +123,100 @@ def evaluate_budgets(
                               f"{profile.name} profile limit; peak RSS of the measuring "
                               "process"))
     return out
+
+
+# --------------------------------------------------------------------------- before the passes
+
+
+@dataclass(frozen=True)
+class SizeFloor:
+    """The least room a model's weights can take: the weight elements every stage keeps
+    (matrices and kernels only; biases and norm vectors an exporter may fold away are left
+    out) and the fewest bytes each takes. Passes shrink it (``Pass.size_floor``)."""
+
+    weights: float
+    bytes_per_weight: float
+
+    @property
+    def mb(self) -> float:
+        return self.weights * self.bytes_per_weight / 1e6
+
+
+def weight_floor(stage: Stage) -> SizeFloor | None:
+    """The baseline's :class:`SizeFloor`, from its tensors' shapes (no data is read)."""
+    if stage.module is not None:
+        seen: set[int] = set()
+        n = nbytes = 0
+        for t in stage.module.parameters():  # shared (tied) weights once
+            if t.dim() >= 2 and id(t) not in seen:
+                seen.add(id(t))
+                n += t.numel()
+                nbytes += t.numel() * t.element_size()
+        return SizeFloor(n, nbytes / n) if n else None
+    if stage.onnx_path is None:
+        return None
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(stage.onnx_path), load_external_data=False)
+    n = nbytes = 0
+    for init in model.graph.initializer:
+        if len(init.dims) < 2:
+            continue
+        count = 1
+        for d in init.dims:
+            count *= int(d)
+        try:
+            item = helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        n += count
+        nbytes += count * item
+    return SizeFloor(n, nbytes / n) if n else None
+
+
+class _ShrinksWeights(Protocol):
+    name: str
+
+    def size_floor(self, floor: SizeFloor) -> SizeFloor | None: ...
+
+
+def reachable_floor(baseline: SizeFloor | None,
+                    passes: Iterable[_ShrinksWeights]) -> SizeFloor | None:
+    """The smallest the passes, in order, could make ``baseline``'s weights; None when a
+    pass cannot say (then nothing is judged early)."""
+    floor = baseline
+    for p in passes:
+        if floor is None:
+            return None
+        floor = p.size_floor(floor)
+    return floor
+
+
+def judge_before_passes(targets: Sequence[Target], profiles: Sequence[Profile],
+                        baseline: SizeFloor | None, reachable: SizeFloor | None) -> None:
+    """Raise BudgetFailed, before any pass runs, when even the smallest model the passes
+    could reach breaks a target's size or memory limit (the process measuring a model holds
+    its weights, so its peak memory is at least their size)."""
+    if baseline is None or reachable is None:
+        return
+    for target, prof in zip(targets, profiles):
+        limits = [
+            ("max_size_mb", target.budgets.max_size_mb, "model size"),
+            ("limits.model_size_mb", prof.limits.model_size_mb, "model size"),
+            ("max_memory_mb", target.budgets.max_memory_mb, "peak memory"),
+            ("limits.memory_mb", prof.limits.memory_mb, "peak memory"),
+        ]
+        for name, limit, what in limits:
+            if limit is not None and reachable.mb > limit:
+                raise BudgetFailed(
+                    f"target {prof.name}: {name} is {limit:g} MB, and no run of these passes "
+                    f"can get there: the baseline's weights are {baseline.mb:.3g} MB and the "
+                    f"smallest the passes could reach is an estimated {reachable.mb:.3g} MB "
+                    f"({what} at least that); stopped before any pass ran",
+                    "prune harder, add '- quantize: {}' (int8), distill into a smaller "
+                    f"student, or raise {name}",
+                )
 
 
 # --------------------------------------------------------------------------- overrides

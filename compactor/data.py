@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from compactor._imports import call_user, resolve_callable
+from compactor._imports import call_user, iterate_user, resolve_callable
 from compactor.errors import DataError
 from compactor.spec import InputSpec
 
@@ -113,7 +113,8 @@ class DataSource:
     def _factory_batches(self) -> Iterator[Any]:
         data = call_user(self._factory, DataError, f"data.{self.split}")
         try:
-            yield from data
+            # a generator factory runs its code while it is iterated: boxed like the call
+            yield from iterate_user(data, DataError, f"data.{self.split}")
         except TypeError as e:
             if "not iterable" in str(e):
                 raise DataError(
@@ -198,6 +199,9 @@ class DataSource:
         if len(sizes) > 1:
             raise DataError(f"{where}: inputs have different batch sizes {sorted(sizes)}",
                             "every input of a batch must have the same first dimension")
+        if 0 in sizes:
+            raise DataError(f"{where}: the batch has 0 rows",
+                            "drop empty batches from the data (e.g. a last slice past the end)")
         tgt = None if target is None else to_numpy(target)
         if tgt is not None and tgt.ndim and sizes and tgt.shape[0] not in sizes:
             raise DataError(
@@ -218,3 +222,12 @@ class DataSource:
                 f"{declared}",
                 "fix model.inputs in the recipe (names mark dynamic axes) or the data",
             )
+
+
+def batch_sizes_for(specs: Sequence[InputSpec], wanted: Sequence[int]) -> list[int]:
+    """The batch sizes a model with these inputs can run: ``wanted`` (a profile's), or only
+    the declared size when every input's batch axis is fixed (``[16, ...]``)."""
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    if len(fixed) != 1 or any(s.shape and isinstance(s.shape[0], str) for s in specs):
+        return list(wanted)
+    return [fixed.pop()]

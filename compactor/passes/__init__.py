@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from compactor.budgets import SizeFloor
     from compactor.pipeline import RunContext
     from compactor.stage import Stage
 
@@ -37,6 +38,11 @@ class Pass:
 
     def run(self, stage: Stage, ctx: RunContext) -> Stage:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def size_floor(self, floor: SizeFloor) -> SizeFloor | None:
+        """The least room this pass could leave a model's weights in, judged before any pass
+        runs (budgets.judge_before_passes); None when it cannot say cheaply."""
+        return None
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -30,6 +30,7 @@ from compactor.errors import DataError, PassError, RecipeError, did_you_mean
 from compactor.passes import Pass, PassConfig, register
 
 if TYPE_CHECKING:
+    from compactor.budgets import SizeFloor
     from compactor.data import Batch
     from compactor.pipeline import RunContext
     from compactor.stage import Stage
@@ -165,6 +166,11 @@ class DistillPass(Pass):
     output_kind = "torch"
     summary = "knowledge distillation from the baseline (or a teacher) into the current stage"
     distributed = True  # trains data-parallel under torchrun
+
+    def size_floor(self, floor: SizeFloor) -> SizeFloor | None:
+        # trains the model it is given; a student cut from it is smaller by an amount only
+        # building it would tell
+        return floor if self.config.student is None else None
 
     def run(self, stage: Stage, ctx: RunContext) -> Stage:
         import torch

@@ -25,6 +25,7 @@ from compactor.errors import ModelLoadError, PassError
 from compactor.passes import Pass, PassConfig, register
 
 if TYPE_CHECKING:
+    from compactor.budgets import SizeFloor
     from compactor.data import Batch
     from compactor.pipeline import RunContext
     from compactor.spec import InputSpec
@@ -54,6 +55,9 @@ class ExportPass(Pass):
     input_kind = "torch"
     output_kind = "onnx"
     summary = "torch → ONNX (dynamo exporter, legacy fallback), onnxsim, numeric check"
+
+    def size_floor(self, floor: SizeFloor) -> SizeFloor:
+        return floor  # the same weights, written to ONNX
 
     def run(self, stage: Stage, ctx: RunContext) -> Stage:
         cfg: ExportConfig = self.config
@@ -139,13 +143,18 @@ def flatten_outputs(out: Any) -> list[np.ndarray]:
 
 
 def example_inputs(specs: Sequence[InputSpec], batch: Batch) -> dict[str, np.ndarray]:
-    """Real inputs for tracing, with every dynamic axis at least 2 long.
+    """Real inputs for tracing, with every dynamic axis at least 2 long and every fixed axis
+    at its declared size.
 
-    torch.export specializes axes of size 0 or 1, which would freeze a dynamic axis.
+    torch.export specializes axes of size 0 or 1, which would freeze a dynamic axis; a
+    dynamic batch axis is cut to 2 samples to keep tracing cheap, a fixed one (``[16, ...]``)
+    is traced at its size, which the data already has (batches are checked against it).
     """
     out = {}
     for s in specs:
-        a = batch.inputs[s.name][:2]
+        a = batch.inputs[s.name]
+        if s.shape and isinstance(s.shape[0], str):
+            a = a[:2]
         for axis in s.dynamic_axes:
             if a.shape[axis] < 2:
                 reps = [1] * a.ndim

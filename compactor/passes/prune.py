@@ -25,6 +25,7 @@ from compactor.errors import PassError
 from compactor.passes import Pass, PassConfig, register
 
 if TYPE_CHECKING:
+    from compactor.budgets import SizeFloor
     from compactor.data import Batch
     from compactor.pipeline import RunContext
     from compactor.spec import InputSpec
@@ -129,6 +130,23 @@ class PrunePass(Pass):
     input_kind = "torch"
     output_kind = "torch"
     summary = "structured pruning (Torch-Pruning): channels, neurons, attention heads removed"
+
+    def size_floor(self, floor: SizeFloor) -> SizeFloor | None:
+        from dataclasses import replace
+
+        cfg: PruneConfig = self.config
+        if cfg.target is not None and cfg.target.kind == "params":
+            keep = cfg.target.fraction
+        elif cfg.global_:
+            return None  # layers lose different fractions: no cheap bound on the weights
+        elif cfg.target is not None:
+            # every layer loses the same fraction a of its channels, so keeps between (1-a)²
+            # and (1-a) of its MACs and of its weights alike: weights ≥ (MACs kept)²
+            keep = cfg.target.fraction**2
+        else:
+            cut = max([cfg.amount or 0.0, cfg.heads or 0.0, *cfg.layers.values()])
+            keep = (1 - cut) ** 2
+        return replace(floor, weights=floor.weights * keep)
 
     def run(self, stage: Stage, ctx: RunContext) -> Stage:
         from compactor.pruning import graph as tpg
