@@ -39,6 +39,7 @@ from compactor.spec import (  # noqa: F401 - re-exported: the recipe's value typ
     Strict,
     Target,
 )
+from compactor.yamlsafe import compose_bounded, construct, read_yaml_text
 
 RECIPE_VERSION = 1
 BUILTIN_METRICS = ("accuracy", "top5", "mse", "fidelity")
@@ -185,26 +186,15 @@ def load_recipe(path: str | Path) -> Recipe:
             f"recipe file not found: {path}",
             "check the path; `compactor optimize` with no argument runs the bundled demo",
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe {path}: {e}", "is it a UTF-8 text file?") from e
+    text = read_yaml_text(path, "recipe")
     return parse_recipe(text, base_dir=path.absolute().parent, source=path)
 
 
 def parse_recipe(text: str, base_dir: Path | None = None, source: Path | None = None) -> Recipe:
     where = str(source) if source else "<recipe>"
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(
-            f"{where}{pos}: malformed YAML: {problem}",
-            "check indentation and that each 'key: value' pair has a space after the colon",
-        ) from e
+    # bounded: size, alias expansion, nesting and tags are checked before anything is built
+    node = compose_bounded(text, where)
+    raw = construct(node, where)
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{where}: a recipe must be a YAML mapping (got {type(raw).__name__})",

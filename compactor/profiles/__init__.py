@@ -10,10 +10,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compactor.errors import RecipeError, did_you_mean
+from compactor.yamlsafe import load_yaml, read_yaml_text
 
 
 class _Strict(BaseModel):
@@ -140,7 +140,7 @@ def load_profile(name_or_path: str, base_dir: Path | None = None) -> Profile:
             path = base_dir / path
         if not path.is_file():
             raise RecipeError(f"profile file not found: {path}", "check the path in the recipe")
-        return _parse(path.read_text(encoding="utf-8"), str(path))
+        return _parse(read_yaml_text(path, "profile"), str(path))  # size-bounded
     names = builtin_names()
     if name_or_path not in names:
         hint = did_you_mean(name_or_path, names)
@@ -154,10 +154,7 @@ def load_profile(name_or_path: str, base_dir: Path | None = None) -> Profile:
 
 
 def _parse(text: str, where: str) -> Profile:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"profile {where}: malformed YAML: {e}", "check the file") from e
+    raw = load_yaml(text, f"profile {where}")  # bounded: aliases, nesting, tags
     if not isinstance(raw, dict):
         raise RecipeError(f"profile {where}: a profile must be a YAML mapping",
                           "start from `compactor profiles show host-cpu`")
