@@ -15,6 +15,7 @@ EXIT_USAGE = 2
 EXIT_LOAD = 3
 EXIT_PASS = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by a service manager or CI runner
 
 
 class CompactorError(Exception):

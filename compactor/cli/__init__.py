@@ -13,7 +13,13 @@ import traceback
 
 import click
 
-from compactor.errors import EXIT_INTERRUPTED, EXIT_PASS, EXIT_USAGE, CompactorError
+from compactor.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PASS,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    CompactorError,
+)
 from compactor.version import __version__
 
 
@@ -34,6 +40,47 @@ def _resume_command(args: list[str]) -> str:
     return shlex.join(["compactor", *[a for a in args if a != "--resume"], "--resume"])
 
 
+class _SigtermAsInterrupt:
+    """While a command runs, SIGTERM (a CI runner's cancel, a service manager's stop) raises
+    KeyboardInterrupt like Ctrl-C, so every command stops the same clean way: temporary
+    files removed, an older artifact kept, the ``resume with:`` line; the exit code is 143
+    instead of 130. Only the main thread can install handlers; elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._old = None
+
+    def _handler(self, _signum, _frame) -> None:
+        self.fired = True
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    def __enter__(self) -> _SigtermAsInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def _stopped_by_sigterm(e: BaseException | None) -> bool:
+    """Whether an interrupt came from SIGTERM: a training loop turns SIGTERM into a stop at
+    its next safe point and raises ``KeyboardInterrupt("...: stopped by SIGTERM")``."""
+    seen = 0
+    while e is not None and seen < 10:
+        if "stopped by SIGTERM" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 class CompactorGroup(click.Group):
     """Runs commands and turns every way they can end into an exit code."""
 
@@ -41,21 +88,24 @@ class CompactorGroup(click.Group):
              **extra):
         args = list(sys.argv[1:] if args is None else args)
         debug = _debug(args)
+        sigterm = _SigtermAsInterrupt()
         try:
-            rv = super().main(args=args, prog_name=prog_name or "compactor",
-                              complete_var=complete_var, standalone_mode=False, **extra)
+            with sigterm:
+                rv = super().main(args=args, prog_name=prog_name or "compactor",
+                                  complete_var=complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             code = e.exit_code
         except click.ClickException as e:
             e.show()
             code = EXIT_USAGE
         except (KeyboardInterrupt, click.exceptions.Abort) as e:
-            click.secho("interrupted: nothing was written over an earlier artifact", err=True,
-                        fg="yellow")
+            terminated = sigterm.fired or _stopped_by_sigterm(e)
+            click.secho(f"interrupted{' (SIGTERM)' if terminated else ''}: nothing was written "
+                        "over an earlier artifact", err=True, fg="yellow")
             # pipeline.RunInterrupted (click wraps it in Abort): saved work can be resumed
             if getattr(e, "resumable", False) or getattr(e.__cause__, "resumable", False):
                 click.secho(f"resume with: {_resume_command(args)}", err=True, fg="yellow")
-            code = EXIT_INTERRUPTED
+            code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
         except CompactorError as e:
             if debug:  # the traceback, then the same error and exit code as without --debug
                 traceback.print_exc(file=sys.stderr)
@@ -84,7 +134,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Exit codes: 0 ok; 1 a budget or check failed; 2 usage or recipe error;
-    3 model or data could not be loaded; 4 a pass or measurement failed; 130 interrupted.
+    3 model or data could not be loaded; 4 a pass or measurement failed; 130 interrupted
+    (Ctrl-C); 143 stopped by SIGTERM.
     """
     import logging
 
