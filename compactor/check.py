@@ -218,19 +218,17 @@ def _budgets_of(folder: Path, index: int, entry: TargetRecord) -> Budgets:
     if entry.budgets is not None:
         return entry.budgets
     # Manifests written before targets recorded their budgets: read them from the lock.
-    import yaml
     from pydantic import ValidationError
+
+    from compactor.yamlsafe import load_yaml
 
     where = "recipe.lock.yaml"
     lock = inside(folder, where, where)
     if not lock.is_file():
         return Budgets()
-    try:
-        raw = yaml.safe_load(read_text_bounded(lock, MAX_LOCK_BYTES, where))
-    except yaml.YAMLError as e:
-        raise ArtifactDamaged(f"artifact damaged: {where}: not valid YAML "
-                              f"({visible(str(e).splitlines()[0])[:200]})",
-                              "rebuild the artifact with `compactor optimize`") from None
+    # bounded like a recipe: alias expansion, nesting and tags (YAML that builds objects)
+    raw = load_yaml(read_text_bounded(lock, MAX_LOCK_BYTES, where), f"artifact damaged: {where}",
+                    ArtifactDamaged)
     found = [t for t in (raw.get("targets") if isinstance(raw, dict) else None) or []
              if isinstance(t, dict) and t.get("profile") == entry.profile]
     try:

@@ -143,6 +143,24 @@ def test_a_profile_file_is_read_through_the_bounded_loader(tmp_path):
         load_profile("tagged.yaml", tmp_path)
 
 
+def test_check_reads_an_old_artifacts_lock_through_the_bounded_loader(tmp_path):
+    from compactor.check import _budgets_of
+    from compactor.errors import ArtifactDamaged
+    from compactor.manifest import TargetRecord
+
+    entry = TargetRecord(profile="fast", passed=True, verdicts=[])  # no budgets: read the lock
+    lock = tmp_path / "recipe.lock.yaml"
+    lock.write_text(
+        "targets:\n  - profile: fast\n    budgets: !!python/object/apply:os.getcwd []\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ArtifactDamaged, match="artifact damaged: recipe.lock.yaml:3:.*YAML tag"):
+        _budgets_of(tmp_path, 0, entry)
+    lock.write_text(_alias_bomb(), encoding="utf-8")
+    with pytest.raises(ArtifactDamaged, match="recipe.lock.yaml:.*more than"):
+        _budgets_of(tmp_path, 0, entry)
+
+
 # --------------------------------------------------------------------------- factories
 
 
