@@ -186,54 +186,72 @@ def build(c: Candidate, dst: Path, calibration: Calibration | None,
           excluded_types: Sequence[str] = ()) -> Path:
     """Quantize ``c.source`` into ``dst`` as ``c`` says. ORT's errors propagate."""
     import onnx
-    import onnxruntime.quantization as oq
 
     from compactor.passes.export import quiet
 
     present = {n.op_type for n in onnx.load(str(c.source), load_external_data=False).graph.node}
     op_types = op_types_for(c, present, excluded_types)
-    nodes_to_exclude = sorted(c.exclude)
-    qtype = {IntType.UINT8: oq.QuantType.QUInt8, IntType.INT8: oq.QuantType.QInt8}
     with quiet(), ort_quiet():
         if c.mode == QuantMode.DYNAMIC:
-            oq.quantize_dynamic(
-                str(c.source), str(dst),
-                per_channel=c.per_channel,
-                reduce_range=c.reduce_range,
-                weight_type=qtype[c.weight_type],
-                nodes_to_exclude=nodes_to_exclude,
-                op_types_to_quantize=op_types,
-                extra_options={"WeightSymmetric": c.weight_symmetric,
-                               # contrib ops (fused graphs) have no type ORT can infer
-                               "DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
-            return dst
-        if calibration is None:  # the recipe check makes this a bug, not a user error
-            raise ValueError("static quantization without calibration data")
-        extra: dict[str, Any] = {
-            "ActivationSymmetric": c.activation_symmetric,
-            "WeightSymmetric": c.weight_symmetric,
-            "DefaultTensorType": onnx.TensorProto.FLOAT,
-        }
-        if c.calibration_method == "percentile":
-            extra["CalibPercentile"] = c.percentile
-        method = {
-            "minmax": oq.CalibrationMethod.MinMax,
-            "entropy": oq.CalibrationMethod.Entropy,
-            "percentile": oq.CalibrationMethod.Percentile,
-        }[c.calibration_method]
-        oq.quantize_static(
-            str(c.source), str(dst), calibration.reader(),
-            quant_format=(oq.QuantFormat.QDQ if c.format == QuantFormat.QDQ
-                          else oq.QuantFormat.QOperator),
-            per_channel=c.per_channel,
-            reduce_range=c.reduce_range,
-            activation_type=qtype[c.activation_type],
-            weight_type=qtype[c.weight_type],
-            calibrate_method=method,
-            nodes_to_exclude=nodes_to_exclude,
-            op_types_to_quantize=op_types,
-            extra_options=extra,
-            calibration_cache_path=calibration.cache_path(c, op_types),
-        )
+            _quantize_dynamic(c, dst, op_types)
+        else:
+            if calibration is None:  # the recipe check makes this a bug, not a user error
+                raise ValueError("static quantization without calibration data")
+            _quantize_static(c, dst, op_types, calibration)
     return dst
+
+
+def _qtype(t: IntType):
+    import onnxruntime.quantization as oq
+
+    return oq.QuantType.QUInt8 if t == IntType.UINT8 else oq.QuantType.QInt8
+
+
+def _quantize_dynamic(c: Candidate, dst: Path, op_types: list[str] | None) -> None:
+    import onnx
+    import onnxruntime.quantization as oq
+
+    oq.quantize_dynamic(
+        str(c.source), str(dst),
+        per_channel=c.per_channel,
+        reduce_range=c.reduce_range,
+        weight_type=_qtype(c.weight_type),
+        nodes_to_exclude=sorted(c.exclude),
+        op_types_to_quantize=op_types,
+        extra_options={"WeightSymmetric": c.weight_symmetric,
+                       # contrib ops (fused graphs) have no type ORT can infer
+                       "DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+def _quantize_static(c: Candidate, dst: Path, op_types: list[str] | None,
+                     calibration: Calibration) -> None:
+    import onnx
+    import onnxruntime.quantization as oq
+
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": c.activation_symmetric,
+        "WeightSymmetric": c.weight_symmetric,
+        "DefaultTensorType": onnx.TensorProto.FLOAT,
+    }
+    if c.calibration_method == "percentile":
+        extra["CalibPercentile"] = c.percentile
+    method = {
+        "minmax": oq.CalibrationMethod.MinMax,
+        "entropy": oq.CalibrationMethod.Entropy,
+        "percentile": oq.CalibrationMethod.Percentile,
+    }[c.calibration_method]
+    oq.quantize_static(
+        str(c.source), str(dst), calibration.reader(),
+        quant_format=(oq.QuantFormat.QDQ if c.format == QuantFormat.QDQ
+                      else oq.QuantFormat.QOperator),
+        per_channel=c.per_channel,
+        reduce_range=c.reduce_range,
+        activation_type=_qtype(c.activation_type),
+        weight_type=_qtype(c.weight_type),
+        calibrate_method=method,
+        nodes_to_exclude=sorted(c.exclude),
+        op_types_to_quantize=op_types,
+        extra_options=extra,
+        calibration_cache_path=calibration.cache_path(c, op_types),
+    )

@@ -182,12 +182,6 @@ def fuse_transformer(src: Path, dst: Path, feeds: Sequence[dict], record: dict[s
     ``feeds`` (float, before any int8); None otherwise. ``record["transformer_fusion"]``
     says what happened either way. The fused ops are ONNX Runtime contrib ops: the model
     then needs ONNX Runtime, which every compactor profile uses."""
-    import onnx
-
-    from compactor.passes.export import quiet
-
-    from .candidates import ort_quiet
-
     info: dict[str, Any] = {"applied": False}
     record["transformer_fusion"] = info
     try:
@@ -195,22 +189,7 @@ def fuse_transformer(src: Path, dst: Path, feeds: Sequence[dict], record: dict[s
     except ImportError as e:
         info["reason"] = f"onnxruntime.transformers is not available: {e}"
         return None
-    model = onnx.load(str(src), load_external_data=False)
-    shapes = head_shapes(model) or [(0, 0)]  # 0, 0: ORT's own detection
-    fused, stats, heads = None, {}, None
-    for num_heads, hidden in shapes:
-        try:
-            with quiet(), ort_quiet(), _cwd(dst.parent):
-                m = optimize_model(str(src), model_type="bert", num_heads=num_heads,
-                                   hidden_size=hidden, opt_level=0, use_gpu=False)
-            got = {k: int(v) for k, v in m.get_fused_operator_statistics().items() if v}
-        except Exception as e:  # noqa: BLE001 - the optimizer raises many types
-            info["reason"] = f"ONNX Runtime's transformer optimizer failed: {first_line(e)}"
-            continue
-        if sum(got.values()) > sum(stats.values()):
-            fused, stats, heads = m, got, (num_heads, hidden)
-        if got.get("Attention"):
-            break
+    fused, stats, heads = _best_fusion(src, dst, optimize_model, info)
     if fused is None or not stats:
         info.setdefault("reason", "nothing to fuse: no attention, LayerNorm or GELU pattern "
                                   "ONNX Runtime recognizes")
@@ -229,6 +208,34 @@ def fuse_transformer(src: Path, dst: Path, feeds: Sequence[dict], record: dict[s
         return None
     info["applied"] = True
     return dst
+
+
+def _best_fusion(src: Path, dst: Path, optimize_model, info: dict[str, Any]):
+    """ORT's optimizer at each (num_heads, hidden) the graph suggests: the run that fused
+    the most ops (the first that fused Attention wins), its fused-op counts and shape."""
+    import onnx
+
+    from compactor.passes.export import quiet
+
+    from .candidates import ort_quiet
+
+    model = onnx.load(str(src), load_external_data=False)
+    shapes = head_shapes(model) or [(0, 0)]  # 0, 0: ORT's own detection
+    fused, stats, heads = None, {}, None
+    for num_heads, hidden in shapes:
+        try:
+            with quiet(), ort_quiet(), _cwd(dst.parent):
+                m = optimize_model(str(src), model_type="bert", num_heads=num_heads,
+                                   hidden_size=hidden, opt_level=0, use_gpu=False)
+            got = {k: int(v) for k, v in m.get_fused_operator_statistics().items() if v}
+        except Exception as e:  # noqa: BLE001 - the optimizer raises many types; recorded
+            info["reason"] = f"ONNX Runtime's transformer optimizer failed: {first_line(e)}"
+            continue
+        if sum(got.values()) > sum(stats.values()):
+            fused, stats, heads = m, got, (num_heads, hidden)
+        if got.get("Attention"):
+            break
+    return fused, stats, heads
 
 
 def head_shapes(model) -> list[tuple[int, int]]:

@@ -197,36 +197,53 @@ class Search:
     def run(self) -> Outcome:
         plain = self._speed_candidates()  # built, fastest first
         fastest = plain[0]
-        chosen, repaired = None, None
         if self.score(fastest).passed:
             chosen = fastest
         elif self.env.judge.budget.enforced:
-            if self.space.repairs and not self.out_of_time():
-                repaired = self._repair(fastest)
-            others = plain[1:]
-            if repaired is not None:
-                # Only plain candidates faster than the repaired one can still win: time
-                # them together, in one run, and score just those.
-                self.time([*plain, repaired], "repaired candidate vs plain ones")
-                others = [a for a in others if a.p50_ms < repaired.p50_ms]
-                others.sort(key=lambda a: a.p50_ms)
-            for a in others:  # in speed order: the first that holds the budget wins
-                if self.out_of_time():
-                    break
-                if self.score(a).passed:
-                    chosen = a
-                    break
-            if chosen is None and repaired is not None:
-                chosen = repaired
-            elif repaired is not None:
-                repaired.note = "slower than a plain candidate that passed"
+            chosen = self._repaired_or_slower(plain)
         else:  # no budget, only a guard: no repairs; the closest plain candidate if none holds
-            for a in plain[1:]:
-                if self.out_of_time():
-                    break
-                if self.score(a).passed:
-                    chosen = a
-                    break
+            chosen = self._first_passing(plain[1:])
+        self._annotate(plain, chosen)
+        met = chosen is not None
+        if chosen is None:  # nothing holds the budget: keep the closest
+            chosen = min((a for a in self.attempts if a.search is not None),
+                         key=lambda a: max(a.search.drop, a.holdout.drop if a.holdout else 0))
+            if chosen.p50_ms is None:
+                self.time([fastest, chosen], "best failing candidate vs the fastest")
+        chosen.note = "chosen" if met else "best candidate; fails the budget"
+        return self._outcome(plain, chosen, met)
+
+    def _first_passing(self, attempts: Sequence[Attempt]) -> Attempt | None:
+        """In the order given (speed order): the first that holds the budget."""
+        for a in attempts:
+            if self.out_of_time():
+                break
+            if self.score(a).passed:
+                return a
+        return None
+
+    def _repaired_or_slower(self, plain: list[Attempt]) -> Attempt | None:
+        """The fastest plain candidate fails: repair it, and let the slower plain ones that
+        still beat the repaired one compete with it."""
+        repaired = None
+        if self.space.repairs and not self.out_of_time():
+            repaired = self._repair(plain[0])
+        others = plain[1:]
+        if repaired is not None:
+            # Only plain candidates faster than the repaired one can still win: time
+            # them together, in one run, and score just those.
+            self.time([*plain, repaired], "repaired candidate vs plain ones")
+            others = [a for a in others if a.p50_ms < repaired.p50_ms]
+            others.sort(key=lambda a: a.p50_ms)
+        chosen = self._first_passing(others)
+        if chosen is None:
+            return repaired
+        if repaired is not None:
+            repaired.note = "slower than a plain candidate that passed"
+        return chosen
+
+    def _annotate(self, plain: list[Attempt], chosen: Attempt | None) -> None:
+        """Why each candidate that lost did, for the log."""
         for a in [*plain, *self.attempts]:
             if a.search is not None and not a.passed and not a.note:
                 a.note = ("misses the budget" if not a.search.ok
@@ -239,13 +256,9 @@ class Search:
                           "not evaluated: as fast as the chosen one (within timing noise) "
                           "but larger" if tied else
                           "not evaluated: slower than the chosen candidate")
-        met = chosen is not None
-        if chosen is None:  # nothing holds the budget: keep the closest
-            chosen = min((a for a in self.attempts if a.search is not None),
-                         key=lambda a: max(a.search.drop, a.holdout.drop if a.holdout else 0))
-            if chosen.p50_ms is None:
-                self.time([fastest, chosen], "best failing candidate vs the fastest")
-        chosen.note = "chosen" if met else "best candidate; fails the budget"
+
+    def _outcome(self, plain: list[Attempt], chosen: Attempt, met: bool) -> Outcome:
+        fastest = plain[0]
         c = chosen.candidate
         fallback = sorted(self.ranks[n] for n in c.exclude if n in self.ranks)
         out = Outcome(chosen=chosen, met=met, fastest_plain=fastest, fallback=fallback,
@@ -427,7 +440,7 @@ class Search:
         c = best.candidate
         try:
             ranking = [s for s in self._rank(c, best.path) if s.node not in c.exclude]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a ranking failure skips this repair, logged
             self.repairs_log.append({"repair": "fallback", "error": first_line(e, 200)})
             return None
         if not ranking:
@@ -436,23 +449,11 @@ class Search:
         tried: dict[int, Attempt] = {}
 
         def attempt(k: int) -> Attempt | None:
-            if k in tried:
-                return tried[k]
-            if self.out_of_time():
-                return None
-            names = tuple(s.node for s in ranking[:k])
-            self.env.on_step(f"fallback: {k} node(s) in float")
-            try:
-                a = self.score(self.build(c.replace(exclude=tuple(sorted({*c.exclude,
-                                                                            *names})))),
-                               holdout=False)
-            except Exception as e:  # noqa: BLE001
-                self.repairs_log.append({"repair": f"fallback k={k}",
-                                         "error": first_line(e, 200)})
-                return None
-            tried[k] = a
-            self.repairs_log.append({"repair": f"fallback k={k}", "attempt": a})
-            return a
+            if k not in tried and not self.out_of_time():
+                a = self._with_float_nodes(c, tuple(s.node for s in ranking[:k]))
+                if a is not None:
+                    tried[k] = a
+            return tried.get(k)
 
         n = len(ranking) - 1  # at least one node stays int8, or it is not an int8 model
         last_fail = 0
@@ -483,6 +484,20 @@ class Search:
             last_fail = hi
             k = hi + 1
         return None  # no k held: the attempts compete as the best failing candidate
+
+    def _with_float_nodes(self, c: Candidate, names: tuple[str, ...]) -> Attempt | None:
+        """``c`` with ``names`` kept in float, scored on the search part (None: it failed
+        to build or score; logged)."""
+        k = len(names)
+        self.env.on_step(f"fallback: {k} node(s) in float")
+        try:
+            a = self.score(self.build(c.replace(exclude=tuple(sorted({*c.exclude, *names})))),
+                           holdout=False)
+        except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types; logged
+            self.repairs_log.append({"repair": f"fallback k={k}", "error": first_line(e, 200)})
+            return None
+        self.repairs_log.append({"repair": f"fallback k={k}", "attempt": a})
+        return a
 
 
 TIE = 0.03  # candidates within 3% of the fastest are equally fast: timing noise

@@ -63,27 +63,14 @@ def compare_latency(models: Mapping[str, Path], profile: Profile,
     sessions = {k: session(Path(p), profile) for k, p in models.items()}
     names = {k: {i.name for i in s.get_inputs()} for k, s in sessions.items()}
     feed = {k: {n: v for n, v in feeds.items() if n in names[k]} for k in sessions}
-    per_run: dict[str, float] = {}
-    for k, s in sessions.items():  # warm up, and size each model's block
-        for _ in range(3):
-            t0 = time.perf_counter()
-            s.run(None, feed[k])
-            per_run[k] = time.perf_counter() - t0
-    block = {k: int(min(max(math.ceil(BLOCK_S / max(t, 1e-6)), MIN_BLOCK), 1000))
-             for k, t in per_run.items()}
+    block = _block_sizes(sessions, feed)
     times: dict[str, list[float]] = {k: [] for k in sessions}  # per round: the block's p50
     active = list(sessions)
     rounds = 0
     while rounds < max_rounds:
         order = active if rounds % 2 == 0 else active[::-1]
         for k in order:
-            kept = []
-            for i in range(block[k]):
-                t0 = time.perf_counter()
-                sessions[k].run(None, feed[k])
-                if i >= block[k] // 4:  # the first quarter runs while the last one settles
-                    kept.append((time.perf_counter() - t0) * 1000.0)
-            times[k].append(float(np.median(kept)))
+            times[k].append(_block_p50(sessions[k], feed[k], block[k]))
         rounds += 1
         if rounds in (2, min_rounds) and len(active) > 2:
             # A model far slower than the best is out of the race: stop timing it (its
@@ -103,3 +90,27 @@ def compare_latency(models: Mapping[str, Path], profile: Profile,
             paired[k] = float(np.median(np.asarray(ref[:n]) / np.asarray(v[:n])))
     return Timing({k: float(np.median(v)) for k, v in times.items()}, rounds, profile.name,
                   batch_size, threads, time.perf_counter() - t_start, paired)
+
+
+def _block_sizes(sessions: Mapping[str, Any], feed: Mapping[str, dict]) -> dict[str, int]:
+    """Warm each model up, and size its block to about ``BLOCK_S`` of runs."""
+    per_run: dict[str, float] = {}
+    for k, s in sessions.items():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            s.run(None, feed[k])
+            per_run[k] = time.perf_counter() - t0
+    return {k: int(min(max(math.ceil(BLOCK_S / max(t, 1e-6)), MIN_BLOCK), 1000))
+            for k, t in per_run.items()}
+
+
+def _block_p50(sess, feed: dict, n: int) -> float:
+    """p50 milliseconds of ``n`` runs in a row; the first quarter runs while the last
+    model's block settles, and is not kept."""
+    kept = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        if i >= n // 4:
+            kept.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(kept))
