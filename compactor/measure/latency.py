@@ -163,9 +163,40 @@ def measure_in_subprocess(
     (``session_create_ms``, ``first_run_ms``, ``peak_rss_mb``, ``runtime_rss_mb``,
     ``providers``).
     """
-    import json
     import subprocess
     import sys
+
+    job, files = _write_job(model, profile, feeds_by_batch, work_dir, timing)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compactor.measure.worker", str(job)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        out, extra = _read_worker(proc, on_batch)
+        stderr = proc.stderr.read() if proc.stderr else ""
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+    if code != 0:
+        last = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        raise PassError(
+            f"latency measurement of {model.name} on {profile.name} failed: "
+            f"{last[-1][:300] if last else f'exit code {code}'}",
+            "run `compactor bench` on the model to see the full error",
+        )
+    return out, extra
+
+
+def _write_job(model: Path, profile: Profile,
+               feeds_by_batch: Mapping[int, Mapping[str, np.ndarray]], work_dir: Path,
+               timing: Mapping[str, float] | None) -> tuple[Path, list[Path]]:
+    """The worker's job file and its feeds; returns the job and every file written."""
+    import json
     import uuid
 
     tag = uuid.uuid4().hex[:8]
@@ -181,40 +212,26 @@ def measure_in_subprocess(
         "feeds": feeds_files,
         "timing": dict(timing if timing is not None else profile.timing.model_dump()),
     }), encoding="utf-8")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "compactor.measure.worker", str(job)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    return job, [job, *(Path(f) for f in feeds_files.values())]
+
+
+def _read_worker(proc, on_batch: Callable[[Latency], None] | None
+                 ) -> tuple[dict[int, Latency], dict]:
+    """The worker's JSON lines: one per batch size as it is done, then its other figures."""
+    import json
+
     out: dict[int, Latency] = {}
     extra: dict = {}
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            msg = json.loads(line)
-            if "latency" in msg:
-                lat = Latency.from_dict(msg["latency"])
-                out[lat.batch_size] = lat
-                if on_batch:
-                    on_batch(lat)
-            else:
-                extra = msg
-        stderr = proc.stderr.read() if proc.stderr else ""
-        code = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        job.unlink(missing_ok=True)
-        for f in feeds_files.values():
-            Path(f).unlink(missing_ok=True)
-    if code != 0:
-        last = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-        raise PassError(
-            f"latency measurement of {model.name} on {profile.name} failed: "
-            f"{last[-1][:300] if last else f'exit code {code}'}",
-            "run `compactor bench` on the model to see the full error",
-        )
+    assert proc.stdout is not None  # opened with stdout=PIPE
+    for line in proc.stdout:
+        msg = json.loads(line)
+        if "latency" in msg:
+            lat = Latency.from_dict(msg["latency"])
+            out[lat.batch_size] = lat
+            if on_batch:
+                on_batch(lat)
+        else:
+            extra = msg
     return out, extra
 
 
@@ -244,26 +261,10 @@ def measure_latency(
     while done < warmup or clock() < warm_until:
         sess.run(None, feeds)
         done += 1
-    times: list[float] = []
     cpu0 = time.process_time()
     start = clock()
-    next_check = min_runs
-    stable = False
-    while True:
-        t0 = clock()
-        sess.run(None, feeds)
-        times.append((clock() - t0) * 1000.0)
-        if on_run is not None:
-            on_run()
-        elapsed = clock() - start
-        if elapsed >= max_time_s and len(times) >= 5:
-            break
-        if len(times) >= next_check and elapsed >= min_time_s:
-            # Checking costs a sort; doing it every ~10% more runs keeps it negligible.
-            next_check = len(times) + max(1, len(times) // 10)
-            if stability(times) <= target_ci:
-                stable = True
-                break
+    times, stable = _timed_runs(sess, feeds, min_runs, min_time_s, max_time_s, target_ci,
+                                on_run, clock, start)
     seconds = clock() - start
     cpu = time.process_time() - cpu0
     a = np.sort(np.asarray(times))
@@ -283,3 +284,25 @@ def measure_latency(
         seconds=seconds,
         cpu_share=cpu / (seconds * threads) if threads and seconds > 0 else None,
     )
+
+
+def _timed_runs(sess, feeds: dict, min_runs: int, min_time_s: float, max_time_s: float,
+                target_ci: float, on_run: Callable[[], None] | None,
+                clock: Callable[[], float], start: float) -> tuple[list[float], bool]:
+    """Milliseconds of each run until the median is stable or time is up, and which."""
+    times: list[float] = []
+    next_check = min_runs
+    while True:
+        t0 = clock()
+        sess.run(None, feeds)
+        times.append((clock() - t0) * 1000.0)
+        if on_run is not None:
+            on_run()
+        elapsed = clock() - start
+        if elapsed >= max_time_s and len(times) >= 5:
+            return times, False
+        if len(times) >= next_check and elapsed >= min_time_s:
+            # Checking costs a sort; doing it every ~10% more runs keeps it negligible.
+            next_check = len(times) + max(1, len(times) // 10)
+            if stability(times) <= target_ci:
+                return times, True

@@ -150,7 +150,7 @@ def serve(job_path: str) -> int:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
-    print(json.dumps({"port": listener.getsockname()[1]}), flush=True)
+    print(json.dumps({"port": listener.getsockname()[1]}), flush=True)  # noqa: T201 - to the parent
     listener.settimeout(60)
     conn, _ = listener.accept()
     link = ShapedLink(conn, float(job["bps"]), float(job["one_way_ms"]))
@@ -172,7 +172,7 @@ def serve(job_path: str) -> int:
         server_ms.append(dt * slowdown * 1000.0)
         link.send(encode({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}))
     conn.close()
-    print(json.dumps({"server_ms": server_ms}), flush=True)
+    print(json.dumps({"server_ms": server_ms}), flush=True)  # noqa: T201 - to the parent
     return 0
 
 

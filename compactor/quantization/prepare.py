@@ -90,7 +90,7 @@ def preprocess(src: Path, dst: Path, record: dict[str, Any]) -> Path:
                 "ONNX shape inference"
             )
             return dst
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - ORT's pre-processing raises many types; recorded
             record["preprocess"] = "skipped"
             record.setdefault("warnings", []).append(
                 f"pre-processing failed and was skipped: {first_line(e, 200)}")
