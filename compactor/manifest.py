@@ -66,8 +66,10 @@ def visible(text: Any) -> str:
     out = []
     for ch in s:
         if ch in _BIDI or unicodedata.category(ch) == "Cc":
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch) or (
-                f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"))
+            out.append(
+                {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch)
+                or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+            )
         else:
             out.append(ch)
     s = "".join(out)
@@ -81,10 +83,14 @@ def _relative_name(v: str) -> str:
     """A path an artifact may name: relative, inside the folder, no ``..``."""
     if not v or "\x00" in v:
         raise ValueError("must be a non-empty file name")
-    if PurePosixPath(v).is_absolute() or PureWindowsPath(v).is_absolute() or (
-            PureWindowsPath(v).drive):
-        raise ValueError(f"{visible(v)!r} is an absolute path; an artifact names only its own "
-                         "files")
+    if (
+        PurePosixPath(v).is_absolute()
+        or PureWindowsPath(v).is_absolute()
+        or (PureWindowsPath(v).drive)
+    ):
+        raise ValueError(
+            f"{visible(v)!r} is an absolute path; an artifact names only its own files"
+        )
     parts = re.split(r"[/\\]", v)
     if ".." in parts:
         raise ValueError(f"{visible(v)!r} leaves the artifact folder ('..')")
@@ -115,8 +121,9 @@ def _checked(name: str, field: str) -> str:
     try:
         return _relative_name(name)
     except ValueError as e:
-        raise ArtifactDamaged(f"artifact damaged: {field}: {e}",
-                              "rebuild the artifact with `compactor optimize`") from None
+        raise ArtifactDamaged(
+            f"artifact damaged: {field}: {e}", "rebuild the artifact with `compactor optimize`"
+        ) from None
 
 
 # --------------------------------------------------------------------------- schema
@@ -148,8 +155,7 @@ class OutputRecord(_Closed):
 
 
 class InputRecord(InputSpec):
-    shape: Annotated[tuple[int | str, ...], AfterValidator(_bounded_dims)] = Field(
-        min_length=0)
+    shape: Annotated[tuple[int | str, ...], AfterValidator(_bounded_dims)] = Field(min_length=0)
 
 
 class ModelRecord(_Closed):
@@ -307,27 +313,34 @@ def read_text_bounded(path: Path, limit: int = MAX_MANIFEST_BYTES, what: str = M
     try:
         st = path.stat()
         if not path.is_file():
-            raise ArtifactDamaged(f"artifact damaged: {what}: not a regular file",
-                                  "rebuild the artifact with `compactor optimize`")
+            raise ArtifactDamaged(
+                f"artifact damaged: {what}: not a regular file",
+                "rebuild the artifact with `compactor optimize`",
+            )
         if st.st_size > limit:
             raise ArtifactDamaged(
                 f"artifact damaged: {what}: {st.st_size:,} bytes, more than the "
                 f"{limit:,} a compactor {what} can be",
-                "rebuild the artifact with `compactor optimize`")
+                "rebuild the artifact with `compactor optimize`",
+            )
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
-        raise ArtifactError(f"cannot read {path}: {e.strerror or e}",
-                            "check the file's permissions") from e
+        raise ArtifactError(
+            f"cannot read {path}: {e.strerror or e}", "check the file's permissions"
+        ) from e
     if len(data) > limit:
-        raise ArtifactDamaged(f"artifact damaged: {what}: more than {limit:,} bytes",
-                              "rebuild the artifact with `compactor optimize`")
+        raise ArtifactDamaged(
+            f"artifact damaged: {what}: more than {limit:,} bytes",
+            "rebuild the artifact with `compactor optimize`",
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ArtifactDamaged(f"artifact damaged: {what}: not UTF-8 text ({e.reason} at byte "
-                              f"{e.start})", "rebuild the artifact with `compactor optimize`"
-                              ) from None
+        raise ArtifactDamaged(
+            f"artifact damaged: {what}: not UTF-8 text ({e.reason} at byte {e.start})",
+            "rebuild the artifact with `compactor optimize`",
+        ) from None
 
 
 def parse_json(text: str, what: str = MANIFEST) -> Any:
@@ -337,8 +350,10 @@ def parse_json(text: str, what: str = MANIFEST) -> Any:
     try:
         return from_json(text, allow_inf_nan=True)
     except ValueError as e:
-        raise ArtifactDamaged(f"artifact damaged: {what}: invalid JSON: {visible(e)[:200]}",
-                              "rebuild the artifact with `compactor optimize`") from None
+        raise ArtifactDamaged(
+            f"artifact damaged: {what}: invalid JSON: {visible(e)[:200]}",
+            "rebuild the artifact with `compactor optimize`",
+        ) from None
 
 
 def parse_manifest(text: str, where: str = MANIFEST) -> Manifest:
@@ -346,11 +361,15 @@ def parse_manifest(text: str, where: str = MANIFEST) -> Manifest:
     FIELD: why" (exit 1) for anything else wrong."""
     raw = parse_json(text, where)
     if not isinstance(raw, dict):
-        raise ArtifactDamaged(f"artifact damaged: {where}: not a JSON object",
-                              "rebuild the artifact with `compactor optimize`")
+        raise ArtifactDamaged(
+            f"artifact damaged: {where}: not a JSON object",
+            "rebuild the artifact with `compactor optimize`",
+        )
     if "schema_version" not in raw:
-        raise ArtifactDamaged(f"artifact damaged: schema_version: missing in {where}",
-                              "give a manifest.json written by `compactor optimize`")
+        raise ArtifactDamaged(
+            f"artifact damaged: schema_version: missing in {where}",
+            "give a manifest.json written by `compactor optimize`",
+        )
     got = raw["schema_version"]
     if isinstance(got, int) and not isinstance(got, bool) and got != SCHEMA_VERSION:
         raise ArtifactError(
@@ -383,8 +402,9 @@ def damaged(e: ValidationError, where: str = MANIFEST) -> ArtifactDamaged:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic names the branch of a union it tried (``int``, ``str``, ``function-after[…]``)
-    return isinstance(part, str) and (part in {"int", "str", "float", "bool", "none"}
-                                      or part.endswith("]") and "[" in part)
+    return isinstance(part, str) and (
+        part in {"int", "str", "float", "bool", "none"} or part.endswith("]") and "[" in part
+    )
 
 
 def load_manifest(folder: Path, file: Path | None = None, where: str = MANIFEST) -> Manifest:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -116,18 +117,22 @@ def input_specs(path: Path) -> list[tuple[str, list[int | str | None], Any]]:
     return out
 
 
-def random_feeds(
+# Feeds are written to a file and loaded again by the measuring process, so each exists about
+# three times over; past this cap (or a quarter of the memory available now) a run would
+# thrash or be killed, so it is refused before anything is allocated.
+MAX_FEED_BYTES = 4 << 30
+
+
+def feed_shapes(
     specs: list[tuple[str, list[int | str | None], Any]],
     batch_size: int,
     dims: Mapping[str, int],
-    seed: int = 0,
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Random inputs at ``batch_size``: a symbolic first axis is the batch; other symbolic
-    axes take their size from ``dims`` (default 1). Returns the feeds and the sizes given to
-    symbolic axes."""
-    rng = np.random.default_rng(seed)
-    feeds, used = {}, {}
-    for name, shape, dtype in specs:
+) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The concrete shape of each input at ``batch_size``: a symbolic first axis is the
+    batch; other symbolic axes take their size from ``dims`` (default 1). Returns the shapes
+    and the sizes given to symbolic axes."""
+    shapes, used = {}, {}
+    for name, shape, _ in specs:
         concrete = []
         for axis, d in enumerate(shape):
             if isinstance(d, int) and d > 0:
@@ -142,6 +147,56 @@ def random_feeds(
                 v = 1
             used[key] = v
             concrete.append(v)
+        shapes[name] = concrete
+    return shapes, used
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_feed_size(specs: list[tuple[str, list[int | str | None], Any]],
+                    shapes: Mapping[str, list[int]], batch_size: int) -> int:
+    """The feeds' total bytes; a UsageError before any allocation when they cannot fit."""
+    total = sum(math.prod(shapes[name]) * np.dtype(dtype).itemsize
+                for name, _, dtype in specs)
+    avail = available_memory()
+    limit = MAX_FEED_BYTES if avail is None else min(MAX_FEED_BYTES, avail // 4)
+    if total > limit:
+        biggest = max(specs, key=lambda s: math.prod(shapes[s[0]]) * np.dtype(s[2]).itemsize)
+        raise UsageError(
+            f"the model's inputs at batch {batch_size} need {total / 1e9:.3g} GB of random "
+            f"data (input {ascii(biggest[0])} has shape {shapes[biggest[0]]}); at most "
+            f"{limit / 1e9:.3g} GB can be fed on this host",
+            "give smaller symbolic axes with --dim (or smaller batch sizes in the profile); "
+            "an input fixed at this size cannot be benchmarked here",
+        )
+    return total
+
+
+def random_feeds(
+    specs: list[tuple[str, list[int | str | None], Any]],
+    batch_size: int,
+    dims: Mapping[str, int],
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Random inputs at ``batch_size`` (shapes from :func:`feed_shapes`), refused before
+    allocation when they would not fit in memory. Returns the feeds and the sizes given to
+    symbolic axes."""
+    shapes, used = feed_shapes(specs, batch_size, dims)
+    check_feed_size(specs, shapes, batch_size)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, _, dtype in specs:
+        concrete = shapes[name]
         if np.issubdtype(dtype, np.floating):
             a = rng.standard_normal(concrete).astype(dtype)
         elif dtype is np.bool_:

@@ -80,7 +80,11 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
 
 
 def _e(x: Any) -> str:
-    return escape(str(x), quote=True)
+    """Text (from the manifest) as HTML text: control characters shown visibly, then
+    HTML-escaped, so it can neither open a tag nor drive a terminal that prints the file."""
+    from compactor.manifest import visible
+
+    return escape(visible(x), quote=True)
 
 
 def _pill(status: str) -> str:
