@@ -19,13 +19,16 @@ def demo_recipe() -> Path:
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact folder (default: the recipe's 'output', relative to the recipe; "
-                   "./out/digits-cnn for the demo).")
+                   "./out/digits-cnn for the demo). It must be absent, empty, or an artifact "
+                   "compactor wrote and nobody changed: anything else is refused, never "
+                   "deleted.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the manifest as JSON on stdout (progress stays on stderr).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run: reuse its finished stages and continue "
                    "training from the last checkpoint (refused when the recipe changed in a "
-                   "way that invalidates them).")
+                   "way that invalidates them). Saved files are loaded as weights only, and "
+                   "only when they match the signed hashes recorded when they were written.")
 def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bool) -> int:
     """Run RECIPE: passes, measurements, budgets, artifact.
 

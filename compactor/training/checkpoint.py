@@ -634,7 +634,10 @@ def _load_module(file: Path, template: Any) -> Any:
 
     import torch
 
-    data = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything beyond tensors and plain values
+        raise Refused(f"it does not load as weights only ({type(e).__name__})") from e
     if not isinstance(data, dict) or data.get("format") != 1:
         raise Refused("it is not a stage file of this compactor version")
     if isinstance(template, torch.jit.ScriptModule):
