@@ -44,7 +44,7 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     from compactor.check import check_artifact, github_annotations, junit_xml, summary_markdown
     from compactor.cli.bench_cmd import parse_dims
     from compactor.cli.render import check_report, console, safe
-    from compactor.errors import EXIT_BUDGET, EXIT_OK
+    from compactor.errors import EXIT_BUDGET, EXIT_OK, BudgetFailed
     from compactor.manifest import visible
 
     overrides = parse_budget_overrides(budget_pairs)
@@ -77,16 +77,13 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     else:
         check_report(console(), data)
     if not result.intact:
-        from compactor.cli import show_error
-
         bad = [v for v in result.integrity if v.status != "pass"]
-        show_error(
+        raise BudgetFailed(  # exit 1, shown by the CLI's one error handler
             visible(f"{result.artifact} was modified after compactor wrote it: "
                     + "; ".join(f"{v.budget.removeprefix('integrity.')}: {v.detail}"
                                 for v in bad)),
             "rebuild it with `compactor optimize`; its manifest's figures describe another model",
         )
-        return EXIT_BUDGET
     if not as_json:
         verdict = "[green]all checks hold[/]" if result.passed else "[bold red]check failed[/]"
         console().print(verdict)
