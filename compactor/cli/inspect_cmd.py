@@ -7,41 +7,77 @@ from pathlib import Path
 
 import click
 
+from compactor.cli.options import dim_option
+
 
 def describe_model(path: Path, dims: dict[str, int]) -> dict:
+    from compactor.measure.macs import count_macs
+    from compactor.measure.size import param_count, size_bytes
+
+    model = _load(path)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [_tensor(i) for i in model.graph.input if i.name not in inits]
+    shapes, used = _mac_shapes(inputs, dims)
+    return {
+        "file": str(path),
+        "size_bytes": size_bytes(path),
+        "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": inputs,
+        "outputs": [_tensor(o) for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "op_histogram": _op_histogram(model),
+        "params": param_count(model),
+        "macs": count_macs(model, shapes),
+        "macs_at": used,
+    }
+
+
+def _load(path: Path):
     import onnx
 
     from compactor.errors import ModelLoadError
-    from compactor.measure.macs import count_macs
-    from compactor.measure.size import param_count, size_bytes
 
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}", "check the path")
     try:
         model = onnx.load(str(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - protobuf raises many types for a bad file
         raise ModelLoadError(f"{path.name} is not an ONNX model: {str(e)[:200]}",
                              "inspect takes an .onnx file") from e
     # Protobuf parses an empty file (and some other bytes) as an empty ModelProto.
     if model.ir_version == 0 or not model.HasField("graph"):
         raise ModelLoadError(f"{path.name} is not an ONNX model: it has no IR version or graph",
                              "inspect takes an .onnx file")
+    return model
 
-    def tensor(vi) -> dict:
-        tt = vi.type.tensor_type
-        return {
-            "name": vi.name,
-            "shape": [d.dim_param or d.dim_value or "?" for d in tt.shape.dim],
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-            if tt.elem_type else "?",
-        }
 
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [tensor(i) for i in model.graph.input if i.name not in inits]
+def _tensor(vi) -> dict:
+    import onnx
+
+    tt = vi.type.tensor_type
+    return {
+        "name": vi.name,
+        "shape": [d.dim_param or d.dim_value or "?" for d in tt.shape.dim],
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        if tt.elem_type else "?",
+    }
+
+
+def _op_histogram(model) -> dict[str, int]:
+    """Op counts, most frequent first; ops outside the default domain by domain.op."""
     ops: dict[str, int] = {}
     for n in model.graph.node:
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
         ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _mac_shapes(inputs: list[dict], dims: dict[str, int]
+                ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Concrete input shapes for the MAC count (a dynamic axis: its ``--dim``, else 1),
+    and the size used for each dynamic axis."""
     shapes = {}
     used: dict[str, int] = {}
     for i in inputs:
@@ -54,41 +90,20 @@ def describe_model(path: Path, dims: dict[str, int]) -> dict:
                 used[str(d)] = v
                 shape.append(v)
         shapes[i["name"]] = tuple(shape)
-    return {
-        "file": str(path),
-        "size_bytes": size_bytes(path),
-        "ir_version": model.ir_version,
-        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": inputs,
-        "outputs": [tensor(o) for o in model.graph.output],
-        "nodes": len(model.graph.node),
-        "op_histogram": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "params": param_count(model),
-        "macs": count_macs(model, shapes),
-        "macs_at": used,
-    }
+    return shapes, used
 
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
-              help="Size of a dynamic axis for the MAC count (default 1), e.g. --dim seq=128.")
+@dim_option("Size of a dynamic axis for the MAC count (default 1), e.g. --dim seq=128.",
+            example="--dim batch=8 --dim seq=128")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(model: Path, dims: tuple[str, ...], as_json: bool) -> None:
+def inspect(model: Path, dims: dict[str, int], as_json: bool) -> None:
     """Inputs/outputs, op histogram, parameters, size and MACs of an ONNX MODEL."""
     from compactor.errors import UsageError
-    from compactor.report.markdown import fmt_bytes, fmt_count
 
-    parsed: dict[str, int] = {}
-    for d in dims:
-        name, _, val = d.partition("=")
-        if not name or not val.isdigit() or int(val) < 1:
-            raise UsageError(f"--dim {d!r}: expected NAME=N with N a positive integer",
-                             "e.g. --dim batch=8 --dim seq=128")
-        parsed[name] = int(val)
-    info = describe_model(model, parsed)
-    unknown = sorted(set(parsed) - set(info["macs_at"]))
+    info = describe_model(model, dims)
+    unknown = sorted(set(dims) - set(info["macs_at"]))
     if unknown:
         axes = ", ".join(info["macs_at"]) or "none"
         raise UsageError(f"--dim: the model has no dynamic axis named {', '.join(unknown)}",
@@ -96,8 +111,14 @@ def inspect(model: Path, dims: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    _render(info)
+
+
+def _render(info: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from compactor.report.markdown import fmt_bytes, fmt_count
 
     c = Console()
     c.print(f"[bold]{info['file']}[/]  {fmt_bytes(info['size_bytes'])}, "

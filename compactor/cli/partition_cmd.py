@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from compactor.cli.options import dim_option
+
 
 def _load_npz(path: Path) -> tuple[list[dict], object]:
     import numpy as np
@@ -74,8 +76,7 @@ def _rename_single_input(batches: list[dict], model: Path) -> list[dict]:
               help="Device radio power while sending/receiving (device-energy objective; "
                    "default: the device's power_w).")
 @click.option("--batch-size", type=int, help="Default: the device profile's first batch size.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
-              help="Size of a dynamic input axis other than the batch, e.g. --dim seq=128.")
+@dim_option("Size of a dynamic input axis other than the batch, e.g. --dim seq=128.")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
               help="An .npz of real inputs keyed by input name (optional 'target' labels), "
                    "for verification and the int8 accuracy effect.")
@@ -96,7 +97,7 @@ def partition(model: Path, device: str, server: str, uplink: str | None, rtt: st
               objective: str, keep_input_on_device: bool, compress_transfer: str,
               device_slowdown: float | None, device_latency_ms: float | None,
               server_slowdown: float | None, server_latency_ms: float | None,
-              radio_power_w: float | None, batch_size: int | None, dims: tuple[str, ...],
+              radio_power_w: float | None, batch_size: int | None, dims: dict[str, int],
               data: Path | None, max_cut_tensors: int, refine: int, simulate: bool,
               requests: int, output: Path | None, as_json: bool) -> None:
     """Plan where MODEL runs: all on the device, full offload to the server, or split
@@ -105,39 +106,17 @@ def partition(model: Path, device: str, server: str, uplink: str | None, rtt: st
     Writes head.onnx and tail.onnx (the split), plan.json (the choice, every cost term, the
     alternatives) and chart.svg (latency against bandwidth, with the crossovers).
     """
-    from pydantic import ValidationError
+    from compactor.errors import ModelLoadError
 
-    from compactor.errors import ModelLoadError, UsageError
-    from compactor.partition.config import PartitionSpec
-    from compactor.partition.units import parse_bandwidth, parse_duration_ms
-
-    if uplink is not None:
-        parse_bandwidth(uplink, "--uplink")
-    if rtt is not None:
-        parse_duration_ms(rtt, "--rtt")
-    parsed: dict[str, int] = {}
-    for d in dims:
-        name, _, val = d.partition("=")
-        if not name or not val.isdigit() or int(val) < 1:
-            raise UsageError(f"--dim {d!r}: expected NAME=N with N a positive integer",
-                             "e.g. --dim seq=128")
-        parsed[name] = int(val)
-    fields = {
+    spec = _spec({
         "device": device, "server": server, "uplink": uplink, "rtt": rtt,
         "objective": objective, "keep_input_on_device": keep_input_on_device,
         "compress_transfer": compress_transfer, "device_slowdown": device_slowdown,
         "device_latency_ms": device_latency_ms, "server_slowdown": server_slowdown,
         "server_latency_ms": server_latency_ms, "radio_power_w": radio_power_w,
-        "batch_size": batch_size, "dims": parsed, "max_cut_tensors": max_cut_tensors,
+        "batch_size": batch_size, "dims": dims, "max_cut_tensors": max_cut_tensors,
         "refine": refine,
-    }
-    try:
-        spec = PartitionSpec.model_validate(fields)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        opt = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "an option"
-        raise UsageError(f"{opt}: {err['msg'].removeprefix('Value error, ')}",
-                         "see `compactor partition --help`") from None
+    })
     if not model.is_file():
         raise ModelLoadError(f"model file not found: {model}", "check the path")
     batches, targets = (None, None)
@@ -160,16 +139,63 @@ def partition(model: Path, device: str, server: str, uplink: str | None, rtt: st
     _render(result, out_dir)
 
 
-def _render(result, out_dir: Path) -> None:
-    from rich.table import Table
+def _spec(fields: dict):
+    """The options as a PartitionSpec; a bad value is a usage error naming its option."""
+    from pydantic import ValidationError
 
+    from compactor.errors import UsageError
+    from compactor.partition.config import PartitionSpec
+    from compactor.partition.units import parse_bandwidth, parse_duration_ms
+
+    if fields["uplink"] is not None:
+        parse_bandwidth(fields["uplink"], "--uplink")
+    if fields["rtt"] is not None:
+        parse_duration_ms(fields["rtt"], "--rtt")
+    try:
+        return PartitionSpec.model_validate(fields)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        opt = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "an option"
+        raise UsageError(f"{opt}: {err['msg'].removeprefix('Value error, ')}",
+                         "see `compactor partition --help`") from None
+
+
+def _render(result, out_dir: Path) -> None:
     from compactor.cli.render import console
-    from compactor.report.markdown import fmt_bytes
 
     plan = result.plan
     c = console()
-    energy = plan["power"] is not None
     est = " [yellow](estimate)[/]" if plan["estimate"] else ""
+    link = plan["link"]
+    table, hidden = _options_table(plan)
+    c.print(table)
+    if hidden:
+        c.print(f"[dim]{hidden} more splits in plan.json; ~ = timed as a sum of segments[/]")
+    ch = plan["choice"]
+    c.print(f"[bold]plan: {ch['option']}[/] — {ch['description']}: "
+            f"{ch['total_ms']:.2f} ms end to end{est}")
+    for side in ("device", "server"):
+        c.print(f"  {plan[side]['label']}")
+    by = "" if plan["crossovers_by"] == "latency" else f" (by {plan['crossovers_by']})"
+    for x in plan["crossovers"]:
+        c.print(f"  best choice{by} changes at {x['uplink']}: {x['from']} → {x['to']}")
+    if not plan["crossovers"] and link["source"] != "not needed":
+        c.print(f"  the best choice{by} is the same at every uplink from 100 kbps to 1 Gbps")
+    _render_checks(c, plan)
+    for n in plan["notes"]:
+        c.print(f"[yellow]note[/] {n}")
+    files = ", ".join(plan.get("files", {}).values())
+    c.print(f"wrote {out_dir}: {files}")
+
+
+def _options_table(plan: dict):
+    """The options, best first (every non-split one, the first 8 splits); returns the
+    table and how many splits it leaves out."""
+    from rich.table import Table
+
+    from compactor.report.markdown import fmt_bytes
+
+    energy = plan["power"] is not None
     link = plan["link"]
     over = ("no network needed" if link["source"] == "not needed" else
             f"over {link['uplink']}, rtt {link['rtt_ms']:g} ms")
@@ -191,20 +217,13 @@ def _render(result, out_dir: Path) -> None:
         if energy:
             row.append(f"{a['device_energy_j']:.4f}")
         t.add_row(*row)
-    c.print(t)
-    if len(alts) > len(shown):
-        c.print(f"[dim]{len(alts) - len(shown)} more splits in plan.json; ~ = timed as a "
-                "sum of segments[/]")
-    ch = plan["choice"]
-    c.print(f"[bold]plan: {ch['option']}[/] — {ch['description']}: "
-            f"{ch['total_ms']:.2f} ms end to end{est}")
-    for side in ("device", "server"):
-        c.print(f"  {plan[side]['label']}")
-    by = "" if plan["crossovers_by"] == "latency" else f" (by {plan['crossovers_by']})"
-    for x in plan["crossovers"]:
-        c.print(f"  best choice{by} changes at {x['uplink']}: {x['from']} → {x['to']}")
-    if not plan["crossovers"] and link["source"] != "not needed":
-        c.print(f"  the best choice{by} is the same at every uplink from 100 kbps to 1 Gbps")
+    return t, len(alts) - len(shown)
+
+
+def _render_checks(c, plan: dict) -> None:
+    """What was verified, int8 transfer's effect, and the simulated requests."""
+    from compactor.report.markdown import fmt_bytes
+
     v = plan.get("verification")
     if v:
         ok = "[green]ok[/]" if v["passed"] else "[red]FAILED[/]"
@@ -227,7 +246,3 @@ def _render(result, out_dir: Path) -> None:
         c.print(f"simulate {s['option']}: measured p50 {s['measured_ms']['p50']:.2f} ms over "
                 f"{s['requests']} requests, predicted {s['predicted_ms']:.2f} ms "
                 f"({s['error'] * 100:+.1f}%){emu}")
-    for n in plan["notes"]:
-        c.print(f"[yellow]note[/] {n}")
-    files = ", ".join(plan.get("files", {}).values())
-    c.print(f"wrote {out_dir}: {files}")
