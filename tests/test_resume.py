@@ -125,7 +125,8 @@ def test_resume_reuses_finished_stages_and_matches_an_uninterrupted_run(runs):
     second = manifest["stages"][2]["record"]
     assert second["resumed_from"] == {"epoch": 0, "step": 5}
     assert second["steps"] == EPOCHS_2 * STEPS_PER_EPOCH
-    assert not (runs["folder"] / ".out.compactor-work").exists(), "a finished run removes its work folder"
+    assert not (runs["folder"] / ".out.compactor-work").exists(), \
+        "a finished run removes its work folder"
 
     assert runs["rerun"].exit_code == 0, runs["rerun"].output
     reference = json.loads((runs["reference"] / "out" / "manifest.json").read_text())
