@@ -206,143 +206,185 @@ def train(task: TrainTask, cfg: LoopConfig, checkpoint_dir: Path, *, key: str,
     """Train ``task.module`` in place; on return it holds the best weights (or the last,
     with ``select_best`` off)."""
     t_start = time.perf_counter()
-    world, rank = (ddp.world_size(), ddp.rank()) if ddp.initialized() else (1, 0)
-    n_batches = len(task.batches)
-    per_epoch = n_batches // world
-    if per_epoch < 1:
-        raise PassError(
-            f"{label}: {n_batches} training batch(es) cannot be shared by {world} processes",
-            "give data.train more batches, or launch fewer processes",
-        )
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
-    epochs = math.ceil(total / per_epoch)
-    module = task.module
-    opt = optimizer_for(module, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(total, round(cfg.warmup * total), cfg.schedule)
-    )
-    st: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None,
-                          "best_epoch": None, "bad_epochs": 0, "history": [],
-                          "stopped_early": False}
-    best_state: dict[str, torch.Tensor] | None = None
-    resumed_from = None
-    last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
-
-    if resume and last_path.is_file():
-        ck = load_torch(last_path)
-        if ck.get("key") != key:
-            raise RecipeError(
-                f"cannot resume: the checkpoint in {checkpoint_dir} was saved by a run with "
-                "different settings",
-                "rerun without --resume to start over",
-            )
-        module.load_state_dict(ck["module"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"], task.device)
-        st.update(ck["state"])
-        if st["best"] is not None:  # saved as plain values (weights-only checkpoints)
-            st["best"] = EvalResult(**st["best"])
-        if best_path.is_file():
-            best_state = load_torch(best_path)["module"]
-        resumed_from = {"epoch": st["epoch"], "step": st["global_step"]}
-        log.info("%s: resuming at epoch %d, step %d", label, st["epoch"], st["global_step"])
-
-    def save_last() -> None:
-        if not writable:
-            return
-        st["loss_ema"] = loss_ema
-        # Tensors and plain values only: it is read back with weights_only=True.
-        state = {**st, "best": None if st["best"] is None else dataclasses.asdict(st["best"])}
-        save_torch({"key": key, "module": module.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": _rng_state(task.device),
-                    "state": state}, last_path)
-
-    seen = steps_here = 0
-    loss_ema: float | None = st.get("loss_ema")
-    last_metric = st["best"].value if st["best"] else None
+    run = _Run(task, cfg, checkpoint_dir, key=key, writable=writable, label=label)
+    if resume and run.last_path.is_file():
+        run.resume()
     t_train = time.perf_counter()
-    step_time = 0.0
-
-    with progress.task(f"{label}", total=total) as bar, graceful_interrupt() as stop:
+    st = run.st
+    with progress.task(f"{label}", total=run.total) as bar, graceful_interrupt() as stop:
         if st["global_step"]:
             bar.advance(st["global_step"])
-        while st["epoch"] < epochs and not st["stopped_early"]:
-            epoch = st["epoch"]
-            mine = ddp.shard(epoch_order(cfg.seed, epoch, n_batches), rank, world)
-            while st["step_in_epoch"] < len(mine) and st["global_step"] < total:
-                batch = task.batches[mine[st["step_in_epoch"]]]
-                t0 = time.perf_counter()
-                module.train()
-                loss, parts, n = task.step(batch)
-                opt.zero_grad(set_to_none=True)
-                local_bad = not bool(torch.isfinite(loss.detach()))
-                if not local_bad:
-                    loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(
-                        module.parameters(), cfg.max_grad_norm or float("inf")
-                    )
-                    local_bad = not bool(torch.isfinite(norm))
-                bad, stopping = ddp.any_flag([local_bad, stop.requested], task.device)
-                if bad:
-                    _raise_non_finite(label, st, loss, parts, last_path)
-                opt.step()
-                sched.step()
-                st["step_in_epoch"] += 1
-                st["global_step"] += 1
-                seen += n * world
-                step_time += time.perf_counter() - t0
-                value = float(loss.detach())
-                loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-                bar.advance()
-                steps_here += 1
-                _status(bar, epoch, epochs, loss_ema, task.metric_name, last_metric, seen,
-                        steps_here, step_time, total - st["global_step"])
-                if stopping:
-                    save_last()
-                    raise KeyboardInterrupt(f"{label}: stopped by {stop.signal_name}")
-            # end of an epoch (or of the step budget): evaluate, keep the best, checkpoint
-            res = task.evaluate()
-            last_metric = res.value
-            st["history"].append({"epoch": epoch + 1, "step": st["global_step"],
-                                  "train_loss": round(loss_ema, 6) if loss_ema else None,
-                                  "eval_loss": round(res.loss, 6),
-                                  task.metric_name: round(res.value, 6)})
-            if _better(res, st["best"], task.higher_is_better, cfg.min_delta):
-                st["best"], st["best_epoch"], st["bad_epochs"] = res, epoch + 1, 0
-                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                if writable:
-                    save_torch({"key": key, "module": best_state, "epoch": epoch + 1},
-                               best_path)
-            else:
-                st["bad_epochs"] += 1
-                if cfg.patience is not None and st["bad_epochs"] >= cfg.patience:
-                    st["stopped_early"] = True
-            st["epoch"] += 1
-            st["step_in_epoch"] = 0
-            if st["global_step"] >= total:
-                st["epoch"] = epochs
-            save_last()
+        while st["epoch"] < run.epochs and not st["stopped_early"]:
+            run.train_epoch(bar, stop)
+            run.end_epoch()
             (stopping,) = ddp.any_flag([stop.requested], task.device)
             if stopping:
                 raise KeyboardInterrupt(f"{label}: stopped by {stop.signal_name}")
+    if cfg.select_best and run.best_state is not None:
+        task.module.load_state_dict(run.best_state)
+    return run.result(t_start, t_train)
 
-    if cfg.select_best and best_state is not None:
-        module.load_state_dict(best_state)
-    train_s = time.perf_counter() - t_train
-    return TrainResult(
-        epochs=len(st["history"]),
-        steps=st["global_step"],
-        total_steps=total,
-        best_epoch=st["best_epoch"],
-        best=st["best"],
-        stopped_early=st["stopped_early"],
-        resumed_from=resumed_from,
-        history=st["history"],
-        seconds=time.perf_counter() - t_start,
-        samples_per_s=seen / train_s if train_s > 0 and seen else 0.0,
-        world_size=world,
-    )
+
+class _Run:
+    """One call of :func:`train`: its optimizer and schedule, the counters a checkpoint
+    carries (``st``: plain values, so a resumed run continues where this one stopped), the
+    best weights so far and the throughput figures."""
+
+    def __init__(self, task: TrainTask, cfg: LoopConfig, checkpoint_dir: Path, *, key: str,
+                 writable: bool, label: str) -> None:
+        self.task, self.cfg, self.key, self.writable, self.label = (
+            task, cfg, key, writable, label)
+        self.world, self.rank = (ddp.world_size(), ddp.rank()) if ddp.initialized() else (1, 0)
+        self.n_batches = len(task.batches)
+        per_epoch = self.n_batches // self.world
+        if per_epoch < 1:
+            raise PassError(
+                f"{label}: {self.n_batches} training batch(es) cannot be shared by "
+                f"{self.world} processes",
+                "give data.train more batches, or launch fewer processes",
+            )
+        self.total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+        self.epochs = math.ceil(self.total / per_epoch)
+        self.opt = optimizer_for(task.module, cfg.lr, cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.total, round(cfg.warmup * self.total), cfg.schedule)
+        )
+        self.st: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
+                                   "best": None, "best_epoch": None, "bad_epochs": 0,
+                                   "history": [], "stopped_early": False}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.resumed_from: dict[str, int] | None = None
+        self.checkpoint_dir = checkpoint_dir
+        self.last_path, self.best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
+        self.seen = self.steps_here = 0
+        self.loss_ema: float | None = None
+        self.last_metric: float | None = None
+        self.step_time = 0.0
+
+    def resume(self) -> None:
+        st, module = self.st, self.task.module
+        ck = load_torch(self.last_path)
+        if ck.get("key") != self.key:
+            raise RecipeError(
+                f"cannot resume: the checkpoint in {self.checkpoint_dir} was saved by a run "
+                "with different settings",
+                "rerun without --resume to start over",
+            )
+        module.load_state_dict(ck["module"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"], self.task.device)
+        st.update(ck["state"])
+        if st["best"] is not None:  # saved as plain values (weights-only checkpoints)
+            st["best"] = EvalResult(**st["best"])
+        if self.best_path.is_file():
+            self.best_state = load_torch(self.best_path)["module"]
+        self.resumed_from = {"epoch": st["epoch"], "step": st["global_step"]}
+        self.loss_ema = st.get("loss_ema")
+        self.last_metric = st["best"].value if st["best"] else None
+        log.info("%s: resuming at epoch %d, step %d", self.label, st["epoch"],
+                 st["global_step"])
+
+    def save_last(self) -> None:
+        if not self.writable:
+            return
+        st = self.st
+        st["loss_ema"] = self.loss_ema
+        # Tensors and plain values only: it is read back with weights_only=True.
+        state = {**st, "best": None if st["best"] is None else dataclasses.asdict(st["best"])}
+        save_torch({"key": self.key, "module": self.task.module.state_dict(),
+                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "rng": _rng_state(self.task.device), "state": state}, self.last_path)
+
+    def train_epoch(self, bar: Any, stop: _Stop) -> None:
+        """The steps left in the current epoch (all of them, unless resumed mid-epoch), up
+        to the step budget."""
+        st = self.st
+        mine = ddp.shard(epoch_order(self.cfg.seed, st["epoch"], self.n_batches), self.rank,
+                         self.world)
+        while st["step_in_epoch"] < len(mine) and st["global_step"] < self.total:
+            stopping = self._step(self.task.batches[mine[st["step_in_epoch"]]], stop)
+            bar.advance()
+            self.steps_here += 1
+            _status(bar, st["epoch"], self.epochs, self.loss_ema, self.task.metric_name,
+                    self.last_metric, self.seen, self.steps_here, self.step_time,
+                    self.total - st["global_step"])
+            if stopping:
+                self.save_last()
+                raise KeyboardInterrupt(f"{self.label}: stopped by {stop.signal_name}")
+
+    def _step(self, batch: Any, stop: _Stop) -> bool:
+        """One optimizer step on ``batch``; whether any rank was asked to stop. A non-finite
+        loss or gradient on any rank stops every rank before the weights change."""
+        task, st, module = self.task, self.st, self.task.module
+        t0 = time.perf_counter()
+        module.train()
+        loss, parts, n = task.step(batch)
+        self.opt.zero_grad(set_to_none=True)
+        local_bad = not bool(torch.isfinite(loss.detach()))
+        if not local_bad:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(
+                module.parameters(), self.cfg.max_grad_norm or float("inf")
+            )
+            local_bad = not bool(torch.isfinite(norm))
+        bad, stopping = ddp.any_flag([local_bad, stop.requested], task.device)
+        if bad:
+            _raise_non_finite(self.label, st, loss, parts, self.last_path)
+        self.opt.step()
+        self.sched.step()
+        st["step_in_epoch"] += 1
+        st["global_step"] += 1
+        self.seen += n * self.world
+        self.step_time += time.perf_counter() - t0
+        value = float(loss.detach())
+        self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
+        return stopping
+
+    def end_epoch(self) -> None:
+        """The end of an epoch (or of the step budget): evaluate, keep the best weights,
+        count epochs without improvement, checkpoint."""
+        st, cfg, task = self.st, self.cfg, self.task
+        epoch = st["epoch"]
+        res = task.evaluate()
+        self.last_metric = res.value
+        st["history"].append({"epoch": epoch + 1, "step": st["global_step"],
+                              "train_loss": round(self.loss_ema, 6) if self.loss_ema else None,
+                              "eval_loss": round(res.loss, 6),
+                              task.metric_name: round(res.value, 6)})
+        if _better(res, st["best"], task.higher_is_better, cfg.min_delta):
+            st["best"], st["best_epoch"], st["bad_epochs"] = res, epoch + 1, 0
+            self.best_state = {k: v.detach().clone()
+                               for k, v in task.module.state_dict().items()}
+            if self.writable:
+                save_torch({"key": self.key, "module": self.best_state, "epoch": epoch + 1},
+                           self.best_path)
+        else:
+            st["bad_epochs"] += 1
+            if cfg.patience is not None and st["bad_epochs"] >= cfg.patience:
+                st["stopped_early"] = True
+        st["epoch"] += 1
+        st["step_in_epoch"] = 0
+        if st["global_step"] >= self.total:
+            st["epoch"] = self.epochs
+        self.save_last()
+
+    def result(self, t_start: float, t_train: float) -> TrainResult:
+        st = self.st
+        train_s = time.perf_counter() - t_train
+        return TrainResult(
+            epochs=len(st["history"]),
+            steps=st["global_step"],
+            total_steps=self.total,
+            best_epoch=st["best_epoch"],
+            best=st["best"],
+            stopped_early=st["stopped_early"],
+            resumed_from=self.resumed_from,
+            history=st["history"],
+            seconds=time.perf_counter() - t_start,
+            samples_per_s=self.seen / train_s if train_s > 0 and self.seen else 0.0,
+            world_size=self.world,
+        )
 
 
 def _status(bar: Any, epoch: int, epochs: int, loss: float | None, metric_name: str,
