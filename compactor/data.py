@@ -156,6 +156,27 @@ class DataSource:
             inputs, target = item[0], (item[1] if len(item) == 2 else None)
         else:
             inputs, target = item, None
+        arrays = self._input_arrays(inputs, where)
+        named = {spec.name: self._input_array(spec, arr, where)
+                 for spec, arr in zip(self.inputs, arrays)}
+        sizes = {a.shape[0] for a in named.values() if a.ndim}
+        if len(sizes) > 1:
+            raise DataError(f"{where}: inputs have different batch sizes {sorted(sizes)}",
+                            "every input of a batch must have the same first dimension")
+        if 0 in sizes:
+            raise DataError(f"{where}: the batch has 0 rows",
+                            "drop empty batches from the data (e.g. a last slice past the end)")
+        tgt = None if target is None else to_numpy(target)
+        if tgt is not None and tgt.ndim and sizes and tgt.shape[0] not in sizes:
+            raise DataError(
+                f"{where}: target has {tgt.shape[0]} rows, inputs have {sizes.pop()}",
+                "targets must line up with the inputs' first dimension",
+            )
+        return Batch(named, tgt)
+
+    def _input_arrays(self, inputs: Any, where: str) -> list[Any]:
+        """A batch's inputs (one array, a tuple in recipe order, or a dict by name) as a
+        list in recipe order, one per model input."""
         if isinstance(inputs, dict):
             unknown = [k for k in inputs if k not in {i.name for i in self.inputs}]
             missing = [i.name for i in self.inputs if i.name not in inputs]
@@ -176,39 +197,28 @@ class DataSource:
                 "a batch is (inputs, target) or (inputs,); with several inputs, 'inputs' is a "
                 "tuple in recipe order or a dict by name",
             )
-        named: dict[str, np.ndarray] = {}
-        for spec, arr in zip(self.inputs, arrays):
-            a = to_numpy(arr)
-            want = _NP_DTYPES[spec.dtype]
-            if a.dtype != want:
-                if np.issubdtype(want, np.integer) and np.issubdtype(a.dtype, np.floating):
-                    raise DataError(
-                        f"{where}: input {spec.name!r} is {a.dtype}, the recipe says {spec.dtype}",
-                        "fix the data or the input's dtype in model.inputs",
-                    )
-                a = a.astype(want)
-            self._check_shape(spec, a, where)
-            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-                bad = int((~np.isfinite(a)).sum())
+        return arrays
+
+    def _input_array(self, spec: InputSpec, arr: Any, where: str) -> np.ndarray:
+        """One input as numpy in the recipe's dtype (a float given for an integer input is
+        refused, not truncated), with its declared shape and no NaN/inf."""
+        a = to_numpy(arr)
+        want = _NP_DTYPES[spec.dtype]
+        if a.dtype != want:
+            if np.issubdtype(want, np.integer) and np.issubdtype(a.dtype, np.floating):
                 raise DataError(
-                    f"{where}: input {spec.name!r} has {bad} NaN/inf value(s)",
-                    "clean the data (or drop those samples) before compressing",
+                    f"{where}: input {spec.name!r} is {a.dtype}, the recipe says {spec.dtype}",
+                    "fix the data or the input's dtype in model.inputs",
                 )
-            named[spec.name] = a
-        sizes = {a.shape[0] for a in named.values() if a.ndim}
-        if len(sizes) > 1:
-            raise DataError(f"{where}: inputs have different batch sizes {sorted(sizes)}",
-                            "every input of a batch must have the same first dimension")
-        if 0 in sizes:
-            raise DataError(f"{where}: the batch has 0 rows",
-                            "drop empty batches from the data (e.g. a last slice past the end)")
-        tgt = None if target is None else to_numpy(target)
-        if tgt is not None and tgt.ndim and sizes and tgt.shape[0] not in sizes:
+            a = a.astype(want)
+        self._check_shape(spec, a, where)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
             raise DataError(
-                f"{where}: target has {tgt.shape[0]} rows, inputs have {sizes.pop()}",
-                "targets must line up with the inputs' first dimension",
+                f"{where}: input {spec.name!r} has {bad} NaN/inf value(s)",
+                "clean the data (or drop those samples) before compressing",
             )
-        return Batch(named, tgt)
+        return a
 
     @staticmethod
     def _check_shape(spec: InputSpec, a: np.ndarray, where: str) -> None:
