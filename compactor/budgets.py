@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from compactor.errors import BudgetFailed, UsageError, did_you_mean
-from compactor.spec import Budgets, Target
+from compactor.spec import Budgets, Drop, LatencyBudget, Target
 
 if TYPE_CHECKING:
     from compactor.measure.latency import Latency
@@ -87,26 +87,13 @@ def evaluate_budgets(
     if budgets.max_size_mb is not None:
         out.append(_check("max_size_mb", budgets.max_size_mb, size_mb, "MB", True))
     if budgets.max_latency_ms is not None:
-        for q in ("p50", "p90", "p99"):
-            limit = getattr(budgets.max_latency_ms, q)
-            if limit is not None:
-                got = None if latency_ms is None else latency_ms[q]
-                est = latency_estimate_ms if q == "p50" else None
-                detail = "batch 1" if got is not None else (
-                    "batch 1; not measured on this host" + (
-                        "; estimate is a roofline lower bound" if est is not None else ""))
-                out.append(_check(f"max_latency_ms.{q}", limit, got, "ms", True, detail, est))
+        out += _latency_verdicts(budgets.max_latency_ms, latency_ms, latency_estimate_ms)
     if budgets.max_memory_mb is not None:
         out.append(_check("max_memory_mb", budgets.max_memory_mb, memory_mb, "MB", True,
                           "peak RSS of the measuring process"))
     if budgets.max_accuracy_drop is not None:
-        drop = budgets.max_accuracy_drop
-        allowed = drop.allowed(baseline_metric or 0.0)
-        detail = f"{metric_name}: {baseline_metric:.4g} → {metric_value:.4g}" if (
-            metric_value is not None and baseline_metric is not None) else ""
-        if drop.relative:
-            detail += f" (allowed {drop.value * 100:g}% of baseline)"
-        out.append(_check("max_accuracy_drop", allowed, metric_drop, metric_name, True, detail))
+        out.append(_accuracy_verdict(budgets.max_accuracy_drop, metric_name, metric_value,
+                                     metric_drop, baseline_metric))
     if budgets.min_speedup is not None:
         speedup = None
         if latency_ms is not None and baseline_latency_ms:
@@ -114,14 +101,48 @@ def evaluate_budgets(
         out.append(_check("min_speedup", budgets.min_speedup, speedup, "x", False,
                           "p50 at batch 1 vs baseline, same run"))
     if profile is not None:
-        lim = profile.limits
-        if lim.model_size_mb is not None:
-            out.append(_check("limits.model_size_mb", lim.model_size_mb, size_mb, "MB", True,
-                              f"{profile.name} profile limit"))
-        if lim.memory_mb is not None:
-            out.append(_check("limits.memory_mb", lim.memory_mb, memory_mb, "MB", True,
-                              f"{profile.name} profile limit; peak RSS of the measuring "
-                              "process"))
+        out += _limit_verdicts(profile, size_mb, memory_mb)
+    return out
+
+
+def _latency_verdicts(limits: LatencyBudget, latency_ms: Mapping[str, float] | None,
+                      estimate_ms: float | None) -> list[Verdict]:
+    """One verdict per quantile that has a limit; an unmeasured p50 shows the estimate."""
+    out = []
+    for q in ("p50", "p90", "p99"):
+        limit = getattr(limits, q)
+        if limit is not None:
+            got = None if latency_ms is None else latency_ms[q]
+            est = estimate_ms if q == "p50" else None
+            detail = "batch 1" if got is not None else (
+                "batch 1; not measured on this host" + (
+                    "; estimate is a roofline lower bound" if est is not None else ""))
+            out.append(_check(f"max_latency_ms.{q}", limit, got, "ms", True, detail, est))
+    return out
+
+
+def _accuracy_verdict(drop: Drop, metric_name: str, metric_value: float | None,
+                      metric_drop: float | None, baseline_metric: float | None) -> Verdict:
+    allowed = drop.allowed(baseline_metric or 0.0)
+    detail = f"{metric_name}: {baseline_metric:.4g} → {metric_value:.4g}" if (
+        metric_value is not None and baseline_metric is not None) else ""
+    if drop.relative:
+        detail += f" (allowed {drop.value * 100:g}% of baseline)"
+    return _check("max_accuracy_drop", allowed, metric_drop, metric_name, True, detail)
+
+
+def _limit_verdicts(profile: Profile, size_mb: float, memory_mb: float | None
+                    ) -> list[Verdict]:
+    """The profile's own limits (whatever the recipe's budgets say)."""
+    out = []
+    lim = profile.limits
+    if lim.model_size_mb is not None:
+        out.append(_check("limits.model_size_mb", lim.model_size_mb, size_mb, "MB", True,
+                          f"{profile.name} profile limit"))
+    if lim.memory_mb is not None:
+        out.append(_check("limits.memory_mb", lim.memory_mb, memory_mb, "MB", True,
+                          f"{profile.name} profile limit; peak RSS of the measuring "
+                          "process"))
     return out
 
 
