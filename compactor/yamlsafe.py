@@ -130,19 +130,7 @@ def _check_tree(
         key = id(node)
         if done:
             active.discard(key)
-            total = 1
-            for child in _children(node):
-                total += sizes[id(child)]
-                if total > max_nodes:
-                    break
-            sizes[key] = total
-            if total > max_nodes:
-                raise error(
-                    f"{where}{_pos(node)}: this YAML expands to more than {max_nodes:,} "
-                    "values (aliases repeat what they point at)",
-                    "a recipe has a few hundred values; remove the repeated aliases "
-                    "(a YAML alias bomb is refused, not expanded)",
-                )
+            sizes[key] = _expanded_size(node, sizes, where, error, max_nodes)
             continue
         if key in sizes:
             continue
@@ -152,22 +140,45 @@ def _check_tree(
                 "it (a recursive structure)",
                 "remove the recursive alias",
             )
-        if node.tag not in _SAFE_TAGS:
-            raise error(
-                f"{where}{_pos(node)}: unsupported YAML tag {node.tag.replace(_PLAIN, '!!')!r}",
-                "compactor reads plain YAML only (mappings, lists, strings, numbers); remove "
-                "the tag — YAML tags that build Python objects are never run",
-            )
-        if depth > max_depth:
-            raise error(
-                f"{where}{_pos(node)}: YAML nested more than {max_depth} levels deep",
-                "a recipe nests a few levels; flatten the structure",
-            )
+        _check_node(node, depth, where, error, max_depth)
         active.add(key)
         stack.append((node, depth, True))
         for child in _children(node):
             if id(child) not in sizes:
                 stack.append((child, depth + 1, False))
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], where: str,
+                   error: type[CompactorError], max_nodes: int) -> int:
+    """Values under ``node`` with aliases expanded, from its children's sizes; refused past
+    ``max_nodes``."""
+    total = 1
+    for child in _children(node):
+        total += sizes[id(child)]
+        if total > max_nodes:
+            raise error(
+                f"{where}{_pos(node)}: this YAML expands to more than {max_nodes:,} "
+                "values (aliases repeat what they point at)",
+                "a recipe has a few hundred values; remove the repeated aliases "
+                "(a YAML alias bomb is refused, not expanded)",
+            )
+    return total
+
+
+def _check_node(node: yaml.Node, depth: int, where: str, error: type[CompactorError],
+                max_depth: int) -> None:
+    """A plain tag (no tag that builds Python objects), no deeper than ``max_depth``."""
+    if node.tag not in _SAFE_TAGS:
+        raise error(
+            f"{where}{_pos(node)}: unsupported YAML tag {node.tag.replace(_PLAIN, '!!')!r}",
+            "compactor reads plain YAML only (mappings, lists, strings, numbers); remove "
+            "the tag — YAML tags that build Python objects are never run",
+        )
+    if depth > max_depth:
+        raise error(
+            f"{where}{_pos(node)}: YAML nested more than {max_depth} levels deep",
+            "a recipe nests a few levels; flatten the structure",
+        )
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
