@@ -27,7 +27,7 @@ from compactor.manifest import (
     visible,
 )
 from compactor.profiles import Profile
-from compactor.report.markdown import fmt_num
+from compactor.report.format import fmt_num
 from compactor.spec import Budgets
 
 
@@ -198,16 +198,22 @@ def check_artifact(
         else:
             check = _from_manifest(manifest, index, entry, budgets)
         result.targets.append(check)
-
     if old is not None:
-        result.against = str(against)
-        result.regressions = regressions(old.to_dict(), current, max_regression, chosen)
-        before, after = old.host.get("cpu", "?"), manifest.host.get("cpu", "?")
-        if before != after:
-            result.notes.append(
-                f"latency compared across hosts ({before} → {after}); a change may be the "
-                "host's")
+        _compare(result, old, manifest, current, str(against), max_regression, chosen)
     return result
+
+
+def _compare(result: CheckResult, old: Manifest, manifest: Manifest, current: dict[str, Any],
+             against: str, max_regression: float, chosen: Sequence[str]) -> None:
+    """Regressions of ``current`` (the manifest's figures, with any re-measured on this host)
+    against an older artifact, noting when the two come from different hosts."""
+    result.against = against
+    result.regressions = regressions(old.to_dict(), current, max_regression, chosen)
+    before, after = old.host.get("cpu", "?"), manifest.host.get("cpu", "?")
+    if before != after:
+        result.notes.append(
+            f"latency compared across hosts ({before} → {after}); a change may be the "
+            "host's")
 
 
 # A lock file is a few kilobytes; it is read only for manifests that predate target budgets.
