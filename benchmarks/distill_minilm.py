@@ -476,7 +476,7 @@ def interleaved_speedup(folder: Path, student_onnx: Path, batch: dict,
     from one run to the next (blocks: 2.14x-2.18x in three runs on an idle host). The first
     quarter of each block is not counted."""
     from compactor.data import Batch
-    from compactor.passes.export import ExportConfig, export_module
+    from compactor.exporting import ExportConfig, export_module
     from compactor.profiles import load_profile
     from compactor.quantization.timing import compare_latency
     from compactor.recipe import InputSpec

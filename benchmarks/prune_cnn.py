@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from _results import machine, wait_for_idle, write_json, write_section
 
-    from compactor.passes.export import ExportConfig, export_module
+    from compactor.exporting import ExportConfig, export_module
     from compactor.pipeline import RunContext, feeds_for_batch, optimize
     from compactor.recipe import load_recipe
 

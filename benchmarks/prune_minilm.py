@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from prune_cnn import Progress, paired, speedups
     from transformers import AutoTokenizer
 
-    from compactor.passes.export import ExportConfig, export_module
+    from compactor.exporting import ExportConfig, export_module
     from compactor.pipeline import RunContext, feeds_for_batch, optimize
     from compactor.recipe import load_recipe
 

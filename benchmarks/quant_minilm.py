@@ -188,7 +188,7 @@ def export_fp32(path: Path, sample: dict[str, np.ndarray]) -> dict:
     TorchScript exporter: ORT's symbolic shape inference (``quant_pre_process``, run by the
     baselines) and its transformer fusions do not handle the dynamo exporter's graph."""
     from compactor.data import Batch
-    from compactor.passes.export import ExportConfig, export_module
+    from compactor.exporting import ExportConfig, export_module
     from compactor.recipe import InputSpec
 
     specs = [InputSpec(name="input_ids", shape=("batch", SEQ), dtype="int64"),

@@ -528,7 +528,7 @@ class Evaluator:
         eval_export = None
         path = stage.onnx_path
         if stage.kind == "torch":
-            from compactor.passes.export import ExportConfig, export_module
+            from compactor.exporting import ExportConfig, export_module
 
             path = self.ctx.work_path(f"{len(stage.lineage):02d}-eval-{stage.name}.onnx")
             # Exported as the recipe's export pass does (exporter, opset), so the torch

@@ -26,6 +26,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PassConfig(Strict):
+    """Base of every pass's config: strict and frozen."""
+
+
 class Drop(Strict):
     """An allowed metric drop: absolute in metric units (0.01) or relative ("2%")."""
 

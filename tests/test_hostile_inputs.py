@@ -465,7 +465,7 @@ def test_example_inputs_keep_a_fixed_batch_and_cut_a_dynamic_one():
     import numpy as np
 
     from compactor.data import Batch, batch_sizes_for
-    from compactor.passes.export import example_inputs
+    from compactor.exporting import example_inputs
     from compactor.spec import InputSpec
 
     x = np.zeros((16, 3), np.float32)

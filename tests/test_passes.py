@@ -14,9 +14,9 @@ import toys
 from toys import CNN_INPUT, assert_clean_error, cnn_model, leftovers, ref, run_cli, write_recipe
 
 from compactor.errors import PassError
+from compactor.exporting import ExportConfig
 from compactor.model import load_model, onnx_input_specs
 from compactor.passes import get_pass, registry
-from compactor.passes.export import ExportConfig
 from compactor.passes.quantize import QuantizeConfig
 from compactor.pipeline import Progress, RunContext, Task, optimize
 from compactor.recipe import load_recipe
@@ -118,7 +118,7 @@ class _Bag(torch.nn.Module):
 
 def test_output_name_that_an_inner_value_has_keeps_the_dynamo_export(tmp_path):
     from compactor.data import Batch
-    from compactor.passes.export import export_module
+    from compactor.exporting import export_module
     from compactor.recipe import InputSpec
 
     specs = [InputSpec(name="ids", shape=("batch", 5), dtype="int64")]

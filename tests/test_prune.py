@@ -62,9 +62,9 @@ def onnx_counts(module, ctx: RunContext, tmp_path: Path, name: str) -> tuple[int
     """(params, MACs at batch 1) of ``module`` exported to ONNX."""
     import onnx
 
+    from compactor.exporting import ExportConfig, export_module
     from compactor.measure.macs import count_macs
     from compactor.measure.size import param_count
-    from compactor.passes.export import ExportConfig, export_module
 
     path = tmp_path / f"{name}.onnx"
     export_module(module, ctx.inputs, ctx.eval_batches[0], path,
@@ -76,7 +76,7 @@ def onnx_counts(module, ctx: RunContext, tmp_path: Path, name: str) -> tuple[int
 
 def run_onnx_vs_torch(module, ctx: RunContext, tmp_path: Path, exporter: str = "auto") -> float:
     """Export with the pipeline's exporter, run in ONNX Runtime: largest |onnx - torch|."""
-    from compactor.passes.export import ExportConfig, export_module, max_abs_error
+    from compactor.exporting import ExportConfig, export_module, max_abs_error
 
     path = tmp_path / "pruned.onnx"
     export_module(module, ctx.inputs, ctx.eval_batches[0], path,

@@ -31,7 +31,7 @@ def bert_onnx(tmp_path_factory) -> Path:
     import toys
 
     from compactor.data import Batch
-    from compactor.passes.export import ExportConfig, export_module
+    from compactor.exporting import ExportConfig, export_module
     from compactor.recipe import InputSpec
 
     model = toys.build_tiny_bert()

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from compactor.errors import EXIT_USAGE, RecipeError
-from compactor.passes.export import ExportConfig
+from compactor.exporting import ExportConfig
 from compactor.passes.quantize import QuantizeConfig
 from compactor.recipe import Drop, LatencyBudget, load_recipe, parse_recipe
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from compactor.spec import PassConfig
 
 if TYPE_CHECKING:
     from compactor.budgets import SizeFloor
@@ -18,12 +18,6 @@ if TYPE_CHECKING:
     from compactor.stage import Stage
 
 StageKind = Literal["torch", "onnx"]
-
-
-class PassConfig(BaseModel):
-    """Base of every pass's config: strict and frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Pass:

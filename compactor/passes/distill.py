@@ -213,10 +213,10 @@ class DistillPass(Pass):
             record["frozen_params"] = sum(p.numel() for p in frozen)
         student.to(device)
 
-        from compactor.passes.export import _use_kwargs
+        from compactor.exporting import use_kwargs
         from compactor.training.hints import Distillable
 
-        model = Distillable(student, ctx.inputs, _use_kwargs(student, ctx.inputs))
+        model = Distillable(student, ctx.inputs, use_kwargs(student, ctx.inputs))
         try:
             model.attach_hints([h.student for h in cfg.hints])
             if teacher is not None:
@@ -462,7 +462,7 @@ def _reference_outputs(ctx: RunContext, batches: Sequence[Batch], teacher_eval):
     """The baseline's outputs on the eval data, for metrics measured against it."""
     import torch
 
-    from compactor.passes.export import call_module
+    from compactor.exporting import call_module
     from compactor.training.hints import first_tensor
 
     base = ctx.baseline
@@ -502,7 +502,7 @@ class _Teacher:
 
     @classmethod
     def build(cls, cfg: DistillConfig, ctx: RunContext, stage: Stage, device: Any) -> _Teacher:
-        from compactor.passes.export import _use_kwargs
+        from compactor.exporting import use_kwargs
 
         if cfg.teacher is None:
             base = ctx.baseline
@@ -534,7 +534,7 @@ class _Teacher:
             module = copy.deepcopy(module)  # .to() moves in place; the baseline stays as is
         module.to(device)
         return cls(desc, device, module=module, specs=ctx.inputs,
-                   use_kw=_use_kwargs(module, ctx.inputs))
+                   use_kw=use_kwargs(module, ctx.inputs))
 
     def attach_hints(self, names: Sequence[str]) -> None:
         if names:

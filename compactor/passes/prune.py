@@ -135,13 +135,13 @@ class PrunePass(Pass):
         from dataclasses import replace
 
         cfg: PruneConfig = self.config
-        if cfg.target is not None and cfg.target.kind == "params":
-            keep = cfg.target.fraction
-        elif cfg.global_:
+        if cfg.global_:
             return None  # layers lose different fractions: no cheap bound on the weights
         elif cfg.target is not None:
             # every layer loses the same fraction a of its channels, so keeps between (1-a)²
-            # and (1-a) of its MACs and of its weights alike: weights ≥ (MACs kept)²
+            # and (1-a) of its MACs and of its weights alike: weights ≥ (MACs kept)². A
+            # params target is squared too: the bisection stops anywhere at or below it (a
+            # round_to step can overshoot), so the target itself is no floor.
             keep = cfg.target.fraction**2
         else:
             cut = max([cfg.amount or 0.0, cfg.heads or 0.0, *cfg.layers.values()])
@@ -208,11 +208,11 @@ def spec_from_config(cfg: PruneConfig, seed: int = 0):
 def model_inputs(module, specs: Sequence[InputSpec], batch: Batch):
     """Inputs to trace with (two real samples, as the exporter passes them) and to count
     MACs at (one sample)."""
-    from compactor.passes.export import _use_kwargs, example_inputs, to_torch
+    from compactor.exporting import example_inputs, to_torch, use_kwargs
 
     def pack(arrays):
         tensors = to_torch(specs, arrays)
-        if _use_kwargs(module, specs):
+        if use_kwargs(module, specs):
             return {s.name: t for s, t in zip(specs, tensors, strict=True)}
         return tuple(tensors)
 
@@ -222,7 +222,7 @@ def model_inputs(module, specs: Sequence[InputSpec], batch: Batch):
 
 
 def output_shapes(module, specs: Sequence[InputSpec], batch: Batch) -> list[tuple[int, ...]]:
-    from compactor.passes.export import call_module, flatten_outputs
+    from compactor.exporting import call_module, flatten_outputs
 
     return [tuple(a.shape) for a in flatten_outputs(call_module(module, specs, batch.inputs))]
 
@@ -230,12 +230,12 @@ def output_shapes(module, specs: Sequence[InputSpec], batch: Batch) -> list[tupl
 def check_pruned(model, specs: Sequence[InputSpec], batches: Sequence[Batch],
                  reference: list[tuple[int, ...]]) -> None:
     """The pruned model runs on real inputs and its outputs keep their shapes."""
-    from compactor.passes.export import _use_kwargs, flatten_outputs, to_torch
+    from compactor.exporting import flatten_outputs, to_torch, use_kwargs
     from compactor.pruning.graph import LayerError, run_tracked
 
     for i, b in enumerate(batches):
         tensors = to_torch(specs, b.inputs)
-        kw = _use_kwargs(model, specs)
+        kw = use_kwargs(model, specs)
         inputs = {s.name: t for s, t in zip(specs, tensors, strict=True)} if kw \
             else tuple(tensors)
         try:
@@ -261,7 +261,7 @@ def _in(e) -> str:
 
 
 def check_export(model, ctx: RunContext, index: int) -> dict[str, Any]:
-    from compactor.passes.export import ExportConfig, export_module
+    from compactor.exporting import ExportConfig, export_module
 
     path = ctx.work_path(f"{index:02d}-prune-check.onnx")
     try:
@@ -296,10 +296,10 @@ def taylor_gradients(ctx: RunContext, n_batches: int):
         import torch
         import torch.nn.functional as F
 
-        from compactor.passes.export import _use_kwargs, to_torch
+        from compactor.exporting import to_torch, use_kwargs
         from compactor.pruning.graph import _tensors
 
-        kw = _use_kwargs(model, specs)
+        kw = use_kwargs(model, specs)
         for i, b in enumerate(batches):
             tensors = to_torch(specs, b.inputs)
             with torch.enable_grad():

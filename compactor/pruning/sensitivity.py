@@ -129,9 +129,9 @@ class _Measure:
     def __call__(self, module) -> tuple[float, int | None]:
         import onnx
 
+        from compactor.exporting import ExportConfig, export_module, quiet
         from compactor.measure.latency import session
         from compactor.measure.macs import count_macs
-        from compactor.passes.export import ExportConfig, export_module, quiet
 
         self.n += 1
         path = self.work / f"point-{self.n}.onnx"

@@ -187,7 +187,7 @@ def build(c: Candidate, dst: Path, calibration: Calibration | None,
     """Quantize ``c.source`` into ``dst`` as ``c`` says. ORT's errors propagate."""
     import onnx
 
-    from compactor.passes.export import quiet
+    from compactor.exporting import quiet
 
     present = {n.op_type for n in onnx.load(str(c.source), load_external_data=False).graph.node}
     op_types = op_types_for(c, present, excluded_types)

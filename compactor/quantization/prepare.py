@@ -30,7 +30,7 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The error's type and first line (ORT's messages can run for pages)."""
-    from compactor.passes.export import first_line as line
+    from compactor.exporting import first_line as line
 
     text = line(e, limit)
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -64,7 +64,7 @@ def preprocess(src: Path, dst: Path, record: dict[str, Any]) -> Path:
     """ORT's ``quant_pre_process``: shape inference and graph optimization."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from compactor.passes.export import quiet
+    from compactor.exporting import quiet
 
     from .candidates import ort_quiet
 
@@ -215,7 +215,7 @@ def _best_fusion(src: Path, dst: Path, optimize_model, info: dict[str, Any]):
     the most ops (the first that fused Attention wins), its fused-op counts and shape."""
     import onnx
 
-    from compactor.passes.export import quiet
+    from compactor.exporting import quiet
 
     from .candidates import ort_quiet
 

@@ -181,7 +181,7 @@ def rank_static(float_src: Path, qdq_model: Path, feeds: Sequence[dict], work: P
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
-    from compactor.passes.export import quiet
+    from compactor.exporting import quiet
 
     from .candidates import Calibration, ort_quiet
 
