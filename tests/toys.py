@@ -513,3 +513,16 @@ def build_bert_2layer(seed: int = 0) -> nn.Module:
                         max_position_embeddings=64)
     model.bert = BertModel(config, add_pooling_layer=False)
     return model.eval()
+
+
+def size_floor_mb(model: Path, passes: list[dict]) -> float:
+    """The smallest size (MB) compactor's early budget check thinks ``passes`` could make
+    the ONNX ``model`` reach. A ``max_size_mb`` just above it passes that check and still
+    fails on the real model (its biases, scales and graph come on top)."""
+    from compactor.budgets import reachable_floor, weight_floor
+    from compactor.passes import get_pass
+    from compactor.stage import Stage
+
+    floor = weight_floor(Stage("baseline", "onnx", onnx_path=Path(model)))
+    configs = [(name, cfg) for p in passes for name, cfg in p.items()]
+    return reachable_floor(floor, [get_pass(n)(get_pass(n).Config(**c)) for n, c in configs]).mb
