@@ -300,7 +300,7 @@ class ResumableRun:
     def begin(self, ctx: RunContext, baseline: Stage, source_files: Sequence[Path]) -> None:
         """Key every pass by what produces it; on resume, refuse a recipe that changed in a
         way that invalidates saved work (RecipeError, with the reason)."""
-        from compactor.training.checkpoint import sha256_file
+        from compactor.measure.size import sha256
 
         ctx.baseline = baseline
         ctx.run = self
@@ -317,7 +317,7 @@ class ResumableRun:
             "data": self.recipe.data.model_dump(mode="json"),
             "metric": self.recipe.metric,
             "seed": self.recipe.seed,
-            "files": {_short(Path(k), base): sha256_file(p) for k, p in sorted(files.items())
+            "files": {_short(Path(k), base): sha256(p) for k, p in sorted(files.items())
                       if p.is_file()},
         }
         self.parts = [{"pass": n, "config": c.model_dump(mode="json")}
@@ -465,24 +465,23 @@ def optimize(recipe: Recipe, progress: Progress | None = None,
         targets = judge(recipe, profiles, stages, metric)
         final = stages[-1]
         extra_files, deployable_records = _deployables(final, profiles, ctx, progress)
-        manifest = artifact.build_manifest(
-            recipe, inputs, eval_batches, metric, stages, targets, source_files,
-            time.perf_counter() - t_start,
-        )
-        if deployable_records:
-            manifest["deployables"] = deployable_records
+        partition = None
         if recipe.partition is not None:
             from compactor.partition.planner import plan_for_artifact
 
-            files, manifest["partition"] = plan_for_artifact(
+            files, partition = plan_for_artifact(
                 recipe.partition, final.onnx_path, eval_batches, recipe.base_dir,
                 ctx.work_path("partition"), progress)
             extra_files = {**extra_files, **files}
+        manifest = artifact.build_manifest(
+            recipe, inputs, eval_batches, metric, stages, targets, source_files,
+            time.perf_counter() - t_start, deployables=deployable_records, partition=partition,
+        )
         with progress.task("write artifact"):
             artifact.write_artifact(out_dir, recipe, final.onnx_path, manifest,
                                     extra_files=extra_files)
         ok = True
-        return RunResult(recipe, metric, stages, targets, out_dir, manifest,
+        return RunResult(recipe, metric, stages, targets, out_dir, manifest.to_dict(),
                          time.perf_counter() - t_start)
     except KeyboardInterrupt as e:
         raise RunInterrupted(run.path, run.resumable()) from e
@@ -725,7 +724,7 @@ def warn_if_slower(before: StageResult, after: StageResult, progress: Progress,
 
 def precision_advice(prof: Profile, precision: dict[str, Any]) -> list[str]:
     """A note when the final model's precision is not the one the target runs fastest."""
-    from compactor.report.markdown import fmt_share
+    from compactor.report.format import fmt_share
 
     want = prof.preferred_precision
     quantized = bool(precision.get("quantized"))

@@ -11,6 +11,7 @@ import pytest
 import toys
 from toys import write_cnn_npz
 
+from compactor.manifest import Manifest
 from compactor.pipeline import optimize
 from compactor.recipe import load_recipe
 from compactor.report.html import render_html
@@ -145,7 +146,7 @@ def test_target_results_in_the_manifest(manifest):
     status = {v["budget"]: v["status"] for v in phone["verdicts"]}
     assert status["max_size_mb"] == "fail" and status["limits.memory_mb"] == "pass"
     assert status["limits.model_size_mb"] == "pass"
-    assert phone["budgets"]["max_size_mb"] == 0.01
+    assert phone["budgets"]["max_size_mb"] < 0.15  # just above the int8 floor
     assert phone["batching"]["batch_size"] in (1, 4)
     rt = manifest["stages"][-1]["runtime"]["phone"]
     assert rt["peak_rss_mb"] > 0 and rt["session_create_ms"] > 0
@@ -169,7 +170,7 @@ def test_markdown_report_for_a_pull_request(art, manifest):
     assert md.startswith("# compactor: toy — ❌ a budget failed")
     assert "| phone | max_size_mb |" in md and "❌ FAIL" in md
     assert "batching hint" in md and "stayed float" in md
-    assert render_markdown(manifest) == md
+    assert render_markdown(Manifest.model_validate(manifest)) == md
 
 
 def test_html_renders_manifests_without_the_newer_fields(manifest):

@@ -15,6 +15,7 @@ import torch
 from toys import CNN_INPUT, assert_clean_error, ref, run_cli, write_recipe
 
 from compactor.errors import RecipeError
+from compactor.measure.size import sha256
 from compactor.training import checkpoint, losses
 from compactor.training.checkpoint import Refused, file_record, work_folder_for
 
@@ -129,7 +130,7 @@ def test_a_planted_stage_file_runs_no_code(tmp_path, after_stage, forge):
     entry = state["passes"]["0"]["stage"]
     if forge == "record forged":  # the attacker rewrites the hash, but has no key
         entry["check"].update(
-            size=stage.stat().st_size, sha256=checkpoint.sha256_file(stage), mac="0" * 64
+            size=stage.stat().st_size, sha256=sha256(stage), mac="0" * 64
         )
     elif forge == "record signed":  # even with the key, a pickle with code is refused
         desc = {k: v for k, v in entry.items() if k != "check"}

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from compactor.errors import RecipeError, UsageError
+from compactor.measure.size import sha256
 from compactor.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,6 @@ def _sig_subject(path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- signing
 
 
@@ -163,7 +156,7 @@ def sign(subject: Any) -> str:
 def file_record(path: Path, subject: Any) -> dict[str, Any]:
     """``path``'s size and sha256, and an HMAC binding them to ``subject`` (what the file
     is for); an empty MAC when no key can be had (such a file is refused when read)."""
-    size, digest = path.stat().st_size, sha256_file(path)
+    size, digest = path.stat().st_size, sha256(path)
     try:
         mac = sign({"subject": subject, "size": size, "sha256": digest})
     except Refused as e:
@@ -187,7 +180,7 @@ def verify_file(path: Path, record: Any, subject: Any) -> None:
     if st.st_size != record["size"]:
         raise Refused(f"its size changed since it was written ({st.st_size} bytes, "
                       f"recorded {record['size']})")
-    if sha256_file(path) != record["sha256"]:
+    if sha256(path) != record["sha256"]:
         raise Refused("its content changed since it was written (sha256 differs)")
 
 
