@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _markdown(s: dict) -> str:
-    from compactor.report.markdown import fmt_count
+    from compactor.report.format import fmt_count
 
     teacher = next(iter(s["rows"].values()))
     lines = []

@@ -268,7 +268,7 @@ def run(requests: int, results_dir: Path, threads: int | None, n_trials: int = 1
 
 
 def render(r: dict) -> str:
-    from compactor.report.markdown import fmt_bytes
+    from compactor.report.format import fmt_bytes
 
     mach = r["machine"]
     cmd = ("python benchmarks/partition.py"

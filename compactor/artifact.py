@@ -32,13 +32,13 @@ from compactor.errors import ArtifactError, UsageError
 
 if TYPE_CHECKING:
     from compactor.data import Batch
+    from compactor.manifest import Manifest
     from compactor.metrics import Metric
     from compactor.pipeline import StageResult, TargetResult
     from compactor.recipe import InputSpec, Recipe
 
 log = logging.getLogger(__name__)
 
-MANIFEST_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 # The marker compactor writes into each artifact: the files it wrote, with their sizes and
@@ -257,9 +257,15 @@ def build_manifest(
     targets: Sequence[TargetResult],
     source_files: Sequence[Path],
     seconds: float,
-) -> dict[str, Any]:
+    deployables: Sequence[Mapping[str, Any]] = (),
+    partition: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """The run's manifest, validated against the schema ``check`` reads it with, so what
+    is written is what can be read back. ``deployables`` describe files beyond model.onnx
+    (``profiles.formats.deployables``); ``partition`` is the partition plan's summary."""
     import onnx
 
+    from compactor.manifest import SCHEMA_VERSION, Manifest
     from compactor.measure.host import describe_host
     from compactor.version import __version__
 
@@ -272,8 +278,13 @@ def build_manifest(
         for o in model.graph.output
     ]
     source_text = recipe.source.read_bytes() if recipe.source else recipe.to_yaml().encode()
-    return {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
+    optional: dict[str, Any] = {}
+    if deployables:
+        optional["deployables"] = list(deployables)
+    if partition is not None:
+        optional["partition"] = partition
+    return Manifest.model_validate({
+        "schema_version": SCHEMA_VERSION,
         "compactor_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "name": recipe.name,
@@ -299,11 +310,12 @@ def build_manifest(
         "targets": [t.to_dict() for t in targets],
         "host": describe_host(),
         "seconds": round(seconds, 2),
-    }
+        **optional,
+    })
 
 
 def write_artifact(out_dir: Path, recipe: Recipe, model_path: Path,
-                   manifest: dict[str, Any],
+                   manifest: Manifest,
                    extra_files: Mapping[str, Path] | None = None) -> None:
     """Assemble the artifact beside ``out_dir`` and swap it into place. ``extra_files``
     (artifact name → file) are deployables some profiles ask for, such as ``model.ort``.
@@ -331,7 +343,7 @@ def write_artifact(out_dir: Path, recipe: Recipe, model_path: Path,
         (staging / "report.md").write_text(render_markdown(manifest), encoding="utf-8")
         (staging / "report.html").write_text(render_html(manifest), encoding="utf-8")
         with open(staging / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, default=str)
+            json.dump(manifest.to_dict(), f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         # The complete marker goes last: it is what marks an artifact whole and ours.

@@ -209,7 +209,7 @@ def _compare(result: CheckResult, old: Manifest, manifest: Manifest, current: di
     against an older artifact, noting when the two come from different hosts."""
     result.against = against
     result.regressions = regressions(old.to_dict(), current, max_regression, chosen)
-    before, after = old.host.get("cpu", "?"), manifest.host.get("cpu", "?")
+    before, after = (m.host.cpu or "?" for m in (old, manifest))
     if before != after:
         result.notes.append(
             f"latency compared across hosts ({before} → {after}); a change may be the "

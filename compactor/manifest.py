@@ -129,16 +129,18 @@ def _checked(name: str, field: str) -> str:
 # --------------------------------------------------------------------------- schema
 
 
+# Written as json.dump always wrote them: NaN and infinities as JSON's constants, which
+# parse_json reads back, rather than pydantic's default of null.
 class _Closed(BaseModel):
     """A part whose every key matters to what check verifies: an unknown key is damage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class _Open(BaseModel):
     """A part a later compactor may add measurements to: unknown keys are kept, unread."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, ser_json_inf_nan="constants")
 
 
 def _bounded_dims(shape: tuple[int | str, ...]) -> tuple[int | str, ...]:
@@ -196,14 +198,48 @@ class LatencyRecord(_Open):
 
 class RuntimeRecord(_Open):
     peak_rss_mb: float | None = Field(default=None, ge=0)
+    runtime_rss_mb: float | None = None
+    session_create_ms: float | None = None
+    first_run_ms: float | None = None
 
 
 class LatencyEstimate(_Open):
     latency_ms: float = Field(ge=0)
+    kind: str = ""
+    basis: str = ""
+
+
+class EnergyEstimate(_Open):
+    energy_mj: float
+    basis: str = ""
 
 
 class EstimateRecord(_Open):
     latency: LatencyEstimate | None = None
+    energy: EnergyEstimate | None = None
+
+
+class FloatNode(_Open):
+    """A compute-heavy node (Conv, MatMul, Gemm) that stayed float."""
+
+    node: str
+    op: str
+    macs: int | None = None
+    macs_share: float | None = None
+
+
+class PrecisionRecord(_Open):
+    """Which ops of a stage run in int8 and which stayed float; empty when not recorded."""
+
+    quantized: bool = False
+    int8_ops: dict[str, int] = Field(default_factory=dict)
+    float_ops: dict[str, int] = Field(default_factory=dict)
+    float_heavy_nodes: list[FloatNode] = Field(default_factory=list)
+    int8_macs_share: float | None = None
+
+    @property
+    def recorded(self) -> bool:
+        return bool(self.model_fields_set or self.model_extra)
 
 
 class StageRecord(_Open):
@@ -221,7 +257,7 @@ class StageRecord(_Open):
     runtime: dict[str, RuntimeRecord] = Field(default_factory=dict)
     latency_notes: dict[str, str] = Field(default_factory=dict)
     estimates: dict[str, EstimateRecord] = Field(default_factory=dict)
-    precision: dict[str, Any] = Field(default_factory=dict)
+    precision: PrecisionRecord = Field(default_factory=PrecisionRecord)
     eval_export: dict[str, Any] | None = None
     seconds: float = 0.0
 
@@ -239,13 +275,27 @@ class VerdictRecord(_Closed):
     estimate: float | None = None
 
 
+class BatchingHint(_Open):
+    """The best-throughput batch size within the target's latency limit (None: no measured
+    batch size keeps it, and ``reason`` says so)."""
+
+    batch_size: int | None = None
+    throughput: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    within: str = ""
+    source: str = ""
+    reason: str | None = None
+    measured_batch_sizes: list[int] = Field(default_factory=list)
+
+
 class TargetRecord(_Open):
     profile: str
     settings: Profile | None = None
     passed: bool
     verdicts: list[VerdictRecord]
     notes: list[str] = Field(default_factory=list)
-    batching: dict[str, Any] | None = None
+    batching: BatchingHint | None = None
     budgets: Budgets | None = None
 
 
@@ -254,10 +304,38 @@ class DeployableFile(_Closed):
     size_bytes: FileSize
 
 
+class DeployableCheck(_Open):
+    """The converted file loaded back and run beside model.onnx."""
+
+    loaded: bool = False
+    outputs: int | None = None
+    max_abs_diff_vs_onnx: float | None = None
+
+
 class Deployable(_Open):
     format: str
     profiles: list[str] = Field(default_factory=list)
+    converter: str = ""
     files: dict[RelativeName, DeployableFile]
+    check: DeployableCheck = Field(default_factory=DeployableCheck)
+
+
+class HostRecord(_Open):
+    """The machine every figure was measured on; a field is None where it was not read."""
+
+    cpu: str | None = None
+    machine: str | None = None
+    cores: int | None = None
+    isa: list[str] = Field(default_factory=list)
+    os: str | None = None
+    python: str | None = None
+    onnxruntime: str | None = None
+    available_providers: list[str] = Field(default_factory=list)
+    packages: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def recorded(self) -> bool:
+        return bool(self.model_fields_set or self.model_extra)
 
 
 class PartitionRecord(_Open):
@@ -278,7 +356,7 @@ class Manifest(_Open):
     metric: MetricRecord
     stages: list[StageRecord] = Field(min_length=1)
     targets: list[TargetRecord]
-    host: dict[str, Any] = Field(default_factory=dict)
+    host: HostRecord = Field(default_factory=HostRecord)
     seconds: float = 0.0
     deployables: list[Deployable] | None = None
     partition: PartitionRecord | None = None
@@ -300,8 +378,10 @@ class Manifest(_Open):
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (what ``optimize`` wrote, with defaults filled in)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        """The JSON form: what ``optimize`` writes, the keys it was given (defaults it was
+        not given stay out, so a manifest reads back as it was written). A value JSON has
+        no type for (a numpy scalar in a pass's record) is written as its ``str``."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True, fallback=str)
 
 
 # --------------------------------------------------------------------------- reading

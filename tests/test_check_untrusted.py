@@ -432,6 +432,7 @@ def test_junit_xml_stays_well_formed_with_control_characters(hostile, tmp_path):
 
 
 def test_reports_escape_text_from_the_manifest(artifact):
+    from compactor.manifest import Manifest
     from compactor.report.html import render_html
     from compactor.report.markdown import render_markdown
 
@@ -443,10 +444,10 @@ def test_reports_escape_text_from_the_manifest(artifact):
     m["targets"][0]["notes"] = [attack]
     for t in m["targets"]:
         t["verdicts"][0]["detail"] = attack
-    html = render_html(m)
+    html = render_html(Manifest.model_validate(m))
     assert "<script>" not in html and "\x1b" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    md = render_markdown(m)
+    md = render_markdown(Manifest.model_validate(m))
     assert "<script>" not in md and "\x1b" not in md
     assert not any(ln.startswith("# heading") for ln in md.splitlines())
     assert "\\[link\\](http://x)" in md and "\\`code\\`" in md

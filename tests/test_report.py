@@ -183,5 +183,5 @@ def test_html_renders_manifests_without_the_newer_fields(manifest):
         t.pop("batching", None)
         t.pop("budgets", None)
     old.pop("deployables", None)
-    html = render_html(old)
+    html = render_html(Manifest.model_validate(old))
     assert "Not recorded for this artifact" in html and "<svg" in html

@@ -118,7 +118,7 @@ def _render(info: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from compactor.report.markdown import fmt_bytes, fmt_count
+    from compactor.report.format import fmt_bytes, fmt_count
 
     c = Console()
     c.print(f"[bold]{info['file']}[/]  {fmt_bytes(info['size_bytes'])}, "

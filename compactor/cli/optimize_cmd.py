@@ -57,18 +57,20 @@ def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bo
         click.echo(json.dumps({"artifact": str(result.artifact), **result.manifest}, indent=2,
                               default=str))
     else:
-        out = console()
-        out.print(stage_table(result.manifest))
-        vt = verdict_table(result.manifest)
-        if vt is not None:
-            out.print(vt)
+        from compactor.manifest import Manifest
         from compactor.report.markdown import target_facts
 
-        for line in target_facts(result.manifest):
+        manifest = Manifest.model_validate(result.manifest)
+        out = console()
+        out.print(stage_table(manifest))
+        vt = verdict_table(manifest)
+        if vt is not None:
+            out.print(vt)
+        for line in target_facts(manifest):
             out.print(line.removeprefix("- "), highlight=False, markup=False)
-        for t in result.manifest["targets"]:
-            for note in t["notes"]:
-                out.print(f"[yellow]note[/] {t['profile']}: {note}")
+        for t in manifest.targets:
+            for note in t.notes:
+                out.print(f"[yellow]note[/] {t.profile}: {note}")
         verdict = "[green]all budgets hold[/]" if result.passed else "[bold red]budget failed[/]"
         out.print(f"{verdict}; artifact: {result.artifact} ({result.seconds:.0f} s)")
     return EXIT_OK if result.passed else EXIT_BUDGET

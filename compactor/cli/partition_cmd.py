@@ -193,7 +193,7 @@ def _options_table(plan: dict):
     table and how many splits it leaves out."""
     from rich.table import Table
 
-    from compactor.report.markdown import fmt_bytes
+    from compactor.report.format import fmt_bytes
 
     energy = plan["power"] is not None
     link = plan["link"]
@@ -222,7 +222,7 @@ def _options_table(plan: dict):
 
 def _render_checks(c, plan: dict) -> None:
     """What was verified, int8 transfer's effect, and the simulated requests."""
-    from compactor.report.markdown import fmt_bytes
+    from compactor.report.format import fmt_bytes
 
     v = plan.get("verification")
     if v:

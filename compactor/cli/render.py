@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -14,6 +14,10 @@ from rich.table import Table
 
 from compactor.pipeline import Progress as PipelineProgress
 from compactor.pipeline import Task
+from compactor.report.format import VerdictRow, verdict_row, verdict_rows
+
+if TYPE_CHECKING:
+    from compactor.manifest import Manifest, VerdictRecord
 
 
 def safe(text: Any) -> str:
@@ -84,11 +88,11 @@ class RichProgress(PipelineProgress):
         self.console.print(f"[yellow]![/] {message}")
 
 
-def stage_table(manifest: dict[str, Any]) -> Table:
+def stage_table(manifest: Manifest) -> Table:
     from compactor.report.markdown import stage_rows
 
     header, rows = stage_rows(manifest, combined=True)
-    table = Table(title=f"{safe(manifest['name'])}: stages (latency at batch 1, ONNX Runtime)",
+    table = Table(title=f"{safe(manifest.name)}: stages (latency at batch 1, ONNX Runtime)",
                   title_justify="left")
     for i, h in enumerate(header):
         table.add_column(safe(h), justify="left" if i == 0 else "right", no_wrap=True)
@@ -97,18 +101,18 @@ def stage_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
-def verdict_table(manifest: dict[str, Any]) -> Table | None:
-    from compactor.report.markdown import verdict_rows
+def verdict_table(manifest: Manifest) -> Table | None:
+    from compactor.report.markdown import budget_rows
 
-    rows = verdict_rows(manifest)
+    rows = budget_rows(manifest)
     if not rows:
         return None
     table = Table(title="budgets (final stage)", title_justify="left")
     for h in ("target", "budget", "limit", "measured", "verdict"):
         table.add_column(h)
-    style = {"✅": "green", "❌": "bold red", "⚪": "yellow"}
     for r in rows:
-        table.add_row(*map(safe, r[:-1]), f"[{style[r[-1][0]]}]{r[-1][2:]}[/]")
+        table.add_row(*map(safe, (r.target, r.budget, r.limit, r.measured_text)),
+                      _STYLE[r.status])
     return table
 
 
@@ -118,7 +122,7 @@ def _fmt_ms(v: float) -> str:
 
 def bench_report(out: Console, r: dict[str, Any]) -> None:
     """What `compactor bench` prints for one profile."""
-    from compactor.report.markdown import fmt_bytes, fmt_count
+    from compactor.report.format import fmt_bytes, fmt_count
 
     m = r["model"]
     out.print(f"[bold]{safe(m['file'])}[/] on [bold]{safe(r['profile'])}[/]: "
@@ -127,35 +131,7 @@ def bench_report(out: Console, r: dict[str, Any]) -> None:
               + {True: "int8", False: "float", None: "precision not read (.ort)"}[m["quantized"]]
               + (f"; dims {safe(m['dims'])}" if m["dims"] else ""), highlight=False)
     if r["measured"]:
-        t = Table(title_justify="left", title="latency (ms) and throughput")
-        for h in ("batch", "p50", "p90", "p99", "mean", "std", "runs", "median ±", "samples/s"):
-            t.add_column(h, justify="right")
-        for b, lat in r["latency_ms"].items():
-            ci = lat.get("ci")
-            ci_s = "—" if ci is None else f"{ci * 100:.1f}%" + (
-                "" if lat.get("stable", True) else " [yellow](cap)[/]")
-            t.add_row(b, _fmt_ms(lat["p50"]), _fmt_ms(lat["p90"]), _fmt_ms(lat["p99"]),
-                      _fmt_ms(lat["mean"]), _fmt_ms(lat["std"]), str(lat["runs"]), ci_s,
-                      f"{lat['throughput']:,.0f}")
-        out.print(t)
-        rt = r["runtime"]
-        out.print(f"cold start: session {rt.get('session_create_ms', 0):.1f} ms, first run "
-                  f"{(rt.get('first_run_ms') or 0):.2f} ms; providers "
-                  f"{', '.join(rt.get('providers') or [])}", highlight=False)
-        mem = r.get("memory")
-        if mem:
-            within = "" if mem["within_limit"] is None else (
-                f" of the profile's {mem['limit_mb']:g} MB limit: "
-                + ("[green]within[/]" if mem["within_limit"] else "[bold red]over[/]"))
-            out.print(f"peak memory: {mem['peak_rss_mb']:.0f} MB RSS{within}", highlight=False)
-        hint = r.get("batching")
-        if hint:
-            if hint.get("batch_size"):
-                out.print(f"batching hint: batch {hint['batch_size']} "
-                          f"({hint['throughput']:,.0f} samples/s; {safe(hint['within'])})",
-                          highlight=False)
-            else:
-                out.print(f"batching hint: {safe(hint['reason'])}", highlight=False)
+        _bench_measured(out, r)
     else:
         out.print("[yellow]not measured[/] on this host", highlight=False)
     est = r.get("estimates") or {}
@@ -168,64 +144,94 @@ def bench_report(out: Console, r: dict[str, Any]) -> None:
         out.print(f"[yellow]estimate[/]: energy {e['energy_mj']:.3g} mJ per inference "
                   f"({safe(e['basis'])})", highlight=False)
     for v in r.get("verdicts") or []:
-        out.print(_verdict_text(r["profile"], v), highlight=False)
+        out.print(_verdict_text(verdict_row(r["profile"], _verdict(v))), highlight=False)
     for n in r["notes"]:
         out.print(f"[yellow]note[/] {safe(n)}", highlight=False)
     out.print()
+
+
+def _bench_measured(out: Console, r: dict[str, Any]) -> None:
+    """bench's latency table, cold start, memory and batching hint."""
+    t = Table(title_justify="left", title="latency (ms) and throughput")
+    for h in ("batch", "p50", "p90", "p99", "mean", "std", "runs", "median ±", "samples/s"):
+        t.add_column(h, justify="right")
+    for b, lat in r["latency_ms"].items():
+        ci = lat.get("ci")
+        ci_s = "—" if ci is None else f"{ci * 100:.1f}%" + (
+            "" if lat.get("stable", True) else " [yellow](cap)[/]")
+        t.add_row(b, _fmt_ms(lat["p50"]), _fmt_ms(lat["p90"]), _fmt_ms(lat["p99"]),
+                  _fmt_ms(lat["mean"]), _fmt_ms(lat["std"]), str(lat["runs"]), ci_s,
+                  f"{lat['throughput']:,.0f}")
+    out.print(t)
+    rt = r["runtime"]
+    out.print(f"cold start: session {rt.get('session_create_ms', 0):.1f} ms, first run "
+              f"{(rt.get('first_run_ms') or 0):.2f} ms; providers "
+              f"{', '.join(rt.get('providers') or [])}", highlight=False)
+    mem = r.get("memory")
+    if mem:
+        within = "" if mem["within_limit"] is None else (
+            f" of the profile's {mem['limit_mb']:g} MB limit: "
+            + ("[green]within[/]" if mem["within_limit"] else "[bold red]over[/]"))
+        out.print(f"peak memory: {mem['peak_rss_mb']:.0f} MB RSS{within}", highlight=False)
+    hint = r.get("batching")
+    if hint:
+        if hint.get("batch_size"):
+            out.print(f"batching hint: batch {hint['batch_size']} "
+                      f"({hint['throughput']:,.0f} samples/s; {safe(hint['within'])})",
+                      highlight=False)
+        else:
+            out.print(f"batching hint: {safe(hint['reason'])}", highlight=False)
 
 
 _STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]",
           "not measured": "[yellow]not measured[/]"}
 
 
-def _verdict_text(group: str, v: dict[str, Any]) -> str:
-    from compactor.report.markdown import fmt_num
+def _verdict(v: dict[str, Any]) -> VerdictRecord:
+    """A verdict as bench and check report it (``Verdict.to_dict``), typed again."""
+    from compactor.manifest import VerdictRecord
 
-    group, budget = safe(group), safe(v["budget"])
-    if v["budget"].startswith("integrity."):
-        return f"{_STYLE[v['status']]} {group} {budget}: {safe(v['detail'])}"
-    if v["measured"] is None:
-        got = "not measured" + (f" (estimate ≥ {v['estimate']:.3g} {safe(v['unit'])})"
-                                if v.get("estimate") is not None else "")
-    else:
-        got = f"{fmt_num(v['measured'])} {safe(v['unit'])}"
-    rel = "≥" if v["budget"].startswith("min_") else "≤"
-    return (f"{_STYLE[v['status']]} {group} {budget}: {got} (limit {rel} "
-            f"{fmt_num(v['limit'])} {safe(v['unit'])})"
-            + (f" [dim]{safe(v['detail'])}[/]" if v.get("detail") else ""))
+    return VerdictRecord.model_validate(v)
+
+
+def _verdict_text(r: VerdictRow) -> str:
+    group, budget = safe(r.target), safe(r.budget)
+    if r.integrity:
+        return f"{_STYLE[r.status]} {group} {budget}: {safe(r.detail)}"
+    return (f"{_STYLE[r.status]} {group} {budget}: {safe(r.measured_text)} (limit "
+            f"{r.relation} {safe(r.limit)})" + (f" [dim]{safe(r.detail)}[/]" if r.detail else ""))
 
 
 def check_report(out: Console, result: dict[str, Any]) -> None:
     """What `compactor check` prints: a verdict table, then notes. Every string that came
     from the artifact goes through :func:`safe`."""
-    from compactor.report.markdown import fmt_num
-
     sources = sorted({t["source"] for t in result["targets"]})
     table = Table(title=f"{safe(result['name'])}: check (figures from the "
                   f"{' and '.join(sources) or 'manifest'})", title_justify="left")
     for h in ("group", "check", "limit", "measured", "verdict", "detail"):
         table.add_column(h, overflow="fold")
-    rows: list[tuple[str, dict[str, Any]]] = [("integrity", v) for v in result["integrity"]]
-    for t in result["targets"]:
-        rows += [(t["profile"], v) for v in t["verdicts"]]
-    rows += [("regression", v) for v in result["regressions"]]
-    for group, v in rows:
-        if v["budget"].startswith("integrity."):
-            limit, got = "sha256", ("matches" if v["status"] == "pass" else "differs")
-        else:
-            rel = "≥" if v["budget"].startswith("min_") else "≤"
-            limit = f"{rel} {fmt_num(v['limit'])} {safe(v['unit'])}"
-            if v["measured"] is not None:
-                got = f"{fmt_num(v['measured'])} {safe(v['unit'])}"
-            elif v.get("estimate") is not None:
-                got = f"[yellow]estimate ≥ {v['estimate']:.3g} {safe(v['unit'])}[/]"
-            else:
-                got = "—"
-        table.add_row(safe(group), safe(v["budget"]), limit, got, _STYLE[v["status"]],
-                      safe(v.get("detail", "")))
+    groups = [("integrity", result["integrity"]),
+              *((t["profile"], t["verdicts"]) for t in result["targets"]),
+              ("regression", result["regressions"])]
+    for r in verdict_rows((g, map(_verdict, vs)) for g, vs in groups):
+        table.add_row(safe(r.target), safe(r.budget), *_check_cells(r), _STYLE[r.status],
+                      safe(r.detail))
     out.print(table)
     for t in result["targets"]:
         for n in t["notes"]:
             out.print(f"[yellow]note[/] {safe(t['profile'])}: {safe(n)}", highlight=False)
     for n in result["notes"]:
         out.print(f"[yellow]note[/] {safe(n)}", highlight=False)
+
+
+def _check_cells(r: VerdictRow) -> tuple[str, str]:
+    """The limit and measured cells of a check row."""
+    if r.integrity:
+        return "sha256", ("matches" if r.status == "pass" else "differs")
+    if r.measured is not None:
+        got = safe(r.measured)
+    elif r.estimate is not None:
+        got = f"[yellow]estimate {safe(r.estimate)}[/]"
+    else:
+        got = "—"
+    return f"{r.relation} {safe(r.limit)}", got

@@ -8,17 +8,30 @@ Rendered from the manifest alone, so ``compactor check`` and a CI job can re-ren
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compactor.report.markdown import (
+from compactor.report.format import (
+    VerdictRow,
     fmt_bytes,
     fmt_count,
     fmt_delta,
     fmt_metric,
-    fmt_num,
+    fmt_ms,
     fmt_share,
+    verdict_rows,
 )
+
+if TYPE_CHECKING:
+    from compactor.manifest import (
+        Deployable,
+        HostRecord,
+        LatencyRecord,
+        Manifest,
+        StageRecord,
+        TargetRecord,
+    )
 
 # One colour per stage, in pipeline order; chosen to stay apart for common colour blindness.
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948",
@@ -92,35 +105,24 @@ def _pill(status: str) -> str:
     return f'<span class="pill {cls}">{_e(text)}</span>'
 
 
-def _lat(stage: dict[str, Any], profile: str, batch: str = "1") -> dict[str, Any] | None:
-    return ((stage.get("latency_ms") or {}).get(profile) or {}).get(batch)
+def _lat(stage: StageRecord, profile: str) -> LatencyRecord | None:
+    return stage.latency_at(profile)
 
 
-def _est_ms(stage: dict[str, Any], profile: str) -> float | None:
-    e = ((stage.get("estimates") or {}).get(profile) or {}).get("latency")
-    return None if e is None else e.get("latency_ms")
-
-
-def _ms(v: float) -> str:
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    if v >= 0.01:
-        return f"{v:.3f}"
-    return f"{v:.2g}"
+def _est_ms(stage: StageRecord, profile: str) -> float | None:
+    e = stage.estimates.get(profile)
+    return None if e is None or e.latency is None else e.latency.latency_ms
 
 
 # --------------------------------------------------------------------------- page
 
 
-def render_html(manifest: dict[str, Any]) -> str:
-    name = manifest["name"]
-    ok = manifest.get("passed", True)
-    badge = ('<span class="badge ok">all budgets hold</span>' if ok
+def render_html(manifest: Manifest) -> str:
+    name = manifest.name
+    badge = ('<span class="badge ok">all budgets hold</span>' if manifest.passed
              else '<span class="badge bad">a budget failed</span>')
-    metric = manifest["metric"]
-    host = manifest.get("host", {})
+    metric = manifest.metric
+    host = manifest.host
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -128,11 +130,11 @@ def render_html(manifest: dict[str, Any]) -> str:
         f"<title>compactor: {_e(name)}</title>",
         f"<style>{CSS}</style></head><body><main>",
         f"<h1>{_e(name)}{badge}</h1>",
-        f'<p class="sub">compactor {_e(manifest.get("compactor_version", ""))} · '
-        f'{_e(manifest.get("created", ""))} · metric <b>{_e(metric["name"])}</b> on '
-        f'{_e(metric.get("eval_samples", "?"))} eval samples · latency measured in ONNX Runtime '
-        f'{_e(host.get("onnxruntime", ""))} on {_e(host.get("cpu", "this host"))} '
-        f'({_e(host.get("cores", "?"))} cores)</p>',
+        f'<p class="sub">compactor {_e(manifest.compactor_version)} · '
+        f'{_e(manifest.created)} · metric <b>{_e(metric.name)}</b> on '
+        f'{_e(metric.eval_samples)} eval samples · latency measured in ONNX Runtime '
+        f'{_e(_or(host.onnxruntime, ""))} on {_e(_or(host.cpu, "this host"))} '
+        f'({_e(_or(host.cores, "?"))} cores)</p>',
         _summary_cards(manifest),
         "<h2>Stages</h2>",
         _stage_table(manifest),
@@ -148,8 +150,8 @@ def render_html(manifest: dict[str, Any]) -> str:
         "<h2>What stayed in float</h2>",
         _precision(manifest),
     ]
-    if manifest.get("deployables"):
-        parts += ["<h2>Deployables</h2>", _deployables(manifest)]
+    if manifest.deployables:
+        parts += ["<h2>Deployables</h2>", _deployables(manifest.deployables)]
     parts += [
         "<h2>Host</h2>",
         _host(host),
@@ -162,27 +164,32 @@ def render_html(manifest: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _summary_cards(m: dict[str, Any]) -> str:
-    base, final = m["stages"][0], m["stages"][-1]
-    metric = m["metric"]["name"]
+def _or(v: Any, default: Any) -> Any:
+    """``v``, or ``default`` where the manifest did not record it."""
+    return default if v is None else v
+
+
+def _summary_cards(m: Manifest) -> str:
+    base, final = m.baseline, m.final
+    metric = m.metric.name
     cards = [
-        ("size", fmt_bytes(final["size_bytes"]),
-         f"{final['size_bytes'] / base['size_bytes']:.2f}× the baseline's "
-         f"({fmt_bytes(base['size_bytes'])})" if base["size_bytes"] else ""),
-        (metric, fmt_metric(metric, final["metric"]),
-         f"{fmt_delta(metric, final['delta'])} vs baseline"),
+        ("size", fmt_bytes(final.size_bytes),
+         f"{final.size_bytes / base.size_bytes:.2f}× the baseline's "
+         f"({fmt_bytes(base.size_bytes)})" if base.size_bytes else ""),
+        (metric, fmt_metric(metric, final.metric),
+         f"{fmt_delta(metric, final.delta)} vs baseline"),
     ]
-    for t in m["targets"]:
-        p = t["profile"]
+    for t in m.targets:
+        p = t.profile
         b, f = _lat(base, p), _lat(final, p)
+        est = _est_ms(final, p)
         if b and f:
-            cards.append((f"speed-up on {p}", f"{b['p50'] / f['p50']:.2f}×",
-                          f"p50 {_ms(b['p50'])} → {_ms(f['p50'])} ms, batch 1"))
-        elif _est_ms(final, p) is not None:
-            cards.append((f"{p}", "not measured",
-                          f"estimate ≥ {_ms(_est_ms(final, p))} ms (roofline)"))
-    failed = sum(1 for t in m["targets"] for v in t["verdicts"] if v["status"] == "fail")
-    total = sum(len(t["verdicts"]) for t in m["targets"])
+            cards.append((f"speed-up on {p}", f"{b.p50 / f.p50:.2f}×",
+                          f"p50 {fmt_ms(b.p50)} → {fmt_ms(f.p50)} ms, batch 1"))
+        elif est is not None:
+            cards.append((f"{p}", "not measured", f"estimate ≥ {fmt_ms(est)} ms (roofline)"))
+    failed = sum(1 for t in m.targets for v in t.verdicts if v.status == "fail")
+    total = sum(len(t.verdicts) for t in m.targets)
     cards.append(("verdicts", f"{total - failed}/{total} hold" if total else "no budgets",
                   f"{failed} failed" if failed else "across all targets"))
     out = ['<div class="cards">']
@@ -193,29 +200,29 @@ def _summary_cards(m: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _stage_table(m: dict[str, Any]) -> str:
-    metric = m["metric"]["name"]
-    profiles = [t["profile"] for t in m["targets"]]
+def _stage_table(m: Manifest) -> str:
+    metric = m.metric.name
+    profiles = [t.profile for t in m.targets]
     head = ["stage", _e(metric), "Δ", "size", "params", "MACs"]  # raw_head: escaped here
     head += [f"{_e(p)}<br><span class='muted'>p50 / p90 ms</span>" for p in profiles]
     rows = []
-    for s in m["stages"]:
+    for s in m.stages:
         cells = [
-            f"<b>{_e(s['name'])}</b>",
-            _e(fmt_metric(metric, s["metric"])),
-            "—" if s["name"] == "baseline" else _e(fmt_delta(metric, s["delta"])),
-            _e(fmt_bytes(s["size_bytes"])),
-            _e(fmt_count(s["params"])),
-            _e(fmt_count(s["macs"])),
+            f"<b>{_e(s.name)}</b>",
+            _e(fmt_metric(metric, s.metric)),
+            "—" if s.name == "baseline" else _e(fmt_delta(metric, s.delta)),
+            _e(fmt_bytes(s.size_bytes)),
+            _e(fmt_count(s.params)),
+            _e(fmt_count(s.macs)),
         ]
         for p in profiles:
             lat = _lat(s, p)
             if lat:
-                cells.append(f"{_ms(lat['p50'])} / {_ms(lat['p90'])}")
+                cells.append(f"{fmt_ms(lat.p50)} / {fmt_ms(lat.p90)}")
             else:
                 est = _est_ms(s, p)
                 cells.append("not measured" + (
-                    f'<br><span class="est">estimate ≥ {_ms(est)}</span>' if est else ""))
+                    f'<br><span class="est">estimate ≥ {fmt_ms(est)}</span>' if est else ""))
         rows.append(cells)
     return _table(head, rows, raw_head=True)
 
@@ -236,86 +243,96 @@ def _table(head: list[str], rows: list[list[str]], raw_head: bool = False,
     return "".join(out)
 
 
-def _targets(m: dict[str, Any]) -> str:
-    final = m["stages"][-1]
+def _targets(m: Manifest) -> str:
+    final = m.final
     out = ['<div class="stack">']
-    for t in m["targets"]:
-        p = t["profile"]
-        settings = t.get("settings", {})
-        status = '<span class="pill ok">pass</span>' if t["passed"] else \
+    for t in m.targets:
+        settings = t.settings
+        status = '<span class="pill ok">pass</span>' if t.passed else \
             '<span class="pill bad">FAIL</span>'
-        out.append(f'<div class="panel{"" if t["passed"] else " fail"}">')
-        out.append(f"<h3>{_e(p)} {status} <span class='muted'>"
-                   f"{_e(settings.get('class', ''))} · "
-                   f"{_e(', '.join(settings.get('execution_providers', [])))}</span></h3>")
-        if t["verdicts"]:
-            rows = []
-            for v in t["verdicts"]:
-                if v["measured"] is not None:
-                    got = f"{fmt_num(v['measured'])} {_e(v['unit'])}"
-                elif v.get("estimate") is not None:
-                    got = f'<span class="est">estimate ≥ {v["estimate"]:.3g} {_e(v["unit"])}</span>'
-                else:
-                    got = "—"
-                rows.append([_e(v["budget"]), f"{fmt_num(v['limit'])} {_e(v['unit'])}", got,
-                             _pill(v["status"]), f'<span class="muted">{_e(v["detail"])}</span>'])
-            out.append(_table(["budget", "limit", "measured", "verdict", "detail"], rows,
+        out.append(f'<div class="panel{"" if t.passed else " fail"}">')
+        out.append(f"<h3>{_e(t.profile)} {status} <span class='muted'>"
+                   f"{_e(settings.target_class if settings else '')} · "
+                   f"{_e(', '.join(settings.execution_providers if settings else []))}"
+                   "</span></h3>")
+        if t.verdicts:
+            out.append(_table(["budget", "limit", "measured", "verdict", "detail"],
+                              [_verdict_cells(r) for r in verdict_rows([(t.profile, t.verdicts)])],
                               left={4}))
         else:
             out.append('<p class="muted">No budgets for this target.</p>')
         out.append(_target_facts(final, t))
-        if t.get("notes"):
-            out.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in t["notes"])
+        if t.notes:
+            out.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in t.notes)
                        + "</ul>")
         out.append("</div>")
     out.append("</div>")
     return "".join(out)
 
 
-def _target_facts(final: dict[str, Any], t: dict[str, Any]) -> str:
-    p = t["profile"]
-    kv: list[tuple[str, str]] = []
-    lat = (final.get("latency_ms") or {}).get(p) or {}
-    if len(lat) > 1:
-        kv.append(("throughput", " · ".join(
-            f"batch {b}: {v['throughput']:,.0f}/s" for b, v in
-            sorted(lat.items(), key=lambda kv: int(kv[0])))))
-    hint = t.get("batching")
-    if hint:
-        if hint.get("batch_size"):
-            kv.append(("batching hint", f"batch {hint['batch_size']} "
-                       f"({hint['throughput']:,.0f} samples/s, p90 {_ms(hint['p90_ms'])} ms; "
-                       f"{_e(hint['within'])})"))
-        else:
-            kv.append(("batching hint", _e(hint.get("reason", "none"))))
-    rt = (final.get("runtime") or {}).get(p) or {}
-    if rt.get("session_create_ms") is not None:
-        kv.append(("cold start", f"session {rt['session_create_ms']:.1f} ms, first run "
-                   f"{(rt.get('first_run_ms') or 0):.2f} ms"))
-    if rt.get("peak_rss_mb") is not None:
-        limit = ((t.get("settings") or {}).get("limits") or {}).get("memory_mb")
-        kv.append(("peak memory", f"{rt['peak_rss_mb']:.0f} MB RSS"
-                   + (f" of {limit:g} MB" if limit else "")
-                   + (f" (runtime alone {rt['runtime_rss_mb']:.0f} MB)"
-                      if rt.get("runtime_rss_mb") else "")))
-    if lat.get("1") and lat["1"].get("ci") is not None:
-        l1 = lat["1"]
-        kv.append(("timing", f"{l1['runs']} runs, median ±{l1['ci'] * 100:.1f}% (95% CI)"
-                   + ("" if l1.get("stable", True) else ", not stable within the time cap")))
-    est = (final.get("estimates") or {}).get(p) or {}
-    if est.get("energy"):
-        e = est["energy"]
+def _verdict_cells(r: VerdictRow) -> list[str]:
+    if r.measured is not None:
+        got = _e(r.measured)
+    elif r.estimate is not None:
+        got = f'<span class="est">estimate {_e(r.estimate)}</span>'
+    else:
+        got = "—"
+    return [_e(r.budget), _e(r.limit), got, _pill(r.status),
+            f'<span class="muted">{_e(r.detail)}</span>']
+
+
+def _target_facts(final: StageRecord, t: TargetRecord) -> str:
+    p = t.profile
+    lat = final.latency_ms.get(p) or {}
+    kv = _measured_facts(final, t, lat)
+    est = final.estimates.get(p)
+    if est is not None and est.energy:
+        e = est.energy
         kv.append(("energy / inference",
-                   f'<span class="est">estimate {e["energy_mj"]:.3g} mJ</span> '
-                   f'<span class="muted">({_e(e["basis"])})</span>'))
-    if not lat and est.get("latency"):
-        e = est["latency"]
-        kv.append(("latency", f'<span class="est">estimate ≥ {_ms(e["latency_ms"])} ms</span> '
-                   f'<span class="muted">({_e(e["basis"])})</span>'))
+                   f'<span class="est">estimate {e.energy_mj:.3g} mJ</span> '
+                   f'<span class="muted">({_e(e.basis)})</span>'))
+    if not lat and est is not None and est.latency:
+        el = est.latency
+        kv.append(("latency", f'<span class="est">estimate ≥ {fmt_ms(el.latency_ms)} ms</span> '
+                   f'<span class="muted">({_e(el.basis)})</span>'))
     if not kv:
         return ""
     return '<div class="kv" style="margin-top:10px">' + "".join(
         f"<div>{_e(k)}</div><div>{v}</div>" for k, v in kv) + "</div>"
+
+
+def _measured_facts(final: StageRecord, t: TargetRecord,
+                    lat: dict[str, LatencyRecord]) -> list[tuple[str, str]]:
+    """Throughput, batching hint, cold start, memory and timing of the final stage."""
+    kv: list[tuple[str, str]] = []
+    if len(lat) > 1:
+        kv.append(("throughput", " · ".join(
+            f"batch {b}: {v.throughput:,.0f}/s" for b, v in
+            sorted(lat.items(), key=lambda kv: int(kv[0])))))
+    hint = t.batching
+    if hint:
+        if hint.batch_size:
+            kv.append(("batching hint", f"batch {hint.batch_size} "
+                       f"({hint.throughput:,.0f} samples/s, p90 {fmt_ms(hint.p90_ms)} ms; "
+                       f"{_e(hint.within)})"))
+        else:
+            kv.append(("batching hint", _e(_or(hint.reason, "none"))))
+    rt = final.runtime.get(t.profile)
+    if rt is not None and rt.session_create_ms is not None:
+        kv.append(("cold start", f"session {rt.session_create_ms:.1f} ms, first run "
+                   f"{(rt.first_run_ms or 0):.2f} ms"))
+    if rt is not None and rt.peak_rss_mb is not None:
+        limit = t.settings.limits.memory_mb if t.settings else None
+        kv.append(("peak memory", f"{rt.peak_rss_mb:.0f} MB RSS"
+                   + (f" of {limit:g} MB" if limit else "")
+                   + (f" (runtime alone {rt.runtime_rss_mb:.0f} MB)"
+                      if rt.runtime_rss_mb else "")))
+    l1 = lat.get("1")
+    if l1 and l1.ci is not None:
+        kv.append(("timing", f"{l1.runs} runs, median ±{l1.ci * 100:.1f}% (95% CI)"
+                   + ("" if l1.stable or "stable" not in l1.model_fields_set
+                      else ", not stable within the time cap")))
+    return kv
 
 
 # --------------------------------------------------------------------------- charts
@@ -344,150 +361,228 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def _budget_box(t: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
+def _budget_box(t: TargetRecord) -> tuple[str | None, float | None, float | None]:
     """The latency quantile, latency limit and metric floor of a target's budgets."""
     q, lat_limit, floor = None, None, None
-    for v in t["verdicts"]:
-        b = v["budget"]
+    for v in t.verdicts:
+        b = v.budget
         if b.startswith("max_latency_ms.") and lat_limit is None:
-            q, lat_limit = b.split(".", 1)[1], v["limit"]
+            q, lat_limit = b.split(".", 1)[1], v.limit
         if b == "max_accuracy_drop":
-            floor = v["limit"]  # allowed drop, in metric units
+            floor = v.limit  # allowed drop, in metric units
     return q, lat_limit, floor
 
 
-def _charts(m: dict[str, Any]) -> str:
+def _charts(m: Manifest) -> str:
     out = ['<div class="grid2">']
-    for t in m["targets"]:
-        out.append(f'<div class="panel"><h3>{_e(t["profile"])}</h3>{_chart(m, t)}</div>')
+    for t in m.targets:
+        out.append(f'<div class="panel"><h3>{_e(t.profile)}</h3>{_chart(m, t)}</div>')
     out.append("</div>")
     return "".join(out)
 
 
-def _chart(m: dict[str, Any], t: dict[str, Any]) -> str:
-    p = t["profile"]
-    metric = m["metric"]["name"]
-    higher = m["metric"].get("higher_is_better", True)
+@dataclass(frozen=True)
+class _Point:
+    """A stage in the accuracy-vs-latency chart (``est``: the latency is an estimate)."""
+
+    name: str
+    x: float
+    y: float
+    est: bool
+    color: str
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The region of a chart where a target's budgets hold."""
+
+    q: str  # the latency quantile the budget limits
+    lat_limit: float | None
+    floor: float | None  # the worst metric the budget allows
+    higher: bool  # the metric is better higher
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A chart's plot area (``ml``/``mt``: left and top margins) and its scales."""
+
+    x_hi: float
+    y_lo: float
+    y_hi: float
+    w: int = 520
+    h: int = 300
+    ml: int = 62
+    mt: int = 14
+    pw: int = 520 - 62 - 18
+    ph: int = 300 - 14 - 44
+
+    def x(self, v: float) -> float:
+        return self.ml + v / self.x_hi * self.pw
+
+    def y(self, v: float) -> float:
+        return self.mt + (self.y_hi - v) / (self.y_hi - self.y_lo) * self.ph
+
+
+def _chart(m: Manifest, t: TargetRecord) -> str:
+    metric = m.metric.name
     q, lat_limit, allowed_drop = _budget_box(t)
     q = q or "p50"
-    stages = m["stages"]
-    pts = []
-    for i, s in enumerate(stages):
-        lat = _lat(s, p)
-        if lat:
-            pts.append((s["name"], lat[q], s["metric"], False, PALETTE[i % len(PALETTE)]))
-        elif _est_ms(s, p) is not None:
-            pts.append((s["name"], _est_ms(s, p), s["metric"], True, PALETTE[i % len(PALETTE)]))
+    pts = _points(m, t.profile, q)
     if not pts:
         return '<p class="muted">Not measured on this host, and the profile has no peak ' \
                "figures to estimate from.</p>"
-    base_metric = stages[0]["metric"]
+    higher = m.metric.higher_is_better
+    base_metric = m.baseline.metric
     floor = None
     if allowed_drop is not None:
         floor = base_metric - allowed_drop if higher else base_metric + allowed_drop
+    budget = _Budget(q, lat_limit, floor, higher)
+    f = _frame(pts, budget, metric)
+    svg = [f'<svg viewBox="0 0 {f.w} {f.h}" width="100%" role="img" '
+           f'aria-label="{_e(metric)} vs {_e(q)} latency on {_e(t.profile)}" '
+           'xmlns="http://www.w3.org/2000/svg">']
+    region, label = _budget_region(f, budget, metric)
+    svg += region
+    svg += _axes(f, metric)
+    svg.append(label)  # over the grid, so lines do not cross it
+    svg += _axis_titles(f, q, metric)
+    svg += _series(f, pts, metric)
+    svg += _point_labels(f, pts)
+    svg.append("</svg>")
+    return "".join(svg) + _legend(pts, metric)
 
-    W, H = 520, 300
-    ml, mr, mt, mb = 62, 18, 14, 44
-    pw, ph = W - ml - mr, H - mt - mb
-    # Axes fit the points; a budget far beyond them is drawn to the edge, not to scale.
-    x_pts = max(x for _, x, _, _, _ in pts) or 1.0
+
+def _points(m: Manifest, profile: str, q: str) -> list[_Point]:
+    """Each stage measured (or estimated) on ``profile``, at its ``q`` latency."""
+    pts = []
+    for i, s in enumerate(m.stages):
+        color = PALETTE[i % len(PALETTE)]
+        lat, est = _lat(s, profile), _est_ms(s, profile)
+        if lat:
+            pts.append(_Point(s.name, getattr(lat, q), s.metric, False, color))
+        elif est is not None:
+            pts.append(_Point(s.name, est, s.metric, True, color))
+    return pts
+
+
+def _frame(pts: list[_Point], budget: _Budget, metric: str) -> _Frame:
+    """Axes that fit the points; a budget far beyond them is drawn to the edge, not to
+    scale."""
+    x_pts = max(p.x for p in pts) or 1.0
     x_hi = x_pts * 1.25
-    if lat_limit is not None and lat_limit <= x_pts * 3:
-        x_hi = max(x_hi, lat_limit * 1.1)
-    ys = [y for _, _, y, _, _ in pts]
+    if budget.lat_limit is not None and budget.lat_limit <= x_pts * 3:
+        x_hi = max(x_hi, budget.lat_limit * 1.1)
+    ys = [p.y for p in pts]
     y_lo, y_hi = min(ys), max(ys)
     pad = max((y_hi - y_lo) * 0.25, abs(y_hi) * 0.01, 1e-3)
-    if floor is not None and abs(floor - (y_lo if higher else y_hi)) <= 4 * pad:
+    floor = budget.floor
+    if floor is not None and abs(floor - (y_lo if budget.higher else y_hi)) <= 4 * pad:
         y_lo, y_hi = min(y_lo, floor), max(y_hi, floor)
         pad = max((y_hi - y_lo) * 0.15, pad * 0.5)
     y_lo, y_hi = y_lo - pad, y_hi + pad
     if metric in ("accuracy", "top5", "fidelity") and max(ys) <= 1.0:
         y_hi = min(y_hi, 1.0 + pad * 0.15)  # no room for accuracies above 100%
+    return _Frame(x_hi, y_lo, y_hi)
 
-    def X(v: float) -> float:
-        return ml + v / x_hi * pw
 
-    def Y(v: float) -> float:
-        return mt + (y_hi - v) / (y_hi - y_lo) * ph
-
-    svg = [f'<svg viewBox="0 0 {W} {H}" width="100%" role="img" '
-           f'aria-label="{_e(metric)} vs {_e(q)} latency on {_e(p)}" '
-           'xmlns="http://www.w3.org/2000/svg">']
-    # budget region: latency within the limit and metric no worse than the floor
-    budget_label = ""
-    if lat_limit is not None or floor is not None:
-        x1 = X(min(lat_limit, x_hi)) if lat_limit is not None else ml + pw
-        if floor is None:
-            y0, y1 = mt, mt + ph
-        elif higher:
-            y0, y1 = mt, Y(max(floor, y_lo))
-        else:
-            y0, y1 = Y(min(floor, y_hi)), mt + ph
-        svg.append(f'<rect x="{ml}" y="{y0:.1f}" width="{x1 - ml:.1f}" height="{y1 - y0:.1f}" '
-                   'fill="#2da44e" fill-opacity="0.10" stroke="#2da44e" stroke-opacity="0.5" '
-                   'stroke-dasharray="4 3"/>')
-        label = []
-        if lat_limit is not None:
-            label.append(f"{q} ≤ {lat_limit:g} ms" + (" (off the chart →)" if lat_limit > x_hi
-                                                       else ""))
-        if floor is not None:
-            off = floor < y_lo if higher else floor > y_hi
-            label.append(f"{metric} {'≥' if higher else '≤'} {fmt_metric(metric, floor)}"
-                         + (" (off the chart)" if off else ""))
-        budget_label = (
-            f'<text x="{ml + 6}" y="{y1 - 7 if higher or floor is None else y0 + 15:.1f}" '
+def _budget_region(f: _Frame, b: _Budget, metric: str) -> tuple[list[str], str]:
+    """The shaded region where the budgets hold (latency within the limit, metric no worse
+    than the floor), and its label, drawn later over the grid."""
+    if b.lat_limit is None and b.floor is None:
+        return [], ""
+    x1 = f.x(min(b.lat_limit, f.x_hi)) if b.lat_limit is not None else f.ml + f.pw
+    if b.floor is None:
+        y0, y1 = f.mt, f.mt + f.ph
+    elif b.higher:
+        y0, y1 = f.mt, f.y(max(b.floor, f.y_lo))
+    else:
+        y0, y1 = f.y(min(b.floor, f.y_hi)), f.mt + f.ph
+    rect = (f'<rect x="{f.ml}" y="{y0:.1f}" width="{x1 - f.ml:.1f}" height="{y1 - y0:.1f}" '
+            'fill="#2da44e" fill-opacity="0.10" stroke="#2da44e" stroke-opacity="0.5" '
+            'stroke-dasharray="4 3"/>')
+    label = []
+    if b.lat_limit is not None:
+        label.append(f"{b.q} ≤ {b.lat_limit:g} ms"
+                     + (" (off the chart →)" if b.lat_limit > f.x_hi else ""))
+    if b.floor is not None:
+        off = b.floor < f.y_lo if b.higher else b.floor > f.y_hi
+        label.append(f"{metric} {'≥' if b.higher else '≤'} {fmt_metric(metric, b.floor)}"
+                     + (" (off the chart)" if off else ""))
+    text = (f'<text x="{f.ml + 6}" y="{y1 - 7 if b.higher or b.floor is None else y0 + 15:.1f}" '
             'font-size="11" fill="#1a7f37" stroke="white" stroke-width="3" '
             f'paint-order="stroke">budget: {_e(", ".join(label))}</text>')
-    # axes and grid
-    xticks = _nice_ticks(0, x_hi)
+    return [rect], text
+
+
+def _axes(f: _Frame, metric: str) -> list[str]:
+    """Grid lines and tick labels on both axes, and the plot area's border."""
+    svg = []
+    xticks = _nice_ticks(0, f.x_hi)
     for v in xticks:
-        x = X(v)
-        if x > ml + pw + 0.5:
+        x = f.x(v)
+        if x > f.ml + f.pw + 0.5:
             continue
-        svg.append(f'<line x1="{x:.1f}" y1="{mt}" x2="{x:.1f}" y2="{mt + ph}" stroke="#eaeef2"/>')
-        svg.append(f'<text x="{x:.1f}" y="{mt + ph + 16}" font-size="11" fill="#59636e" '
+        svg.append(f'<line x1="{x:.1f}" y1="{f.mt}" x2="{x:.1f}" y2="{f.mt + f.ph}" '
+                   'stroke="#eaeef2"/>')
+        svg.append(f'<text x="{x:.1f}" y="{f.mt + f.ph + 16}" font-size="11" fill="#59636e" '
                    f'text-anchor="middle">{_tick_label(v, xticks)}</text>')
-    for v in _nice_ticks(y_lo, y_hi, 5):
-        y = Y(v)
-        if y < mt - 0.5 or y > mt + ph + 0.5:
+    for v in _nice_ticks(f.y_lo, f.y_hi, 5):
+        y = f.y(v)
+        if y < f.mt - 0.5 or y > f.mt + f.ph + 0.5:
             continue
-        svg.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eaeef2"/>')
-        svg.append(f'<text x="{ml - 6}" y="{y + 4:.1f}" font-size="11" fill="#59636e" '
+        svg.append(f'<line x1="{f.ml}" y1="{y:.1f}" x2="{f.ml + f.pw}" y2="{y:.1f}" '
+                   'stroke="#eaeef2"/>')
+        svg.append(f'<text x="{f.ml - 6}" y="{y + 4:.1f}" font-size="11" fill="#59636e" '
                    f'text-anchor="end">{_e(fmt_metric(metric, v))}</text>')
-    svg.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" '
+    svg.append(f'<rect x="{f.ml}" y="{f.mt}" width="{f.pw}" height="{f.ph}" fill="none" '
                'stroke="#d1d9e0"/>')
-    svg.append(budget_label)  # over the grid, so lines do not cross it
-    svg.append(f'<text x="{ml + pw / 2:.1f}" y="{H - 8}" font-size="12" fill="#1f2328" '
-               f'text-anchor="middle">{_e(q)} latency at batch 1 (ms)</text>')
-    svg.append(f'<text transform="translate(14 {mt + ph / 2:.1f}) rotate(-90)" font-size="12" '
-               f'fill="#1f2328" text-anchor="middle">{_e(metric)}</text>')
-    # the pipeline's path, stage to stage
-    path = " ".join(f"{'M' if i == 0 else 'L'}{X(x):.1f},{Y(y):.1f}"
-                    for i, (_, x, y, _, _) in enumerate(pts))
-    svg.append(f'<path d="{path}" fill="none" stroke="#8c959f" stroke-width="1.2" '
-               'stroke-dasharray="3 3"/>')
-    centres = [(X(x), Y(y)) for _, x, y, _, _ in pts]
-    for name, x, y, est, color in pts:
-        cx, cy = X(x), Y(y)
-        fill = "white" if est else color
-        svg.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{fill}" stroke="{color}" '
-                   f'stroke-width="2.5"><title>{_e(name)}: {_ms(x)} ms, '
-                   f'{_e(fmt_metric(metric, y))}{" (estimate)" if est else ""}</title></circle>')
+    return svg
+
+
+def _axis_titles(f: _Frame, q: str, metric: str) -> list[str]:
+    return [f'<text x="{f.ml + f.pw / 2:.1f}" y="{f.h - 8}" font-size="12" fill="#1f2328" '
+            f'text-anchor="middle">{_e(q)} latency at batch 1 (ms)</text>',
+            f'<text transform="translate(14 {f.mt + f.ph / 2:.1f}) rotate(-90)" '
+            f'font-size="12" fill="#1f2328" text-anchor="middle">{_e(metric)}</text>']
+
+
+def _series(f: _Frame, pts: list[_Point], metric: str) -> list[str]:
+    """The pipeline's path, stage to stage, and a point per stage (hollow: estimated)."""
+    path = " ".join(f"{'M' if i == 0 else 'L'}{f.x(p.x):.1f},{f.y(p.y):.1f}"
+                    for i, p in enumerate(pts))
+    svg = [f'<path d="{path}" fill="none" stroke="#8c959f" stroke-width="1.2" '
+           'stroke-dasharray="3 3"/>']
+    for p in pts:
+        fill = "white" if p.est else p.color
+        svg.append(f'<circle cx="{f.x(p.x):.1f}" cy="{f.y(p.y):.1f}" r="6" fill="{fill}" '
+                   f'stroke="{p.color}" stroke-width="2.5"><title>{_e(p.name)}: '
+                   f'{fmt_ms(p.x)} ms, {_e(fmt_metric(metric, p.y))}'
+                   f'{" (estimate)" if p.est else ""}</title></circle>')
+    return svg
+
+
+def _point_labels(f: _Frame, pts: list[_Point]) -> list[str]:
+    """Each point's name, placed clear of the other labels and points."""
+    centres = [(f.x(p.x), f.y(p.y)) for p in pts]
+    area = (f.ml, f.mt, f.ml + f.pw, f.mt + f.ph)
     boxes: list[tuple[float, float, float, float]] = []
-    for (name, _x, _y, est, color), (cx, cy) in zip(pts, centres, strict=True):
-        text = name + (" (est.)" if est else "")
-        x0, y0, w, h = _place_label(cx, cy, len(text) * 6.6 + 2, 12, boxes, centres,
-                                    (ml, mt, ml + pw, mt + ph))
+    svg = []
+    for p, (cx, cy) in zip(pts, centres, strict=True):
+        text = p.name + (" (est.)" if p.est else "")
+        x0, y0, w, h = _place_label(cx, cy, len(text) * 6.6 + 2, 12, boxes, centres, area)
         boxes.append((x0, y0, w, h))
-        svg.append(f'<text x="{x0:.1f}" y="{y0 + h - 2:.1f}" font-size="11" fill="{color}" '
+        svg.append(f'<text x="{x0:.1f}" y="{y0 + h - 2:.1f}" font-size="11" fill="{p.color}" '
                    'font-weight="600" stroke="white" stroke-width="3" paint-order="stroke">'
                    f'{_e(text)}</text>')
-    svg.append("</svg>")
-    legend = '<div class="legend">' + "".join(
-        f'<span><i style="background:{"white" if est else c};border:2px solid {c}"></i>'
-        f'{_e(n)}: {_ms(x)} ms{" estimate" if est else ""}, {_e(fmt_metric(metric, y))}</span>'
-        for n, x, y, est, c in pts) + "</div>"
-    return "".join(svg) + legend
+    return svg
+
+
+def _legend(pts: list[_Point], metric: str) -> str:
+    return '<div class="legend">' + "".join(
+        f'<span><i style="background:{"white" if p.est else p.color};'
+        f'border:2px solid {p.color}"></i>{_e(p.name)}: {fmt_ms(p.x)} ms'
+        f'{" estimate" if p.est else ""}, {_e(fmt_metric(metric, p.y))}</span>'
+        for p in pts) + "</div>"
 
 
 def _place_label(cx: float, cy: float, w: float, h: float,
@@ -518,23 +613,23 @@ def _place_label(cx: float, cy: float, w: float, h: float,
     return cx + 10, cy - h / 2, w, h
 
 
-def _size_bars(m: dict[str, Any]) -> str:
-    stages = m["stages"]
-    limits = sorted({v["limit"] for t in m["targets"] for v in t["verdicts"]
-                     if v["budget"] == "max_size_mb"})
-    biggest = max([s["size_bytes"] / 1e6 for s in stages] + limits) or 1.0
+def _size_bars(m: Manifest) -> str:
+    stages = m.stages
+    limits = sorted({v.limit for t in m.targets for v in t.verdicts
+                     if v.budget == "max_size_mb"})
+    biggest = max([s.size_bytes / 1e6 for s in stages] + limits) or 1.0
     W, bar_h, gap, ml = 760, 22, 10, 110
     pw = W - ml - 150
     H = len(stages) * (bar_h + gap) + 28
     svg = [f'<svg viewBox="0 0 {W} {H}" width="100%" style="max-width:{W}px" role="img" '
            'aria-label="model size per stage" xmlns="http://www.w3.org/2000/svg">']
-    base = stages[0]["size_bytes"] or 1
+    base = stages[0].size_bytes or 1
     for i, s in enumerate(stages):
         y = 6 + i * (bar_h + gap)
-        w = max(s["size_bytes"] / 1e6 / biggest * pw, 1.0)
+        w = max(s.size_bytes / 1e6 / biggest * pw, 1.0)
         color = PALETTE[i % len(PALETTE)]
         svg.append(f'<text x="{ml - 8}" y="{y + bar_h * 0.7:.1f}" font-size="12" '
-                   f'text-anchor="end" fill="#1f2328">{_e(s["name"])}</text>')
+                   f'text-anchor="end" fill="#1f2328">{_e(s.name)}</text>')
         svg.append(f'<rect x="{ml}" y="{y}" width="{w:.1f}" height="{bar_h}" rx="3" '
                    f'fill="{color}"/>')
         lx = ml + w + 6
@@ -543,8 +638,8 @@ def _size_bars(m: dict[str, Any]) -> str:
             if lx - 4 <= line_x <= lx + 110:
                 lx = line_x + 6
         svg.append(f'<text x="{lx:.1f}" y="{y + bar_h * 0.7:.1f}" font-size="12" '
-                   f'fill="#1f2328">{_e(fmt_bytes(s["size_bytes"]))} '
-                   f'<tspan fill="#59636e">({s["size_bytes"] / base:.2f}×)</tspan></text>')
+                   f'fill="#1f2328">{_e(fmt_bytes(s.size_bytes))} '
+                   f'<tspan fill="#59636e">({s.size_bytes / base:.2f}×)</tspan></text>')
     for lim in limits:
         x = ml + lim / biggest * pw
         svg.append(f'<line x1="{x:.1f}" y1="2" x2="{x:.1f}" y2="{H - 20}" stroke="#cf222e" '
@@ -555,22 +650,22 @@ def _size_bars(m: dict[str, Any]) -> str:
     return "".join(svg)
 
 
-def _precision(m: dict[str, Any]) -> str:
-    final = m["stages"][-1]
-    prec = final.get("precision") or {}
-    if not prec:
+def _precision(m: Manifest) -> str:
+    final = m.final
+    prec = final.precision
+    if not prec.recorded:
         return '<p class="muted">Not recorded for this artifact.</p>'
-    if not prec.get("quantized"):
+    if not prec.quantized:
         return ("<p>The final model is entirely float: no pass quantized it.</p>"
-                + _op_list("float ops", prec.get("float_ops", {})))
+                + _op_list("float ops", prec.float_ops))
     out = []
-    share = prec.get("int8_macs_share")
+    share = prec.int8_macs_share
     if share is not None:
         out.append(f"<p><b>{fmt_share(share)}</b> of the model's MACs run in int8.</p>")
-    heavy = prec.get("float_heavy_nodes") or []
+    heavy = prec.float_heavy_nodes
     if heavy:
-        rows = [[_e(n["node"]), _e(n["op"]), _e(fmt_count(n.get("macs"))),
-                 fmt_share(n["macs_share"]) if n.get("macs_share") is not None else "—"]
+        rows = [[_e(n.node), _e(n.op), _e(fmt_count(n.macs)),
+                 fmt_share(n.macs_share) if n.macs_share is not None else "—"]
                 for n in heavy[:20]]
         out.append("<p>Compute-heavy nodes that stayed float:</p>")
         out.append(_table(["node", "op", "MACs", "share"], rows))
@@ -578,12 +673,12 @@ def _precision(m: dict[str, Any]) -> str:
             out.append(f'<p class="muted">… and {len(heavy) - 20} more.</p>')
     else:
         out.append("<p>Every compute-heavy node (Conv, MatMul, Gemm) runs in int8.</p>")
-    excluded = final.get("record", {}).get("excluded_nodes")
+    excluded = final.record.get("excluded_nodes")
     if excluded:
         out.append(f'<p class="muted">Kept float on purpose (quantize exclude_nodes): '
                    f"{_e(', '.join(excluded))}</p>")
-    out.append(_op_list("int8 ops", prec.get("int8_ops", {})))
-    out.append(_op_list("other float ops", prec.get("float_ops", {})))
+    out.append(_op_list("int8 ops", prec.int8_ops))
+    out.append(_op_list("other float ops", prec.float_ops))
     return "".join(out)
 
 
@@ -594,34 +689,33 @@ def _op_list(title: str, ops: dict[str, int]) -> str:
     return f'<p><span class="muted">{_e(title)}:</span> {items}</p>'
 
 
-def _deployables(m: dict[str, Any]) -> str:
+def _deployables(deployables: list[Deployable]) -> str:
     out = []
-    for d in m["deployables"]:
-        files = ", ".join(f"<code>{_e(n)}</code> ({_e(fmt_bytes(f['size_bytes']))})"
-                          for n, f in d["files"].items())
-        check = d.get("check", {})
-        ok = check.get("loaded")
+    for d in deployables:
+        files = ", ".join(f"<code>{_e(n)}</code> ({_e(fmt_bytes(f.size_bytes))})"
+                          for n, f in d.files.items())
+        check = d.check
         out.append(
-            f"<p><b>{_e(d['format'])}</b> for {_e(', '.join(d['profiles']))}: {files}. "
-            f"Converted with <code>{_e(d['converter'])}</code>; "
+            f"<p><b>{_e(d.format)}</b> for {_e(', '.join(d.profiles))}: {files}. "
+            f"Converted with <code>{_e(d.converter)}</code>; "
             + (f"loaded back and run: max |Δ| vs model.onnx = "
-               f"{check.get('max_abs_diff_vs_onnx', 0):.3g}.</p>" if ok else
+               f"{_or(check.max_abs_diff_vs_onnx, 0):.3g}.</p>" if check.loaded else
                "<b>not verified</b>.</p>"))
     return "".join(out)
 
 
-def _host(host: dict[str, Any]) -> str:
-    if not host:
+def _host(host: HostRecord) -> str:
+    if not host.recorded:
         return '<p class="muted">Not recorded.</p>'
-    pkgs = ", ".join(f"{k} {v}" for k, v in (host.get("packages") or {}).items())
+    pkgs = ", ".join(f"{k} {v}" for k, v in host.packages.items())
     rows = [
-        ("CPU", f"{host.get('cpu', '?')} ({host.get('machine', '?')}, "
-                f"{host.get('cores', '?')} cores)"),
-        ("ISA", ", ".join(host.get("isa") or []) or "—"),
-        ("OS", host.get("os", "?")),
-        ("Python", host.get("python", "?")),
-        ("ONNX Runtime", f"{host.get('onnxruntime', '?')}; providers: "
-                         f"{', '.join(host.get('available_providers') or [])}"),
+        ("CPU", f"{_or(host.cpu, '?')} ({_or(host.machine, '?')}, "
+                f"{_or(host.cores, '?')} cores)"),
+        ("ISA", ", ".join(host.isa) or "—"),
+        ("OS", _or(host.os, "?")),
+        ("Python", _or(host.python, "?")),
+        ("ONNX Runtime", f"{_or(host.onnxruntime, '?')}; providers: "
+                         f"{', '.join(host.available_providers)}"),
         ("packages", pkgs or "—"),
     ]
     return '<div class="kv">' + "".join(f"<div>{_e(k)}</div><div>{_e(v)}</div>"
