@@ -215,12 +215,8 @@ def batch_is_dynamic(specs: list[tuple[str, list[int | str | None], Any]]) -> bo
 # --------------------------------------------------------------------------- bench
 
 
-def bench(
-    path: Path,
-    profile: Profile,
-    dims: Mapping[str, int] | None = None,
-    on_batch: Callable[[Latency], None] | None = None,
-) -> dict[str, Any]:
+def bench(path: Path, profile: Profile, dims: Mapping[str, int] | None = None,
+          on_batch: Callable[[Latency], None] | None = None) -> dict[str, Any]:
     """Everything ``compactor bench`` reports for one model on one profile."""
     from compactor.budgets import batching_hint
     from compactor.measure.estimate import estimates_for
@@ -231,43 +227,29 @@ def bench(
         raise ModelLoadError(f"model file not found: {path}", "check the path")
     dims = dict(dims or {})
     specs = input_specs(path)
-    notes: list[str] = []
-    batch_sizes = list(profile.batch_sizes)
-    if not batch_is_dynamic(specs):
-        fixed = [s[1][0] for s in specs if s[1]]
-        keep = [b for b in batch_sizes if b in fixed] or [int(fixed[0]) if fixed else 1]
-        if keep != batch_sizes:
-            notes.append(f"the model's batch axis is fixed: measured at batch {keep[0]} only")
-        batch_sizes = keep
-    feeds, used = {}, {}
-    for bs in batch_sizes:
-        feeds[bs], u = random_feeds(specs, bs, dims)
-        used.update({k: v for k, v in u.items() if k not in used})
+    batch_sizes, notes = _batch_sizes(specs, list(profile.batch_sizes))
+    feeds, used = _feeds_by_batch(specs, batch_sizes, dims)
     m = measure_profile(path, profile, feeds, on_batch=on_batch)
     notes += m.notes
 
     one, _ = random_feeds(specs, 1, dims)
     info = _model_info(path, {k: a.shape for k, a in one.items()})
+    if info["macs_reason"]:
+        notes.append(f"MACs: not computable ({info['macs_reason']})")
     nbytes = path.stat().st_size if path.suffix == ".ort" else size_bytes(path)
-    p50 = m.p("p50", 1)
     est = estimates_for(
         profile, macs=info["macs"], int8_share=info["int8_macs_share"],
         weight_bytes=nbytes, io_bytes=sum(a.nbytes for a in one.values()),
-        measured_p50_ms=p50, quantized=bool(info["quantized"]),
+        measured_p50_ms=m.p("p50", 1), quantized=bool(info["quantized"]),
     )
-    memory = m.runtime.get("peak_rss_mb")
-    limit = profile.limits.memory_mb
     return {
         "model": {
             "file": str(path),
             "sha256": sha256(path),
             "size_bytes": nbytes,
-            "inputs": [{"name": n, "shape": [d if d is not None else "?" for d in s],
-                        "dtype": np.dtype(t).name} for n, s, t in specs],
+            "inputs": _inputs_record(specs),
             "dims": used,
-            "macs": info["macs"],
-            "params": info["params"],
-            "quantized": info["quantized"],
+            **{k: info[k] for k in ("macs", "params", "quantized")},
         },
         "profile": profile.name,
         "settings": profile.model_dump(mode="json", by_alias=True),
@@ -275,11 +257,7 @@ def bench(
         "latency_ms": {str(b): v.to_dict() for b, v in sorted(m.latency.items())},
         "runtime": {k: (round(v, 3) if isinstance(v, float) else v)
                     for k, v in m.runtime.items()},
-        "memory": None if memory is None else {
-            "peak_rss_mb": round(memory, 1),
-            "limit_mb": limit,
-            "within_limit": None if limit is None else memory <= limit,
-        },
+        "memory": _memory(m.runtime.get("peak_rss_mb"), profile.limits.memory_mb),
         "batching": batching_hint(m.latency, None, profile),
         "estimates": est,
         "notes": notes,
@@ -287,23 +265,66 @@ def bench(
     }
 
 
+def _feeds_by_batch(specs: list[tuple[str, list[int | str | None], Any]],
+                    batch_sizes: list[int], dims: Mapping[str, int]
+                    ) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, int]]:
+    """Random feeds at each batch size, and the sizes given to symbolic axes (the first
+    batch size's, for axes the batch fills)."""
+    feeds, used = {}, {}
+    for bs in batch_sizes:
+        feeds[bs], u = random_feeds(specs, bs, dims)
+        used.update({k: v for k, v in u.items() if k not in used})
+    return feeds, used
+
+
+def _batch_sizes(specs: list[tuple[str, list[int | str | None], Any]],
+                 wanted: list[int]) -> tuple[list[int], list[str]]:
+    """The profile's batch sizes, or only the model's own when its batch axis is fixed
+    (with a note saying so)."""
+    if batch_is_dynamic(specs):
+        return wanted, []
+    fixed = [s[1][0] for s in specs if s[1]]
+    keep = [b for b in wanted if b in fixed] or [int(fixed[0]) if fixed else 1]
+    if keep != wanted:
+        return keep, [f"the model's batch axis is fixed: measured at batch {keep[0]} only"]
+    return keep, []
+
+
+def _inputs_record(specs: list[tuple[str, list[int | str | None], Any]]) -> list[dict]:
+    return [{"name": n, "shape": [d if d is not None else "?" for d in shape],
+             "dtype": np.dtype(t).name} for n, shape, t in specs]
+
+
+def _memory(peak_mb: float | None, limit: float | None) -> dict[str, Any] | None:
+    if peak_mb is None:
+        return None
+    return {
+        "peak_rss_mb": round(peak_mb, 1),
+        "limit_mb": limit,
+        "within_limit": None if limit is None else peak_mb <= limit,
+    }
+
+
 def _model_info(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """MACs, params and precision of an .onnx file (None for an .ort file)."""
+    """MACs (or why there is no count), params and precision of an .onnx file (None for an
+    .ort file)."""
     info: dict[str, Any] = {"macs": None, "params": None, "quantized": None,
-                            "int8_macs_share": None}
+                            "int8_macs_share": None, "macs_reason": None}
     if path.suffix == ".ort":
         return info  # ORT's flatbuffer format: no graph to count MACs or precision on
     import onnx
 
-    from compactor.measure.macs import macs_by_node
+    from compactor.measure.macs import mac_count
     from compactor.measure.precision import precision_summary
     from compactor.measure.size import param_count
 
     model = onnx.load(str(path), load_external_data=False)
-    per_node = macs_by_node(model, shapes)
+    macs = mac_count(model, shapes)
+    per_node = macs.per_node
     prec = precision_summary(model, per_node)
     info.update(
-        macs=None if per_node is None else int(sum(per_node.values())),
+        macs=macs.total,
+        macs_reason=macs.reason,
         params=param_count(model),
         quantized=prec["quantized"],
         int8_macs_share=prec["int8_macs_share"] if per_node else (

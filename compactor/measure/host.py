@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
 from importlib import metadata
+
+log = logging.getLogger(__name__)
+
+# What a probe that cannot read the host records, so a report says so instead of leaving
+# the figure out.
+UNKNOWN = "unknown"
 
 ISA_FLAGS = (
     "avx",
@@ -24,27 +31,40 @@ ISA_FLAGS = (
 )
 
 
-def cpu_model() -> str:
+def _cpuinfo(prefixes: tuple[str, ...]) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of ``prefixes``; None
+    where there is no such line or no readable /proc/cpuinfo (not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith(("model name", "Hardware", "Model")):
+                if line.startswith(prefixes):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    except OSError as e:
+        log.debug("cannot read /proc/cpuinfo: %s", e)
+    return None
+
+
+def cpu_model() -> str:
+    name = _cpuinfo(("model name", "Hardware", "Model"))
+    if name is None:
+        log.debug("no CPU model in /proc/cpuinfo; using the platform's name for it")
+        name = platform.processor() or platform.machine() or UNKNOWN
+    return name
 
 
 def isa_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [f for f in ISA_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
+    """The ISA_FLAGS this CPU has; empty where they cannot be read (see
+    :func:`describe_host`, which records that as unknown)."""
+    return _known_isa_flags() or []
+
+
+def _known_isa_flags() -> list[str] | None:
+    line = _cpuinfo(("flags", "Features"))
+    if line is None:
+        log.debug("no CPU flags in /proc/cpuinfo; the ISA is unknown")
+        return None
+    have = set(line.split())
+    return [f for f in ISA_FLAGS if f in have]
 
 
 def package_versions() -> dict[str, str]:
@@ -60,11 +80,12 @@ def package_versions() -> dict[str, str]:
 def describe_host() -> dict:
     import onnxruntime as ort
 
+    isa = _known_isa_flags()
     return {
         "cpu": cpu_model(),
         "machine": platform.machine(),
         "cores": os.cpu_count(),
-        "isa": isa_flags(),
+        "isa": [UNKNOWN] if isa is None else isa,
         "os": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],
         "onnxruntime": ort.__version__,

@@ -4,23 +4,40 @@ Counted: Conv / ConvInteger / QLinearConv / ConvTranspose, Gemm, MatMul / MatMul
 QLinearMatMul (QDQ models keep float op types, so they count the same as float). Other ops
 are cheap next to these and are ignored. Shapes come from ONNX shape inference, or, where
 it cannot follow the graph (reshapes computed at run time), from one ONNX Runtime run on
-zeros; the result is ``None`` when neither works.
+zeros; when neither works there is no count, and :func:`mac_count` says why.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class MacCount:
+    """MACs of each heavy node (keyed by :func:`node_key`), or ``per_node=None`` with the
+    ``reason`` they could not be counted, for the caller to show ("not computable (...)")."""
+
+    per_node: dict[str, int] | None
+    reason: str | None = None
+
+    @property
+    def total(self) -> int | None:
+        return None if self.per_node is None else int(sum(self.per_node.values()))
+
+
+class _NotComputable(Exception):
+    """Why the shapes of some heavy node cannot be found; the message is the reason."""
+
+
 def count_macs(model, input_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     """Total MACs at the given input shapes, or None when shapes cannot be inferred."""
-    per_node = macs_by_node(model, input_shapes)
-    return None if per_node is None else int(sum(per_node.values()))
+    return mac_count(model, input_shapes).total
 
 
 def node_key(node, index: int) -> str:
@@ -30,7 +47,21 @@ def node_key(node, index: int) -> str:
 
 def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int] | None:
     """MACs of each heavy node (keyed by :func:`node_key`), or None when shapes of some heavy
-    node cannot be inferred."""
+    node cannot be inferred (:func:`mac_count` gives the reason too)."""
+    return mac_count(model, input_shapes).per_node
+
+
+def mac_count(model, input_shapes: Mapping[str, tuple[int, ...]]) -> MacCount:
+    """MACs of each heavy node at ``input_shapes``, or the reason there is no count."""
+    try:
+        return MacCount(_count(model, input_shapes))
+    except _NotComputable as e:
+        # Logged and returned: a figure that is missing from a report says why.
+        log.info("MACs not computable: %s", e)
+        return MacCount(None, str(e))
+
+
+def _count(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     import onnx
     from onnx import shape_inference
 
@@ -45,9 +76,8 @@ def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str
             d.dim_value = int(v)
     try:
         m = shape_inference.infer_shapes(m, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - an un-inferable graph just has no MAC count
-        log.debug("shape inference failed: %s", e)
-        return None
+    except Exception as e:  # noqa: BLE001 - onnx raises many types for one cause
+        raise _NotComputable(f"ONNX shape inference failed: {_first_line(e)}") from e
 
     shapes: dict[str, tuple[int, ...] | None] = {}
     for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
@@ -63,14 +93,23 @@ def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str
     if unknown:
         log.debug("%d heavy nodes without inferable shapes; running the model for them",
                   unknown)
-        ran = _shapes_by_running(model, input_shapes)
-        if ran is None:
-            return None
-        shapes.update(ran)
+        try:
+            shapes.update(_shapes_by_running(model, input_shapes))
+        except _NotComputable as e:
+            raise _NotComputable(
+                f"{unknown} heavy node(s) have shapes ONNX shape inference cannot follow, "
+                f"and {e}") from e
         out, unknown = _heavy_macs(m, shapes)
         if unknown:
-            return None
+            raise _NotComputable(
+                f"{unknown} heavy node(s) have shapes that neither ONNX shape inference nor "
+                "a run on zeros gives")
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
 def _heavy_macs(model, shapes) -> tuple[dict[str, int], int]:
@@ -96,16 +135,17 @@ _NP_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.i
 
 
 def _shapes_by_running(model, input_shapes: Mapping[str, tuple[int, ...]]
-                       ) -> dict[str, tuple[int, ...]] | None:
+                       ) -> dict[str, tuple[int, ...]]:
     """Shapes of the heavy nodes' inputs and outputs, read off one ONNX Runtime run on zeros
     at ``input_shapes``: for graphs whose reshapes ONNX shape inference cannot follow
-    (shapes computed at run time, as in exported transformers)."""
+    (shapes computed at run time, as in exported transformers). Raises _NotComputable
+    with the reason the model cannot be run."""
     import onnx
 
     try:
         import onnxruntime as ort
-    except ImportError:
-        return None
+    except ImportError as e:
+        raise _NotComputable("onnxruntime is not installed to run the model") from e
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name for t in m.graph.initializer}
@@ -121,10 +161,12 @@ def _shapes_by_running(model, input_shapes: Mapping[str, tuple[int, ...]]
         if i.name in inits:
             continue
         if i.name not in input_shapes:
-            return None
+            raise _NotComputable(f"no shape was given for input {i.name!r} to run the model")
         dtype = _NP_TYPES.get(i.type.tensor_type.elem_type)
         if dtype is None:
-            return None
+            raise _NotComputable(
+                f"input {i.name!r} has an element type ({i.type.tensor_type.elem_type}) "
+                "the model cannot be fed zeros of")
         feeds[i.name] = np.zeros(tuple(int(d) for d in input_shapes[i.name]), dtype=dtype)
     try:
         so = ort.SessionOptions()
@@ -133,9 +175,8 @@ def _shapes_by_running(model, input_shapes: Mapping[str, tuple[int, ...]]
         sess = ort.InferenceSession(m.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
         values = sess.run(wanted, feeds)
-    except Exception as e:  # noqa: BLE001 - a model that does not run has no MAC count
-        log.debug("running the model for shapes failed: %s", e)
-        return None
+    except Exception as e:  # noqa: BLE001 - ORT raises many types for one cause
+        raise _NotComputable(f"running it on zeros failed: {_first_line(e)}") from e
     return {t: tuple(v.shape) for t, v in zip(wanted, values, strict=True)}
 
 

@@ -1,0 +1,63 @@
+"""compactor/measure/macs.py: a MAC count that cannot be had says why, instead of a bare None."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compactor.measure.macs import count_macs, mac_count, macs_by_node
+
+
+def _matmul(first: list) -> onnx.ModelProto:
+    """x → first node(s) → MatMul with an 8×4 weight."""
+    graph = helper.make_graph(
+        [*first, helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.ones((8, 4), np.float32), "w")],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)]
+    )
+
+
+def test_a_countable_graph_has_no_reason():
+    got = mac_count(_matmul([helper.make_node("Relu", ["x"], ["h"])]), {"x": (2, 8)})
+    assert got.per_node == {"mm": 2 * 4 * 8} and got.total == 64 and got.reason is None
+
+
+def test_an_uncountable_graph_says_why_and_logs_it(caplog):
+    # An op neither ONNX shape inference nor ONNX Runtime knows: no shape for the MatMul.
+    model = _matmul([helper.make_node("Mystery", ["x"], ["h"], domain="custom")])
+    with caplog.at_level(logging.INFO, logger="compactor.measure.macs"):
+        got = mac_count(model, {"x": (2, 8)})
+    assert got.per_node is None and got.total is None
+    assert got.reason.startswith("1 heavy node(s) have shapes ONNX shape inference cannot "
+                                 "follow, and running it on zeros failed: "), got.reason
+    assert [r.getMessage() for r in caplog.records] == [f"MACs not computable: {got.reason}"]
+    # The plain API keeps its numbers: None where there is no count.
+    assert macs_by_node(model, {"x": (2, 8)}) is None
+    assert count_macs(model, {"x": (2, 8)}) is None
+
+
+def test_a_missing_input_shape_is_the_reason():
+    model = _matmul([helper.make_node("Mystery", ["x"], ["h"], domain="custom")])
+    got = mac_count(model, {})
+    assert got.total is None and "no shape was given for input 'x'" in got.reason
+
+
+def test_bench_notes_why_the_model_has_no_mac_count(tmp_path):
+    from compactor.measure.bench import _model_info
+
+    path = tmp_path / "mystery.onnx"
+    onnx.save(_matmul([helper.make_node("Mystery", ["x"], ["h"], domain="custom")]), str(path))
+    info = _model_info(path, {"x": (1, 8)})
+    assert info["macs"] is None and "running it on zeros failed" in info["macs_reason"]
+    ok = tmp_path / "relu.onnx"
+    onnx.save(_matmul([helper.make_node("Relu", ["x"], ["h"])]), str(ok))
+    assert _model_info(ok, {"x": (1, 8)})["macs"] == 32
+    assert _model_info(ok, {"x": (1, 8)})["macs_reason"] is None
