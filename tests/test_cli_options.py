@@ -38,7 +38,9 @@ def test_bad_dim_is_a_usage_error_with_a_hint(text):
 
 
 @pytest.mark.parametrize(
-    "command", [["inspect"], ["partition", "--device", "host-cpu", "--server", "host-cpu"]]
+    "command",
+    [["inspect"], ["partition", "--device", "host-cpu", "--server", "host-cpu"], ["bench"],
+     ["check"]],
 )
 def test_every_command_reports_a_bad_dim_the_same_way(tmp_path, command):
     # The parse fails before the (missing) model is looked at.

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+from compactor.cli.options import dim_option
+
+if TYPE_CHECKING:
+    from compactor.check import CheckResult
 
 
 @click.command(short_help="Gate CI on an artifact: integrity, budgets, regressions.")
@@ -23,14 +29,13 @@ import click
               help="An older artifact (folder or manifest.json) to catch regressions against.")
 @click.option("--max-regression", default="5%", show_default=True, metavar="PCT",
               help="Largest allowed regression in size, p50 latency or the metric.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
-              help="With --remeasure: size of a symbolic input axis other than the batch.")
+@dim_option("With --remeasure: size of a symbolic input axis other than the batch.")
 @click.option("--strict", is_flag=True, help="Fail on verdicts that could not be measured.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Also write the verdicts as JUnit XML (for CI test reports).")
 def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...],
-          remeasure: bool, against: Path | None, max_regression: str, dims: tuple[str, ...],
+          remeasure: bool, against: Path | None, max_regression: str, dims: dict[str, int],
           strict: bool, as_json: bool, junit: Path | None) -> int:
     """Check ARTIFACT (a folder `compactor optimize` wrote): verify the model's hash against
     the manifest, judge each target's budgets (from the manifest, or re-measured with
@@ -41,11 +46,9 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     a summary is added to the job's step summary.
     """
     from compactor.budgets import parse_budget_overrides, parse_percent
-    from compactor.check import check_artifact, github_annotations, junit_xml, summary_markdown
-    from compactor.cli.bench_cmd import parse_dims
+    from compactor.check import check_artifact
     from compactor.cli.render import check_report, console, safe
-    from compactor.errors import EXIT_BUDGET, EXIT_OK, BudgetFailed
-    from compactor.manifest import visible
+    from compactor.errors import EXIT_BUDGET, EXIT_OK
 
     overrides = parse_budget_overrides(budget_pairs)
     limit = parse_percent(max_regression)
@@ -56,35 +59,54 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
 
     result = check_artifact(
         artifact, targets=targets, overrides=overrides, remeasure=remeasure, against=against,
-        max_regression=limit, strict=strict, dims=parse_dims(dims), on_measure=on_measure,
+        max_regression=limit, strict=strict, dims=dims, on_measure=on_measure,
     )
-    data = result.to_dict()
-    if junit is not None:
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_text(junit_xml(result), encoding="utf-8")
-    if os.environ.get("GITHUB_ACTIONS") == "true":
-        for line in github_annotations(result):
-            click.echo(line, err=as_json)  # the runner reads both streams; keep JSON clean
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary:
-            try:
-                with open(summary, "a", encoding="utf-8") as f:
-                    f.write(summary_markdown(result))
-            except OSError as e:
-                err.print(f"[yellow]note[/] cannot write the step summary: {safe(e)}")
+    _ci_outputs(result, junit, as_json)
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
-        check_report(console(), data)
-    if not result.intact:
-        bad = [v for v in result.integrity if v.status != "pass"]
-        raise BudgetFailed(  # exit 1, shown by the CLI's one error handler
-            visible(f"{result.artifact} was modified after compactor wrote it: "
-                    + "; ".join(f"{v.budget.removeprefix('integrity.')}: {v.detail}"
-                                for v in bad)),
-            "rebuild it with `compactor optimize`; its manifest's figures describe another model",
-        )
+        check_report(console(), result.to_dict())
+    _refuse_tampered(result)
     if not as_json:
         verdict = "[green]all checks hold[/]" if result.passed else "[bold red]check failed[/]"
         console().print(verdict)
     return EXIT_OK if result.passed else EXIT_BUDGET
+
+
+def _ci_outputs(result: CheckResult, junit: Path | None, as_json: bool) -> None:
+    """JUnit XML when asked; under GitHub Actions, annotations and the step summary."""
+    from compactor.check import github_annotations, junit_xml, summary_markdown
+    from compactor.cli.render import console, safe
+
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(result), encoding="utf-8")
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        return
+    for line in github_annotations(result):
+        click.echo(line, err=as_json)  # the runner reads both streams; keep JSON clean
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        try:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(summary_markdown(result))
+        except OSError as e:
+            console(stderr=True).print(
+                f"[yellow]note[/] cannot write the step summary: {safe(e)}")
+
+
+def _refuse_tampered(result: CheckResult) -> None:
+    """Exit 1 through the CLI's one error handler when a file changed after compactor wrote
+    it: the manifest's figures then describe another model."""
+    from compactor.errors import BudgetFailed
+    from compactor.manifest import visible
+
+    if result.intact:
+        return
+    bad = [v for v in result.integrity if v.status != "pass"]
+    raise BudgetFailed(
+        visible(f"{result.artifact} was modified after compactor wrote it: "
+                + "; ".join(f"{v.budget.removeprefix('integrity.')}: {v.detail}"
+                            for v in bad)),
+        "rebuild it with `compactor optimize`; its manifest's figures describe another model",
+    )
