@@ -86,7 +86,7 @@ def _load_file(path: Path, error: type[CompactorError], what: str):
     except CompactorError:
         sys.modules.pop(name, None)
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - user code may raise anything
         sys.modules.pop(name, None)
         raise error(
             f"{what}: importing {path.name} failed: {type(e).__name__}: {e}",
@@ -105,7 +105,7 @@ def call_user(fn: Callable[..., Any], error: type[CompactorError], what: str, **
             return fn(**kwargs)
     except CompactorError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a user factory may raise anything
         raise error(
             f"{what}: {getattr(fn, '__name__', fn)}() raised {type(e).__name__}: {e}",
             "fix the factory; run with --debug for the traceback",

@@ -26,7 +26,7 @@ def load_model(spec: ModelSpec, base_dir: Path) -> tuple[Stage, list[Path]]:
         path = _existing(spec.torchscript, base_dir, "model.torchscript")
         try:
             module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - torch.jit raises many types for a bad file
             raise ModelLoadError(
                 f"model.torchscript: cannot load {path.name}: {str(e).splitlines()[0]}",
                 "save it with torch.jit.save(torch.jit.script(model) or trace, path)",
@@ -65,7 +65,7 @@ def _load_weights(module, path: Path) -> None:
 
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise ModelLoadError(
             f"model.weights: cannot read {path.name}: {str(e).splitlines()[0][:200]}",
             "save the weights with torch.save(model.state_dict(), path)",
@@ -96,7 +96,7 @@ def _check_onnx(path: Path) -> None:
 
     try:
         onnx.checker.check_model(str(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - onnx's checker raises several types
         raise ModelLoadError(
             f"model.onnx: {path.name} is not a valid ONNX model: {str(e).splitlines()[0][:200]}",
             "re-export it, or check it with `python -m onnx.checker`",

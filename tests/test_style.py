@@ -17,3 +17,14 @@ def test_ruff_is_clean():
     r = subprocess.run([ruff, "check", "compactor", "tests", "benchmarks"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_blind_except_and_print_in_the_library_says_why():
+    """A `noqa` for BLE001 (blind except) or T201 (print) carries its reason: `# noqa: X - why`."""
+    import re
+
+    bare = re.compile(r"#\s*noqa:\s*[A-Z0-9, ]*\b(BLE001|T201)\b[A-Z0-9, ]*$")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "compactor").rglob("*.py")
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if bare.search(line.rstrip())]
+    assert not found, "noqa without a reason: " + ", ".join(found)

@@ -68,8 +68,8 @@ def main(job_path: str) -> int:
             sess.run(None, feeds)
             first_ms = (time.perf_counter() - t0) * 1000.0
         lat = measure_latency(sess, feeds, int(bs), threads=threads, **job.get("timing", {}))
-        print(json.dumps({"latency": lat.to_dict()}), flush=True)
-    print(json.dumps({
+        print(json.dumps({"latency": lat.to_dict()}), flush=True)  # noqa: T201 - to the parent
+    print(json.dumps({  # noqa: T201 - to the parent: stdout is this process's report
         "session_create_ms": create_ms,
         "first_run_ms": first_ms,
         "peak_rss_mb": peak_rss_mb(),
