@@ -11,13 +11,14 @@ from compactor.cli.options import dim_option
 
 
 def describe_model(path: Path, dims: dict[str, int]) -> dict:
-    from compactor.measure.macs import count_macs
+    from compactor.measure.macs import mac_count
     from compactor.measure.size import param_count, size_bytes
 
     model = _load(path)
     inits = {i.name for i in model.graph.initializer}
     inputs = [_tensor(i) for i in model.graph.input if i.name not in inits]
     shapes, used = _mac_shapes(inputs, dims)
+    macs = mac_count(model, shapes)
     return {
         "file": str(path),
         "size_bytes": size_bytes(path),
@@ -29,7 +30,8 @@ def describe_model(path: Path, dims: dict[str, int]) -> dict:
         "nodes": len(model.graph.node),
         "op_histogram": _op_histogram(model),
         "params": param_count(model),
-        "macs": count_macs(model, shapes),
+        "macs": macs.total,
+        "macs_reason": macs.reason,
         "macs_at": used,
     }
 
@@ -133,5 +135,6 @@ def _render(info: dict) -> None:
         ops.add_row(k, str(v))
     c.print(ops)
     at = ", ".join(f"{k}={v}" for k, v in info["macs_at"].items())
-    macs = fmt_count(info["macs"]) if info["macs"] is not None else "not computable"
+    macs = (fmt_count(info["macs"]) if info["macs"] is not None
+            else f"not computable ({info['macs_reason']})")
     c.print(f"MACs: {macs}" + (f" (at {at})" if at else ""))

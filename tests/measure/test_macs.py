@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -61,3 +62,19 @@ def test_bench_notes_why_the_model_has_no_mac_count(tmp_path):
     onnx.save(_matmul([helper.make_node("Relu", ["x"], ["h"])]), str(ok))
     assert _model_info(ok, {"x": (1, 8)})["macs"] == 32
     assert _model_info(ok, {"x": (1, 8)})["macs_reason"] is None
+
+
+def test_inspect_shows_why_there_is_no_mac_count(tmp_path):
+    from click.testing import CliRunner
+
+    from compactor.cli import cli
+
+    path = tmp_path / "mystery.onnx"
+    onnx.save(_matmul([helper.make_node("Mystery", ["x"], ["h"], domain="custom")]), str(path))
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["macs"] is None and "running it on zeros failed" in info["macs_reason"]
+    r = CliRunner().invoke(cli, ["inspect", str(path)])
+    text = " ".join(r.stdout.split())  # rich wraps long lines
+    assert r.exit_code == 0 and "MACs: not computable (1 heavy node(s)" in text
