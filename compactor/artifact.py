@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from compactor.data import Batch
     from compactor.manifest import Manifest
     from compactor.metrics import Metric
-    from compactor.pipeline import StageResult, TargetResult
     from compactor.recipe import InputSpec, Recipe
+    from compactor.results import StageResult, TargetResult
 
 log = logging.getLogger(__name__)
 
@@ -262,22 +262,11 @@ def build_manifest(
 ) -> Manifest:
     """The run's manifest, validated against the schema ``check`` reads it with, so what
     is written is what can be read back. ``deployables`` describe files beyond model.onnx
-    (``profiles.formats.deployables``); ``partition`` is the partition plan's summary."""
-    import onnx
-
+    (``exporting.ort_format.deployables``); ``partition`` is the partition plan's summary."""
     from compactor.manifest import SCHEMA_VERSION, Manifest
     from compactor.measure.host import describe_host
     from compactor.version import __version__
 
-    final = stages[-1]
-    model = onnx.load(str(final.onnx_path), load_external_data=False)
-    outputs = [
-        {"name": o.name,
-         "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim],
-         "dtype": onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name}
-        for o in model.graph.output
-    ]
-    source_text = recipe.source.read_bytes() if recipe.source else recipe.to_yaml().encode()
     optional: dict[str, Any] = {}
     if deployables:
         optional["deployables"] = list(deployables)
@@ -289,18 +278,8 @@ def build_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "name": recipe.name,
         "passed": all(t.passed for t in targets),
-        "model": {
-            "file": MODEL,
-            "sha256": _sha256_file(final.onnx_path),
-            "size_bytes": final.size_bytes,
-            "inputs": [i.model_dump(mode="json") for i in inputs],
-            "outputs": outputs,
-        },
-        "hashes": {
-            "recipe": _sha256_bytes(source_text),
-            "recipe_lock": _sha256_bytes(lock_text(recipe).encode()),
-            "input_model": {str(p.name): _sha256_file(p) for p in source_files if p.is_file()},
-        },
+        "model": _model_record(stages[-1], inputs),
+        "hashes": _hashes(recipe, source_files),
         "metric": {
             "name": metric.name,
             "higher_is_better": metric.higher_is_better,
@@ -312,6 +291,35 @@ def build_manifest(
         "seconds": round(seconds, 2),
         **optional,
     })
+
+
+def _model_record(final: StageResult, inputs: Sequence[InputSpec]) -> dict[str, Any]:
+    """model.onnx as the manifest describes it: its hash, size, inputs and outputs."""
+    import onnx
+
+    model = onnx.load(str(final.onnx_path), load_external_data=False)
+    outputs = [
+        {"name": o.name,
+         "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim],
+         "dtype": onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name}
+        for o in model.graph.output
+    ]
+    return {
+        "file": MODEL,
+        "sha256": _sha256_file(final.onnx_path),
+        "size_bytes": final.size_bytes,
+        "inputs": [i.model_dump(mode="json") for i in inputs],
+        "outputs": outputs,
+    }
+
+
+def _hashes(recipe: Recipe, source_files: Sequence[Path]) -> dict[str, Any]:
+    source_text = recipe.source.read_bytes() if recipe.source else recipe.to_yaml().encode()
+    return {
+        "recipe": _sha256_bytes(source_text),
+        "recipe_lock": _sha256_bytes(lock_text(recipe).encode()),
+        "input_model": {str(p.name): _sha256_file(p) for p in source_files if p.is_file()},
+    }
 
 
 def write_artifact(out_dir: Path, recipe: Recipe, model_path: Path,
