@@ -49,7 +49,7 @@ class _Progress:
 
     @contextlib.contextmanager
     def task(self, description, total=None):
-        from compactor.pipeline import Task
+        from compactor.progress import Task
 
         t0 = time.perf_counter()
         yield Task()

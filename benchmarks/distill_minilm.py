@@ -338,7 +338,7 @@ class _Progress:
 
     @contextlib.contextmanager
     def task(self, description, total=None):
-        from compactor.pipeline import Task
+        from compactor.progress import Task
 
         t0 = time.perf_counter()
         shown = {"t": 0.0}

@@ -66,7 +66,7 @@ class Progress:
 
     @contextlib.contextmanager
     def task(self, description, total=None):
-        from compactor.pipeline import Task
+        from compactor.progress import Task
 
         t0 = time.perf_counter()
         yield Task()

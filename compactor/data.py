@@ -18,7 +18,7 @@ import numpy as np
 
 from compactor._imports import call_user, iterate_user, resolve_callable
 from compactor.errors import DataError
-from compactor.spec import InputSpec
+from compactor.spec import DataSpec, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class DataSource:
     def _npz_batches(self) -> Iterator[Any]:
         try:
             npz = np.load(self.source_file, allow_pickle=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - numpy raises many types for a bad file
             raise DataError(
                 f"data.{self.split}: cannot read {self.source_file}: {e}",
                 "write it with numpy.savez(path, <input name>=array, target=array)",
@@ -241,3 +241,60 @@ def batch_sizes_for(specs: Sequence[InputSpec], wanted: Sequence[int]) -> list[i
     if len(fixed) != 1 or any(s.shape and isinstance(s.shape[0], str) for s in specs):
         return list(wanted)
     return [fixed.pop()]
+
+
+class RunData:
+    """A run's data splits, each loaded once on first use (the eval split is kept: every
+    stage is evaluated on it)."""
+
+    def __init__(self, spec: DataSpec, inputs: Sequence[InputSpec], base_dir: Path):
+        self.spec = spec
+        self.inputs = tuple(inputs)
+        self.base_dir = base_dir
+        self._sources: dict[str, DataSource] = {}
+        self._eval: list[Batch] | None = None
+
+    def source(self, split: str) -> DataSource:
+        if split not in self._sources:
+            ref = getattr(self.spec, split)
+            if ref is None:
+                raise DataError(
+                    f"this recipe needs data.{split}, which is not set",
+                    f"add 'data: {{{split}: data.py:fn}}' (or a .npz file) to the recipe",
+                )
+            self._sources[split] = DataSource(split, ref, self.inputs, self.base_dir,
+                                              self.spec.batch_size)
+        return self._sources[split]
+
+    @property
+    def eval_batches(self) -> list[Batch]:
+        if self._eval is None:
+            self._eval = self.source("eval").take()
+        return self._eval
+
+    def calibration_batches(self, max_samples: int) -> list[Batch]:
+        return self.source("calibration").take(max_samples)
+
+    def source_files(self) -> list[Path]:
+        """The files the splits read (an .npz, a factory's module), for run keys."""
+        return [src for split in ("train", "calibration", "eval")
+                if getattr(self.spec, split) is not None
+                and (src := self.source(split).source_file) is not None]
+
+
+def feeds_for_batch(specs: Sequence[InputSpec], batches: list[Batch], bs: int):
+    """Real eval samples at batch size ``bs`` (repeating samples if the data is smaller)."""
+    feeds = {}
+    for s in specs:
+        parts, n = [], 0
+        for b in batches:
+            a = b.inputs[s.name]
+            parts.append(a)
+            n += a.shape[0]
+            if n >= bs:
+                break
+        a = np.concatenate(parts)
+        if a.shape[0] < bs:
+            a = np.concatenate([a] * (bs // a.shape[0] + 1))
+        feeds[s.name] = np.ascontiguousarray(a[:bs])
+    return feeds

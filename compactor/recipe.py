@@ -102,6 +102,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _order(self) -> Recipe:
         kind = self.model.kind
+        converter = _converter()
         for i, (name, _cfg) in enumerate(self.pass_list):
             cls = registry()[name]
             if cls.input_kind != kind:
@@ -109,39 +110,19 @@ class Recipe(Strict):
                     if self.model.kind == "torch":
                         raise ValueError(
                             f"passes[{i}] '{name}' works on torch models and cannot run after "
-                            "'export'; move it before 'export'"
+                            f"'{converter}'; move it before '{converter}'"
                         )
                     raise ValueError(
                         f"passes[{i}] '{name}' works on torch models, and this recipe's model "
                         "is an ONNX file; only ONNX passes (e.g. quantize) apply to it"
                     )
                 raise ValueError(
-                    f"passes[{i}] '{name}' needs an ONNX model: add '- export: {{}}' before it"
+                    f"passes[{i}] '{name}' needs an ONNX model: add '- {converter}: {{}}' "
+                    "before it"
                 )
             kind = cls.output_kind
-        if self.data.calibration is None:
-            for name, cfg in self.pass_list:
-                if name == "quantize" and getattr(cfg, "mode", None) == "static":
-                    raise ValueError(
-                        "static quantization needs calibration data: set data.calibration "
-                        "(or use quantize mode: dynamic)"
-                    )
-        names = [i.name for i in self.model.inputs]
         for i, (name, cfg) in enumerate(self.pass_list):
-            mask = getattr(cfg, "hint_mask", None) if name == "distill" else None
-            if mask is not None and names and mask not in names:
-                hint = did_you_mean(mask, names)
-                raise ValueError(
-                    f"passes[{i}].distill.hint_mask: {mask!r} is not one of the model's inputs "
-                    f"({', '.join(names)})" + (f"; {hint}" if hint else "")
-                )
-        if self.data.train is None:
-            for i, (name, _cfg) in enumerate(self.pass_list):
-                if name == "distill":
-                    raise ValueError(
-                        f"passes[{i}] 'distill' trains the model and needs training data: "
-                        "set data.train (label-free batches are fine)"
-                    )
+            registry()[name].check_recipe(cfg, i, self.model, self.data)
         return self
 
     @property
@@ -211,6 +192,12 @@ def parse_recipe(text: str, base_dir: Path | None = None, source: Path | None = 
     return recipe
 
 
+def _converter() -> str:
+    """The registered pass that turns a torch stage into an ONNX one (``export``)."""
+    return next(n for n, c in registry().items()
+                if c.input_kind == "torch" and c.output_kind == "onnx")
+
+
 def _with_final_export(recipe: Recipe) -> Recipe:
     """The artifact is ONNX: a recipe that ends on a torch stage gets a default export."""
     kind = recipe.model.kind
@@ -218,7 +205,8 @@ def _with_final_export(recipe: Recipe) -> Recipe:
         kind = registry()[name].output_kind
     if kind == "onnx":
         return recipe
-    entry = _ENTRIES["export"](export=registry()["export"].Config())
+    name = _converter()
+    entry = _ENTRIES[name](**{name: registry()[name].Config()})
     return recipe.model_copy(update={"passes": (*recipe.passes, entry)})
 
 

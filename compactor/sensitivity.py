@@ -171,7 +171,8 @@ def analyze(recipe, amounts: Sequence[float] = DEFAULT_AMOUNTS, target_macs: flo
     from compactor.metrics import get_metric
     from compactor.model import load_model
     from compactor.passes.prune import model_inputs, taylor_gradients
-    from compactor.pipeline import Progress, RunContext
+    from compactor.pipeline import build_context
+    from compactor.progress import Progress
 
     t0 = time.perf_counter()
     progress = progress or Progress()
@@ -182,7 +183,7 @@ def analyze(recipe, amounts: Sequence[float] = DEFAULT_AMOUNTS, target_macs: flo
         baseline, _ = load_model(recipe.model, recipe.base_dir)
     work = Path(tempfile.mkdtemp(prefix=f"compactor-sensitivity-{recipe.name}-"))
     try:
-        ctx = RunContext(recipe, recipe.model.inputs, work, progress)
+        ctx = build_context(recipe, recipe.model.inputs, work, progress)
         batches = ctx.eval_batches[:max_batches] if max_batches else ctx.eval_batches
         metric = get_metric(recipe.metric, recipe.base_dir)
         measure = _Measure(ctx, metric, batches, work)

@@ -6,7 +6,6 @@ import pytest
 
 from compactor.budgets import (
     BUDGET_KEYS,
-    batching_hint,
     evaluate_budgets,
     merge_budgets,
     parse_budget_overrides,
@@ -14,6 +13,7 @@ from compactor.budgets import (
     regressions,
 )
 from compactor.errors import RecipeError, UsageError
+from compactor.measure.batching import batching_hint
 from compactor.measure.latency import Latency
 from compactor.profiles import Profile
 from compactor.recipe import Budgets, parse_recipe

@@ -6,7 +6,9 @@ import contextlib
 import math
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +19,9 @@ from toys import CNN_INPUT, TEXT_INPUTS, assert_clean_error, ref, run_cli, write
 
 from compactor.errors import PassError, RecipeError
 from compactor.model import load_model
+from compactor.passes import RunContext
 from compactor.passes.distill import DistillPass, StudentSpec, keep_layers
-from compactor.pipeline import Progress, RunContext, Task
+from compactor.progress import Progress, Task
 from compactor.recipe import load_recipe
 from compactor.training import losses
 from compactor.training.checkpoint import load_torch
@@ -274,17 +277,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- the pass
 
 
-def _context(tmp_path: Path, **fields) -> tuple[RunContext, object]:
+@dataclass(frozen=True)
+class _Distill:
+    """A recipe's first pass (distill) and the context it runs in."""
+
+    ctx: RunContext
+    config: Any
+
+    @property
+    def progress(self) -> Any:
+        return self.ctx.progress
+
+
+def _context(tmp_path: Path, **fields) -> tuple[_Distill, object]:
     fields.setdefault("metric", "accuracy")
     recipe = load_recipe(write_recipe(tmp_path, **fields))
     baseline, _ = load_model(recipe.model, recipe.base_dir)
-    ctx = RunContext(recipe, recipe.model.inputs, tmp_path, RecordingProgress())
-    ctx.baseline = baseline
-    return ctx, baseline
+    ctx = toys.run_context(recipe, tmp_path, progress=RecordingProgress(), baseline=baseline)
+    return _Distill(ctx, recipe.pass_list[0][1]), baseline
 
 
-def _run_distill(ctx: RunContext, stage):
-    return DistillPass(ctx.recipe.pass_list[0][1]).run(stage, ctx)
+def _run_distill(run: _Distill, stage):
+    return DistillPass(run.config).run(stage, run.ctx)
 
 
 def _fidelity(student, teacher, batches) -> dict[str, float]:
@@ -571,12 +585,14 @@ def test_nan_loss_exits_4_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
 
 _DDP_WORKER = '''
 import json, sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from compactor.pipeline import Progress
+from compactor.progress import Progress
 from compactor.training import ddp
 from compactor.training.loop import EvalResult, LoopConfig, TrainTask, train
 

@@ -305,7 +305,7 @@ def test_precision_of_an_all_int8_and_an_all_float_model():
 
 
 def test_ort_format_is_converted_by_ort_and_loads_back(cnn, tmp_path):
-    from compactor.profiles.formats import ORT_CONFIG, ORT_MODEL, deployables
+    from compactor.exporting.ort_format import ORT_CONFIG, ORT_MODEL, deployables
 
     files, records = deployables(cnn, [load_profile("mobile"), load_profile("host-cpu")],
                                  tmp_path, {"image": np.ones((1, 1, 16, 16), np.float32)})

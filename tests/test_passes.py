@@ -16,18 +16,19 @@ from toys import CNN_INPUT, assert_clean_error, cnn_model, leftovers, ref, run_c
 from compactor.errors import PassError
 from compactor.exporting import ExportConfig
 from compactor.model import load_model, onnx_input_specs
-from compactor.passes import get_pass, registry
+from compactor.passes import RunContext, get_pass, registry
 from compactor.passes.quantize import QuantizeConfig
-from compactor.pipeline import Progress, RunContext, Task, optimize
-from compactor.recipe import load_recipe
+from compactor.pipeline import optimize
+from compactor.progress import Progress, Task
+from compactor.recipe import Recipe, load_recipe
 from compactor.stage import Stage
 
 
-def context(folder: Path, recipe_path: Path) -> RunContext:
+def context(folder: Path, recipe_path: Path) -> tuple[RunContext, Recipe]:
     recipe = load_recipe(recipe_path)
     work = folder / "work"
     work.mkdir(exist_ok=True)
-    return RunContext(recipe, recipe.model.inputs, work, Progress())
+    return toys.run_context(recipe, work), recipe
 
 
 def onnx_stage(path: Path) -> Stage:
@@ -67,8 +68,8 @@ def cnn_ctx(tmp_path) -> tuple[RunContext, Stage]:
         tmp_path, model=cnn_model(), data={"eval": ref("cnn_eval_batches")},
         passes=[{"export": {}}],
     )
-    ctx = context(tmp_path, path)
-    stage, _ = load_model(ctx.recipe.model, ctx.recipe.base_dir)
+    ctx, recipe = context(tmp_path, path)
+    stage, _ = load_model(recipe.model, recipe.base_dir)
     return ctx, stage
 
 
@@ -199,7 +200,7 @@ def quantize(tmp_path: Path, model: Path, **config) -> Stage:
     recipe = load_recipe(path)
     work = tmp_path / "work"
     work.mkdir()
-    ctx = RunContext(recipe, onnx_input_specs(model), work, Progress())
+    ctx = toys.run_context(recipe, work, inputs=onnx_input_specs(model))
     return get_pass("quantize")(QuantizeConfig(**config)).run(onnx_stage(model), ctx)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import toys
 import yaml
 from toys import (
     CNN_INPUT,
@@ -22,8 +23,8 @@ from toys import (
 )
 
 from compactor.errors import PassError
+from compactor.passes import RunContext
 from compactor.passes.prune import PruneConfig, PrunePass
-from compactor.pipeline import Progress, RunContext
 from compactor.recipe import parse_recipe
 from compactor.stage import Stage
 
@@ -49,7 +50,7 @@ def make_ctx(tmp_path: Path, factory: str = "build_prune_cnn", inputs=(CNN_INPUT
         "data": data or CNN_DATA, "metric": metric,
     })
     recipe = parse_recipe(text, base_dir=tmp_path)
-    return RunContext(recipe, recipe.model.inputs, tmp_path, Progress())
+    return toys.run_context(recipe, tmp_path)
 
 
 def prune(ctx: RunContext, module, **cfg) -> Stage:

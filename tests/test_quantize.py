@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import toys
 from onnx import TensorProto, helper, numpy_helper
 from toys import assert_clean_error, cnn_model, ref, run_cli, write_recipe
 
 from compactor.model import onnx_input_specs
 from compactor.passes import get_pass
 from compactor.passes.quantize import QuantizeConfig
-from compactor.pipeline import Progress, RunContext
 from compactor.quantization import isa
 from compactor.quantization.timing import Timing
 from compactor.recipe import load_recipe
@@ -147,7 +147,7 @@ def run_pass(folder: Path, recipe: Path, model: Path, **config) -> Stage:
     r = load_recipe(recipe)
     work = folder / "work"
     work.mkdir(exist_ok=True)
-    ctx = RunContext(r, onnx_input_specs(model), work, Progress())
+    ctx = toys.run_context(r, work, inputs=onnx_input_specs(model))
     stage = Stage("baseline", "onnx", onnx_path=model, lineage=("baseline",))
     return get_pass("quantize")(QuantizeConfig(**config)).run(stage, ctx)
 

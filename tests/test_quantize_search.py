@@ -22,7 +22,9 @@ from test_quantize import (
 )
 from toys import run_cli
 
-from compactor.pipeline import Progress, StageResult, warn_if_slower
+from compactor.pipeline.judge import warn_if_slower
+from compactor.progress import Progress
+from compactor.results import StageResult
 
 
 def fallback_nodes(rec: dict) -> list[str]:

@@ -526,3 +526,12 @@ def size_floor_mb(model: Path, passes: list[dict]) -> float:
     floor = weight_floor(Stage("baseline", "onnx", onnx_path=Path(model)))
     configs = [(name, cfg) for p in passes for name, cfg in p.items()]
     return reachable_floor(floor, [get_pass(n)(get_pass(n).Config(**c)) for n, c in configs]).mb
+
+
+def run_context(recipe, work: Path, inputs=None, progress=None, baseline=None):
+    """The context a pass runs in, built from ``recipe`` as the pipeline builds it (the one
+    way tests make one)."""
+    from compactor.pipeline import build_context
+
+    return build_context(recipe, recipe.model.inputs if inputs is None else inputs, work,
+                         progress, baseline=baseline)

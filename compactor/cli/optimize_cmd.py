@@ -47,7 +47,7 @@ def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bo
                   "the first run trains it, ~30 s)")
     r = load_recipe(recipe)
     if _worker_rank():  # under torchrun, rank 0 draws progress and reports
-        from compactor.pipeline import Progress
+        from compactor.progress import Progress
 
         run(r, progress=Progress(), output=output, resume=resume)
         return EXIT_OK

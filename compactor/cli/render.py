@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compactor.pipeline import Progress as PipelineProgress
-from compactor.pipeline import Task
+from compactor.progress import Progress as PipelineProgress
+from compactor.progress import Task
 from compactor.report.format import VerdictRow, verdict_row, verdict_rows
 
 if TYPE_CHECKING:

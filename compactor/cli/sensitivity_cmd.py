@@ -45,8 +45,8 @@ def sensitivity(recipe: Path, amounts: tuple[float, ...], target_macs: float | N
     least. Writes a table (sensitivity.md), a chart (sensitivity.svg) and everything
     (sensitivity.json); the suggestion is a `prune:` entry to paste into the recipe."""
     from compactor.cli.render import RichProgress, console
-    from compactor.pruning.sensitivity import analyze, write
     from compactor.recipe import load_recipe
+    from compactor.sensitivity import analyze, write
 
     r = load_recipe(recipe)
     if target_macs is None:
@@ -88,7 +88,7 @@ def sensitivity(recipe: Path, amounts: tuple[float, ...], target_macs: float | N
 def _table(result):
     from rich.table import Table
 
-    from compactor.pruning.sensitivity import sparkline
+    from compactor.sensitivity import sparkline
 
     t = Table(title=f"{result.recipe}: {result.metric} with one layer pruned (baseline "
                     f"{result.baseline_metric:.4g}; ONNX Runtime, {result.eval_samples} "

@@ -149,7 +149,7 @@ def export_module(
     example = example_inputs(specs, batch)
     try:
         n_out = len(flatten_outputs(call_module(module, specs, example)))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the user's forward() may raise anything
         raise ModelLoadError(
             f"the model fails on inputs of the declared shape: {type(e).__name__}: "
             f"{first_line(e)}",
@@ -313,7 +313,7 @@ def simplify_checked(path: Path, batches: Sequence[Batch]) -> dict[str, Any]:
     try:
         with quiet():
             simplified, ok = onnxsim.simplify(original)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - recorded: onnxsim not applied, and why
         return {"applied": False, "reason": f"onnxsim failed: {str(e).splitlines()[0][:200]}"}
     if not ok:
         return {"applied": False, "reason": "onnxsim's own check failed"}
@@ -322,7 +322,7 @@ def simplify_checked(path: Path, batches: Sequence[Batch]) -> dict[str, Any]:
     try:
         ref = run_onnx(path, batches)
         got = run_onnx(tmp, batches)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - recorded: onnxsim not applied, and why
         tmp.unlink(missing_ok=True)
         return {"applied": False, "reason": f"simplified model does not run: {e}"}
     err = max(

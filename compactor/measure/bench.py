@@ -218,7 +218,7 @@ def batch_is_dynamic(specs: list[tuple[str, list[int | str | None], Any]]) -> bo
 def bench(path: Path, profile: Profile, dims: Mapping[str, int] | None = None,
           on_batch: Callable[[Latency], None] | None = None) -> dict[str, Any]:
     """Everything ``compactor bench`` reports for one model on one profile."""
-    from compactor.budgets import batching_hint
+    from compactor.measure.batching import batching_hint
     from compactor.measure.estimate import estimates_for
     from compactor.measure.host import describe_host
     from compactor.measure.size import sha256, size_bytes

@@ -27,12 +27,13 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from compactor.errors import DataError, PassError, RecipeError, did_you_mean
-from compactor.passes import Pass, PassConfig, register
+from compactor.passes.base import Pass, PassConfig, register
 
 if TYPE_CHECKING:
     from compactor.budgets import SizeFloor
     from compactor.data import Batch
-    from compactor.pipeline import RunContext
+    from compactor.passes.base import RunContext
+    from compactor.spec import DataSpec, ModelSpec
     from compactor.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,23 @@ class DistillPass(Pass):
     summary = "knowledge distillation from the baseline (or a teacher) into the current stage"
     distributed = True  # trains data-parallel under torchrun
 
+    @classmethod
+    def check_recipe(cls, config: DistillConfig, index: int, model: ModelSpec,
+                     data: DataSpec) -> None:
+        names = [i.name for i in model.inputs]
+        mask = config.hint_mask
+        if mask is not None and names and mask not in names:
+            hint = did_you_mean(mask, names)
+            raise ValueError(
+                f"passes[{index}].distill.hint_mask: {mask!r} is not one of the model's "
+                f"inputs ({', '.join(names)})" + (f"; {hint}" if hint else "")
+            )
+        if data.train is None:
+            raise ValueError(
+                f"passes[{index}] 'distill' trains the model and needs training data: "
+                "set data.train (label-free batches are fine)"
+            )
+
     def size_floor(self, floor: SizeFloor) -> SizeFloor | None:
         # trains the model it is given; a student cut from it is smaller by an amount only
         # building it would tell
@@ -175,7 +193,6 @@ class DistillPass(Pass):
     def run(self, stage: Stage, ctx: RunContext) -> Stage:
         import torch
 
-        from compactor.metrics import get_metric
         from compactor.training import ddp
         from compactor.training.loop import LoopConfig, TrainTask, train
 
@@ -189,7 +206,7 @@ class DistillPass(Pass):
 
         batches = _train_batches(ctx)
         has_labels = all(b.target is not None for b in batches)
-        metric = get_metric(ctx.recipe.metric, ctx.recipe.base_dir)
+        metric = ctx.metric
         weights = _loss_weights(cfg, metric.name, has_labels)
         record["losses"] = weights.active()
         if weights.ce and not has_labels:
@@ -419,7 +436,7 @@ def _freeze(student: Any, patterns: Sequence[str]) -> list[Any]:
 
 
 def _train_batches(ctx: RunContext) -> list[Batch]:
-    if ctx.recipe.data.train is None:
+    if ctx.data.spec.train is None:
         raise DataError("distill needs training data, and data.train is not set",
                         "add 'data: {train: data.py:fn}' (or a .npz file) to the recipe")
     return ctx.source("train").take()
@@ -516,7 +533,7 @@ class _Teacher:
 
             spec = ModelSpec(**cfg.teacher.model_dump(exclude_defaults=True),
                              inputs=ctx.inputs)
-            loaded, _files = load_model(spec, ctx.recipe.base_dir)
+            loaded, _files = load_model(spec, ctx.base_dir)
             desc = f"teacher {cfg.teacher.describe()}"
             if loaded.kind == "onnx":
                 if cfg.hints:

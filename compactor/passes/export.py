@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from compactor.errors import PassError
 from compactor.exporting import ExportConfig, export_module, max_abs_error, simplify_checked
-from compactor.passes import Pass, register
+from compactor.passes.base import Pass, register
 
 if TYPE_CHECKING:
     from compactor.budgets import SizeFloor
-    from compactor.passes import RunContext
+    from compactor.passes.base import RunContext
     from compactor.stage import Stage
 
 __all__ = ["ExportConfig", "ExportPass"]
@@ -41,6 +41,10 @@ class ExportPass(Pass):
         record = export_module(stage.module, ctx.inputs, batches[0], path, cfg, ctx.output_names)
         if cfg.simplify:
             record["simplify"] = simplify_checked(path, batches)
+        if record.get("fallback_reason"):
+            record.setdefault("warnings", []).append(
+                "the dynamo exporter failed, the legacy exporter was used (reason in the "
+                "manifest)")
         err = max_abs_error(stage.module, path, ctx.inputs, batches)
         record.update(err)
         if err["relative_error"] > cfg.tolerance:

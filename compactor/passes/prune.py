@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from compactor.errors import PassError
-from compactor.passes import Pass, PassConfig, register
+from compactor.passes.base import Pass, PassConfig, register
 
 if TYPE_CHECKING:
     from compactor.budgets import SizeFloor
     from compactor.data import Batch
-    from compactor.pipeline import RunContext
+    from compactor.passes.base import RunContext
     from compactor.spec import InputSpec
     from compactor.stage import Stage
 

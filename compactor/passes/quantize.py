@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from compactor.errors import PassError
-from compactor.passes import Pass, PassConfig, register
+from compactor.passes.base import Pass, PassConfig, register
 from compactor.quantization.modes import IntType, QuantFormat, QuantMode
 
 if TYPE_CHECKING:
     from compactor.budgets import SizeFloor
-    from compactor.pipeline import RunContext
+    from compactor.passes.base import RunContext
     from compactor.quantization.accuracy import Budget
     from compactor.quantization.search import Outcome
+    from compactor.spec import DataSpec, ModelSpec
     from compactor.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,15 @@ class QuantizePass(Pass):
     output_kind = "onnx"
     summary = "int8 with ONNX Runtime: fastest configuration within the accuracy budget"
 
+    @classmethod
+    def check_recipe(cls, config: QuantizeConfig, index: int, model: ModelSpec,
+                     data: DataSpec) -> None:
+        if data.calibration is None and config.mode == "static":
+            raise ValueError(
+                "static quantization needs calibration data: set data.calibration "
+                "(or use quantize mode: dynamic)"
+            )
+
     def size_floor(self, floor: SizeFloor) -> SizeFloor | None:
         from dataclasses import replace
 
@@ -183,7 +193,7 @@ class QuantizePass(Pass):
 
         sample = {s.name: ctx.eval_batches[0].inputs[s.name][:1] for s in ctx.inputs}
         mix = prepare.op_mix(model, {k: v.shape for k, v in sample.items()})
-        has_calibration = ctx.recipe.data.calibration is not None
+        has_calibration = ctx.data.spec.calibration is not None
         mode, why = prepare.resolve_mode(cfg.mode, mix, has_calibration)
         record.update(mode=mode.value, mode_reason=why, op_mix=mix.to_dict())
         if mode == QuantMode.DYNAMIC:
@@ -286,15 +296,12 @@ class QuantizePass(Pass):
         return Calibration(feeds, used, work)
 
     def _judge(self, src: Path, ctx: RunContext, record: dict[str, Any]):
-        from compactor.metrics import get_metric
         from compactor.quantization.accuracy import AccuracyJudge
 
         cfg: QuantizeConfig = self.config
-        metric = getattr(ctx, "metric", None) or get_metric(ctx.recipe.metric,
-                                                            ctx.recipe.base_dir)
-        evaluator = getattr(ctx, "evaluator", None)
-        baseline = None if evaluator is None else evaluator.baseline_outputs
-        last = None if evaluator is None else getattr(evaluator, "last_outputs", None)
+        metric = ctx.metric
+        baseline = ctx.reference.outputs
+        last = ctx.step.input_outputs
         budget_fn = _budget_resolver(cfg, ctx, metric)
         with ctx.progress.task("quantize: reference outputs"):
             judge = AccuracyJudge(metric, ctx.eval_batches, src, budget_fn, baseline,
@@ -335,7 +342,7 @@ class QuantizePass(Pass):
         run_batch = ctx.eval_batches[0].size
         if calibration is not None:
             analysis = calibration.feeds
-        elif ctx.recipe.data.calibration is not None:
+        elif ctx.data.spec.calibration is not None:
             analysis, _ = fit_batches(model, ctx.calibration_batches(64), "calibration")
         else:  # the search part only: held-out samples never steer the search
             analysis, _ = fit_batches(model, judge.search_batches(64), "eval")
@@ -465,17 +472,17 @@ def _budget_resolver(cfg: QuantizeConfig, ctx: RunContext, metric):
             return Budget(drop.allowed(ref), "quantize.max_accuracy_drop",
                           str(cfg.max_accuracy_drop), "input")
         return own
-    targets = [(i, t) for i, t in enumerate(ctx.recipe.targets)
+    targets = [(i, t) for i, t in enumerate(ctx.targets)
                if t.budgets.max_accuracy_drop is not None]
-    evaluator = getattr(ctx, "evaluator", None)
-    baseline_value = None if evaluator is None else evaluator.baseline_value
+    baseline_value = ctx.reference.value
     if targets:
         def from_targets(ref: float) -> Budget:
             base = ref if baseline_value is None else baseline_value
             i, t = min(targets, key=lambda it: it[1].budgets.max_accuracy_drop.allowed(base))
             d = t.budgets.max_accuracy_drop
+            against = "input" if baseline_value is None else "baseline"
             return Budget(d.allowed(base), f"targets[{i}] ({t.profile}) max_accuracy_drop",
-                          str(d.model_dump()), "baseline" if evaluator is not None else "input")
+                          str(d.model_dump()), against)
         return from_targets
     default = Drop.model_validate("1%")
 
@@ -489,18 +496,13 @@ def _timer(ctx: RunContext, cfg: QuantizeConfig):
     from compactor.profiles import load_profile
     from compactor.quantization.timing import compare_latency
 
-    profiles = getattr(ctx, "profiles", ()) or ()
-    if profiles:
-        profile = profiles[0]
-    else:
-        target = ctx.recipe.targets[0].profile if ctx.recipe.targets else "host-cpu"
-        profile = load_profile(target, ctx.recipe.base_dir)
+    profile = ctx.profiles[0] if ctx.profiles else load_profile("host-cpu", ctx.base_dir)
     bs = 1 if 1 in profile.batch_sizes else profile.batch_sizes[0]
     # Long enough that a noisy shared host does not decide between close candidates.
     seconds = min(max(0.04 * cfg.time_budget_s, 4.0), 10.0)
 
     def timer(models):
-        from compactor.pipeline import feeds_for_batch
+        from compactor.data import feeds_for_batch
 
         feeds = feeds_for_batch(ctx.inputs, ctx.eval_batches, bs)
         return compare_latency(models, profile, feeds, bs, max_seconds=seconds)

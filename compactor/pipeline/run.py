@@ -1,0 +1,198 @@
+"""Runs a recipe: load, evaluate the baseline, run each pass, evaluate each stage, judge
+the budgets and write the artifact."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compactor.errors import CompactorError, PassError
+from compactor.exporting import ExportConfig
+from compactor.metrics import Metric, get_metric
+from compactor.passes import Pass, Reference, RunContext, get_pass
+from compactor.pipeline.context import build_context
+from compactor.pipeline.evaluate import Evaluator
+from compactor.pipeline.judge import judge, warn_if_slower
+from compactor.pipeline.resume import ResumableRun, RunInterrupted
+from compactor.profiles import Profile, load_profile
+from compactor.progress import Progress
+from compactor.recipe import Recipe
+from compactor.results import StageResult, TargetResult
+from compactor.stage import Stage
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    metric: Metric
+    stages: list[StageResult]
+    targets: list[TargetResult]
+    artifact: Path
+    manifest: dict[str, Any]
+    seconds: float
+    worker: bool = False  # a torchrun rank other than 0: it trained, rank 0 reports
+
+    @property
+    def passed(self) -> bool:
+        return all(t.passed for t in self.targets)
+
+
+def optimize(recipe: Recipe, progress: Progress | None = None,
+             output: Path | None = None, resume: bool = False) -> RunResult:
+    """Run ``recipe`` end to end and write its artifact. Budget failures do not raise: the
+    result's ``passed`` says whether every budget holds.
+
+    Work happens in ``.<artifact>.compactor-work/``, kept when a run fails or is
+    interrupted: with ``resume``, finished stages there are reused and a training pass
+    continues from its checkpoint (refused, with the reason, when the recipe changed in a
+    way that invalidates them). Without it, a fresh run replaces that folder."""
+    from compactor import artifact
+    from compactor.model import load_model, onnx_input_specs
+
+    t_start = time.perf_counter()
+    progress = progress or Progress()
+    # absolute: passes and ORT tools get paths inside the work folder beside it
+    out_dir = artifact.output_path(Path(output) if output else recipe.output_dir)
+    artifact.check_writable(out_dir)
+    profiles = tuple(load_profile(t.profile, recipe.base_dir) for t in recipe.targets)
+    metric = get_metric(recipe.metric, recipe.base_dir)
+    with progress.task("load model"):
+        baseline, source_files = load_model(recipe.model, recipe.base_dir)
+    _judge_before_passes(recipe, profiles, baseline)
+    inputs = tuple(recipe.model.inputs or onnx_input_specs(baseline.onnx_path))
+
+    run = ResumableRun(recipe, out_dir, resume, progress)
+    ok = False
+    try:
+        ctx = build_context(recipe, inputs, run.work_dir, progress, profiles, metric,
+                            baseline=baseline, writes=run.writes)
+        runner = _Runner(recipe, ctx, run, t_start)
+        result = runner.execute(baseline, source_files)
+        ok = True
+        return result
+    except KeyboardInterrupt as e:
+        raise RunInterrupted(run.path, run.resumable()) from e
+    finally:
+        run.close(ok)
+
+
+def _judge_before_passes(recipe: Recipe, profiles: Sequence[Profile], baseline: Stage) -> None:
+    """A size or memory limit no run of these passes can meet fails now, not after them."""
+    from compactor.budgets import judge_before_passes, reachable_floor, weight_floor
+
+    floor = weight_floor(baseline)
+    judge_before_passes(recipe.targets, profiles, floor, reachable_floor(
+        floor, [get_pass(name)(cfg) for name, cfg in recipe.pass_list]))
+
+
+class _Runner:
+    """One run's steps, in order: the baseline, each pass, then the verdicts and artifact."""
+
+    def __init__(self, recipe: Recipe, ctx: RunContext, run: ResumableRun, t_start: float):
+        self.recipe = recipe
+        self.ctx = ctx
+        self.run = run
+        self.t_start = t_start
+        self.progress = ctx.progress
+        export = next((c for _, c in recipe.pass_list if isinstance(c, ExportConfig)),
+                      ExportConfig())
+        self.evaluator = Evaluator(ctx, ctx.metric, ctx.profiles, export)
+        self.stages: list[StageResult] = []
+
+    def execute(self, baseline: Stage, source_files: Sequence[Path]) -> RunResult:
+        self.run.begin([*source_files, *self.ctx.data.source_files()])
+        with self.progress.task("load eval data"):
+            self.ctx.eval_batches  # noqa: B018 - loaded here, under its own progress line
+        if self.run.writes:
+            self.stages.append(self.evaluator.evaluate(baseline))
+        elif self.run.last_distributed < 0:  # nothing for this rank to train
+            return self._worker_result()
+        self.ctx = self.ctx.replace(reference=Reference(self.evaluator.baseline_outputs,
+                                                        self.evaluator.baseline_value))
+        current = baseline
+        for i, (name, cfg) in enumerate(self.recipe.pass_list):
+            current = self._pass(i, get_pass(name)(cfg), current)
+            if not self.run.writes:  # a torchrun rank other than 0: done once training is
+                if i >= self.run.last_distributed:
+                    return self._worker_result()
+                continue
+            self.stages.append(self.evaluator.evaluate(current))
+            if get_pass(name).must_be_faster:
+                warn_if_slower(self.stages[-2], self.stages[-1], self.progress)
+        return self._finish(source_files)
+
+    def _pass(self, i: int, p: Pass, current: Stage) -> Stage:
+        t0 = time.perf_counter()
+        reused = self.run.finished_stage(i, current)
+        total = len(self.recipe.pass_list)
+        with self.progress.task(f"pass {i + 1}/{total}: {p.name}"
+                                + (" (reused from the interrupted run)" if reused else "")):
+            if reused is None:
+                step = self.run.enter(i, self.evaluator.last_outputs)
+                current = _run_pass(p, current, self.ctx.for_step(step))
+            else:
+                current = reused
+        if not reused:
+            current.record["seconds"] = round(time.perf_counter() - t0, 3)
+            self.run.save_stage(i, current)
+        for w in current.record.get("warnings", []):
+            self.progress.note(f"{p.name}: {w}")
+        return current
+
+    def _finish(self, source_files: Sequence[Path]) -> RunResult:
+        from compactor import artifact
+
+        ctx, recipe, final = self.ctx, self.recipe, self.stages[-1]
+        targets = judge(recipe.targets, ctx.profiles, self.stages, ctx.metric)
+        extra_files, deployable_records = _deployables(final, ctx.profiles, ctx, self.progress)
+        partition = None
+        if recipe.partition is not None:
+            from compactor.partition.planner import plan_for_artifact
+
+            files, partition = plan_for_artifact(
+                recipe.partition, final.onnx_path, ctx.eval_batches, recipe.base_dir,
+                ctx.work_path("partition"), self.progress)
+            extra_files = {**extra_files, **files}
+        manifest = artifact.build_manifest(
+            recipe, ctx.inputs, ctx.eval_batches, ctx.metric, self.stages, targets,
+            source_files, time.perf_counter() - self.t_start,
+            deployables=deployable_records, partition=partition,
+        )
+        with self.progress.task("write artifact"):
+            artifact.write_artifact(self.run.out_dir, recipe, final.onnx_path, manifest,
+                                    extra_files=extra_files)
+        return RunResult(recipe, ctx.metric, self.stages, targets, self.run.out_dir,
+                         manifest.to_dict(), time.perf_counter() - self.t_start)
+
+    def _worker_result(self) -> RunResult:
+        return RunResult(self.recipe, self.ctx.metric, [], [], self.run.out_dir, {},
+                         time.perf_counter() - self.t_start, worker=True)
+
+
+def _run_pass(p: Pass, stage: Stage, ctx: RunContext) -> Stage:
+    """A pass's own errors pass through; anything else is a bug that must still exit 4."""
+    try:
+        return p.run(stage, ctx)
+    except CompactorError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a pass bug must still exit 4, clearly
+        raise PassError(
+            f"pass '{p.name}' failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            if str(e) else f"pass '{p.name}' failed: {type(e).__name__}",
+            "run with --debug for the traceback",
+        ) from e
+
+
+def _deployables(final: StageResult, profiles: Sequence[Profile], ctx: RunContext,
+                 progress: Progress) -> tuple[dict[str, Path], list[dict[str, Any]]]:
+    """Files beyond model.onnx that the targets' profiles ask for (``format: ort``)."""
+    from compactor.exporting.ort_format import deployables
+
+    if not any(p.format != "onnx" for p in profiles):
+        return {}, []
+    sample = {s.name: ctx.eval_batches[0].inputs[s.name][:1] for s in ctx.inputs}
+    with progress.task("convert to ORT format (ONNX Runtime Mobile)"):
+        return deployables(final.onnx_path, profiles, ctx.work_dir, sample)

@@ -1,0 +1,97 @@
+"""What a run measured: one StageResult per stage, one TargetResult per target profile.
+
+They are typed here, below the artifact, the pipeline and check, so each of those reads the
+same fields; the manifest is their serialized form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from compactor.budgets import Verdict
+    from compactor.measure.latency import Latency
+    from compactor.profiles import Profile
+    from compactor.spec import Budgets
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    lineage: tuple[str, ...]
+    record: dict[str, Any]
+    metric: float
+    delta: float  # value - baseline value
+    drop: float  # how much worse than baseline (positive = worse)
+    size_bytes: int
+    params: int
+    macs: int | None
+    latency: dict[str, dict[int, Latency] | None]  # profile -> batch -> Latency
+    runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency_notes: dict[str, str] = field(default_factory=dict)
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)  # labelled estimates
+    precision: dict[str, Any] = field(default_factory=dict)  # int8 vs float ops
+    eval_export: dict[str, Any] | None = None
+    seconds: float = 0.0
+    onnx_path: Path | None = None
+
+    def p(self, profile: str, q: str = "p50", batch: int = 1) -> float | None:
+        lat = self.latency.get(profile)
+        if not lat or batch not in lat:
+            return None
+        return getattr(lat[batch], q)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "lineage": list(self.lineage),
+            "record": self.record,
+            "metric": self.metric,
+            "delta": self.delta,
+            "drop": self.drop,
+            "size_bytes": self.size_bytes,
+            "params": self.params,
+            "macs": self.macs,
+            "latency_ms": {
+                prof: (None if lat is None else {str(b): v.to_dict() for b, v in lat.items()})
+                for prof, lat in self.latency.items()
+            },
+            "runtime": {
+                prof: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                for prof, r in self.runtime.items()
+            },
+            "latency_notes": self.latency_notes,
+            "estimates": self.estimates,
+            "precision": self.precision,
+            "eval_export": self.eval_export,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class TargetResult:
+    profile: Profile
+    verdicts: list[Verdict]
+    notes: list[str] = field(default_factory=list)
+    batching: dict[str, Any] | None = None  # best-throughput batch size within the limit
+    budgets: Budgets | None = None  # what the verdicts judged, kept so `check` can re-judge
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.verdicts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile.name,
+            "settings": self.profile.model_dump(mode="json", by_alias=True),
+            "passed": self.passed,
+            "verdicts": [v.to_dict() for v in self.verdicts],
+            "notes": self.notes,
+            "batching": self.batching,
+            "budgets": None if self.budgets is None
+            else self.budgets.model_dump(mode="json", exclude_none=True),
+        }
