@@ -21,8 +21,9 @@ from compactor.recipe import load_recipe
 from compactor.yamlsafe import MAX_BYTES, MAX_NODES, load_yaml
 
 EXPORT_ONLY = [{"export": {"simplify": False}}]
-# The head of a user module written by a test: it can import the toys.
-TOYS_IMPORT = f"import sys\nsys.path.insert(0, {str(Path(toys.__file__).parent)!r})\nimport toys\n"
+# The head of a user module written by a test: it can import the toys (a package in tests/).
+TESTS = Path(toys.__file__).parents[1]
+TOYS_IMPORT = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nimport toys\n"
 
 
 def _cnn_recipe(folder: Path, **fields) -> Path:
@@ -300,7 +301,7 @@ def test_sigterm_stops_a_run_cleanly_with_exit_143_and_a_resume_line(tmp_path):
         textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        sys.path.insert(0, {str(Path(toys.__file__).parent)!r})
+        sys.path.insert(0, {str(TESTS)!r})
         import toys
 
         def slow_calibration():

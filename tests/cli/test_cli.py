@@ -27,7 +27,7 @@ from compactor.passes import registry
 from compactor.profiles import builtin_names, load_profile
 from compactor.recipe import load_recipe, parse_recipe
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 # A valid torch recipe whose files do not exist: enough for every command that must not

@@ -1,159 +1,38 @@
 """The quantize pass: mode and ISA choices, preparing foreign models, exclusions, and the
-bad inputs a user can give it (each a clear error or warning).
-
-The toy graphs here are built with ``onnx.helper`` (no torch, milliseconds to make): a
-convolution network, and a MatMul network whose middle layer can be given an activation
-outlier. ``tests/test_quantize_search.py`` imports them.
-"""
+bad inputs a user can give it (each a clear error or warning). The toy graphs are
+``toys.onnx_graphs``."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import toys
-from onnx import TensorProto, helper, numpy_helper
-from toys import assert_clean_error, cnn_model, ref, run_cli, write_recipe
+from toys import (
+    MLP_TOKENS,
+    MLP_WIDTH,
+    assert_clean_error,
+    cnn_data,
+    cnn_model,
+    cnn_onnx,
+    fake_timer,
+    mlp_data,
+    mlp_onnx,
+    ref,
+    run_cli,
+    run_pass,
+    toy_recipe,
+    two_input_onnx,
+    write_recipe,
+)
 
-from compactor.model import onnx_input_specs
-from compactor.passes import get_pass
 from compactor.passes.quantize import QuantizeConfig
 from compactor.quantization import isa
-from compactor.quantization.timing import Timing
-from compactor.recipe import load_recipe
-from compactor.stage import Stage
-
-D = 64  # the MLP's width
-T = 8  # its tokens per sample
-
-# --------------------------------------------------------------------------- toy graphs
-
-
-def _save(path: Path, nodes, inits: dict[str, np.ndarray], inputs, output, opset: int = 17):
-    graph = helper.make_graph(nodes, "toy", inputs, [output],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def mlp_onnx(path: Path, outlier: float = 1.0, opset: int = 17, seed: int = 0) -> Path:
-    """x[batch, 8, 64] → fc1 → Relu → fc2 → Relu → head, all MatMuls. ``outlier`` scales
-    channel 0 of fc2's input up and fc2's row 0 down by the same factor: the float model
-    is unchanged, but a per-tensor int8 range of fc2's input is wrecked."""
-    r = np.random.default_rng(seed)
-    a = (r.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
-    b = (r.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
-    c = (r.standard_normal((D, 16)) / np.sqrt(D)).astype(np.float32)
-    a[:, 0] *= outlier
-    b[0, :] /= outlier
-    nodes = [
-        helper.make_node("MatMul", ["x", "A"], ["a"], name="fc1"),
-        helper.make_node("Relu", ["a"], ["h"], name="act1"),
-        helper.make_node("MatMul", ["h", "B"], ["b"], name="fc2"),
-        helper.make_node("Relu", ["b"], ["h2"], name="act2"),
-        helper.make_node("MatMul", ["h2", "C"], ["y"], name="head"),
-    ]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", T, D])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", T, 16])
-    return _save(path, nodes, {"A": a, "B": b, "C": c}, [x], y, opset)
-
-
-def cnn_onnx(path: Path, opset: int = 17, seed: int = 0) -> Path:
-    """image[batch, 3, 16, 16] → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten
-    → Gemm: a convolution network."""
-    r = np.random.default_rng(seed)
-    w1 = (r.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
-    w2 = (r.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32)
-    fc = (r.standard_normal((10, 32)) * 0.3).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["image", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "FC"], ["logits"], name="head", transB=1),
-    ]
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    return _save(path, nodes, {"W1": w1, "W2": w2, "FC": fc}, [x], y, opset)
-
-
-def two_input_onnx(path: Path) -> Path:
-    """x[n, 16] + z[m, 16] → MatMul: ORT's symbolic shape inference gives up on it (it
-    cannot tell that n and m are the same), plain ONNX shape inference does not."""
-    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
-    nodes = [helper.make_node("Add", ["x", "z"], ["s"], name="add"),
-             helper.make_node("MatMul", ["s", "W"], ["y"], name="fc")]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16]),
-              helper.make_tensor_value_info("z", TensorProto.FLOAT, ["m", 16])]
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])
-    return _save(path, nodes, {"W": w}, inputs, y)
-
-
-def mlp_data(n: int, seed: int) -> dict[str, np.ndarray]:
-    return {"x": np.random.default_rng(seed).standard_normal((n, T, D)).astype(np.float32)}
-
-
-def cnn_data(n: int, seed: int) -> dict[str, np.ndarray]:
-    return {"image": np.random.default_rng(seed).standard_normal((n, 3, 16, 16))
-            .astype(np.float32)}
-
-
-def toy_recipe(folder: Path, model: Path, data, quantize: dict | None = None,
-               calibration: bool = True, budgets: dict | None = None, n_eval: int = 64,
-               n_calib: int = 64, batch_size: int = 16, metric: str = "fidelity") -> Path:
-    """A recipe quantizing an ONNX toy, data as .npz files (no labels: fidelity)."""
-    np.savez(folder / "eval.npz", **data(n_eval, seed=1))
-    files = {"eval": "eval.npz", "batch_size": batch_size}
-    if calibration:
-        np.savez(folder / "calib.npz", **data(n_calib, seed=2))
-        files["calibration"] = "calib.npz"
-    return write_recipe(folder, budgets=budgets, model={"onnx": str(model)}, data=files,
-                        metric=metric, passes=[{"quantize": quantize or {}}])
-
-
-def fake_timer(latency=None):
-    """A deterministic timer: ``latency(path) -> ms`` (default: float 2 ms, int8 1 ms)."""
-    def default(path: Path) -> float:
-        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-        quantized = bool(ops & {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
-                                "MatMulInteger", "ConvInteger", "QLinearMatMul"})
-        return 1.0 if quantized else 2.0
-
-    fn = latency or default
-
-    def make(ctx, cfg):
-        def timer(models):
-            return Timing({k: fn(Path(p)) for k, p in models.items()}, 10, "fake", 1, 1, 0.0)
-        return timer
-    return make
 
 
 @pytest.fixture
 def no_timing(monkeypatch):
     """Candidates are 'timed' by a fake: tests that are not about speed stay fast."""
     monkeypatch.setattr("compactor.passes.quantize._timer", fake_timer())
-
-
-def run_pass(folder: Path, recipe: Path, model: Path, **config) -> Stage:
-    """The quantize pass alone, on a bare context (no pipeline around it)."""
-    r = load_recipe(recipe)
-    work = folder / "work"
-    work.mkdir(exist_ok=True)
-    ctx = toys.run_context(r, work, inputs=onnx_input_specs(model))
-    stage = Stage("baseline", "onnx", onnx_path=model, lineage=("baseline",))
-    return get_pass("quantize")(QuantizeConfig(**config)).run(stage, ctx)
-
-
-def manifest(folder: Path) -> dict:
-    return json.loads((folder / "out" / "manifest.json").read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- mode: auto
@@ -252,13 +131,13 @@ def test_old_opset_is_upgraded_and_per_channel_output_is_valid(tmp_path, no_timi
     scales = {t.name: list(t.dims) for t in model.graph.initializer}
     weight_scales = [scales[n.input[1]] for n in model.graph.node
                      if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
-    assert weight_scales and all(d == [D] or d == [16] for d in weight_scales), (
+    assert weight_scales and all(d == [MLP_WIDTH] or d == [16] for d in weight_scales), (
         f"per-channel weights have one scale per output channel: {weight_scales}")
     import onnxruntime as ort
 
     x = mlp_data(4, seed=5)["x"]
     (got,) = ort.InferenceSession(str(out.onnx_path)).run(None, {"x": x})
-    assert got.shape == (4, T, 16)
+    assert got.shape == (4, MLP_TOKENS, 16)
 
 
 def test_symbolic_shape_inference_fallback_is_recorded(tmp_path, no_timing, monkeypatch):
@@ -318,10 +197,10 @@ def test_calibration_data_that_does_not_fit_the_model_exits_3(tmp_path, no_timin
     mlp = mlp_onnx(tmp_path / "mlp.onnx")
     np.savez(tmp_path / "eval.npz", **mlp_data(32, seed=1))
     np.savez(tmp_path / "calib.npz",
-             x=np.zeros((32, T + 4, D), dtype=np.float32))  # 12 tokens; the model has 8
+             x=np.zeros((32, MLP_TOKENS + 4, MLP_WIDTH), dtype=np.float32))  # 12 tokens, not 8
     path = write_recipe(
         tmp_path, model={"onnx": str(mlp),
-                         "inputs": [{"name": "x", "shape": ["batch", "tokens", D]}]},
+                         "inputs": [{"name": "x", "shape": ["batch", "tokens", MLP_WIDTH]}]},
         data={"eval": "eval.npz", "calibration": "calib.npz"}, metric="fidelity",
         passes=[{"quantize": {"mode": "static"}}])
     result = run_cli("optimize", path)

@@ -97,7 +97,7 @@ def test_manifest_hashes_match_the_files(cnn_run):
     assert m["schema_version"] == 1
     assert m["hashes"]["recipe"] == sha256(folder / "recipe.yaml")
     assert m["hashes"]["input_model"] == {
-        "toys.py": sha256(toys.TOYS),
+        toys.TOYS.name: sha256(toys.TOYS),
         "weights.pt": sha256(folder / "weights.pt"),
     }
     assert m["model"]["sha256"] == sha256(folder / "out" / "model.onnx")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from test_quantize import fake_timer, mlp_data, mlp_onnx, run_pass, toy_recipe
+from toys import fake_timer, mlp_data, mlp_onnx, run_pass, text_arrays, toy_recipe
 
 from compactor.quantization.prepare import head_shapes
 
@@ -19,8 +19,6 @@ QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QAttention", "DynamicQua
 
 
 def _text(n: int, seed: int) -> dict[str, np.ndarray]:
-    from toys import text_arrays
-
     return text_arrays(n, 12, seed=seed)
 
 

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from test_quantize import (
+from toys import (
     cnn_data,
     cnn_onnx,
     fake_timer,
     manifest,
     mlp_data,
     mlp_onnx,
+    run_cli,
     run_pass,
     toy_recipe,
 )
-from toys import run_cli
 
 from compactor.pipeline.judge import warn_if_slower
 from compactor.progress import Progress
