@@ -28,7 +28,15 @@ from compactor.profiles import builtin_names, load_profile
 from compactor.recipe import load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def bundled_recipes(folder: Path) -> list[Path]:
+    """The recipe files in ``folder``; dot-files (an editor's lock, macOS's ``._`` copies)
+    are not recipes, though ``*.yaml`` matches them."""
+    return sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("."))
+
+
+RECIPES = bundled_recipes(REPO / "recipes")
 
 # A valid torch recipe whose files do not exist: enough for every command that must not
 # load the model. quantize leaves calibration_method to its default on purpose.
@@ -192,6 +200,12 @@ def test_schema_accepts_what_recipes_write(invoke):
 def test_recipes_folder_holds_the_demo():
     assert REPO / "recipes" / "digits.yaml" in RECIPES
     assert (REPO / "recipes" / "digits.yaml").resolve() == demo_recipe().resolve()
+
+
+def test_dot_files_in_the_recipes_folder_are_not_recipes(tmp_path: Path):
+    for name in ("digits.yaml", "._digits.yaml", ".#digits.yaml", ".hidden.yaml"):
+        (tmp_path / name).write_text("not: a recipe\n", encoding="utf-8")
+    assert bundled_recipes(tmp_path) == [tmp_path / "digits.yaml"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
