@@ -1,4 +1,4 @@
-"""Fixtures shared by the test files. Toy models live in toys.py, not here."""
+"""Fixtures shared by the test files. Toy models and test helpers live in toys/, not here."""
 
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
-"""The ``distill`` pass: losses, the training loop, students, teachers, and bad input."""
+"""The ``distill`` pass: students, teachers, hints, torchrun, and bad input (its losses and
+training loop: tests/training/)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,264 +14,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 import toys
-from toys import CNN_INPUT, TEXT_INPUTS, assert_clean_error, ref, run_cli, write_recipe
+from toys import (
+    CNN_INPUT,
+    TEXT_INPUTS,
+    RecordingProgress,
+    assert_clean_error,
+    ref,
+    run_cli,
+    write_recipe,
+)
 
 from compactor.errors import PassError, RecipeError
 from compactor.model import load_model
 from compactor.passes import RunContext
 from compactor.passes.distill import DistillPass, StudentSpec, keep_layers
-from compactor.progress import Progress, Task
 from compactor.recipe import load_recipe
 from compactor.training import losses
 from compactor.training.checkpoint import load_torch
-from compactor.training.loop import EvalResult, LoopConfig, TrainTask, train
-
-# --------------------------------------------------------------------------- losses
-
-
-def test_kl_of_identical_logits_is_zero():
-    z = torch.randn(16, 10) * 5
-    for t in (1.0, 4.0, 10.0):
-        value = float(losses.kl_loss(z, z.clone(), t))
-        assert abs(value) < 1e-6, f"KL(z‖z) at T={t} is {value}"
-
-
-def test_kl_matches_hinton_with_t_squared_scaling():
-    torch.manual_seed(0)
-    s, t = torch.randn(8, 5), torch.randn(8, 5)
-    for temp in (1.0, 2.0, 4.0):
-        p = F.softmax(t / temp, dim=1)
-        manual = (p * (p.log() - F.log_softmax(s / temp, dim=1))).sum(1).mean() * temp**2
-        got = losses.kl_loss(s, t, temp)
-        assert torch.allclose(got, manual, atol=1e-6), (temp, float(got), float(manual))
-    # T² keeps the gradients' size: at high T they tend to (z_s - z_t) / (N · classes)
-    s.requires_grad_(True)
-    losses.kl_loss(s, t, 50.0).backward()
-    centred = (s - t) - (s - t).mean(dim=1, keepdim=True)
-    want = centred.detach() / (s.shape[0] * s.shape[1])
-    err = float((s.grad - want).abs().max() / want.abs().max())
-    assert err < 0.05, f"relative gradient error at T=50: {err:.4f}"
-
-
-def test_kl_on_token_logits_counts_every_token():
-    z = torch.randn(2, 3, 7)
-    flat = losses.kl_loss(z.reshape(6, 7), z.reshape(6, 7) * 0.5, 2.0)
-    assert torch.allclose(losses.kl_loss(z, z * 0.5, 2.0), flat)
-
-
-def test_ce_with_labels_and_one_hot():
-    z, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
-    assert torch.allclose(losses.ce_loss(z, y), F.cross_entropy(z, y))
-    assert torch.allclose(losses.ce_loss(z, F.one_hot(y, 4)), F.cross_entropy(z, y), atol=1e-6)
-
-
-def test_mse_and_cosine():
-    a = torch.randn(5, 8)
-    assert float(losses.mse_loss(a, a)) == 0.0
-    assert float(losses.cosine_loss(a, a)) < 1e-6
-    assert abs(float(losses.cosine_loss(a, -a)) - 2.0) < 1e-6
-    assert float(losses.cosine_loss(a, 3.0 * a)) < 1e-6, "cosine ignores scale"
-    assert float(losses.mse_loss(a, 3.0 * a)) > 0.1, "mse does not"
-
-
-@pytest.mark.parametrize(
-    ("student", "teacher", "kind"),
-    [((2, 8, 4, 4), (2, 16, 4, 4), "Conv2d"), ((2, 5, 32), (2, 5, 64), "Linear"),
-     ((2, 32), (2, 48), "Linear"), ((2, 8, 4, 4), (2, 8, 4, 4), None)],
-)
-def test_projection_maps_the_student_width_to_the_teacher(student, teacher, kind):
-    s, t = torch.randn(*student), torch.randn(*teacher)
-    proj = losses.make_projection(s, t)
-    assert (None if proj is None else type(proj).__name__) == kind
-    if proj is not None:
-        assert proj(s).shape == t.shape
-
-
-def test_projection_refuses_other_differences():
-    with pytest.raises(ValueError, match="more than their width"):
-        losses.make_projection(torch.randn(2, 8, 4, 4), torch.randn(2, 16, 8, 8))
-
-
-def test_distill_loss_sums_its_weighted_parts():
-    torch.manual_seed(0)
-    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-    fs, ft = [torch.randn(4, 6)], [torch.randn(4, 6)]
-    fn = losses.DistillLoss(losses.LossWeights(kl=0.5, ce=2.0, mse=1.0, cosine=0.25), 3.0,
-                            hint_weights=[4.0])
-    total, parts = fn(s, t, y, fs, ft)
-    assert set(parts) == {"kl", "ce", "mse", "cosine", "hint0"}
-    assert torch.allclose(parts["kl"], 0.5 * losses.kl_loss(s, t, 3.0))
-    assert torch.allclose(parts["hint0"], 4.0 * F.mse_loss(fs[0], ft[0]))
-    assert torch.allclose(total, sum(parts.values()))
-    with pytest.raises(ValueError, match="needs labels"):
-        fn(s, t, None)
-
-
-def test_masked_hint_counts_real_positions_only():
-    torch.manual_seed(0)
-    s, t = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    real = mask.bool()
-    want = F.mse_loss(s[real], t[real])
-    got = losses.hint_loss(s, t, mask)
-    assert torch.allclose(got, want, atol=1e-6), (float(got), float(want))
-    s2 = s.clone()
-    s2[~real] += 100.0  # padding positions: anything goes
-    assert torch.allclose(losses.hint_loss(s2, t, mask), want, atol=1e-6)
-    assert torch.allclose(losses.hint_loss(s, t, torch.ones(3, 5)), F.mse_loss(s, t))
-    fn = losses.DistillLoss(losses.LossWeights(cosine=1.0), hint_weights=[2.0])
-    _, parts = fn(s.mean(1), t.mean(1), None, [s2], [t], mask)
-    assert torch.allclose(parts["hint0"], 2.0 * want, atol=1e-5)
-    with pytest.raises(ValueError, match="does not fit"):
-        losses.hint_loss(s, t, mask[:, :4])
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-class _Bar(Task):
-    def __init__(self, owner):
-        self.owner = owner
-
-    def advance(self, n: int = 1) -> None:
-        self.owner.steps += n
-        if self.owner.interrupt_at == self.owner.steps:
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
-
-    def status(self, text: str) -> None:
-        self.owner.statuses.append(text)
-
-
-class RecordingProgress(Progress):
-    """Counts training steps, keeps status lines, and can press Ctrl-C at a given step."""
-
-    def __init__(self, interrupt_at: int | None = None):
-        self.interrupt_at = interrupt_at
-        self.steps = 0
-        self.statuses: list[str] = []
-        self.notes: list[str] = []
-
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        yield _Bar(self) if description.startswith("distill: train") else Task()
-
-    def note(self, message):
-        self.notes.append(message)
-
-
-def _regression_task(evals: list[float] | None = None, seed: int = 0) -> TrainTask:
-    """A linear model fitting a fixed target; ``evals`` scripts the eval metric per epoch."""
-    torch.manual_seed(seed)
-    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1),
-                                 torch.nn.Linear(8, 1))
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(8, 4, generator=g) for _ in range(6)]
-    batches = [(x, x.sum(1, keepdim=True)) for x in xs]
-    calls = {"n": 0}
-
-    def step(batch):
-        x, y = batch
-        loss = F.mse_loss(module(x), y)
-        return loss, {"mse": loss}, len(x)
-
-    def evaluate():
-        calls["n"] += 1
-        with torch.no_grad():
-            loss = float(sum(F.mse_loss(module(x), y) for x, y in batches) / len(batches))
-        value = evals[calls["n"] - 1] if evals else -loss
-        return EvalResult(value=value, loss=loss)
-
-    return TrainTask(module, step, evaluate, batches, "score", True, torch.device("cpu"))
-
-
-def test_training_reduces_the_loss_and_reports_progress(tmp_path):
-    task = _regression_task()
-    before = task.evaluate().loss
-    progress = RecordingProgress()
-    result = train(task, LoopConfig(epochs=6, lr=0.02, seed=0), tmp_path, key="k",
-                   progress=progress, label="distill: train")
-    assert result.steps == 36 and result.total_steps == 36
-    assert result.best.loss < 0.5 * before, (before, result.best.loss)
-    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
-    status = progress.statuses[-1]
-    for part in ("epoch 6/6", "loss", "score", "samples/s", "ETA"):
-        assert part in status, status
-
-
-def test_best_checkpoint_is_kept_and_early_stopping_stops(tmp_path):
-    task = _regression_task(evals=[0.5, 0.9, 0.7, 0.8, 0.95, 0.99])
-    result = train(task, LoopConfig(epochs=6, lr=0.01, patience=2), tmp_path, key="k",
-                   progress=RecordingProgress())
-    assert result.stopped_early and result.epochs == 4, result.history
-    assert result.best_epoch == 2 and result.best.value == 0.9
-    best = load_torch(tmp_path / "best.pt")
-    assert best["epoch"] == 2
-    for k, v in task.module.state_dict().items():
-        assert torch.equal(v, best["module"][k]), f"{k}: the module is not the best epoch's"
-
-
-def test_steps_budget_instead_of_epochs(tmp_path):
-    result = train(_regression_task(), LoopConfig(steps=9, lr=0.01), tmp_path, key="k",
-                   progress=RecordingProgress())
-    assert result.steps == 9 and result.epochs == 2  # 6 steps, then 3 and an evaluation
-
-
-def test_lr_schedule_warms_up_then_decays():
-    from compactor.training.loop import lr_lambda
-
-    f = lr_lambda(100, 10, "cosine")
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
-    assert f(99) < 0.01
-
-
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
-    cfg = LoopConfig(epochs=4, lr=0.02, seed=3)
-    whole = _regression_task()
-    train(whole, cfg, tmp_path / "a", key="k", progress=RecordingProgress(),
-          label="distill: train")
-
-    cut = _regression_task()
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, cfg, tmp_path / "b", key="k", progress=RecordingProgress(interrupt_at=9),
-              label="distill: train")
-    saved = load_torch(tmp_path / "b" / "last.pt")
-    # Ctrl-C after step 9: step 10 finishes, then the checkpoint is written
-    assert saved["state"]["global_step"] == 10 and saved["state"]["epoch"] == 1
-
-    resumed = _regression_task(seed=99)  # other initial weights: all must come from the file
-    result = train(resumed, cfg, tmp_path / "b", key="k", progress=RecordingProgress(),
-                   resume=True, label="distill: train")
-    assert result.resumed_from == {"epoch": 1, "step": 10}
-    for k, v in whole.module.state_dict().items():
-        assert torch.equal(v, resumed.module.state_dict()[k]), f"{k} differs after resume"
-
-
-def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
-    train(_regression_task(), LoopConfig(epochs=1), tmp_path, key="old",
-          progress=RecordingProgress())
-    with pytest.raises(RecipeError, match="different settings"):
-        train(_regression_task(), LoopConfig(epochs=1), tmp_path, key="new",
-              progress=RecordingProgress(), resume=True)
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    task = _regression_task()
-    inner = task.step
-    count = {"n": 0}
-
-    def step(batch):
-        count["n"] += 1
-        loss, parts, n = inner(batch)
-        return (loss * float("nan") if count["n"] == 8 else loss), parts, n
-
-    task.step = step
-    with pytest.raises(PassError) as e:
-        train(task, LoopConfig(epochs=3), tmp_path, key="k", progress=RecordingProgress())
-    msg = str(e.value)
-    assert "nan" in msg and "epoch 2, step 8" in msg and "last good checkpoint" in msg, msg
-    assert load_torch(tmp_path / "last.pt")["state"]["global_step"] == 6
-
 
 # --------------------------------------------------------------------------- the pass
 
@@ -581,87 +339,7 @@ def test_nan_loss_exits_4_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert np.isfinite([float(v.float().abs().sum()) for v in last["module"].values()]).all()
 
 
-# --------------------------------------------------------------------------- data parallel
-
-_DDP_WORKER = '''
-import json, sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-
-from compactor.progress import Progress
-from compactor.training import ddp
-from compactor.training.loop import EvalResult, LoopConfig, TrainTask, train
-
-out = Path(sys.argv[1])
-assert ddp.ensure_initialized(use_cuda=False)
-torch.manual_seed(ddp.rank())  # different initial weights: DDP must broadcast rank 0's
-module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-wrapped = ddp.wrap(module, torch.device("cpu"))
-g = torch.Generator().manual_seed(1)
-batches = [torch.randn(8, 4, generator=g) for _ in range(7)]  # 7: one is left out
-seen = []
-
-def step(x):
-    seen.append(float(x[0, 0]))
-    loss = F.mse_loss(wrapped(x), x.sum(1, keepdim=True))
-    return loss, {"mse": loss}, len(x)
-
-def evaluate():
-    with torch.no_grad():
-        loss = float(sum(F.mse_loss(module(x), x.sum(1, keepdim=True)) for x in batches))
-    return EvalResult(value=-loss, loss=loss)
-
-task = TrainTask(module, step, evaluate, batches, "score", True, torch.device("cpu"))
-ckpt = out / f"rank{ddp.rank()}"
-result = train(task, LoopConfig(epochs=2, lr=0.01), ckpt, key="k", progress=Progress(),
-               writable=ddp.is_main())
-torch.save(module.state_dict(), out / f"weights{ddp.rank()}.pt")
-(out / f"result{ddp.rank()}.json").write_text(json.dumps({**result.to_record(), "seen": seen}))
-ddp.shutdown()
-'''
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_data_parallel_training_with_two_cpu_processes(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    script = tmp_path / "worker.py"
-    script.write_text(_DDP_WORKER)
-    for _attempt in range(2):  # a free port can be taken before rank 0 binds it: retry once
-        port = str(_free_port())
-        procs = []
-        for rank in (0, 1):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-            procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)],
-                                          env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-        if not any("address already in use" in o.lower() for o in outs):
-            break
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
-    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in (0, 1))
-    for k in w0:
-        assert torch.equal(w0[k], w1[k]), f"{k}: the ranks' weights differ"
-    r0, r1 = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1))
-    assert r0["world_size"] == 2 and r0["steps"] == r1["steps"] == 2 * 3
-    for epoch in (slice(0, 3), slice(3, 6)):  # each epoch, each rank has its own batches
-        assert not set(r0["seen"][epoch]) & set(r1["seen"][epoch]), (r0["seen"], r1["seen"])
-    assert (tmp_path / "rank0" / "last.pt").is_file()
-    assert not (tmp_path / "rank1").exists(), "only rank 0 writes checkpoints"
+# --------------------------------------------------------------------------- torchrun
 
 
 @pytest.mark.slow

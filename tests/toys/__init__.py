@@ -5,6 +5,7 @@ test folder (``tests/`` is on pytest's ``pythonpath``).
 - ``onnx_graphs``: toy ONNX models (the exported teacher CNN, onnx.helper graphs)
 - ``recipes``: recipe and profile files, run contexts, CLI runs and their assertions
 - ``quantize``: the quantize pass alone on an ONNX toy, with a fake timer
+- ``progress``: a Progress that records what a run reports (and can press Ctrl-C)
 """
 
 from toys.factories import (
@@ -66,6 +67,7 @@ from toys.onnx_graphs import (
     mlp_onnx,
     two_input_onnx,
 )
+from toys.progress import RecordingProgress
 from toys.quantize import (
     fake_timer,
     run_pass,
@@ -98,6 +100,7 @@ __all__ = [
     "NoisyCNN",
     "PickyCNN",
     "PruneCNN",
+    "RecordingProgress",
     "TEACHER_SEED",
     "TEXT_CLASSES",
     "TEXT_INPUTS",

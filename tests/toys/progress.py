@@ -1,0 +1,39 @@
+"""A Progress that records what a run reports, and can press Ctrl-C at a given step."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+from compactor.progress import Progress, Task
+
+
+class _Bar(Task):
+    def __init__(self, owner):
+        self.owner = owner
+
+    def advance(self, n: int = 1) -> None:
+        self.owner.steps += n
+        if self.owner.interrupt_at == self.owner.steps:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
+
+    def status(self, text: str) -> None:
+        self.owner.statuses.append(text)
+
+
+class RecordingProgress(Progress):
+    """Counts training steps, keeps status lines, and can press Ctrl-C at a given step."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.interrupt_at = interrupt_at
+        self.steps = 0
+        self.statuses: list[str] = []
+        self.notes: list[str] = []
+
+    @contextlib.contextmanager
+    def task(self, description, total=None):
+        yield _Bar(self) if description.startswith("distill: train") else Task()
+
+    def note(self, message):
+        self.notes.append(message)
