@@ -9,11 +9,16 @@ folder is on ``sys.path`` when it runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from compactor.progress import Progress, Task
 
 HERE = Path(__file__).resolve().parent
 HEADER = ("# Benchmark results\n\nWritten by the scripts in this folder; each section is "
@@ -90,3 +95,20 @@ def wait_for_idle(min_idle: float = 0.9, max_wait_s: float = 120.0) -> float | N
     while idle is not None and idle < min_idle and time.monotonic() < deadline:
         idle = cpu_idle()
     return idle
+
+
+class PrintProgress(Progress):
+    """Prints each pipeline task to stderr as it finishes, and every note."""
+
+    def __init__(self, indent: str = "  "):
+        self.indent = indent
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None):
+        t0 = time.perf_counter()
+        yield Task()
+        print(f"{self.indent}{description} ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        print(f"{self.indent}note: {message}", file=sys.stderr, flush=True)

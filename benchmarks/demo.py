@@ -21,7 +21,6 @@ Exit code: 0 when every target holds, 1 when one fails (the results are written 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from _results import machine, wait_for_idle, write_json, write_section
+from _results import PrintProgress, machine, wait_for_idle, write_json, write_section
 
 NAME = "demo"
 PROFILE = "host-cpu"
@@ -42,21 +41,6 @@ TARGETS = {
     "accuracy_drop_pt": 0.5,  # at most this many accuracy points lost vs fp32
 }
 HERE = Path(__file__).resolve().parent
-
-
-class _Progress:
-    """Prints each pipeline task to stderr as it finishes."""
-
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        from compactor.progress import Task
-
-        t0 = time.perf_counter()
-        yield Task()
-        print(f"  {description} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-
-    def note(self, message):
-        print(f"  note: {message}", file=sys.stderr)
 
 
 def run_demo() -> tuple[dict, float]:
@@ -72,7 +56,7 @@ def run_demo() -> tuple[dict, float]:
     recipe = recipe.model_copy(update={"targets": host_targets})
     with tempfile.TemporaryDirectory(prefix="compactor-bench-") as tmp:
         t0 = time.perf_counter()
-        result = optimize(recipe, progress=_Progress(), output=Path(tmp) / "digits-cnn")
+        result = optimize(recipe, progress=PrintProgress(), output=Path(tmp) / "digits-cnn")
         seconds = time.perf_counter() - t0
     return result.manifest, seconds
 

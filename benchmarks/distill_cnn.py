@@ -26,7 +26,6 @@ Exit code: 0 when the target holds, 1 when it fails (the results are written eit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -60,19 +59,6 @@ output: {out}
 """
 
 
-class _Progress:
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        from compactor.progress import Task
-
-        t0 = time.perf_counter()
-        yield Task()
-        print(f"  {description} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-
-    def note(self, message):
-        print(f"  note: {message}", file=sys.stderr)
-
-
 def _distill_yaml(cfg: dict) -> str:
     import yaml
 
@@ -85,6 +71,8 @@ PRETRAINED = "compactor.examples.digits:build_pretrained"
 def run(variant: str, student: str, train: dict | None, folder: Path) -> dict:
     """One compactor run; returns its manifest. ``student``: prune, width, or teacher (the
     pretrained CNN as it is)."""
+    from _results import PrintProgress
+
     from compactor.pipeline import optimize
     from compactor.recipe import load_recipe
 
@@ -106,7 +94,7 @@ def run(variant: str, student: str, train: dict | None, folder: Path) -> dict:
                                   passes="\n".join(passes), profile=PROFILE,
                                   out=folder / f"out-{variant}"), encoding="utf-8")
     print(f"{variant}:", file=sys.stderr)
-    return optimize(load_recipe(path), progress=_Progress()).manifest
+    return optimize(load_recipe(path), progress=PrintProgress()).manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -333,29 +333,6 @@ output: {out}
 """
 
 
-class _Progress:
-    """Prints each pipeline task as it finishes, and the training status now and then."""
-
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        from compactor.progress import Task
-
-        t0 = time.perf_counter()
-        shown = {"t": 0.0}
-
-        class _T(Task):
-            def status(self, text):
-                if time.perf_counter() - shown["t"] > 30:
-                    shown["t"] = time.perf_counter()
-                    print(f"    {description}: {text}", file=sys.stderr)
-
-        yield _T()
-        print(f"  {description} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-
-    def note(self, message):
-        print(f"  note: {message}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results-dir", type=Path, default=HERE)
@@ -377,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pickle
 
-    from _results import machine, write_json, write_section
+    from _results import PrintProgress, machine, write_json, write_section
 
     from compactor.pipeline import optimize
     from compactor.recipe import load_recipe
@@ -403,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             profile=PROFILE, drop=round(1 - TARGETS["cosine"], 4),
             speedup=TARGETS["speedup_b1"], out=tmp_path / "out",
         ), encoding="utf-8")
-        result = optimize(load_recipe(recipe_path), progress=_Progress())
+        result = optimize(load_recipe(recipe_path), progress=PrintProgress())
         manifest = result.manifest
         ab = interleaved_speedup(tmp_path, result.artifact / "model.onnx", batches["eval"][0])
 

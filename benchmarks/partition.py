@@ -29,7 +29,6 @@ Exit code: 0 when every target holds, 1 when one fails (the results are written 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
@@ -55,19 +54,6 @@ MODELS = {
     "mobilenetv2-224": (4.0, "a Pi 4-class board runs MobileNetV2 at 224x224 in roughly "
                              "4x this host's time (assumed)"),
 }
-
-
-class _Progress:
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        from compactor.partition.planner import _Task
-
-        t0 = time.perf_counter()
-        yield _Task()
-        print(f"    {description} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-
-    def note(self, message):
-        print(f"    note: {message}", file=sys.stderr)
 
 
 def _export(module, shape, path: Path) -> Path:
@@ -213,6 +199,8 @@ def _row(name: str, bw: str, compress: str, r, device: str, m: dict) -> dict:
 
 def run(requests: int, results_dir: Path, threads: int | None, n_trials: int = 1,
         models_wanted=tuple(MODELS)) -> dict:
+    from _results import PrintProgress
+
     from compactor.partition.config import PartitionSpec
     from compactor.partition.planner import plan_partition
 
@@ -237,7 +225,7 @@ def run(requests: int, results_dir: Path, threads: int | None, n_trials: int = 1
                         r = plan_partition(m["path"], spec, data=m["data"],
                                            targets=m["targets"], out_dir=out_dir,
                                            simulate=True, simulate_requests=requests,
-                                           progress=_Progress())
+                                           progress=PrintProgress("    "))
                         trials.append(_row(name, bw, compress, r, device, m))
                         trials[-1]["out_dir"] = out_dir
                     # the trial with the median |error| stands for the row; all are kept

@@ -25,7 +25,6 @@ Exit code: 0 when every target holds, 1 when one fails (the results are written 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -59,21 +58,6 @@ targets:
   - profile: {profile}
 output: {out}
 """
-
-
-class Progress:
-    """Prints each pipeline task to stderr as it finishes."""
-
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        from compactor.progress import Task
-
-        t0 = time.perf_counter()
-        yield Task()
-        print(f"  {description} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-
-    def note(self, message):
-        print(f"  note: {message}", file=sys.stderr)
 
 
 def paired(models: dict[str, Path], profile_name: str, feeds: dict, seconds: float) -> dict:
@@ -124,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="paired measurement time per batch size")
     args = ap.parse_args(argv)
 
-    from _results import machine, wait_for_idle, write_json, write_section
+    from _results import PrintProgress, machine, wait_for_idle, write_json, write_section
 
+    from compactor.data import feeds_for_batch
     from compactor.exporting import ExportConfig, export_module
-    from compactor.pipeline import RunContext, feeds_for_batch, optimize
+    from compactor.pipeline import build_context, optimize
     from compactor.recipe import load_recipe
 
     round_to = 16 if _avx512() else 8
@@ -140,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe_path.write_text(RECIPE.format(profile=PROFILE, out=tmp_path / "out",
                                              round_to=round_to))
         recipe = load_recipe(recipe_path)
-        result = optimize(recipe, progress=Progress())
+        result = optimize(recipe, progress=PrintProgress())
         m = result.manifest
         stages = {s["name"]: s for s in m["stages"]}
 
         # the unpruned export, as the pipeline made it for the baseline stage
-        ctx = RunContext(recipe, recipe.model.inputs, tmp_path, Progress())
+        ctx = build_context(recipe, recipe.model.inputs, tmp_path, PrintProgress())
         from compactor.model import load_model
 
         baseline, _ = load_model(recipe.model, recipe.base_dir)

@@ -15,7 +15,6 @@ Exit code: 0 when every target holds, 1 when one fails (results are written eith
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -60,25 +59,12 @@ output: out
 """
 
 
-class _Progress:
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        from compactor.progress import Task
-
-        t0 = time.perf_counter()
-        yield Task()
-        print(f"  {description} ({time.perf_counter() - t0:.1f} s)", flush=True)
-
-    def note(self, message):
-        print(f"  ! {message}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results-dir", type=Path, default=HERE)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from _results import machine, wait_for_idle, write_json, write_section
+    from _results import PrintProgress, machine, wait_for_idle, write_json, write_section
 
     from compactor.pipeline import optimize
     from compactor.recipe import load_recipe
@@ -89,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "bench-2t.yaml").write_text(PROFILE, encoding="utf-8")
         (work / "recipe.yaml").write_text(RECIPE, encoding="utf-8")
         idle = {"before_optimize": wait_for_idle(0.8, IDLE_WAIT_S)}
-        result = optimize(load_recipe(work / "recipe.yaml"), progress=_Progress())
+        result = optimize(load_recipe(work / "recipe.yaml"), progress=PrintProgress())
         m = result.manifest
     stages = {s["name"]: s for s in m["stages"]}
     fp32, int8 = stages["export"], stages["quantize"]
@@ -116,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "isa": rec["isa"]["int8_path"],
         "int8_choice": rec["int8_choice"],
         "float_nodes": rec["float_nodes"],
-        "quantize_pass_seconds": rec.get("seconds"),
+        "quantize_pass_seconds": int8.get("pass_seconds"),
         "compactor_run_passed": result.passed,
         "machine": machine(),
         "cpu_idle": idle,

@@ -231,19 +231,6 @@ output: out
 """
 
 
-class _Progress:
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        from compactor.progress import Task
-
-        t0 = time.perf_counter()
-        yield Task()
-        print(f"  {description} ({time.perf_counter() - t0:.1f} s)", flush=True)
-
-    def note(self, message):
-        print(f"  ! {message}", flush=True)
-
-
 def cosines(path: Path, data: dict[str, np.ndarray], ref: np.ndarray | None = None):
     """Embeddings of every test sentence, one at a time (batch 1, as served)."""
     import onnxruntime as ort
@@ -294,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", type=Path, default=HERE)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from _results import machine, wait_for_idle, write_json, write_section
+    from _results import PrintProgress, machine, wait_for_idle, write_json, write_section
 
     from compactor.pipeline import optimize
     from compactor.profiles import load_profile
@@ -317,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             budget=int(TARGETS["pass_seconds"] - 10)), encoding="utf-8")
         idle = {"before_optimize": wait_for_idle(0.8, IDLE_WAIT_S)}
         print("compactor optimize ...", flush=True)
-        result = optimize(load_recipe(work / "recipe.yaml"), progress=_Progress())
+        result = optimize(load_recipe(work / "recipe.yaml"), progress=PrintProgress())
         rec = result.manifest["stages"][-1]["record"]
         int8 = result.artifact / "model.onnx"
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from compactor.errors import BudgetFailed, UsageError, did_you_mean
 from compactor.spec import Budgets, Drop, LatencyBudget, Target
+from compactor.verdict import Status, Verdict
 
 if TYPE_CHECKING:
     from compactor.profiles import Profile
     from compactor.stage import Stage
 
-Status = Literal["pass", "fail", "not measured"]
 
 # Every key `--budget KEY=VALUE` accepts, with what it means.
 BUDGET_KEYS = {
@@ -34,27 +34,6 @@ BUDGET_KEYS = {
     "max_accuracy_drop": "metric drop vs baseline: absolute (0.01) or relative (2%)",
     "min_speedup": "baseline p50 / final p50 at batch 1, measured in one run",
 }
-
-
-@dataclass(frozen=True)
-class Verdict:
-    budget: str  # e.g. "max_latency_ms.p90", or "limits.memory_mb" for a profile limit
-    limit: float
-    measured: float | None
-    unit: str
-    status: Status
-    detail: str = ""
-    estimate: float | None = None  # labelled estimate, when the figure was not measured
-
-    @property
-    def passed(self) -> bool:
-        return self.status != "fail"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["estimate"] is None:
-            del d["estimate"]
-        return d
 
 
 def _check(name: str, limit: float, measured: float | None, unit: str, ok_if_le: bool,

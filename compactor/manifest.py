@@ -242,6 +242,16 @@ class PrecisionRecord(_Open):
         return bool(self.model_fields_set or self.model_extra)
 
 
+class VerdictRecord(_Closed):
+    budget: str
+    limit: float
+    measured: float | None
+    unit: str
+    status: Literal["pass", "fail", "not measured"]
+    detail: str = ""
+    estimate: float | None = None
+
+
 class StageRecord(_Open):
     name: str
     kind: str
@@ -260,19 +270,12 @@ class StageRecord(_Open):
     precision: PrecisionRecord = Field(default_factory=PrecisionRecord)
     eval_export: dict[str, Any] | None = None
     seconds: float = 0.0
+    pass_seconds: float | None = None
+    warnings: list[str] = Field(default_factory=list)
+    verdict: VerdictRecord | None = None
 
     def latency_at(self, profile: str, batch: int = 1) -> LatencyRecord | None:
         return (self.latency_ms.get(profile) or {}).get(str(batch))
-
-
-class VerdictRecord(_Closed):
-    budget: str
-    limit: float
-    measured: float | None
-    unit: str
-    status: Literal["pass", "fail", "not measured"]
-    detail: str = ""
-    estimate: float | None = None
 
 
 class BatchingHint(_Open):

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from compactor.budgets import Verdict
     from compactor.measure.latency import Latency
     from compactor.profiles import Profile
     from compactor.spec import Budgets
+    from compactor.verdict import Verdict
 
 
 @dataclass
@@ -35,8 +35,11 @@ class StageResult:
     estimates: dict[str, dict[str, Any]] = field(default_factory=dict)  # labelled estimates
     precision: dict[str, Any] = field(default_factory=dict)  # int8 vs float ops
     eval_export: dict[str, Any] | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # evaluating the stage
     onnx_path: Path | None = None
+    warnings: tuple[str, ...] = ()  # what the pass (or the run, about it) warns of
+    verdict: Verdict | None = None  # a budget the pass judged on its own stage
+    pass_seconds: float | None = None  # running the pass that made the stage
 
     def p(self, profile: str, q: str = "p50", batch: int = 1) -> float | None:
         lat = self.latency.get(profile)
@@ -69,6 +72,9 @@ class StageResult:
             "precision": self.precision,
             "eval_export": self.eval_export,
             "seconds": round(self.seconds, 3),
+            "pass_seconds": self.pass_seconds,
+            "warnings": list(self.warnings),
+            "verdict": None if self.verdict is None else self.verdict.to_dict(),
         }
 
 

@@ -92,17 +92,19 @@ class InputSpec(Strict):
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
-class ModelSpec(Strict):
+class ModelSource(Strict):
+    """Where a model comes from: a factory (with args and optional weights), a TorchScript
+    file or an ONNX file. The recipe's ``model:`` adds its inputs and outputs; a distill
+    teacher is a bare source (it is fed the recipe's inputs)."""
+
     factory: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
     torchscript: str | None = None
     onnx: str | None = None
-    inputs: tuple[InputSpec, ...] = ()
-    outputs: tuple[str, ...] = ()
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
+    def _one_source(self) -> ModelSource:
         given = [k for k in ("factory", "torchscript", "onnx") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
@@ -113,16 +115,28 @@ class ModelSpec(Strict):
             raise ValueError("'weights' applies only to a 'factory' model")
         if self.args and not self.factory:
             raise ValueError("'args' applies only to a 'factory' model")
+        return self
+
+    @property
+    def kind(self) -> Literal["torch", "onnx"]:
+        return "onnx" if self.onnx else "torch"
+
+    def describe(self) -> str:
+        return self.factory or self.torchscript or self.onnx or "?"
+
+
+class ModelSpec(ModelSource):
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _inputs(self) -> ModelSpec:
         if not self.onnx and not self.inputs:
             raise ValueError("a torch model needs 'inputs' (name, shape, dtype of each input)")
         names = [i.name for i in self.inputs]
         if len(set(names)) != len(names):
             raise ValueError(f"input names must be unique, got {names}")
         return self
-
-    @property
-    def kind(self) -> Literal["torch", "onnx"]:
-        return "onnx" if self.onnx else "torch"
 
 
 class DataSpec(Strict):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from compactor.verdict import Verdict
 
 
 @dataclass(frozen=True)
@@ -14,7 +17,9 @@ class Stage:
 
     ``module`` holds the torch module of a torch stage, ``onnx_path`` the file of an ONNX
     stage. ``record`` is what the pass that made it wants the manifest to say (exporter
-    used, numeric error, quantization settings...).
+    used, numeric error, quantization settings...). What the run must act on is typed:
+    ``warnings`` the user must hear, a ``verdict`` the pass judged on its own stage (a
+    budget it was given), and ``seconds``, how long the pass took (the pipeline's clock).
     """
 
     name: str
@@ -23,6 +28,9 @@ class Stage:
     onnx_path: Path | None = None
     lineage: tuple[str, ...] = ()
     record: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    verdict: Verdict | None = None
+    seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "torch" and self.module is None:
@@ -32,7 +40,9 @@ class Stage:
 
     def derive(self, name: str, **changes: Any) -> Stage:
         """A new stage made from this one by the pass ``name``."""
-        changes.setdefault("record", {})
+        for name_, default in (("record", {}), ("warnings", ()), ("verdict", None),
+                               ("seconds", None)):
+            changes.setdefault(name_, default)
         if changes.get("kind") == "onnx":
             changes.setdefault("module", None)
         return dataclasses.replace(self, name=name, lineage=(*self.lineage, name), **changes)

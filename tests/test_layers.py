@@ -20,7 +20,7 @@ PKG = Path(__file__).resolve().parents[1] / "compactor"
 # Lowest first; DESIGN.md's layers, refined into a total order.
 ORDER = [
     # foundations
-    "errors", "version", "yamlsafe", "spec", "stage", "progress", "_imports", "examples",
+    "errors", "version", "yamlsafe", "spec", "verdict", "stage", "progress", "_imports", "examples",
     # data, model, metrics, measure, profiles, export machinery
     "profiles", "data", "metrics", "model", "measure",
     "budgets", "results", "manifest", "exporting",

@@ -9,11 +9,10 @@ write ``head.onnx``, ``tail.onnx``, ``plan.json`` and ``chart.svg``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from compactor.partition.profile import (
 )
 from compactor.partition.simulate import message_bytes
 from compactor.partition.units import fmt_bandwidth, parse_bandwidth, parse_duration_ms
+from compactor.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +41,6 @@ PLAN_SCHEMA = "compactor.partition/1"
 TOLERANCE = 1e-4  # largest |tail(head(x)) - model(x)| relative to the output's magnitude
 VERIFY_SAMPLES = 256  # tail(head(x)) is checked on up to this many samples
 CHART_RANGE = (1e5, 1e9)  # 100 kbps .. 1 Gbps
-
-
-class _Task:
-    def advance(self, n: int = 1) -> None:  # noqa: B027 - a no-op by design
-        pass
-
-
-class NullProgress:
-    """The progress protocol of :mod:`compactor.pipeline`, doing nothing."""
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int | None = None) -> Iterator[_Task]:
-        yield _Task()
-
-    def note(self, message: str) -> None:
-        pass
 
 
 @dataclass
@@ -93,7 +77,7 @@ def plan_partition(
     ``timing_cache``: pass the same dict to several calls on the same model (say, one per
     bandwidth) to time its parts once; the timings depend on the model, batch size and
     ONNX Runtime settings, not on the link."""
-    progress = progress or NullProgress()
+    progress = progress or Progress()
     p = _prepare(Path(model_path), spec, base_dir, data, progress)
     _time_parts(p, timing_cache, progress)
     costs = _refine(p, p.options(), progress)

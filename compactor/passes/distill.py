@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from compactor.errors import DataError, PassError, RecipeError, did_you_mean
 from compactor.passes.base import Pass, PassConfig, register
+from compactor.spec import ModelSource
 
 if TYPE_CHECKING:
     from compactor.budgets import SizeFloor
@@ -41,30 +42,9 @@ log = logging.getLogger(__name__)
 CLASSIFICATION_METRICS = ("accuracy", "top5")
 
 
-class TeacherSpec(PassConfig):
-    """A teacher model: the fields of the recipe's ``model:`` spec, without ``inputs``
-    (the teacher is fed the recipe's inputs)."""
-
-    factory: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = None
-    torchscript: str | None = None
-    onnx: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TeacherSpec:
-        given = [k for k in ("factory", "torchscript", "onnx") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(
-                "teacher: give exactly one of 'factory', 'torchscript' or 'onnx'"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
-        if (self.weights or self.args) and not self.factory:
-            raise ValueError("teacher: 'weights' and 'args' apply only to a 'factory' model")
-        return self
-
-    def describe(self) -> str:
-        return self.factory or self.torchscript or self.onnx or "?"
+# A teacher is a model source like the recipe's ``model:``, without inputs (it is fed the
+# recipe's inputs): one spec, one set of rules.
+TeacherSpec = ModelSource
 
 
 class StudentSpec(PassConfig):
@@ -194,7 +174,7 @@ class DistillPass(Pass):
         import torch
 
         from compactor.training import ddp
-        from compactor.training.loop import LoopConfig, TrainTask, train
+        from compactor.training.loop import TrainTask, train
 
         cfg: DistillConfig = self.config
         device = _device(cfg.device)
@@ -205,17 +185,8 @@ class DistillPass(Pass):
         record: dict[str, Any] = {"device": str(device)}
 
         batches = _train_batches(ctx)
-        has_labels = all(b.target is not None for b in batches)
         metric = ctx.metric
-        weights = _loss_weights(cfg, metric.name, has_labels)
-        record["losses"] = weights.active()
-        if weights.ce and not has_labels:
-            raise DataError(
-                "distill: losses.ce needs labels, and data.train yields batches without "
-                "targets",
-                "yield (inputs, target) training batches, or drop 'ce' (label-free "
-                "distillation learns from the teacher's outputs alone)",
-            )
+        weights = _weights_for(cfg, metric.name, batches, record)
         needs_teacher = weights.needs_teacher or bool(cfg.hints)
         teacher = _Teacher.build(cfg, ctx, stage, device) if needs_teacher else None
         record["teacher"] = teacher.description if teacher else None
@@ -246,16 +217,10 @@ class DistillPass(Pass):
             step, evaluate = self._step_and_eval(
                 model, wrapped, teacher, weights, cfg, ctx, metric, device
             )
-            loop_cfg = LoopConfig(
-                epochs=cfg.epochs or 1, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                warmup=cfg.warmup, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
-                select_best=cfg.select_best, patience=cfg.patience, min_delta=cfg.min_delta,
-                seed=ctx.seed,
-            )
             task = TrainTask(model, step, evaluate, batches, metric.name,
                              metric.higher_is_better, device)
             result = train(
-                task, loop_cfg, ctx.checkpoint_dir(), key=ctx.pass_key,
+                task, _loop_config(cfg, ctx.seed), ctx.checkpoint_dir(), key=ctx.pass_key,
                 progress=ctx.progress, resume=ctx.resume, writable=ctx.writes,
                 label="distill: train",
             )
@@ -263,18 +228,7 @@ class DistillPass(Pass):
             model.detach_hints()
             if teacher is not None:
                 teacher.close()
-        record.update(result.to_record())
-        record["kept_epoch"] = result.best_epoch if cfg.select_best else result.epochs
-        if result.history:
-            kept = result.history[record["kept_epoch"] - 1]
-            ctx.progress.note(
-                f"distill: kept epoch {record['kept_epoch']}/{result.epochs} "
-                f"({'the best; ' if cfg.select_best else 'the last; '}"
-                f"{metric.name} {kept[metric.name]:.4g} in torch)"
-                + (", stopped early" if result.stopped_early else "")
-                + (f", resumed at step {result.resumed_from['step']}"
-                   if result.resumed_from else "")
-            )
+        _record_result(result, cfg, metric.name, record, ctx.progress)
         for p in frozen:
             p.requires_grad_(True)
         out = model.student.to("cpu").eval()
@@ -433,6 +387,49 @@ def _freeze(student: Any, patterns: Sequence[str]) -> list[Any]:
     for p in unique:
         p.requires_grad_(False)
     return unique
+
+
+def _weights_for(cfg: DistillConfig, metric: str, batches: Sequence[Batch],
+                 record: dict[str, Any]):
+    """The loss weights to train with; ``ce`` needs labelled training batches."""
+    has_labels = all(b.target is not None for b in batches)
+    weights = _loss_weights(cfg, metric, has_labels)
+    record["losses"] = weights.active()
+    if weights.ce and not has_labels:
+        raise DataError(
+            "distill: losses.ce needs labels, and data.train yields batches without targets",
+            "yield (inputs, target) training batches, or drop 'ce' (label-free "
+            "distillation learns from the teacher's outputs alone)",
+        )
+    return weights
+
+
+def _loop_config(cfg: DistillConfig, seed: int):
+    from compactor.training.loop import LoopConfig
+
+    return LoopConfig(
+        epochs=cfg.epochs or 1, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup, schedule=cfg.schedule, max_grad_norm=cfg.max_grad_norm,
+        select_best=cfg.select_best, patience=cfg.patience, min_delta=cfg.min_delta,
+        seed=seed,
+    )
+
+
+def _record_result(result: Any, cfg: DistillConfig, metric: str, record: dict[str, Any],
+                   progress: Any) -> None:
+    """What training did, in the record, and which epoch was kept, said to the user."""
+    record.update(result.to_record())
+    record["kept_epoch"] = result.best_epoch if cfg.select_best else result.epochs
+    if result.history:
+        kept = result.history[record["kept_epoch"] - 1]
+        progress.note(
+            f"distill: kept epoch {record['kept_epoch']}/{result.epochs} "
+            f"({'the best; ' if cfg.select_best else 'the last; '}"
+            f"{metric} {kept[metric]:.4g} in torch)"
+            + (", stopped early" if result.stopped_early else "")
+            + (f", resumed at step {result.resumed_from['step']}"
+               if result.resumed_from else "")
+        )
 
 
 def _train_batches(ctx: RunContext) -> list[Batch]:

@@ -41,10 +41,10 @@ class ExportPass(Pass):
         record = export_module(stage.module, ctx.inputs, batches[0], path, cfg, ctx.output_names)
         if cfg.simplify:
             record["simplify"] = simplify_checked(path, batches)
+        warnings = ()
         if record.get("fallback_reason"):
-            record.setdefault("warnings", []).append(
-                "the dynamo exporter failed, the legacy exporter was used (reason in the "
-                "manifest)")
+            warnings = ("the dynamo exporter failed, the legacy exporter was used (reason in "
+                        "the manifest)",)
         err = max_abs_error(stage.module, path, ctx.inputs, batches)
         record.update(err)
         if err["relative_error"] > cfg.tolerance:
@@ -54,4 +54,5 @@ class ExportPass(Pass):
                 "the model may depend on training-mode behaviour or random ops; raise "
                 "export.tolerance only if this difference is acceptable",
             )
-        return stage.derive("export", kind="onnx", onnx_path=path, record=record)
+        return stage.derive("export", kind="onnx", onnx_path=path, record=record,
+                            warnings=warnings)

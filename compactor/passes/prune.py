@@ -182,14 +182,12 @@ class PrunePass(Pass):
         record["macs"] = {"before": before["macs"], "after": after["macs"],
                           "ratio": round(after["macs"] / max(1, before["macs"]), 4),
                           "at": "batch 1, torch FLOP counter"}
-        warnings = list(report.warnings)
         check_pruned(model, ctx.inputs, ctx.eval_batches[:2], reference)
         if cfg.check_export:
             record["export_check"] = check_export(model, ctx, len(stage.lineage))
-        if warnings:
-            record["warnings"] = warnings
         model.eval()
-        return stage.derive("prune", module=model, record=record)
+        return stage.derive("prune", module=model, record=record,
+                            warnings=tuple(report.warnings))
 
 
 def spec_from_config(cfg: PruneConfig, seed: int = 0):

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from compactor.errors import PassError
 from compactor.passes.base import Pass, PassConfig, register
 from compactor.quantization.modes import IntType, QuantFormat, QuantMode
+from compactor.verdict import Verdict
 
 if TYPE_CHECKING:
     from compactor.budgets import SizeFloor
@@ -172,7 +173,9 @@ class QuantizePass(Pass):
         record["search"]["seconds"] = round(outcome.seconds, 2)
         record["search"]["pass_seconds"] = round(time.monotonic() - t0, 2)
         record.update(_int8_summary(out))
-        return stage.derive("quantize", kind="onnx", onnx_path=out, record=record)
+        return stage.derive("quantize", kind="onnx", onnx_path=out, record=record,
+                            warnings=tuple(record.pop("warnings", ())),
+                            verdict=record.pop("verdict", None))
 
     # ------------------------------------------------------------------ setup
 
@@ -377,15 +380,15 @@ class QuantizePass(Pass):
         if budget.source == "quantize.max_accuracy_drop":
             # The pass's own budget becomes a verdict; a budget taken from the targets is
             # judged there already, on the final stage and all the eval data.
-            record["verdict"] = {
-                "budget": "quantize.max_accuracy_drop",
-                "limit": budget.allowed,
-                "measured": _worst_drop(outcome),
-                "unit": judge.metric.name,
-                "status": "pass" if outcome.met else "fail",
-                "detail": f"int8 search on eval data ({budget.source}), worst of the search "
-                f"and held-out parts",
-            }
+            record["verdict"] = Verdict(
+                budget="quantize.max_accuracy_drop",
+                limit=budget.allowed,
+                measured=_worst_drop(outcome),
+                unit=judge.metric.name,
+                status="pass" if outcome.met else "fail",
+                detail=f"int8 search on eval data ({budget.source}), worst of the search "
+                "and held-out parts",
+            )
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ class Evaluator:
             eval_export=eval_export,
             seconds=time.perf_counter() - t0,
             onnx_path=path,
+            warnings=stage.warnings,
+            verdict=stage.verdict,
+            pass_seconds=stage.seconds,
         )
 
     def _onnx_form(self, stage: Stage) -> tuple[Path, dict[str, Any] | None]:

@@ -54,8 +54,7 @@ def pass_verdicts(stages: Sequence[StageResult]) -> list[Verdict]:
     """Budgets a pass judged on its own stage (quantize's accuracy budget, on eval data it
     held out from its search). They are listed with the first target, so a pass that kept
     its best candidate but missed its budget fails the run (exit 1)."""
-    return [Verdict(**s.record["verdict"]) for s in stages[1:]
-            if isinstance(s.record.get("verdict"), dict)]
+    return [s.verdict for s in stages[1:] if s.verdict is not None]
 
 
 def warn_if_slower(before: StageResult, after: StageResult, progress: Progress,
@@ -67,7 +66,7 @@ def warn_if_slower(before: StageResult, after: StageResult, progress: Progress,
             msg = (f"the int8 model is SLOWER than its float input on {prof}: p50 {a:.3f} ms "
                    f"vs {b:.3f} ms at batch 1 ({b / a:.2f}x); consider dropping the pass or "
                    "another format/op_types")
-            after.record.setdefault("warnings", []).append(msg)
+            after.warnings = (*after.warnings, msg)
             progress.note(f"quantize: {msg}")
 
 

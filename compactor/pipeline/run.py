@@ -3,6 +3,7 @@ the budgets and write the artifact."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,9 +137,9 @@ class _Runner:
             else:
                 current = reused
         if not reused:
-            current.record["seconds"] = round(time.perf_counter() - t0, 3)
+            current = dataclasses.replace(current, seconds=round(time.perf_counter() - t0, 3))
             self.run.save_stage(i, current)
-        for w in current.record.get("warnings", []):
+        for w in current.warnings:
             self.progress.note(f"{p.name}: {w}")
         return current
 

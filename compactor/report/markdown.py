@@ -157,10 +157,10 @@ def render_markdown(manifest: Manifest) -> str:
     else:
         lines += ["No budgets were set.", ""]
     for s in manifest.stages:
-        if s.name == "quantize" and isinstance(s.record.get("search"), dict):
+        if isinstance(s.record.get("search"), dict):  # an int8 search ran for this stage
             lines += quantize_section(s.record)
     notes = [n for t in manifest.targets for n in t.notes]
-    notes += [f"{s.name}: {w}" for s in manifest.stages for w in s.record.get("warnings", [])]
+    notes += [f"{s.name}: {w}" for s in manifest.stages for w in s.warnings]
     if notes:
         lines += ["## Notes", ""] + [f"- {md_text(n)}" for n in notes] + [""]
     return "\n".join(lines)

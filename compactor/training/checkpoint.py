@@ -537,6 +537,8 @@ class RunFolder:
                 file = _save_module(stage.module, folder / base)
             desc = {"name": stage.name, "kind": stage.kind, "lineage": list(stage.lineage),
                     "record": json.loads(json.dumps(stage.record, default=str)),
+                    "warnings": list(stage.warnings), "seconds": stage.seconds,
+                    "verdict": None if stage.verdict is None else stage.verdict.to_dict(),
                     "file": file.name}
             desc["check"] = file_record(file, _stage_subject(index, entry["key"], desc))
         except Exception as e:  # noqa: BLE001 - a stage that cannot be kept only costs --resume
@@ -560,12 +562,12 @@ class RunFolder:
         verify_file(file, s.get("check"), _stage_subject(index, entry.get("key"), desc))
         if s["kind"] == "onnx":
             return Stage(s["name"], "onnx", onnx_path=file, lineage=tuple(s["lineage"]),
-                         record=dict(s["record"]))
+                         record=dict(s["record"]), **_outcome(s))
         if previous.module is None:
             raise Refused("the stage before it is not a torch module to rebuild it on")
         module = _load_module(file, previous.module)
         return Stage(s["name"], "torch", module=module, lineage=tuple(s["lineage"]),
-                     record=dict(s["record"]))
+                     record=dict(s["record"]), **_outcome(s))
 
     # -- training checkpoints
 
@@ -663,3 +665,13 @@ def _load_module(file: Path, template: Any) -> Any:
             owner._buffers[leaf] = tensor.clone()  # noqa: SLF001 - a buffer of a new shape
     module.load_state_dict(state, strict=True)
     return module.eval()
+
+
+def _outcome(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved stage's typed outcome (warnings, its own verdict, the pass's seconds)."""
+    from compactor.verdict import Verdict
+
+    verdict = saved.get("verdict")
+    return {"warnings": tuple(str(w) for w in saved.get("warnings") or ()),
+            "verdict": Verdict(**verdict) if isinstance(verdict, dict) else None,
+            "seconds": saved.get("seconds")}

@@ -196,7 +196,7 @@ def test_ignore_globs_and_the_head_is_kept(tmp_path):
 def test_ignore_pattern_that_matches_nothing_warns_by_name(tmp_path):
     ctx = make_ctx(tmp_path)
     out = prune(ctx, build_prune_cnn(), amount=0.5, ignore=["stem*", "backbone.*"])
-    (warning,) = out.record["warnings"]
+    (warning,) = out.warnings
     assert "'backbone.*'" in warning and "stem" not in warning
 
 

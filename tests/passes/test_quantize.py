@@ -103,18 +103,19 @@ def test_isa_choice_is_recorded_and_a_risky_pin_warns(tmp_path, monkeypatch, no_
     monkeypatch.setattr("compactor.measure.host.isa_flags", lambda: ["avx", "avx2", "fma"])
     mlp = mlp_onnx(tmp_path / "mlp.onnx")
     recipe = toy_recipe(tmp_path, mlp, mlp_data)
-    rec = run_pass(tmp_path, recipe, mlp, mode="static", search_speed=False).record
+    out = run_pass(tmp_path, recipe, mlp, mode="static", search_speed=False)
+    rec = out.record
     assert rec["isa"]["int8_path"] == "avx2" and rec["isa"]["no_saturation"] is False
     assert rec["int8_choice"]["reduce_range"] is True, rec["int8_choice"]
     assert rec["reduce_range"] is True and rec["activation_type"] == "uint8", rec
-    assert not rec.get("warnings"), rec.get("warnings")
+    assert not out.warnings, out.warnings
 
     (tmp_path / "pinned").mkdir()
     recipe = toy_recipe(tmp_path / "pinned", mlp, mlp_data)
-    rec = run_pass(tmp_path / "pinned", recipe, mlp, mode="static", reduce_range=False,
-                   search_speed=False).record
-    assert rec["reduce_range"] is False
-    assert any("saturation" in w for w in rec["warnings"]), rec["warnings"]
+    out = run_pass(tmp_path / "pinned", recipe, mlp, mode="static", reduce_range=False,
+                   search_speed=False)
+    assert out.record["reduce_range"] is False
+    assert any("saturation" in w for w in out.warnings), out.warnings
 
 
 # --------------------------------------------------------------------------- foreign models
@@ -151,10 +152,11 @@ def test_symbolic_shape_inference_fallback_is_recorded(tmp_path, no_timing, monk
 
     recipe = toy_recipe(tmp_path, model, data, calibration=False,
                         quantize={"mode": "dynamic"})
-    rec = run_pass(tmp_path, recipe, model, mode="dynamic").record
+    out = run_pass(tmp_path, recipe, model, mode="dynamic")
+    rec = out.record
     assert rec["preprocess"] == "ONNX shape inference + optimization", rec
     assert "gave up" in rec["symbolic_shape_inference"], rec
-    assert any("symbolic shape inference gave up" in w for w in rec["warnings"]), rec
+    assert any("symbolic shape inference gave up" in w for w in out.warnings), out.warnings
     assert rec["quantization_ops"], rec
     litter = [p.name for p in tmp_path.iterdir() if "sym_shape" in p.name or p.suffix == ".data"]
     assert litter == [], f"ORT's partial model must stay in the work folder: {litter}"
@@ -212,9 +214,9 @@ def test_calibration_data_that_does_not_fit_the_model_exits_3(tmp_path, no_timin
 def test_too_few_calibration_samples_warn_with_the_number_used(tmp_path, no_timing):
     mlp = mlp_onnx(tmp_path / "mlp.onnx")
     recipe = toy_recipe(tmp_path, mlp, mlp_data, n_calib=5)
-    rec = run_pass(tmp_path, recipe, mlp, mode="static", search_speed=False).record
-    assert rec["calibration_samples"] == 5
-    (warning,) = [w for w in rec["warnings"] if "calibration samples" in w]
+    out = run_pass(tmp_path, recipe, mlp, mode="static", search_speed=False)
+    assert out.record["calibration_samples"] == 5
+    (warning,) = [w for w in out.warnings if "calibration samples" in w]
     assert "only 5 calibration samples" in warning and "asked for 256" in warning, warning
 
 

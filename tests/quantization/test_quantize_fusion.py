@@ -121,7 +121,7 @@ def test_fusion_on_without_attention_warns(tmp_path, monkeypatch):
     mlp = mlp_onnx(tmp_path / "mlp.onnx")
     out = run_pass(tmp_path, toy_recipe(tmp_path, mlp, mlp_data), mlp, mode="dynamic",
                    transformer_fusion="on")
-    warnings = out.record.get("warnings", [])
+    warnings = out.warnings
     assert any("transformer_fusion: on" in w and "not fused" in w for w in warnings), warnings
 
 

@@ -117,8 +117,9 @@ def test_sensitive_node_goes_back_to_float_and_holds_on_held_out_data(tmp_path, 
     monkeypatch.setattr("compactor.passes.quantize._timer", fake_timer())
     mlp = mlp_onnx(tmp_path / "mlp.onnx", outlier=100.0)
     recipe = toy_recipe(tmp_path, mlp, mlp_data)
-    rec = run_pass(tmp_path, recipe, mlp, mode="dynamic", max_accuracy_drop=0.001,
-                   repairs=["fallback"]).record
+    out = run_pass(tmp_path, recipe, mlp, mode="dynamic", max_accuracy_drop=0.001,
+                   repairs=["fallback"])
+    rec = out.record
     acc = rec["accuracy_budget"]
     assert acc["met"] is True, acc
     assert fallback_nodes(rec) == ["fc2"], rec["float_nodes"]
@@ -128,7 +129,7 @@ def test_sensitive_node_goes_back_to_float_and_holds_on_held_out_data(tmp_path, 
     assert acc["search"]["samples"] == 32 and acc["search"]["drop"] <= 0.001, acc
     assert acc["held_out"]["drop"] <= 0.001, f"held-out drop {acc['held_out']['drop']:.2e}"
     assert "repair_cost_ms" in rec["search"], rec["search"]
-    assert rec["verdict"]["status"] == "pass"
+    assert out.verdict.status == "pass" and out.verdict.budget == "quantize.max_accuracy_drop"
 
 
 def test_static_fallback_ranks_with_qdq_loss_debug(tmp_path, monkeypatch):
@@ -196,14 +197,15 @@ def test_the_search_stops_at_its_time_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy.AccuracyJudge, "score", slow_score)
     mlp = mlp_onnx(tmp_path / "mlp.onnx", outlier=100.0)
     t0 = time.monotonic()
-    rec = run_pass(tmp_path, toy_recipe(tmp_path, mlp, mlp_data), mlp, mode="dynamic",
-                   max_accuracy_drop=0.001, time_budget_s=1.5).record
+    out = run_pass(tmp_path, toy_recipe(tmp_path, mlp, mlp_data), mlp, mode="dynamic",
+                   max_accuracy_drop=0.001, time_budget_s=1.5)
+    rec = out.record
     elapsed = time.monotonic() - t0
     assert rec["search"]["timed_out"] is True, rec["search"]
     assert rec["accuracy_budget"]["met"] is False
     assert rec["search"]["seconds"] < 1.5 + 2.0, rec["search"]["seconds"]
     assert elapsed < 8, f"the pass took {elapsed:.1f} s with a 1.5 s budget"
-    assert "time_budget_s" in " ".join(rec["warnings"]), rec["warnings"]
+    assert "time_budget_s" in " ".join(out.warnings), out.warnings
 
 
 def test_an_impossible_budget_exits_1_and_keeps_the_best_candidate(tmp_path, monkeypatch):
@@ -221,11 +223,12 @@ def test_an_impossible_budget_exits_1_and_keeps_the_best_candidate(tmp_path, mon
     m = manifest(tmp_path)
     assert m["passed"] is False
     rec = m["stages"][-1]["record"]
-    assert rec["accuracy_budget"]["met"] is False and rec["verdict"]["status"] == "fail"
+    verdict = m["stages"][-1]["verdict"]
+    assert rec["accuracy_budget"]["met"] is False and verdict["status"] == "fail"
     (v,) = [v for t in m["targets"] for v in t["verdicts"]
             if v["budget"] == "quantize.max_accuracy_drop"]
     assert v["status"] == "fail" and v["measured"] > 0, v
-    assert "failing" in " ".join(rec["warnings"])
+    assert "failing" in " ".join(m["stages"][-1]["warnings"])
     assert rec["quantization_ops"], "the best int8 candidate is in the artifact"
     assert (tmp_path / "out" / "model.onnx").is_file()
 
@@ -264,7 +267,7 @@ def test_int8_slower_than_its_float_input_is_said_loudly():
     progress = Notes()
     slow = _stage("quantize", 2.0)
     warn_if_slower(_stage("export", 1.0), slow, progress)
-    (w,) = slow.record["warnings"]
+    (w,) = slow.warnings
     assert "SLOWER than its float input on host" in w and "0.50x" in w, w
     assert progress.notes == [f"quantize: {w}"]
     fast = _stage("quantize", 0.5)
