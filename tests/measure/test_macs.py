@@ -78,3 +78,32 @@ def test_inspect_shows_why_there_is_no_mac_count(tmp_path):
     r = CliRunner().invoke(cli, ["inspect", str(path)])
     text = " ".join(r.stdout.split())  # rich wraps long lines
     assert r.exit_code == 0 and "MACs: not computable (1 heavy node(s)" in text
+
+
+def test_macs_of_a_graph_whose_reshape_shape_inference_cannot_follow():
+    """Transformers exported from torch compute their reshapes at run time (Shape, Cast,
+    arithmetic): ONNX shape inference loses the shape, one ORT run on zeros finds it."""
+    w = np.ones((16, 4), np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["n"], axis=0),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["nf", "two"], ["nf2"]),
+        helper.make_node("Cast", ["nf2"], ["n2"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["n2", "zero"], ["n2v"]),
+        helper.make_node("Concat", ["one_v", "n2v", "eight"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["y"], name="mm"),
+    ]
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one_v"),
+             numpy_helper.from_array(np.array([16], np.int64), "eight"),
+             numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # x [1, 6, 32] → r [1, 12, 16] → y [1, 12, 4]: 12 × 4 outputs × 16 MACs each
+    assert macs_by_node(model, {"x": (1, 6, 32)}) == {"mm": 12 * 4 * 16}

@@ -1,5 +1,5 @@
 """Measurements: the stable-median timing loop, the fresh-process worker (latency, cold
-start, peak memory), estimates, precision, MACs, and the ORT-format conversion."""
+start, peak memory), estimates, precision and MACs."""
 
 from __future__ import annotations
 
@@ -299,50 +299,3 @@ def test_precision_of_an_all_int8_and_an_all_float_model():
         [numpy_helper.from_array(np.ones((3, 4), np.float32), "b")])
     p = precision_summary(helper.make_model(g))
     assert not p["quantized"] and p["float_ops"] == {"MatMul": 1}
-
-
-# --------------------------------------------------------------------------- ORT format
-
-
-def test_ort_format_is_converted_by_ort_and_loads_back(cnn, tmp_path):
-    from compactor.exporting.ort_format import ORT_CONFIG, ORT_MODEL, deployables
-
-    files, records = deployables(cnn, [load_profile("mobile"), load_profile("host-cpu")],
-                                 tmp_path, {"image": np.ones((1, 1, 16, 16), np.float32)})
-    assert set(files) == {ORT_MODEL, ORT_CONFIG}
-    assert files[ORT_MODEL].read_bytes()[4:8] == b"ORTM"  # the ORT flatbuffer identifier
-    config = files[ORT_CONFIG].read_text()
-    assert "ai.onnx;" in config and "Conv" in config and str(tmp_path) not in config
-    (rec,) = records
-    assert rec["profiles"] == ["mobile"] and "target platform arm" in rec["converter"]
-    assert rec["check"]["loaded"] and rec["check"]["max_abs_diff_vs_onnx"] < 1e-4
-    assert deployables(cnn, [load_profile("host-cpu")], tmp_path, {}) == ({}, [])
-
-
-def test_macs_of_a_graph_whose_reshape_shape_inference_cannot_follow():
-    """Transformers exported from torch compute their reshapes at run time (Shape, Cast,
-    arithmetic): ONNX shape inference loses the shape, one ORT run on zeros finds it."""
-    w = np.ones((16, 4), np.float32)
-    nodes = [
-        helper.make_node("Shape", ["x"], ["shape"]),
-        helper.make_node("Gather", ["shape", "one"], ["n"], axis=0),
-        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["nf", "two"], ["nf2"]),
-        helper.make_node("Cast", ["nf2"], ["n2"], to=TensorProto.INT64),
-        helper.make_node("Unsqueeze", ["n2", "zero"], ["n2v"]),
-        helper.make_node("Concat", ["one_v", "n2v", "eight"], ["target"], axis=0),
-        helper.make_node("Reshape", ["x", "target"], ["r"]),
-        helper.make_node("MatMul", ["r", "w"], ["y"], name="mm"),
-    ]
-    inits = [numpy_helper.from_array(np.array(1, np.int64), "one"),
-             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
-             numpy_helper.from_array(np.array([0], np.int64), "zero"),
-             numpy_helper.from_array(np.array([1], np.int64), "one_v"),
-             numpy_helper.from_array(np.array([16], np.int64), "eight"),
-             numpy_helper.from_array(w, "w")]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    # x [1, 6, 32] → r [1, 12, 16] → y [1, 12, 4]: 12 × 4 outputs × 16 MACs each
-    assert macs_by_node(model, {"x": (1, 6, 32)}) == {"mm": 12 * 4 * 16}
