@@ -4,19 +4,26 @@ bad inputs a user can give it (each a clear error or warning). The toy graphs ar
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
+import toys
 from toys import (
     MLP_TOKENS,
     MLP_WIDTH,
     assert_clean_error,
+    cnn_accuracy,
     cnn_data,
     cnn_model,
     cnn_onnx,
     fake_timer,
     mlp_data,
     mlp_onnx,
+    onnx_opset,
     ref,
     run_cli,
     run_pass,
@@ -25,8 +32,15 @@ from toys import (
     write_recipe,
 )
 
+from compactor.errors import PassError
+from compactor.model import onnx_input_specs
+from compactor.passes import get_pass
 from compactor.passes.quantize import QuantizeConfig
+from compactor.pipeline import optimize
+from compactor.progress import Progress, Task
 from compactor.quantization import isa
+from compactor.recipe import load_recipe
+from compactor.stage import Stage
 
 
 @pytest.fixture
@@ -227,3 +241,132 @@ def test_max_accuracy_drop_takes_the_recipe_syntax(tmp_path):
     path = toy_recipe(tmp_path, mlp, mlp_data, quantize={"max_accuracy_drop": "lots"})
     result = run_cli("recipe", "validate", path)
     assert_clean_error(result, 2, "max_accuracy_drop", "'lots' is not a drop")
+
+
+# --------------------------------------------------------------------------- the teacher CNN
+
+
+@pytest.fixture(scope="module")
+def opset11(tmp_path_factory) -> Path:
+    return toys.export_cnn_onnx(tmp_path_factory.mktemp("opset11") / "cnn11.onnx", opset=11)
+
+
+def onnx_stage(path: Path) -> Stage:
+    return Stage("baseline", "onnx", onnx_path=path, lineage=("baseline",))
+
+
+def quantize_cnn(tmp_path: Path, model: Path, **config) -> Stage:
+    path = write_recipe(
+        tmp_path,
+        model={"onnx": str(model)},
+        data={"calibration": ref("cnn_calibration_batches"), "eval": ref("cnn_eval_batches")},
+    )
+    recipe = load_recipe(path)
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = toys.run_context(recipe, work, inputs=onnx_input_specs(model))
+    return get_pass("quantize")(QuantizeConfig(**config)).run(onnx_stage(model), ctx)
+
+
+def test_quantizer_error_without_a_message(tmp_path, opset11, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError
+
+    monkeypatch.setattr("onnxruntime.quantization.quantize_static", fail)
+    with pytest.raises(PassError) as e:
+        quantize_cnn(tmp_path, opset11, mode="static")
+    assert "AssertionError" in e.value.message and "dynamic" in e.value.hint, e.value
+
+
+def test_old_opset_is_upgraded_before_quantizing(tmp_path, opset11):
+    assert onnx_opset(opset11) == 11
+    out = quantize_cnn(tmp_path, opset11, mode="static")
+    assert out.record["opset_upgraded"] == {"from": 11, "to": 13}, out.record
+    assert onnx_opset(out.onnx_path) >= 13
+    assert onnx_opset(opset11) == 11, "the input model must be left as it was"
+    assert out.record["int8_weight_tensors"] >= 4, out.record
+    acc = cnn_accuracy(out.onnx_path)
+    assert acc >= 0.9, f"int8 accuracy {acc:.3f} on the teacher's own labels"
+
+
+def test_dynamic_quantize_of_the_cnn(tmp_path, opset11):
+    out = quantize_cnn(tmp_path, opset11, mode="dynamic")
+    assert out.record["mode"] == "dynamic"
+    assert "calibration_samples" not in out.record
+    ops = out.record["quantization_ops"]
+    assert ops.get("MatMulInteger", 0) + ops.get("ConvInteger", 0) >= 1, ops
+
+
+def _float_weight_convs(path: Path) -> tuple[int, int]:
+    """(Convs whose weight is a float initializer, Convs in all)."""
+    graph = onnx.load(str(path)).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    return sum(1 for n in convs if n.input[1] in floats), len(convs)
+
+
+def test_exclude_op_types_keeps_convs_in_float(tmp_path, opset11):
+    out = quantize_cnn(tmp_path, opset11, mode="static", exclude_op_types=["Conv"])
+    float_convs, convs = _float_weight_convs(out.onnx_path)
+    assert convs == 2 and float_convs == 2, (float_convs, convs)
+    assert out.record["int8_weight_tensors"] >= 2, out.record  # the linear layers still are
+
+    (tmp_path / "all").mkdir()
+    everything = quantize_cnn(tmp_path / "all", opset11, mode="static")
+    assert _float_weight_convs(everything.onnx_path) == (0, 2)
+
+
+class Notes(Progress):
+    def __init__(self):
+        self.notes: list[str] = []
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Task]:
+        yield Task()
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_exclude_nodes_that_match_nothing_warn(tmp_path, opset11):
+    path = write_recipe(
+        tmp_path,
+        model={"onnx": str(opset11)},
+        data={"calibration": ref("cnn_calibration_batches"), "eval": ref("cnn_eval_batches")},
+        passes=[{"quantize": {"exclude_nodes": ["/head/*Gemm*", "no_such_node*"]}}],
+    )
+    progress = Notes()
+    result = optimize(load_recipe(path), progress=progress)
+    final = result.stages[-1]
+    rec = final.record
+    warnings = [w for w in final.warnings if "exclude_nodes" in w]
+    assert len(warnings) == 1 and "no_such_node*" in warnings[0], rec
+    assert "/head/*Gemm*" not in warnings[0], warnings
+    assert rec["excluded_nodes"], rec
+    assert any("no_such_node*" in n for n in progress.notes), progress.notes
+    assert result.manifest["stages"][-1]["warnings"] == list(final.warnings)
+
+
+def test_calibration_data_error_is_exit_3(tmp_path, opset11):
+    path = write_recipe(
+        tmp_path,
+        model={"onnx": str(opset11)},
+        data={"calibration": ref("cnn_nan_batches"), "eval": ref("cnn_eval_batches")},
+        passes=[{"quantize": {}}],
+    )
+    result = run_cli("optimize", path)
+    assert_clean_error(result, 3, "data.calibration", "nan")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_outputs_stay_close_to_float(tmp_path, opset11):
+    import onnxruntime as ort
+
+    out = quantize_cnn(tmp_path, opset11, mode="static", calibration_samples=32)
+    assert out.record["calibration_samples"] == 32
+    assert not out.warnings, out.warnings
+    x = toys.cnn_images(64, seed=9)
+    (want,) = ort.InferenceSession(str(opset11)).run(None, {"image": x})
+    (got,) = ort.InferenceSession(str(out.onnx_path)).run(None, {"image": x})
+    sqnr = 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))
+    assert sqnr > 20, f"int8 SQNR {sqnr:.1f} dB"

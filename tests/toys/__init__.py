@@ -60,11 +60,13 @@ from toys.factories import (
 from toys.onnx_graphs import (
     MLP_TOKENS,
     MLP_WIDTH,
+    cnn_accuracy,
     cnn_data,
     cnn_onnx,
     export_cnn_onnx,
     mlp_data,
     mlp_onnx,
+    onnx_opset,
     two_input_onnx,
 )
 from toys.progress import RecordingProgress
@@ -125,6 +127,7 @@ __all__ = [
     "build_text",
     "build_tiny_bert",
     "build_wide_cnn",
+    "cnn_accuracy",
     "cnn_calibration_batches",
     "cnn_data",
     "cnn_distill_batches",
@@ -147,6 +150,7 @@ __all__ = [
     "manifest",
     "mlp_data",
     "mlp_onnx",
+    "onnx_opset",
     "ref",
     "run_cli",
     "run_context",

@@ -12,7 +12,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from toys.factories import CNN_SHAPE, teacher_cnn
+from toys.factories import CNN_SHAPE, cnn_eval_batches, teacher_cnn
 
 MLP_WIDTH = 64
 MLP_TOKENS = 8  # per sample
@@ -108,3 +108,21 @@ def mlp_data(n: int, seed: int) -> dict[str, np.ndarray]:
 def cnn_data(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"image": np.random.default_rng(seed).standard_normal((n, 3, 16, 16))
             .astype(np.float32)}
+
+
+def onnx_opset(path: Path) -> int:
+    model = onnx.load(str(path))
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def cnn_accuracy(path: Path) -> float:
+    """Accuracy of an ONNX CNN on the teacher-labelled eval batches (1.0 for the teacher)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    hits = n = 0
+    for x, y in cnn_eval_batches():
+        (logits,) = sess.run(None, {sess.get_inputs()[0].name: x})
+        hits += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return hits / n
