@@ -313,7 +313,7 @@ def _allowed_keys(loc: tuple) -> list[str] | None:
             ann = registry()[part].Config
     ann = _unwrap(ann)
     if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return list(ann.model_fields)
+        return [f.alias or n for n, f in ann.model_fields.items()]
     return None
 
 
