@@ -1,10 +1,16 @@
 """Multiply-accumulate counts from an ONNX graph, by shape inference at concrete shapes.
 
 Counted: Conv / ConvInteger / QLinearConv / ConvTranspose, Gemm, MatMul / MatMulInteger /
-QLinearMatMul (QDQ models keep float op types, so they count the same as float). Other ops
-are cheap next to these and are ignored. Shapes come from ONNX shape inference, or, where
-it cannot follow the graph (reshapes computed at run time), from one ONNX Runtime run on
-zeros; when neither works there is no count, and :func:`mac_count` says why.
+QLinearMatMul (QDQ models keep float op types, so they count the same as float), and the
+recurrent LSTM / GRU / RNN (and ORT's DynamicQuantizeLSTM): gates x (input + hidden) x hidden
+per step, times sequence length, batch and directions. Other ops are cheap next to these and
+are ignored. Shapes come from ONNX shape inference, or, where it cannot follow the graph
+(reshapes computed at run time), from one ONNX Runtime run on zeros; when neither works
+there is no count, and :func:`mac_count` says why.
+
+Subgraphs are counted: an ``If`` by its larger branch (one runs per call), a ``Loop`` or
+``Scan`` body once, i.e. per iteration (the trip count is data); :attr:`MacCount.notes`
+says which. Nodes in subgraphs are keyed ``<parent key>/<attribute>/<node key>``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class MacCount:
 
     per_node: dict[str, int] | None
     reason: str | None = None
+    notes: tuple[str, ...] = ()  # how subgraphs were counted (If branch, Loop per iteration)
 
     @property
     def total(self) -> int | None:
@@ -54,14 +61,16 @@ def macs_by_node(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str
 def mac_count(model, input_shapes: Mapping[str, tuple[int, ...]]) -> MacCount:
     """MACs of each heavy node at ``input_shapes``, or the reason there is no count."""
     try:
-        return MacCount(_count(model, input_shapes))
+        per_node, notes = _count(model, input_shapes)
+        return MacCount(per_node, notes=tuple(notes))
     except _NotComputable as e:
         # Logged and returned: a figure that is missing from a report says why.
         log.info("MACs not computable: %s", e)
         return MacCount(None, str(e))
 
 
-def _count(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+def _count(model, input_shapes: Mapping[str, tuple[int, ...]]
+           ) -> tuple[dict[str, int], list[str]]:
     import onnx
     from onnx import shape_inference
 
@@ -80,16 +89,22 @@ def _count(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]
         raise _NotComputable(f"ONNX shape inference failed: {_first_line(e)}") from e
 
     shapes: dict[str, tuple[int, ...] | None] = {}
-    for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = None
-        else:
-            shapes[vi.name] = tuple(d.dim_value for d in dims)
-    for init in m.graph.initializer:
-        shapes[init.name] = tuple(init.dims)
+    for g in all_graphs(m.graph):
+        for vi in [*g.input, *g.value_info, *g.output]:
+            tt = vi.type.tensor_type
+            if not tt.HasField("shape") or any(not d.HasField("dim_value") for d in tt.shape.dim):
+                shapes.setdefault(vi.name, None)
+            else:
+                shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+        for init in g.initializer:
+            shapes[init.name] = tuple(init.dims)
+        for n in g.node:  # Constant weights (exporters of subgraphs often use them)
+            if n.op_type == "Constant":
+                t = next((a.t for a in n.attribute if a.name == "value"), None)
+                if t is not None and n.output:
+                    shapes[n.output[0]] = tuple(t.dims)
 
-    out, unknown = _heavy_macs(m, shapes)
+    out, unknown, notes = _heavy_macs(m, shapes)
     if unknown:
         log.debug("%d heavy nodes without inferable shapes; running the model for them",
                   unknown)
@@ -99,12 +114,12 @@ def _count(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]
             raise _NotComputable(
                 f"{unknown} heavy node(s) have shapes ONNX shape inference cannot follow, "
                 f"and {e}") from e
-        out, unknown = _heavy_macs(m, shapes)
+        out, unknown, notes = _heavy_macs(m, shapes)
         if unknown:
             raise _NotComputable(
                 f"{unknown} heavy node(s) have shapes that neither ONNX shape inference nor "
                 "a run on zeros gives")
-    return out
+    return out, notes
 
 
 def _first_line(e: BaseException) -> str:
@@ -112,21 +127,105 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
-def _heavy_macs(model, shapes) -> tuple[dict[str, int], int]:
-    """MACs of each heavy node whose shapes are known, and how many heavy nodes are not."""
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
+
+
+def all_graphs(graph) -> list:
+    """``graph`` and every subgraph in it (``If`` branches, ``Loop``/``Scan`` bodies, ...),
+    recursively."""
+    out = [graph]
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out += all_graphs(g)
+    return out
+
+
+def iter_nodes(graph, prefix: str = ""):
+    """``(key, node)`` for every node of ``graph`` and its subgraphs, in graph order; a
+    subgraph's nodes are keyed ``<parent key>/<attribute>/<node key>``."""
+    for i, node in enumerate(graph.node):
+        key = prefix + node_key(node, i)
+        yield key, node
+        for a in node.attribute:
+            for j, g in enumerate(([a.g] if a.HasField("g") else []) + list(a.graphs)):
+                sub = f"{key}/{a.name}" + (f"[{j}]" if a.graphs else "") + "/"
+                yield from iter_nodes(g, sub)
+
+
+def _heavy_macs(model, shapes) -> tuple[dict[str, int], int, list[str]]:
+    """MACs of each heavy node whose shapes are known, how many heavy nodes are not, and
+    how the subgraphs were counted."""
+    notes: list[str] = []
+    out, unknown = _graph_macs(model.graph, shapes, "", notes)
+    return out, unknown, notes
+
+
+def _body_input_shapes(node, shapes) -> None:
+    """ONNX shape inference does not write what it infers into a Loop or Scan body: give
+    the body's inputs the shapes the node feeds them (loop-carried values as they come in;
+    a scanned input less its scan axis), so the body's heavy nodes can be counted."""
+    body = next((a.g for a in node.attribute if a.name == "body"), None)
+    if body is None:
+        return
+    if node.op_type == "Loop":
+        # body inputs: iteration number, condition, then the loop-carried values
+        pairs = [(b.name, shapes.get(o)) for b, o in zip(body.input[2:], node.input[2:],
+                                                         strict=False)]
+        pairs += [(body.input[0].name, ()), (body.input[1].name, ())][: len(body.input)]
+    elif node.op_type == "Scan":
+        scanned = _attr(node, "num_scan_inputs", 0)
+        n_state = len(node.input) - scanned
+        axes = _attr(node, "scan_input_axes", None) or [0] * scanned
+        pairs = [(b.name, shapes.get(o)) for b, o in zip(body.input[:n_state],
+                                                         node.input[:n_state], strict=False)]
+        for k, (b, o) in enumerate(zip(body.input[n_state:], node.input[n_state:],
+                                       strict=False)):
+            full = shapes.get(o)
+            if full is not None and axes[k] < len(full):
+                pairs.append((b.name, tuple(d for i, d in enumerate(full) if i != axes[k])))
+    else:
+        return
+    for name, shape in pairs:
+        if shape is not None and shapes.get(name) is None:
+            shapes[name] = shape
+
+
+def _graph_macs(graph, shapes, prefix: str, notes: list[str]) -> tuple[dict[str, int], int]:
     out: dict[str, int] = {}
     unknown = 0
-    for i, node in enumerate(model.graph.node):
-        if node.op_type not in _HEAVY:
+    for i, node in enumerate(graph.node):
+        key = prefix + node_key(node, i)
+        if node.op_type in _HEAVY:
+            try:
+                macs = _node_macs(node, node.op_type, shapes)
+            except (KeyError, TypeError, IndexError, ValueError):
+                macs = None
+            if macs is None:
+                unknown += 1
+            else:
+                out[key] = macs
+        subs = [(a.name, g) for a in node.attribute
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+        if not subs:
             continue
-        try:
-            macs = _node_macs(node, node.op_type, shapes)
-        except (KeyError, TypeError, IndexError, ValueError):
-            macs = None
-        if macs is None:
-            unknown += 1
-        else:
-            out[node_key(node, i)] = macs
+        _body_input_shapes(node, shapes)
+        counted = [(name, *_graph_macs(g, shapes, f"{key}/{name}/", notes))
+                   for name, g in subs]
+        if node.op_type == "If" and len(counted) > 1:
+            name, per, unk = max(counted, key=lambda c: sum(c[1].values()))
+            out.update(per)
+            unknown += unk
+            if any(c[1] for c in counted):
+                notes.append(f"If {key!r}: its larger branch ({name}) counted; one branch "
+                             "runs per call")
+            continue
+        for _name, per, unk in counted:
+            out.update(per)
+            unknown += unk
+        if node.op_type in ("Loop", "Scan") and any(c[1] for c in counted):
+            notes.append(f"{node.op_type} {key!r}: body counted once, i.e. MACs per "
+                         "iteration (the iteration count is data)")
     return out, unknown
 
 
@@ -153,6 +252,9 @@ def _shapes_by_running(model, input_shapes: Mapping[str, tuple[int, ...]]
     wanted = [t for n in m.graph.node if n.op_type in _HEAVY
               for t in (*n.input, *n.output) if t and t not in inits]
     wanted = list(dict.fromkeys(wanted))
+    if not wanted:
+        raise _NotComputable("they are inside subgraphs (If/Loop/Scan), whose tensors a run "
+                             "cannot expose")
     for t in wanted:
         if t not in have:
             m.graph.output.append(onnx.ValueInfoProto(name=t))
@@ -168,19 +270,29 @@ def _shapes_by_running(model, input_shapes: Mapping[str, tuple[int, ...]]
                 f"input {i.name!r} has an element type ({i.type.tensor_type.elem_type}) "
                 "the model cannot be fed zeros of")
         feeds[i.name] = np.zeros(tuple(int(d) for d in input_shapes[i.name]), dtype=dtype)
+    from compactor.measure.shapes import summarize_ort_error
+
     try:
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # the failure is the result here: no red log line
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ro = ort.RunOptions()
+        ro.log_severity_level = 4
         sess = ort.InferenceSession(m.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
-        values = sess.run(wanted, feeds)
+        values = sess.run(wanted, feeds, ro)
     except Exception as e:  # noqa: BLE001 - ORT raises many types for one cause
-        raise _NotComputable(f"running it on zeros failed: {_first_line(e)}") from e
+        raise _NotComputable(f"running it on zeros failed: {summarize_ort_error(e)}") from e
     return {t: tuple(v.shape) for t, v in zip(wanted, values, strict=True)}
 
 
+RECURRENT = {"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}
+
 _HEAVY = {
+    "LSTM",
+    "GRU",
+    "RNN",
+    "DynamicQuantizeLSTM",
     "Conv",
     "ConvInteger",
     "QLinearConv",
@@ -201,9 +313,24 @@ def _attr(node, name, default=None):
     return default
 
 
+def _recurrent_macs(node, shapes) -> int | None:
+    """Per step and direction, every gate multiplies the input by W and the hidden state by
+    R: W is [dirs, gates x hidden, input] (DynamicQuantizeLSTM: [dirs, input, 4 x hidden]),
+    R likewise with hidden for input; X is [seq, batch, input] (layout 1: batch first)."""
+    x = shapes.get(node.input[0])
+    w = shapes.get(node.input[1])
+    r = shapes.get(node.input[2])
+    if x is None or w is None or r is None or len(x) != 3:
+        return None
+    seq, batch = (x[1], x[0]) if _attr(node, "layout", 0) == 1 else (x[0], x[1])
+    return int(seq * batch * w[0] * (np.prod(w[1:]) + np.prod(r[1:])))
+
+
 def _node_macs(node, op, shapes) -> int | None:
     if op not in _HEAVY:
         return 0
+    if op in RECURRENT:
+        return _recurrent_macs(node, shapes)
     out = shapes.get(node.output[0])
     if op in ("Conv", "ConvInteger"):
         w = shapes.get(node.input[1])
@@ -220,9 +347,14 @@ def _node_macs(node, op, shapes) -> int | None:
         a_idx, b_idx = (0, 3) if op == "QLinearMatMul" else (0, 1)
         a = shapes.get(node.input[a_idx])
         b = shapes.get(node.input[b_idx])
-        if out is None or a is None or b is None:
+        if a is None or b is None:
             return None
         k = a[0] if op == "Gemm" and _attr(node, "transA", 0) else a[-1]
+        if out is None and op != "Gemm" and len(b) == 2 and len(a) >= 1:
+            # inside a subgraph shape inference may not type the output: rows x columns
+            return int(np.prod(a[:-1]) * b[-1] * k)
+        if out is None:
+            return None
         return int(np.prod(out) * k)
     if out is None or w is None:
         return None

@@ -3,6 +3,9 @@
 A node counts as int8 when it is an integer operator (QLinearConv, MatMulInteger, ...) or,
 in QDQ form, when its data input and (for Conv/MatMul/Gemm) its weight come from
 DequantizeLinear nodes: that is the pattern ONNX Runtime fuses into an int8 kernel.
+Subgraphs (``If`` branches, ``Loop``/``Scan`` bodies) are included, their nodes keyed as
+:func:`compactor.measure.macs.iter_nodes` keys them. Recurrent ops (LSTM/GRU/RNN) count as
+compute-heavy: static int8 leaves them float, and the summary names them when it does.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from compactor.measure.macs import _HEAVY, node_key
+from compactor.measure.macs import _HEAVY, all_graphs, iter_nodes
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 INT8_OPS = {
@@ -30,11 +33,12 @@ _CHEAP = {
 def node_precisions(model) -> list[tuple[str, str, str]]:
     """``(node key, op type, "int8" | "float" | "qdq")`` for every node of the graph."""
     producer = {}
-    for node in model.graph.node:
-        for o in node.output:
-            producer[o] = node.op_type
+    for g in all_graphs(model.graph):  # a subgraph reads outer-scope values too
+        for node in g.node:
+            for o in node.output:
+                producer[o] = node.op_type
     out = []
-    for i, node in enumerate(model.graph.node):
+    for key, node in iter_nodes(model.graph):
         op = node.op_type
         if op in QDQ_OPS:
             kind = "qdq"
@@ -46,7 +50,7 @@ def node_precisions(model) -> list[tuple[str, str, str]]:
                 data.append(node.input[1])
             kind = "int8" if data and all(
                 producer.get(x) == "DequantizeLinear" for x in data) else "float"
-        out.append((node_key(node, i), op, kind))
+        out.append((key, op, kind))
     return out
 
 

@@ -36,13 +36,16 @@ def sha256(path: Path) -> str:
 
 
 def param_count(model) -> int:
-    """Elements of weight tensors (initializers and constants of 2+ elements).
+    """Elements of weight tensors (initializers and constants of 2+ elements), in the main
+    graph and every subgraph (``If`` branches, ``Loop``/``Scan`` bodies).
 
     Scales and zero points of a quantized model are scalars or per-channel vectors and are
     counted like any other tensor; shape constants (int64) are not parameters.
     """
     import onnx
     from onnx import TensorProto
+
+    from compactor.measure.macs import all_graphs
 
     weight_types = {
         TensorProto.FLOAT,
@@ -55,12 +58,14 @@ def param_count(model) -> int:
         TensorProto.UINT4,
     }
     total = 0
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    tensors.append(a.t)
+    tensors = []
+    for g in all_graphs(model.graph):
+        tensors += list(g.initializer)
+        for node in g.node:
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value":
+                        tensors.append(a.t)
     for t in tensors:
         if t.data_type in weight_types:
             n = int(np.prod(t.dims)) if len(t.dims) else 1
