@@ -363,7 +363,7 @@ class Search:
             return None
         if not scales:
             self.repairs_log.append({"repair": "smoothquant",
-                                     "note": "no MatMul/Gemm input it would help"})
+                                     "skipped": "no MatMul/Gemm input it would help"})
             return None
         full = self._smoothed(c, scales)
         if full is None or not full.passed:
@@ -441,9 +441,16 @@ class Search:
         try:
             ranking = [s for s in self._rank(c, best.path) if s.node not in c.exclude]
         except Exception as e:  # noqa: BLE001 - a ranking failure skips this repair, logged
-            self.repairs_log.append({"repair": "fallback", "error": first_line(e, 200)})
+            self.repairs_log.append({"repair": "fallback", "error": "ranking the nodes by "
+                                     f"sensitivity failed: {first_line(e, 200)}"})
             return None
         if not ranking:
+            self.repairs_log.append({"repair": "fallback", "skipped": "no quantized node "
+                                     "left to rank (all are excluded already)"})
+            return None
+        if len(ranking) < 2:
+            self.repairs_log.append({"repair": "fallback", "skipped": "only one node is "
+                                     "quantized; keeping it float leaves no int8 model"})
             return None
         self.ranks.update({s.node: (i + 1, s) for i, s in enumerate(ranking)})
         tried: dict[int, Attempt] = {}
@@ -518,6 +525,24 @@ def _logged(entry: dict[str, Any]) -> dict[str, Any]:
     a = entry.get("attempt")
     rest = {k: v for k, v in entry.items() if k != "attempt"}
     return {**rest, **a.to_dict()} if a is not None else rest
+
+
+def repairs_not_applied(log_entries: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The repairs the search could not apply, one entry per repair with the first reason
+    (a failed attempt of a repair that did apply elsewhere is not listed)."""
+    applied = {_repair_kind(e["repair"]) for e in log_entries if "label" in e}
+    out: dict[str, str] = {}
+    for e in log_entries:
+        kind = _repair_kind(e["repair"])
+        reason = e.get("error") or e.get("skipped")
+        if reason and kind not in applied and kind not in out:
+            out[kind] = str(reason)
+    return [{"repair": k, "reason": v} for k, v in out.items()]
+
+
+def _repair_kind(label: str) -> str:
+    """'fallback k=3' → 'fallback'; 'calibration: entropy' → 'calibration'."""
+    return label.split(":")[0].split(" ")[0]
 
 
 def _dynamic_quantized_nodes(path: Path) -> set[str]:

@@ -186,18 +186,19 @@ def rank_static(float_src: Path, qdq_model: Path, feeds: Sequence[dict], work: P
     from .candidates import Calibration, ort_quiet
 
     aug = work / f"{qdq_model.stem}-debug.onnx"
-    with quiet(), ort_quiet():
-        dbg.modify_model_output_intermediate_tensors(str(qdq_model), str(aug))
-        acts = dbg.collect_activations(str(aug), Calibration(feeds, 0, work).reader())
-        # Each activation before vs after its QDQ pair: the error quantizing it adds.
-        act_err = {k: dbg.compute_signal_to_quantization_noice_ratio(m["pre_qdq"],
-                                                                     m["post_qdq"])
-                   for k, m in dbg.create_activation_matching(acts).items()}
-        w_err = dbg.compute_weight_error(dbg.create_weight_matching(str(float_src),
-                                                                     str(qdq_model)))
-    aug.unlink(missing_ok=True)
-    noise = {k: 10 ** (-v / 10) for k, v in act_err.items()}
-    noise.update({k: 10 ** (-v / 10) for k, v in w_err.items()})
+    try:
+        with quiet(), ort_quiet():
+            dbg.modify_model_output_intermediate_tensors(str(qdq_model), str(aug))
+            acts = dbg.collect_activations(str(aug), Calibration(feeds, 0, work).reader())
+            matched = dbg.create_activation_matching(acts)
+    finally:
+        aug.unlink(missing_ok=True)
+    # Each activation before vs after its QDQ pair: the error quantizing it adds. ORT's own
+    # SQNR helper (and its weight matching) calls len() on what may be a 0-d value (a scalar
+    # constant scaled by Mul/Add, as foreign detectors have), so the ratio is taken here.
+    noise = {k: e for k, m in matched.items()
+             if (e := noise_ratio(m.get("pre_qdq"), m.get("post_qdq"))) is not None}
+    noise.update(weight_noise(float_src, qdq_model))
     quantized = _quantized_nodes(qdq_model)
     # A quantized tensor's error belongs to the nodes reading it and to the node writing it
     # in the QDQ graph: that node's output is quantized for it (with a Relu after it fused
@@ -237,6 +238,76 @@ def rank_one_at_a_time(nodes: Sequence[tuple[str, str]],
         ranked.append(NodeSensitivity(name, op, float(((got - ref) ** 2).sum()) / signal,
                                       "one-at-a-time"))
     return sorted(ranked, key=lambda s: -s.error) + rest
+
+
+def noise_ratio(x: Any, y: Any) -> float | None:
+    """Noise power over signal power of ``y`` against ``x``: arrays, 0-d values or lists of
+    them (one per run). None when the two do not pair up (different counts or sizes)."""
+    xs = x if isinstance(x, (list, tuple)) else [x]
+    ys = y if isinstance(y, (list, tuple)) else [y]
+    if x is None or y is None or len(xs) != len(ys) or not xs:
+        return None
+    noise = signal = 0.0
+    for a, b in zip(xs, ys, strict=True):
+        a = np.asarray(a, dtype=np.float64).ravel()
+        b = np.asarray(b, dtype=np.float64).ravel()
+        if a.shape != b.shape:
+            return None
+        noise += float(((a - b) ** 2).sum())
+        signal += float((a**2).sum())
+    if not math.isfinite(noise) or not math.isfinite(signal):
+        return None
+    return noise / max(signal, 1e-30)
+
+
+QUANT_SUFFIX = "_quantized"  # ORT's name for a quantized copy of an initializer
+
+
+def weight_noise(float_src: Path, qdq_model: Path) -> dict[str, float]:
+    """Each quantized weight's noise ratio (float vs dequantized), keyed by the float
+    weight's name. Handles what ORT's ``create_weight_matching`` does not: 0-d weights and
+    scales, per-axis scales on any axis; a weight that cannot be paired is left out."""
+    import onnx
+    from onnx import numpy_helper
+
+    floats = {t.name: t for t in onnx.load(str(float_src)).graph.initializer}
+    qgraph = onnx.load(str(qdq_model)).graph
+    inits = {t.name: t for t in qgraph.initializer}
+    out: dict[str, float] = {}
+    for n in qgraph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        name = n.input[0]
+        base = name[: -len(QUANT_SUFFIX)] if name.endswith(QUANT_SUFFIX) else None
+        if base not in floats or n.input[1] not in inits:
+            continue
+        try:
+            deq = _dequantize(n, inits)
+            err = noise_ratio(numpy_helper.to_array(floats[base]), deq)
+        except (ValueError, TypeError, IndexError) as e:  # an unusual layout: leave it out
+            log.debug("weight %s not compared: %s", base, e)
+            continue
+        if err is not None:
+            out[base] = err
+    return out
+
+
+def _dequantize(node, inits) -> np.ndarray:
+    from onnx import numpy_helper
+
+    q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    zp_name = node.input[2] if len(node.input) > 2 else ""
+    zp = (numpy_helper.to_array(inits[zp_name]).astype(np.float64) if zp_name in inits
+          else np.zeros_like(scale))
+    if scale.size > 1:  # per axis: broadcast along the node's axis
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    else:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    return (q - zp) * scale
 
 
 def _quantized_nodes(qdq_model: Path) -> set[str]:

@@ -150,6 +150,10 @@ def render_html(manifest: Manifest) -> str:
         "<h2>What stayed in float</h2>",
         _precision(manifest),
     ]
+    warnings = [(st.name, w) for st in manifest.stages for w in st.warnings]
+    if warnings:
+        parts += ["<h2>Notes</h2>", '<ul class="notes">' + "".join(
+            f"<li><b>{_e(n)}</b>: {_e(w)}</li>" for n, w in warnings) + "</ul>"]
     if manifest.deployables:
         parts += ["<h2>Deployables</h2>", _deployables(manifest.deployables)]
     parts += [
@@ -664,7 +668,7 @@ def _precision(m: Manifest) -> str:
         out.append(f"<p><b>{fmt_share(share)}</b> of the model's MACs run in int8.</p>")
     heavy = prec.float_heavy_nodes
     if heavy:
-        rows = [[_e(n.node), _e(n.op), _e(fmt_count(n.macs)),
+        rows = [[_e(n.node), _e(n.op), _e(fmt_count(n.macs) if n.macs is not None else "—"),
                  fmt_share(n.macs_share) if n.macs_share is not None else "—"]
                 for n in heavy[:20]]
         out.append("<p>Compute-heavy nodes that stayed float:</p>")
@@ -672,11 +676,18 @@ def _precision(m: Manifest) -> str:
         if len(heavy) > 20:
             out.append(f'<p class="muted">… and {len(heavy) - 20} more.</p>')
     else:
-        out.append("<p>Every compute-heavy node (Conv, MatMul, Gemm) runs in int8.</p>")
+        out.append("<p>Every compute-heavy node (Conv, MatMul, Gemm and recurrent "
+                   "LSTM/GRU/RNN, subgraphs included) runs in int8.</p>")
     excluded = final.record.get("excluded_nodes")
     if excluded:
         out.append(f'<p class="muted">Kept float on purpose (quantize exclude_nodes): '
                    f"{_e(', '.join(excluded))}</p>")
+    skipped = [r for st in m.stages for r in st.record.get("repairs_not_applied") or []
+               if isinstance(r, dict)]
+    if skipped:
+        out.append("<p>Repairs that could not apply:</p><ul class=\"notes\">" + "".join(
+            f"<li><b>{_e(r.get('repair'))}</b>: {_e(r.get('reason'))}</li>" for r in skipped)
+            + "</ul>")
     out.append(_op_list("int8 ops", prec.int8_ops))
     out.append(_op_list("other float ops", prec.float_ops))
     return "".join(out)

@@ -117,9 +117,10 @@ def _precision_facts(final: StageRecord, esc: Callable[[Any], str]) -> list[str]
         heavy = prec.float_heavy_nodes
         share = prec.int8_macs_share
         return ["- int8: " + (f"{fmt_share(share)} of MACs" if share is not None else "yes")
-                + (f"; stayed float: {esc(', '.join(n.node for n in heavy[:5]))}"
-                   + (" …" if len(heavy) > 5 else "") if heavy else
-                   "; every Conv/MatMul/Gemm is int8") + "."]
+                + (f"; stayed float: {esc(', '.join(f'{n.node} ({n.op})' for n in heavy[:5]))}"
+                   + (f" and {len(heavy) - 5} more" if len(heavy) > 5 else "") if heavy else
+                   "; every compute-heavy node (Conv/MatMul/Gemm/LSTM/GRU/RNN) is int8")
+                + "."]
     if prec.recorded:
         return ["- the final model is float (not quantized)."]
     return []
@@ -218,6 +219,9 @@ def quantize_section(rec: dict[str, Any]) -> list[str]:
                              [[c["label"], f"{c['p50_ms']:.3f}",
                                f"{c.get('speedup_vs_float', 0):.2f}×", c.get("note", "")]
                               for c in cands])]
+    for r in rec.get("repairs_not_applied") or []:
+        lines.append(f"- repair **{md_text(r.get('repair'))}** could not apply: "
+                     f"{md_text(r.get('reason'))}")
     floats = rec.get("float_nodes") or []
     if floats:
         cost = search.get("repair_cost_ms")
