@@ -11,14 +11,24 @@ from compactor.cli.options import dim_option
 
 
 def describe_model(path: Path, dims: dict[str, int]) -> dict:
-    from compactor.measure.macs import mac_count
+    from compactor.measure.macs import SUBGRAPH_OPS, all_graphs, iter_nodes, mac_count
+    from compactor.measure.shapes import check_dim_names, defaulted, dim_example, dynamic_axes
     from compactor.measure.size import param_count, size_bytes
 
     model = _load(path)
     inits = {i.name for i in model.graph.initializer}
-    inputs = [_tensor(i) for i in model.graph.input if i.name not in inits]
-    shapes, used = _mac_shapes(inputs, dims)
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    inputs = [_tensor(i) for i in graph_inputs]
+    specs = [_spec(i) for i in graph_inputs]
+    check_dim_names(dims, specs)
+    shapes, used = _mac_shapes(specs, dims)
     macs = mac_count(model, shapes)
+    axes = dynamic_axes(specs)
+    left = defaulted(specs, dims)
+    guidance = None
+    if macs.total is None and left:
+        guidance = _guidance(model, specs, dims, left, macs.reason)
+    nodes = sum(1 for _ in iter_nodes(model.graph))
     return {
         "file": str(path),
         "size_bytes": size_bytes(path),
@@ -27,13 +37,40 @@ def describe_model(path: Path, dims: dict[str, int]) -> dict:
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "inputs": inputs,
         "outputs": [_tensor(o) for o in model.graph.output],
-        "nodes": len(model.graph.node),
+        "nodes": nodes,
+        "subgraph_nodes": nodes - len(model.graph.node),
+        "subgraphs": len(all_graphs(model.graph)) - 1,
+        "control_flow": sorted({n.op_type for _, n in iter_nodes(model.graph)
+                                if n.op_type in SUBGRAPH_OPS}),
         "op_histogram": _op_histogram(model),
         "params": param_count(model),
         "macs": macs.total,
         "macs_reason": macs.reason,
+        "macs_notes": list(macs.notes),
         "macs_at": used,
+        "dynamic_axes": [{"name": a.key, "where": list(a.where), "named": a.named,
+                          "batch": a.batch} for a in axes],
+        "dim_hint": guidance or (
+            f"symbolic axes counted at size 1: set the sizes you serve at with "
+            f"{dim_example(left)}" if left else None),
     }
+
+
+def _guidance(model, specs, dims: dict[str, int], left, reason: str | None) -> str:
+    """Why the count failed at the default size 1 of some axes, in one line, and which
+    ``--dim`` to pass: a common size the model runs at, where one does."""
+    from compactor.measure.bench import TRIAL_SIZES, suggest_sizes
+    from compactor.measure.shapes import dim_example
+
+    names = ", ".join(a.key for a in left)
+    try:
+        sizes = suggest_sizes(model.SerializeToString(), specs, dims)
+    except ValueError:  # a model over protobuf's 2 GB: no trial runs
+        sizes = None
+    runs = (f" (it runs at {next(iter(sizes.values()))})" if sizes else
+            f" (it ran at none of {', '.join(map(str, TRIAL_SIZES))} either)")
+    return (f"MACs need sizes for the symbolic axes {names}, which were counted at 1: "
+            f"pass {dim_example(left, sizes)}{runs}")
 
 
 def _load(path: Path):
@@ -55,43 +92,64 @@ def _load(path: Path):
     return model
 
 
+def _spec(vi) -> tuple[str, list, object]:
+    """``(name, shape, numpy dtype)`` as bench reads inputs: an int per fixed axis, the
+    name of a named symbolic axis, None for an unnamed one."""
+    import onnx
+
+    tt = vi.type.tensor_type
+    shape: list = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                   else (d.dim_param or None) for d in tt.shape.dim]
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).type
+    except (KeyError, ValueError, TypeError):
+        dtype = None
+    return vi.name, shape, dtype
+
+
 def _tensor(vi) -> dict:
     import onnx
 
     tt = vi.type.tensor_type
     return {
         "name": vi.name,
-        "shape": [d.dim_param or d.dim_value or "?" for d in tt.shape.dim],
+        "shape": [d.dim_param or (d.dim_value if d.dim_value > 0 else "?")
+                  for d in tt.shape.dim],
         "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
         if tt.elem_type else "?",
     }
 
 
 def _op_histogram(model) -> dict[str, int]:
-    """Op counts, most frequent first; ops outside the default domain by domain.op."""
+    """Op counts (subgraphs included), most frequent first; ops outside the default domain
+    by domain.op."""
+    from compactor.measure.macs import iter_nodes
+
     ops: dict[str, int] = {}
-    for n in model.graph.node:
+    for _, n in iter_nodes(model.graph):
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
         ops[key] = ops.get(key, 0) + 1
     return dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _mac_shapes(inputs: list[dict], dims: dict[str, int]
+def _mac_shapes(specs: list, dims: dict[str, int]
                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Concrete input shapes for the MAC count (a dynamic axis: its ``--dim``, else 1),
-    and the size used for each dynamic axis."""
+    """Concrete input shapes for the MAC count (a symbolic axis: its ``--dim``, else 1; the
+    batch too) and the size used for each symbolic axis."""
+    from compactor.measure.shapes import axis_key, is_symbolic
+
     shapes = {}
     used: dict[str, int] = {}
-    for i in inputs:
-        shape = []
-        for d in i["shape"]:
-            if isinstance(d, int) and d > 0:
-                shape.append(d)
-            else:
-                v = dims.get(str(d), 1)
-                used[str(d)] = v
-                shape.append(v)
-        shapes[i["name"]] = tuple(shape)
+    for name, shape, _ in specs:
+        concrete = []
+        for axis, d in enumerate(shape):
+            if not is_symbolic(d):
+                concrete.append(d)
+                continue
+            key = axis_key(name, axis, d)
+            used[key] = dims.get(key, 1)
+            concrete.append(used[key])
+        shapes[name] = tuple(concrete)
     return shapes, used
 
 
@@ -102,14 +160,7 @@ def _mac_shapes(inputs: list[dict], dims: dict[str, int]
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(model: Path, dims: dict[str, int], as_json: bool) -> None:
     """Inputs/outputs, op histogram, parameters, size and MACs of an ONNX MODEL."""
-    from compactor.errors import UsageError
-
     info = describe_model(model, dims)
-    unknown = sorted(set(dims) - set(info["macs_at"]))
-    if unknown:
-        axes = ", ".join(info["macs_at"]) or "none"
-        raise UsageError(f"--dim: the model has no dynamic axis named {', '.join(unknown)}",
-                         f"its dynamic axes: {axes}")
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -118,17 +169,21 @@ def inspect(model: Path, dims: dict[str, int], as_json: bool) -> None:
 
 def _render(info: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from compactor.report.format import fmt_bytes, fmt_count
 
     c = Console()
-    c.print(f"[bold]{info['file']}[/]  {fmt_bytes(info['size_bytes'])}, "
-            f"{fmt_count(info['params'])} params, {info['nodes']} nodes, opsets {info['opsets']}")
+    sub = (f" ({info['subgraph_nodes']} in {info['subgraphs']} subgraph(s) of "
+           f"{'/'.join(info['control_flow'])})" if info["subgraphs"] else "")
+    c.print(f"[bold]{escape(info['file'])}[/]  {fmt_bytes(info['size_bytes'])}, "
+            f"{fmt_count(info['params'])} params, {info['nodes']} nodes{sub}, "
+            f"opsets {escape(str(info['opsets']))}")
     io = Table("", "name", "shape", "dtype", title="inputs and outputs", title_justify="left")
     for kind in ("inputs", "outputs"):
         for t in info[kind]:
-            io.add_row(kind[:-1], t["name"], str(t["shape"]), t["dtype"])
+            io.add_row(kind[:-1], escape(t["name"]), escape(str(t["shape"])), t["dtype"])
     c.print(io)
     ops = Table("op", "count", title="op histogram", title_justify="left")
     for k, v in info["op_histogram"].items():
@@ -137,4 +192,12 @@ def _render(info: dict) -> None:
     at = ", ".join(f"{k}={v}" for k, v in info["macs_at"].items())
     macs = (fmt_count(info["macs"]) if info["macs"] is not None
             else f"not computable ({info['macs_reason']})")
-    c.print(f"MACs: {macs}" + (f" (at {at})" if at else ""))
+    c.print(escape(f"MACs: {macs}" + (f" (at {at})" if at else "")))
+    for note in info["macs_notes"]:
+        c.print(escape(f"  {note}"), style="dim")
+    if info["dynamic_axes"]:
+        c.print(escape("symbolic axes: " + ", ".join(
+            f"{a['name']} ({', '.join(a['where'])})" + (" [batch]" if a["batch"] else "")
+            for a in info["dynamic_axes"])))
+    if info["dim_hint"]:
+        c.print(escape(f"hint: {info['dim_hint']}"), style="yellow")

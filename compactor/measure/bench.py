@@ -14,8 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from compactor.errors import ModelLoadError, UsageError
+from compactor.errors import CompactorError, ModelLoadError, PassError, UsageError
 from compactor.measure.latency import Latency, measure_in_subprocess, usable_providers
+from compactor.measure.shapes import (
+    axis_key,
+    batch_axes,
+    check_dim_names,
+    defaulted,
+    dim_example,
+    is_symbolic,
+    run_error,
+    scalar_inputs,
+)
 from compactor.profiles import Profile
 
 # Below this share of the cores it asked for, the measuring process was competing for them.
@@ -99,7 +109,7 @@ def input_specs(path: Path) -> list[tuple[str, list[int | str | None], Any]]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # its errors are raised as exceptions, not logged
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -128,20 +138,24 @@ def feed_shapes(
     batch_size: int,
     dims: Mapping[str, int],
 ) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """The concrete shape of each input at ``batch_size``: a symbolic first axis is the
-    batch; other symbolic axes take their size from ``dims`` (default 1). Returns the shapes
-    and the sizes given to symbolic axes."""
+    """The concrete shape of each input at ``batch_size``: each input's batch axis
+    (:func:`batch_axes`) is the batch; other symbolic axes take their size from ``dims``
+    (by name, or ``input[axis]`` when unnamed; default 1). Returns the shapes and the sizes
+    given to symbolic axes."""
+    axes = batch_axes(specs)
+    batch_names = {str(shape[a]) for name, shape, _ in specs
+                   if (a := axes[name]) is not None and isinstance(shape[a], str)}
     shapes, used = {}, {}
     for name, shape, _ in specs:
         concrete = []
         for axis, d in enumerate(shape):
-            if isinstance(d, int) and d > 0:
+            if not is_symbolic(d):
                 concrete.append(d)
                 continue
-            key = str(d) if d is not None else f"{name}[{axis}]"
+            key = axis_key(name, axis, d)
             if key in dims:
                 v = dims[key]
-            elif axis == 0:
+            elif axis == axes[name] or key in batch_names:
                 v = batch_size
             else:
                 v = 1
@@ -149,6 +163,12 @@ def feed_shapes(
             concrete.append(v)
         shapes[name] = concrete
     return shapes, used
+
+
+def scalar_values(specs: list[tuple[str, list[int | str | None], Any]],
+                  dims: Mapping[str, int]) -> dict[str, int]:
+    """The value fed to each 0-d (scalar) input: ``--dim NAME=V`` for it, else 1."""
+    return {name: dims.get(name, 1) for name, shape, _ in specs if len(shape) == 0}
 
 
 def available_memory() -> int | None:
@@ -193,11 +213,14 @@ def random_feeds(
     symbolic axes."""
     shapes, used = feed_shapes(specs, batch_size, dims)
     check_feed_size(specs, shapes, batch_size)
+    scalars = scalar_values(specs, dims)
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, _, dtype in specs:
         concrete = shapes[name]
-        if np.issubdtype(dtype, np.floating):
+        if name in scalars:  # a 0-d input (a sample rate, a step): a fixed value, not noise
+            a = np.array(scalars[name], dtype=dtype)
+        elif np.issubdtype(dtype, np.floating):
             a = rng.standard_normal(concrete).astype(dtype)
         elif dtype is np.bool_:
             a = np.ones(concrete, dtype=bool)
@@ -207,9 +230,33 @@ def random_feeds(
     return feeds, used
 
 
+# Sizes tried, smallest first, when the defaults fail: kept short, each is a model run.
+TRIAL_SIZES = (32, 64, 224, 640)
+
+
+def suggest_sizes(model: Any, specs: list[tuple[str, list[Any], Any]], dims: Mapping[str, int]
+                  ) -> dict[str, int] | None:
+    """A common size for the defaulted axes at which the model runs (the smallest of
+    :data:`TRIAL_SIZES`, the same for all of them), or None when none does."""
+    from compactor.measure.shapes import defaulted, run_error
+
+    axes = defaulted(specs, dims)
+    if not axes:
+        return None
+    for size in TRIAL_SIZES:
+        trial = {**dims, **{a.key: size for a in axes}}
+        try:
+            feeds, _ = random_feeds(specs, 1, trial)
+        except UsageError:  # too large to allocate here: larger sizes will be too
+            return None
+        if run_error(model, feeds) is None:
+            return {a.key: size for a in axes}
+    return None
+
+
 def batch_is_dynamic(specs: list[tuple[str, list[int | str | None], Any]]) -> bool:
-    return all(shape and not (isinstance(shape[0], int) and shape[0] > 0)
-               for _, shape, _ in specs)
+    """Whether some input has a symbolic batch axis (:func:`batch_axes`)."""
+    return any(a is not None for a in batch_axes(specs).values())
 
 
 # --------------------------------------------------------------------------- bench
@@ -227,9 +274,14 @@ def bench(path: Path, profile: Profile, dims: Mapping[str, int] | None = None,
         raise ModelLoadError(f"model file not found: {path}", "check the path")
     dims = dict(dims or {})
     specs = input_specs(path)
+    check_dim_names(dims, specs)
     batch_sizes, notes = _batch_sizes(specs, list(profile.batch_sizes))
+    notes += _input_notes(specs, dims)
     feeds, used = _feeds_by_batch(specs, batch_sizes, dims)
-    m = measure_profile(path, profile, feeds, on_batch=on_batch)
+    try:
+        m = measure_profile(path, profile, feeds, on_batch=on_batch)
+    except PassError as e:
+        raise _guided(path, specs, dims, e) from e
     notes += m.notes
 
     one, _ = random_feeds(specs, 1, dims)
@@ -265,6 +317,47 @@ def bench(path: Path, profile: Profile, dims: Mapping[str, int] | None = None,
     }
 
 
+def _input_notes(specs: list[tuple[str, list[int | str | None], Any]],
+                 dims: Mapping[str, int]) -> list[str]:
+    """What bench chose for the inputs the model leaves open: scalar values, and the
+    symbolic axes it ran at 1 because no --dim gave them."""
+    notes = []
+    values = scalar_values(specs, dims)
+    dtypes = {n: np.dtype(t).name for n, _, t in specs}
+    for name in scalar_inputs(specs):
+        notes.append(f"scalar input {name!r} ({dtypes[name]}) fed {values[name]}"
+                     + ("" if name in dims else f"; set it with --dim {name}=N"))
+    left = defaulted(specs, dims)
+    if left:
+        notes.append("symbolic axes run at size 1: "
+                     + ", ".join(a.describe() for a in left)
+                     + f"; set the sizes you serve at with {dim_example(left)}")
+    return notes
+
+
+def _guided(path: Path, specs: list[tuple[str, list[int | str | None], Any]],
+            dims: Mapping[str, int], e: PassError) -> CompactorError:
+    """The measuring process failed: why, in one line, and which ``--dim`` to pass. When
+    symbolic axes ran at the default size 1, the fix is the user's (exit 2): the hint gives
+    the axes and, where a common size runs, that size."""
+    one, _ = random_feeds(specs, 1, dims)
+    why = run_error(path, one) or e.message
+    left = defaulted(specs, dims)
+    if left:
+        sizes = suggest_sizes(path, specs, dims)
+        runs = (f"; it runs at {next(iter(sizes.values()))}" if sizes else
+                f"; it ran at none of {', '.join(map(str, TRIAL_SIZES))} either")
+        return UsageError(
+            f"{path.name} does not run with its symbolic axes "
+            f"{', '.join(a.key for a in left)} at the default size 1: {why}",
+            f"give the sizes you serve it at: {dim_example(left, sizes)}{runs}")
+    given = ", ".join(f"{k}={v}" for k, v in dims.items())
+    return PassError(
+        f"latency measurement of {path.name} failed: {why}",
+        (f"it was fed {given} (from --dim); " if given else "")
+        + "check those sizes against the model's inputs (`compactor inspect` lists them)")
+
+
 def _feeds_by_batch(specs: list[tuple[str, list[int | str | None], Any]],
                     batch_sizes: list[int], dims: Mapping[str, int]
                     ) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, int]]:
@@ -283,8 +376,8 @@ def _batch_sizes(specs: list[tuple[str, list[int | str | None], Any]],
     (with a note saying so)."""
     if batch_is_dynamic(specs):
         return wanted, []
-    fixed = [s[1][0] for s in specs if s[1]]
-    keep = [b for b in wanted if b in fixed] or [int(fixed[0]) if fixed else 1]
+    fixed = [int(s[1][0]) for s in specs if s[1] and not is_symbolic(s[1][0])]
+    keep = [b for b in wanted if b in fixed] or [fixed[0] if fixed else 1]
     if keep != wanted:
         return keep, [f"the model's batch axis is fixed: measured at batch {keep[0]} only"]
     return keep, []

@@ -9,6 +9,7 @@ the distribution) lies within ±``target_ci`` of it, or the time cap is reached.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,8 @@ import numpy as np
 
 from compactor.errors import PassError
 from compactor.profiles import Profile
+
+log = logging.getLogger(__name__)
 
 _OPT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -126,7 +129,7 @@ def session(path: Path, profile: Profile | None = None, threads: int | None = No
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # its errors are raised as exceptions, not logged
     providers = ["CPUExecutionProvider"]
     if profile is not None:
         n, _ = profile.threads_on_host()
@@ -184,10 +187,13 @@ def measure_in_subprocess(
             f.unlink(missing_ok=True)
     if code != 0:
         last = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        log.debug("the measuring process of %s exited %s:\n%s", model.name, code, stderr)
         raise PassError(
             f"latency measurement of {model.name} on {profile.name} failed: "
             f"{last[-1][:300] if last else f'exit code {code}'}",
-            "run `compactor bench` on the model to see the full error",
+            "the inputs it was fed may not fit the model (its symbolic axes need sizes it "
+            "runs at: `compactor inspect` lists them, `--dim NAME=N` sets them); "
+            "--debug shows the measuring process's error in full",
         )
     return out, extra
 
