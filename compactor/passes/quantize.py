@@ -370,6 +370,15 @@ class QuantizePass(Pass):
         record["float_nodes"] = _float_nodes(record, outcome, model, sample, cfg)
         if outcome.fallback_cost_ms is not None:
             record["search"]["repair_cost_ms"] = round(outcome.fallback_cost_ms, 4)
+        from compactor.quantization.search import repairs_not_applied
+
+        skipped = repairs_not_applied(outcome.log.get("repairs", []))
+        if skipped:
+            # Said in the record, and as warnings: the CLI notes them and both reports list
+            # them, so a model left failing says which fix could not be tried and why.
+            record["repairs_not_applied"] = skipped
+            record.setdefault("warnings", []).extend(
+                f"repair '{r['repair']}' could not apply: {r['reason']}" for r in skipped)
         if not outcome.met:
             msg = _unmet_message(outcome, budget, judge)
             if budget.enforced:
