@@ -9,8 +9,8 @@ per input name and, optionally, ``target``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,130 @@ _NP_DTYPES = {
 }
 
 
+def take_rows(a: np.ndarray, axis: int | None, sel: slice | np.ndarray) -> np.ndarray:
+    """The samples ``sel`` of ``a`` along its batch ``axis``; an array without one whole."""
+    if axis is None:
+        return a
+    index: list[Any] = [slice(None)] * a.ndim
+    index[axis] = sel
+    return a[tuple(index)]
+
+
 @dataclass(frozen=True)
 class Batch:
+    """Named input arrays (and the target, samples on its axis 0). ``axes`` gives each
+    input's batch axis (its spec's ``batch_axis``); an input it does not name has axis 0,
+    or none when it is 0-d (a scalar is passed as-is to every run)."""
+
     inputs: dict[str, np.ndarray]
     target: np.ndarray | None = None
+    axes: Mapping[str, int | None] = field(default_factory=dict)
+
+    def axis(self, name: str) -> int | None:
+        if name in self.axes:
+            return self.axes[name]
+        return 0 if np.ndim(self.inputs[name]) else None
 
     @property
     def size(self) -> int:
-        return int(next(iter(self.inputs.values())).shape[0])
+        """Samples in the batch: the length of the first batch axis (1 when no input has
+        one, e.g. a model of scalars)."""
+        for name, a in self.inputs.items():
+            axis = self.axis(name)
+            if axis is not None:
+                return int(a.shape[axis])
+        if self.target is not None and np.ndim(self.target):
+            return int(np.shape(self.target)[0])
+        return 1
+
+    def rows(self, sel: slice | np.ndarray) -> Batch:
+        """The samples ``sel`` (a slice or indices) of this batch; inputs without a batch
+        axis are kept whole."""
+        target = self.target
+        if target is not None and np.ndim(target):
+            target = np.asarray(target)[sel]
+        return Batch({k: take_rows(v, self.axis(k), sel) for k, v in self.inputs.items()},
+                     target, self.axes)
+
+    def head(self, n: int) -> Batch:
+        return self.rows(slice(0, n))
+
+
+def join(batches: Sequence[Batch]) -> Batch:
+    """The batches' samples in one batch, each input joined along its batch axis (the
+    inputs' other axes must agree: bring them to one shape first, see :func:`conform`).
+    An input without a batch axis is taken from the first batch."""
+    first = batches[0]
+    inputs = {}
+    for name, a in first.inputs.items():
+        axis = first.axis(name)
+        inputs[name] = a if axis is None or len(batches) == 1 else np.concatenate(
+            [b.inputs[name] for b in batches], axis=axis)
+    targets = [b.target for b in batches]
+    target = None
+    if all(t is not None and np.ndim(t) for t in targets):
+        target = targets[0] if len(targets) == 1 else np.concatenate(targets)
+    return Batch(inputs, target, first.axes)
+
+
+@dataclass(frozen=True)
+class PerBatch:
+    """A model's output (or the targets) over the eval data, one array per batch with the
+    samples on axis 0. Batches padded to their own longest sentence give outputs of
+    different trailing shapes, which no concatenation can hold: they stay apart here, and a
+    metric is computed per batch and weighted by its samples (``Metric.score``). When every
+    batch has the same trailing shape, :meth:`joined` is the one array it always was."""
+
+    parts: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, arrays: Iterable[Any]) -> PerBatch:
+        parts = []
+        for a in arrays:
+            a = np.asarray(a)
+            parts.append(a.reshape(1) if a.ndim == 0 else a)
+        return cls(tuple(parts))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(p.shape[0]) for p in self.parts)
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(p.shape) for p in self.parts)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every batch has the same per-sample shape (they can be joined)."""
+        return len({p.shape[1:] for p in self.parts}) <= 1
+
+    def joined(self) -> np.ndarray:
+        if not self.uniform:
+            raise ValueError("batches of different per-sample shapes cannot be joined: "
+                             + ", ".join(sorted({str(list(s[1:])) for s in self.shapes})))
+        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+
+    def flat(self) -> np.ndarray:
+        """Joined when uniform, else every value in one vector (batch by batch): enough to
+        compare two models' outputs element by element."""
+        if self.uniform:
+            return self.joined()
+        return np.concatenate([p.reshape(-1) for p in self.parts])
+
+    def take(self, index: np.ndarray) -> PerBatch:
+        """The samples at the sorted global ``index``, still one array per source batch."""
+        out, start = [], 0
+        index = np.asarray(index, dtype=np.int64)
+        for p in self.parts:
+            n = p.shape[0]
+            lo, hi = np.searchsorted(index, [start, start + n])
+            if hi > lo:
+                out.append(p[index[lo:hi] - start])
+            start += n
+        return PerBatch(tuple(out))
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -97,12 +213,7 @@ class DataSource:
             if max_samples is not None and seen + b.size > max_samples:
                 keep = max_samples - seen
                 if keep > 0:
-                    out.append(
-                        Batch(
-                            {k: v[:keep] for k, v in b.inputs.items()},
-                            None if b.target is None else b.target[:keep],
-                        )
-                    )
+                    out.append(b.head(keep))
                 break
             out.append(b)
             seen += b.size
@@ -142,11 +253,11 @@ class DataSource:
             )
         arrays = {n: npz[n] for n in names}
         target = npz["target"] if "target" in npz.files else None
-        total = len(next(iter(arrays.values())))
+        whole = Batch(arrays, target, {i.name: i.batch_axis for i in self.inputs})
+        total = whole.size
         for start in range(0, total, self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            ins = {k: v[sl] for k, v in arrays.items()}
-            yield (ins,) if target is None else (ins, target[sl])
+            part = whole.rows(slice(start, start + self.batch_size))
+            yield (part.inputs,) if target is None else (part.inputs, part.target)
 
     def _normalize(self, item: Any, index: int) -> Batch:
         where = f"data.{self.split} batch {index}"
@@ -159,10 +270,19 @@ class DataSource:
         arrays = self._input_arrays(inputs, where)
         named = {spec.name: self._input_array(spec, arr, where)
                  for spec, arr in zip(self.inputs, arrays)}
-        sizes = {a.shape[0] for a in named.values() if a.ndim}
+        by_input = {s.name: named[s.name].shape[s.batch_axis]
+                    for s in self.inputs if s.batch_axis is not None}
+        sizes = set(by_input.values())
         if len(sizes) > 1:
-            raise DataError(f"{where}: inputs have different batch sizes {sorted(sizes)}",
-                            "every input of a batch must have the same first dimension")
+            listed = ", ".join(
+                f"{s.name} {by_input[s.name]} (axis {s.batch_axis})"
+                for s in self.inputs if s.name in by_input)
+            raise DataError(
+                f"{where}: inputs have different batch sizes: {listed}",
+                "every input of a batch must have the same size along its batch axis; an "
+                "input whose batch is not its axis 0 (a recurrent state [2, batch, 128]) "
+                "declares it with batch_axis in model.inputs, one without a batch with "
+                "batch_axis: null")
         if 0 in sizes:
             raise DataError(f"{where}: the batch has 0 rows",
                             "drop empty batches from the data (e.g. a last slice past the end)")
@@ -170,9 +290,9 @@ class DataSource:
         if tgt is not None and tgt.ndim and sizes and tgt.shape[0] not in sizes:
             raise DataError(
                 f"{where}: target has {tgt.shape[0]} rows, inputs have {sizes.pop()}",
-                "targets must line up with the inputs' first dimension",
+                "targets must line up with the inputs' batch axis (the target's axis 0)",
             )
-        return Batch(named, tgt)
+        return Batch(named, tgt, {s.name: s.batch_axis for s in self.inputs})
 
     def _input_arrays(self, inputs: Any, where: str) -> list[Any]:
         """A batch's inputs (one array, a tuple in recipe order, or a dict by name) as a
@@ -222,7 +342,16 @@ class DataSource:
 
     @staticmethod
     def _check_shape(spec: InputSpec, a: np.ndarray, where: str) -> None:
-        ok = a.ndim == len(spec.shape) and all(
+        if a.ndim != len(spec.shape):
+            declared = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+            raise DataError(
+                f"{where}: input {spec.name!r} has rank {a.ndim} (shape {list(a.shape)}), the "
+                f"recipe declares rank {len(spec.shape)} {declared}"
+                + (" (a scalar)" if not spec.shape else ""),
+                "every batch must give each input the declared number of axes; fix "
+                "model.inputs in the recipe or the data",
+            )
+        ok = all(
             isinstance(d, str) or d == s for d, s in zip(spec.shape, a.shape)
         )
         if not ok:
@@ -236,9 +365,10 @@ class DataSource:
 
 def batch_sizes_for(specs: Sequence[InputSpec], wanted: Sequence[int]) -> list[int]:
     """The batch sizes a model with these inputs can run: ``wanted`` (a profile's), or only
-    the declared size when every input's batch axis is fixed (``[16, ...]``)."""
-    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
-    if len(fixed) != 1 or any(s.shape and isinstance(s.shape[0], str) for s in specs):
+    the declared size when every batch axis is fixed (``[16, ...]``)."""
+    batch = [s.batch_dim for s in specs if s.batch_axis is not None]
+    fixed = {d for d in batch if isinstance(d, int)}
+    if len(fixed) != 1 or any(isinstance(d, str) for d in batch):
         return list(wanted)
     return [fixed.pop()]
 
@@ -282,19 +412,107 @@ class RunData:
                 and (src := self.source(split).source_file) is not None]
 
 
-def feeds_for_batch(specs: Sequence[InputSpec], batches: list[Batch], bs: int):
-    """Real eval samples at batch size ``bs`` (repeating samples if the data is smaller)."""
-    feeds = {}
+@dataclass(frozen=True)
+class LatencyShape:
+    """The size of each symbolic (non-batch) axis latency is measured at, where each came
+    from (``recipe``: measure.dims; ``median``: the median over the eval batches), and each
+    input's shape at batch 1."""
+
+    dims: dict[str, int]
+    source: dict[str, str]
+    inputs: dict[str, list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dims": dict(self.dims), "source": dict(self.source),
+                "inputs": {k: list(v) for k, v in self.inputs.items()}}
+
+    def describe(self) -> str:
+        """``seq=41 (median of the eval batches)``, or "" when there is no symbolic axis."""
+        return ", ".join(
+            f"{k}={v}" + (" (median of the eval batches)" if self.source[k] == "median"
+                          else "") for k, v in self.dims.items())
+
+
+def latency_shape(specs: Sequence[InputSpec], batches: Sequence[Batch],
+                  given: Mapping[str, int] | None = None) -> LatencyShape:
+    """The latency shape: ``given`` (the recipe's measure.dims) for the axes it names, the
+    median size over ``batches`` (the lower middle one, a size the data really has) for the
+    other symbolic axes."""
+    given = dict(given or {})
+    seen: dict[str, list[int]] = {}
+    for b in batches:
+        this: dict[str, int] = {}
+        for s in specs:
+            a = b.inputs.get(s.name)
+            if a is None or a.ndim != len(s.shape):
+                continue
+            for axis, name in s.symbolic_axes.items():
+                this.setdefault(name, int(a.shape[axis]))
+        for name, n in this.items():
+            seen.setdefault(name, []).append(n)
+    dims, source = {}, {}
     for s in specs:
-        parts, n = [], 0
-        for b in batches:
-            a = b.inputs[s.name]
-            parts.append(a)
-            n += a.shape[0]
-            if n >= bs:
-                break
-        a = np.concatenate(parts)
-        if a.shape[0] < bs:
-            a = np.concatenate([a] * (bs // a.shape[0] + 1))
-        feeds[s.name] = np.ascontiguousarray(a[:bs])
-    return feeds
+        for name in s.symbolic_axes.values():
+            if name in dims:
+                continue
+            if name in given:
+                dims[name], source[name] = int(given[name]), "recipe"
+            elif seen.get(name):
+                sizes = sorted(seen[name])
+                dims[name], source[name] = sizes[(len(sizes) - 1) // 2], "median"
+    shapes = {}
+    for s in specs:
+        shape = []
+        for axis, d in enumerate(s.shape):
+            if axis == s.batch_axis:
+                shape.append(1)
+            elif isinstance(d, str):
+                shape.append(dims.get(d, 1))
+            else:
+                shape.append(d)
+        shapes[s.name] = shape
+    return LatencyShape(dims, source, shapes)
+
+
+def conform(specs: Sequence[InputSpec], batch: Batch, dims: Mapping[str, int]) -> Batch:
+    """``batch`` at the latency shape: each symbolic axis ``dims`` names is cropped at its
+    end, or padded at its end with zeros (the padding id of most tokenizers, and "masked"
+    in an attention mask)."""
+    inputs = {}
+    for s in specs:
+        a = batch.inputs[s.name]
+        if a.ndim == len(s.shape):
+            for axis, name in s.symbolic_axes.items():
+                want = dims.get(name)
+                if want is None or a.shape[axis] == want:
+                    continue
+                if a.shape[axis] > want:
+                    a = take_rows(a, axis, slice(0, want))
+                else:
+                    pad = [(0, 0)] * a.ndim
+                    pad[axis] = (0, want - a.shape[axis])
+                    a = np.pad(a, pad)
+        inputs[s.name] = a
+    return Batch(inputs, batch.target, batch.axes)
+
+
+def feeds_for_batch(specs: Sequence[InputSpec], batches: Sequence[Batch], bs: int,
+                    dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Real eval samples at batch size ``bs`` and the latency shape ``dims`` (default: the
+    median over ``batches``, :func:`latency_shape`), repeating samples if the data is
+    smaller. Each batch is brought to that shape before any is joined, so batches of
+    different lengths never meet in one concatenation; an input without a batch axis (a
+    scalar, a shared table) is fed as the first batch has it."""
+    if dims is None:
+        dims = latency_shape(specs, batches).dims
+    picked, n = [], 0
+    for b in batches:
+        picked.append(conform(specs, b, dims))
+        n += picked[-1].size
+        if n >= bs:
+            break
+    whole = join(picked)
+    if whole.size < bs:
+        whole = join([whole] * (bs // whole.size + 1))
+    whole = whole.head(bs)
+    return {s.name: np.asarray(whole.inputs[s.name], order="C") for s in specs}

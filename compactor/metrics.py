@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compactor._imports import resolve_callable
+from compactor.data import PerBatch
 from compactor.errors import DataError, RecipeError
 
 
@@ -42,6 +43,27 @@ class Metric:
                 "the model produced NaN/inf on the eval data; check the data and the weights",
             )
         return value
+
+    def score(self, outputs: PerBatch, targets: PerBatch | None,
+              reference: PerBatch | None) -> float:
+        """The metric over per-batch outputs: on them joined when every batch has the same
+        per-sample shape (exactly :meth:`compute`), else batch by batch, each value weighted
+        by its batch's samples (batches padded to their own length)."""
+        given = [p for p in (outputs, targets, reference) if p is not None]
+        if all(p.uniform for p in given):
+            return self.compute(outputs.joined(), None if targets is None else targets.joined(),
+                                None if reference is None else reference.joined())
+        if any(p.sizes != outputs.sizes for p in given):
+            raise DataError(
+                f"metric {self.name!r}: outputs, targets and reference are batched differently",
+                "yield the same batches (in the same order) for every stage",
+            )
+        total = 0.0
+        for i, n in enumerate(outputs.sizes):
+            total += n * self.compute(
+                outputs.parts[i], None if targets is None else targets.parts[i],
+                None if reference is None else reference.parts[i])
+        return total / max(len(outputs), 1)
 
     def drop(self, baseline: float, value: float) -> float:
         """How much worse ``value`` is than ``baseline`` (positive = worse)."""

@@ -104,12 +104,17 @@ def _check_onnx(path: Path) -> None:
 
 
 def onnx_input_specs(path: Path) -> tuple[InputSpec, ...]:
-    """Input specs read from an ONNX file, for recipes that give none."""
+    """Input specs read from an ONNX file, for recipes that give none.
+
+    An unnamed dynamic axis gets a stable name: ``batch`` at axis 0, else
+    ``<input>_dim<k>``. The batch axis of each input is where it has the batch's name (the
+    name most inputs carry at axis 0): axis 1 for a recurrent state ``[2, batch, 128]``;
+    none for a scalar; else axis 0."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     init_names = {i.name for i in model.graph.initializer}
-    specs = []
+    found: list[tuple[str, list[int | str], str]] = []
     for inp in model.graph.input:
         if inp.name in init_names:
             continue
@@ -128,5 +133,13 @@ def onnx_input_specs(path: Path) -> tuple[InputSpec, ...]:
                 f"model.onnx: input {inp.name!r} has type {dtype}, which compactor cannot feed",
                 f"supported input types: {', '.join(DTYPES)}",
             )
-        specs.append(InputSpec(name=inp.name, shape=tuple(dims), dtype=dtype))
+        found.append((inp.name, dims, dtype))
+    firsts = [dims[0] for _, dims, _ in found if dims and isinstance(dims[0], str)]
+    batch = max(dict.fromkeys(firsts), key=firsts.count) if firsts else None  # ties: first
+    specs = []
+    for name, dims, dtype in found:
+        axis: int | None = 0 if dims else None
+        if batch is not None and batch in dims:
+            axis = dims.index(batch)
+        specs.append(InputSpec(name=name, shape=tuple(dims), dtype=dtype, batch_axis=axis))
     return tuple(specs)

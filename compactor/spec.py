@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from compactor.errors import did_you_mean
+
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
@@ -73,9 +75,28 @@ class Drop(Strict):
 
 
 class InputSpec(Strict):
+    """One model input. ``shape`` names dynamic axes (``[batch, seq]``); ``[]`` is a scalar.
+    ``batch_axis`` is the axis samples are stacked on (``1`` for a recurrent state
+    ``[2, batch, 128]``; ``null`` for an input without one, passed as-is to every run);
+    left out, it is 0, or null for a scalar."""
+
     name: str = Field(min_length=1)
     shape: tuple[int | str, ...] = Field(min_length=0)
     dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+    batch_axis: int | None = Field(
+        default=0, ge=0,
+        description="the axis samples are stacked on; null: the input has none (a scalar, "
+        "a shared table); default 0, or null for shape []",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_axis(cls, raw: Any) -> Any:
+        # A scalar has no batch axis: the default follows the shape, given or not.
+        if isinstance(raw, dict) and "batch_axis" not in raw and isinstance(
+                raw.get("shape"), (list, tuple)) and len(raw["shape"]) == 0:
+            return {**raw, "batch_axis": None}
+        return raw
 
     @field_validator("shape")
     @classmethod
@@ -87,9 +108,70 @@ class InputSpec(Strict):
                 raise ValueError(f"dynamic axis name {d!r} must be an identifier")
         return shape
 
+    @model_validator(mode="after")
+    def _axis_in_shape(self) -> InputSpec:
+        if self.batch_axis is not None and self.batch_axis >= len(self.shape):
+            raise ValueError(
+                f"input {self.name!r}: batch_axis {self.batch_axis} is beyond its shape "
+                f"{list(self.shape)} (rank {len(self.shape)}); "
+                + ("a scalar has no batch axis: use batch_axis: null" if not self.shape
+                   else f"use an axis from 0 to {len(self.shape) - 1}, or null for none")
+            )
+        return self
+
     @property
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    @property
+    def batch_dim(self) -> int | str | None:
+        """The batch axis's entry in ``shape`` (a name, or a fixed batch size)."""
+        return None if self.batch_axis is None else self.shape[self.batch_axis]
+
+    @property
+    def symbolic_axes(self) -> dict[int, str]:
+        """Dynamic axes other than the batch axis (a sequence length, an image side): the
+        ones a latency shape sets (``measure.dims``)."""
+        return {i: d for i, d in self.dynamic_axes.items() if i != self.batch_axis}
+
+
+class MeasureSpec(Strict):
+    """How stages are measured: the size of each symbolic (non-batch) axis that latency is
+    measured at. An axis left out takes the median of its sizes over the eval batches."""
+
+    dims: dict[str, int] = Field(
+        default_factory=dict,
+        description="symbolic axis name → size latency is measured at (e.g. {seq: 128}); "
+        "default: the median over the eval batches",
+    )
+
+    @field_validator("dims")
+    @classmethod
+    def _positive(cls, dims: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in dims.items() if v <= 0}
+        if bad:
+            raise ValueError(f"axis sizes must be positive, got {bad}")
+        return dims
+
+
+def check_measure_dims(dims: dict[str, int] | Any, inputs: tuple[InputSpec, ...] | Any,
+                       where: str = "measure.dims") -> str | None:
+    """Why ``dims`` does not fit ``inputs`` (an axis the inputs do not have, or their batch
+    axis), with a did-you-mean; None when it fits."""
+    symbolic = sorted({n for s in inputs for n in s.symbolic_axes.values()})
+    batch = sorted({d for s in inputs if isinstance(d := s.batch_dim, str)})
+    for name in dims:
+        if name in symbolic:
+            continue
+        if name in batch:
+            return (f"{where}: {name!r} is the batch axis; its sizes come from the target "
+                    "profile's batch_sizes")
+        hint = did_you_mean(name, symbolic)
+        have = (f"the model's symbolic axes are {', '.join(symbolic)}" if symbolic
+                else "the model has no symbolic axis besides the batch")
+        return f"{where}: the model has no axis {name!r}; {have}" + (
+            f" ({hint})" if hint else "")
+    return None
 
 
 class ModelSource(Strict):
