@@ -197,7 +197,8 @@ def _render(info: dict) -> None:
         c.print(escape(f"  {note}"), style="dim")
     if info["dynamic_axes"]:
         c.print(escape("symbolic axes: " + ", ".join(
-            f"{a['name']} ({', '.join(a['where'])})" + (" [batch]" if a["batch"] else "")
+            f"{a['name']} ({', '.join(a['where']) if a['named'] else 'unnamed'})"
+            + (" [batch]" if a["batch"] else "")
             for a in info["dynamic_axes"])))
     if info["dim_hint"]:
         c.print(escape(f"hint: {info['dim_hint']}"), style="yellow")

@@ -22,6 +22,7 @@ from compactor.measure.shapes import (
     check_dim_names,
     defaulted,
     dim_example,
+    is_named,
     is_symbolic,
     run_error,
     scalar_inputs,
@@ -144,7 +145,7 @@ def feed_shapes(
     given to symbolic axes."""
     axes = batch_axes(specs)
     batch_names = {str(shape[a]) for name, shape, _ in specs
-                   if (a := axes[name]) is not None and isinstance(shape[a], str)}
+                   if (a := axes[name]) is not None and is_named(shape[a])}
     shapes, used = {}, {}
     for name, shape, _ in specs:
         concrete = []

@@ -29,10 +29,16 @@ def is_symbolic(d: int | str | None) -> bool:
     return not (isinstance(d, int) and d > 0)
 
 
+def is_named(d: int | str | None) -> bool:
+    """A real axis name: not None, "", or a placeholder such as Paddle's ``?`` (which it
+    writes for every unknown axis, so it names none of them)."""
+    return isinstance(d, str) and d.strip("?-1 ") != ""
+
+
 def axis_key(input_name: str, axis: int, d: int | str | None) -> str:
     """The name ``--dim`` sets a symbolic axis by: its own name, or ``input[axis]`` for an
     unnamed one (stable: it depends only on the model)."""
-    return str(d) if isinstance(d, str) and d else f"{input_name}[{axis}]"
+    return str(d) if is_named(d) else f"{input_name}[{axis}]"
 
 
 def batch_axes(specs: list[tuple[str, list[int | str | None], Any]]) -> dict[str, int | None]:
@@ -43,14 +49,14 @@ def batch_axes(specs: list[tuple[str, list[int | str | None], Any]]) -> dict[str
     out: dict[str, int | None] = {}
     for name, shape, _ in specs:
         named = [i for i, d in enumerate(shape)
-                 if is_symbolic(d) and isinstance(d, str) and _BATCH_NAME.match(d)]
+                 if is_symbolic(d) and is_named(d) and _BATCH_NAME.match(str(d))]
         out[name] = named[0] if named else (0 if shape and is_symbolic(shape[0]) else None)
     batch_names = {shape[out[name]] for name, shape, _ in specs
-                   if out[name] is not None and isinstance(shape[out[name]], str)}
+                   if out[name] is not None and is_named(shape[out[name]])}
     for name, shape, _ in specs:
         if out[name] is None:
             out[name] = next((i for i, d in enumerate(shape)
-                              if isinstance(d, str) and d in batch_names), None)
+                              if is_named(d) and d in batch_names), None)
     return out
 
 
@@ -82,7 +88,7 @@ def dynamic_axes(specs: Sequence[Spec]) -> list[Axis]:
             if is_symbolic(d):
                 key = axis_key(name, i, d)
                 found.setdefault(key, []).append(f"{name}[{i}]")
-                named[key] = isinstance(d, str) and bool(d)
+                named[key] = is_named(d)
     return [Axis(k, tuple(w), named[k], k in batch_keys) for k, w in found.items()]
 
 

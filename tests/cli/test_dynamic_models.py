@@ -99,3 +99,16 @@ def test_random_feeds_put_the_batch_on_the_state_axis_named_like_it():
     assert feeds["state"].shape == (2, 8, 128) and feeds["h"].shape == (2, 8, 8)
     assert feeds["sr"].shape == () and feeds["sr"].dtype == np.int64 and feeds["sr"] == 1
     assert feeds["table"].shape == (5, 3) and used == {"B": 8, "batch_size": 8}
+
+
+def test_placeholder_axis_names_are_unnamed_and_set_by_input_and_axis():
+    """Paddle writes '?' for every unknown axis (PP-OCR's models): two axes both '?' are not
+    one axis, so each is set as INPUT[AXIS]; a -1 size is a dynamic axis too."""
+    from compactor.measure.bench import random_feeds
+    from compactor.measure.shapes import dynamic_axes
+
+    specs = [("x", [None, 3, "?", "?"], np.float32)]
+    assert [(a.key, a.named, a.batch) for a in dynamic_axes(specs)] == [
+        ("x[0]", False, True), ("x[2]", False, False), ("x[3]", False, False)]
+    feeds, used = random_feeds(specs, 2, {"x[2]": 48, "x[3]": 320})
+    assert feeds["x"].shape == (2, 3, 48, 320) and used == {"x[0]": 2, "x[2]": 48, "x[3]": 320}
