@@ -333,6 +333,9 @@ def _remeasured(folder: Path, manifest: Manifest, current: dict[str, Any], name:
         profile, notes = _bounded(profile)
     model = inside(folder, manifest.model.file, "model.file")
     specs = input_specs(model)
+    # the shape the artifact was measured at, unless --dim says otherwise
+    shape = manifest.final.latency_shape
+    dims = {**(shape.dims if shape is not None else {}), **dims}
     feeds = {bs: random_feeds(specs, bs, dims)[0] for bs in profile.batch_sizes}
     m = measure_profile(model, profile, feeds)
     final = current["stages"][-1]

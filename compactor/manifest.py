@@ -252,6 +252,24 @@ class VerdictRecord(_Closed):
     estimate: float | None = None
 
 
+class LatencyShapeRecord(_Open):
+    """The size of each symbolic (non-batch) axis latency was measured at, where each came
+    from (``recipe``: measure.dims, ``median``: of the eval batches), and each input's
+    shape at batch 1."""
+
+    dims: dict[str, Annotated[int, Field(ge=1, le=MAX_DIM)]] = Field(default_factory=dict)
+    source: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, list[Annotated[int, Field(ge=0, le=MAX_DIM)]]] = Field(
+        default_factory=dict)
+
+    def describe(self) -> str:
+        """``seq=41 (median of the eval batches)``; "" without symbolic axes."""
+        return ", ".join(
+            f"{visible(k)}={v}" + (" (median of the eval batches)"
+                                   if self.source.get(k) == "median" else "")
+            for k, v in self.dims.items())
+
+
 class StageRecord(_Open):
     name: str
     kind: str
@@ -273,6 +291,7 @@ class StageRecord(_Open):
     pass_seconds: float | None = None
     warnings: list[str] = Field(default_factory=list)
     verdict: VerdictRecord | None = None
+    latency_shape: LatencyShapeRecord | None = None
 
     def latency_at(self, profile: str, batch: int = 1) -> LatencyRecord | None:
         return (self.latency_ms.get(profile) or {}).get(str(batch))

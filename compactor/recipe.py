@@ -35,9 +35,11 @@ from compactor.spec import (  # noqa: F401 - re-exported: the recipe's value typ
     Drop,
     InputSpec,
     LatencyBudget,
+    MeasureSpec,
     ModelSpec,
     Strict,
     Target,
+    check_measure_dims,
 )
 from compactor.yamlsafe import compose_bounded, construct, read_yaml_text
 
@@ -83,6 +85,7 @@ class Recipe(Strict):
     output: str | None = None
     seed: int = 0
     partition: PartitionSpec | None = None  # plan device/server splits of the final model
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
 
     # Where relative paths resolve; not part of the schema.
     _base_dir: Path = Path(".")
@@ -123,6 +126,10 @@ class Recipe(Strict):
             kind = cls.output_kind
         for i, (name, cfg) in enumerate(self.pass_list):
             registry()[name].check_recipe(cfg, i, self.model, self.data)
+        if self.model.inputs:  # an ONNX model's own inputs are checked when it is loaded
+            problem = check_measure_dims(self.measure.dims, self.model.inputs)
+            if problem:
+                raise ValueError(problem)
         return self
 
     @property

@@ -40,6 +40,8 @@ class StageResult:
     warnings: tuple[str, ...] = ()  # what the pass (or the run, about it) warns of
     verdict: Verdict | None = None  # a budget the pass judged on its own stage
     pass_seconds: float | None = None  # running the pass that made the stage
+    # the symbolic axes' sizes latency (and MACs) were measured at: data.LatencyShape
+    latency_shape: dict[str, Any] | None = None
 
     def p(self, profile: str, q: str = "p50", batch: int = 1) -> float | None:
         lat = self.latency.get(profile)
@@ -75,6 +77,7 @@ class StageResult:
             "pass_seconds": self.pass_seconds,
             "warnings": list(self.warnings),
             "verdict": None if self.verdict is None else self.verdict.to_dict(),
+            **({} if self.latency_shape is None else {"latency_shape": self.latency_shape}),
         }
 
 

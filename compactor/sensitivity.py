@@ -21,8 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from compactor.data import PerBatch, feeds_for_batch, latency_shape
 from compactor.errors import PassError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -119,9 +118,11 @@ class SensitivityResult:
 class _Measure:
     """Exports a torch model and measures metric and MACs in ONNX Runtime."""
 
-    def __init__(self, ctx, metric, batches, work: Path):
+    def __init__(self, ctx, metric, batches, work: Path, dims=None):
         self.ctx, self.metric, self.batches, self.work = ctx, metric, batches, work
-        self.reference: np.ndarray | None = None
+        # MACs at the recipe's latency shape (measure.dims; else the eval data's median)
+        self.dims = latency_shape(ctx.inputs, batches, dims).dims
+        self.reference: PerBatch | None = None
         self.baseline_value: float | None = None
         self.baseline_macs: int | None = None
         self.n = 0
@@ -149,12 +150,14 @@ class _Measure:
             outs.append(sess.run(None, {k: v for k, v in b.inputs.items() if k in names})[0])
             if b.target is not None:
                 tgts.append(b.target)
-        outputs = np.concatenate(outs)
-        targets = np.concatenate(tgts) if tgts and len(tgts) == len(outs) else None
+        # per batch: batches padded to their own length give outputs of different shapes
+        outputs = PerBatch.of(outs)
+        targets = PerBatch.of(tgts) if tgts and len(tgts) == len(outs) else None
         if self.reference is None:
             self.reference = outputs
-        value = self.metric.compute(outputs, targets, self.reference)
-        sample = {s.name: self.batches[0].inputs[s.name][:1].shape for s in self.ctx.inputs}
+        value = self.metric.score(outputs, targets, self.reference)
+        sample = {k: v.shape for k, v in
+                  feeds_for_batch(self.ctx.inputs, self.batches, 1, self.dims).items()}
         macs = count_macs(onnx.load(str(path), load_external_data=False), sample)
         path.unlink(missing_ok=True)
         return value, macs
@@ -186,7 +189,7 @@ def analyze(recipe, amounts: Sequence[float] = DEFAULT_AMOUNTS, target_macs: flo
         ctx = build_context(recipe, recipe.model.inputs, work, progress)
         batches = ctx.eval_batches[:max_batches] if max_batches else ctx.eval_batches
         metric = get_metric(recipe.metric, recipe.base_dir)
-        measure = _Measure(ctx, metric, batches, work)
+        measure = _Measure(ctx, metric, batches, work, recipe.measure.dims)
         model = baseline.module
         trace_inputs, count_inputs = model_inputs(model, ctx.inputs, batches[0])
         gradients = taylor_gradients(ctx, base_cfg.taylor_batches if base_cfg else 4) \

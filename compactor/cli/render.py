@@ -92,7 +92,9 @@ def stage_table(manifest: Manifest) -> Table:
     from compactor.report.markdown import stage_rows
 
     header, rows = stage_rows(manifest, combined=True)
-    table = Table(title=f"{safe(manifest.name)}: stages (latency at batch 1, ONNX Runtime)",
+    shape = manifest.final.latency_shape
+    at = f"batch 1, {shape.describe()}" if shape is not None and shape.dims else "batch 1"
+    table = Table(title=f"{safe(manifest.name)}: stages (latency at {safe(at)}, ONNX Runtime)",
                   title_justify="left")
     for i, h in enumerate(header):
         table.add_column(safe(h), justify="left" if i == 0 else "right", no_wrap=True)

@@ -81,7 +81,7 @@ def use_kwargs(module, specs: Sequence[InputSpec]) -> bool:
 def to_torch(specs: Sequence[InputSpec], arrays: Mapping[str, np.ndarray]) -> list:
     import torch
 
-    return [torch.from_numpy(np.ascontiguousarray(arrays[s.name])) for s in specs]
+    return [torch.from_numpy(np.asarray(arrays[s.name], order="C")) for s in specs]
 
 
 def call_module(module, specs: Sequence[InputSpec], arrays: Mapping[str, np.ndarray]):
@@ -114,16 +114,20 @@ def example_inputs(specs: Sequence[InputSpec], batch: Batch) -> dict[str, np.nda
     at its declared size.
 
     torch.export specializes axes of size 0 or 1, which would freeze a dynamic axis; a
-    dynamic batch axis is cut to 2 samples to keep tracing cheap, a fixed one (``[16, ...]``)
-    is traced at its size, which the data already has (batches are checked against it).
+    dynamic batch axis (the input's declared ``batch_axis``, e.g. 1 for a recurrent state
+    ``[2, batch, 128]``) is cut to 2 samples to keep tracing cheap, a fixed one
+    (``[16, ...]``) is traced at its size, which the data already has (batches are checked
+    against it). A scalar or an input without a batch axis is passed as the data has it.
     """
+    from compactor.data import take_rows
+
     out = {}
     for s in specs:
         a = batch.inputs[s.name]
-        if s.shape and isinstance(s.shape[0], str):
-            a = a[:2]
+        if s.batch_axis is not None and isinstance(s.batch_dim, str) and a.ndim == len(s.shape):
+            a = take_rows(a, s.batch_axis, slice(0, 2))
         for axis in s.dynamic_axes:
-            if a.shape[axis] < 2:
+            if axis < a.ndim and a.shape[axis] < 2:
                 reps = [1] * a.ndim
                 reps[axis] = 2
                 a = np.tile(a, reps)

@@ -18,10 +18,8 @@ from compactor.progress import Progress
 from compactor.spec import PassConfig
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from compactor.budgets import SizeFloor
-    from compactor.data import Batch, DataSource, RunData
+    from compactor.data import Batch, DataSource, PerBatch, RunData
     from compactor.metrics import Metric
     from compactor.profiles import Profile
     from compactor.spec import DataSpec, InputSpec, ModelSpec, Target
@@ -35,7 +33,7 @@ class Reference:
     """What a pass judging its own accuracy compares against: the baseline's eval outputs
     and metric value (None before the baseline is evaluated, or outside a pipeline)."""
 
-    outputs: np.ndarray | None = None
+    outputs: PerBatch | None = None  # one array per eval batch
     value: float | None = None
 
 
@@ -49,7 +47,7 @@ class Step:
     key: str = ""
     checkpoint_dir: Path | None = None
     resume: bool = False
-    input_outputs: np.ndarray | None = None
+    input_outputs: PerBatch | None = None
 
 
 @dataclass(frozen=True)

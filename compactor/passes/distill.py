@@ -325,8 +325,10 @@ class DistillPass(Pass):
         )
         eval_loss_fn = DistillLoss(eval_weights, cfg.temperature)
         teacher_eval = [teacher(b)[0] for b in eval_batches] if teacher is not None else None
-        targets = (np.concatenate([b.target for b in eval_batches])
-                   if eval_has_labels else None)
+        from compactor.data import PerBatch
+
+        # per batch: batches padded to their own length give outputs of different shapes
+        targets = PerBatch.of(b.target for b in eval_batches) if eval_has_labels else None
         reference = None
         if metric.needs_reference:
             reference = _reference_outputs(ctx, eval_batches, teacher_eval)
@@ -345,7 +347,7 @@ class DistillPass(Pass):
                         loss, _ = eval_loss_fn(s_out, t_out, labels)
                         total += float(loss) * b.size
                         n += b.size
-            value = metric.compute(np.concatenate(outs), targets, reference)
+            value = metric.score(PerBatch.of(outs), targets, reference)
             return EvalResult(value=value, loss=total / n if n else 0.0)
 
         return step, evaluate
@@ -454,7 +456,7 @@ def _loss_weights(cfg: DistillConfig, metric: str, has_labels: bool):
 def _tensors(batch: Batch, specs: Sequence[Any], device: Any) -> list:
     import torch
 
-    return [torch.from_numpy(np.ascontiguousarray(batch.inputs[s.name])).to(device)
+    return [torch.from_numpy(np.asarray(batch.inputs[s.name], order="C")).to(device)
             for s in specs]
 
 
@@ -463,19 +465,20 @@ def _hint_mask(batch: Batch, cfg: DistillConfig, device: Any):
 
     if cfg.hint_mask is None:
         return None
-    return torch.from_numpy(np.ascontiguousarray(batch.inputs[cfg.hint_mask])).to(device)
+    return torch.from_numpy(np.asarray(batch.inputs[cfg.hint_mask], order="C")).to(device)
 
 
 def _labels(batch: Batch, device: Any):
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(batch.target)).to(device)
+    return torch.from_numpy(np.asarray(batch.target, order="C")).to(device)
 
 
 def _reference_outputs(ctx: RunContext, batches: Sequence[Batch], teacher_eval):
-    """The baseline's outputs on the eval data, for metrics measured against it."""
+    """The baseline's outputs on each eval batch, for metrics measured against it."""
     import torch
 
+    from compactor.data import PerBatch
     from compactor.exporting import call_module
     from compactor.training.hints import first_tensor
 
@@ -484,13 +487,13 @@ def _reference_outputs(ctx: RunContext, batches: Sequence[Batch], teacher_eval):
         if teacher_eval is None:
             raise PassError("distill: the metric compares to the baseline's outputs, "
                             "which are not available", "use another metric")
-        return np.concatenate([t.float().cpu().numpy() for t in teacher_eval])
+        return PerBatch.of(t.float().cpu().numpy() for t in teacher_eval)
     outs = []
     with torch.inference_mode():
         for b in batches:
             out = first_tensor(call_module(base.module, ctx.inputs, b.inputs))
             outs.append(out.float().cpu().numpy())
-    return np.concatenate(outs)
+    return PerBatch.of(outs)
 
 
 def _import_nn():

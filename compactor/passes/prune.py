@@ -205,7 +205,7 @@ def spec_from_config(cfg: PruneConfig, seed: int = 0):
 
 def model_inputs(module, specs: Sequence[InputSpec], batch: Batch):
     """Inputs to trace with (two real samples, as the exporter passes them) and to count
-    MACs at (one sample)."""
+    MACs at (one sample, cut along each input's batch axis; a scalar stays whole)."""
     from compactor.exporting import example_inputs, to_torch, use_kwargs
 
     def pack(arrays):
@@ -215,7 +215,7 @@ def model_inputs(module, specs: Sequence[InputSpec], batch: Batch):
         return tuple(tensors)
 
     two = example_inputs(specs, batch)
-    one = {k: v[:1] for k, v in batch.inputs.items()}
+    one = batch.head(1).inputs
     return pack(two), pack(one)
 
 

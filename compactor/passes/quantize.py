@@ -194,7 +194,9 @@ class QuantizePass(Pass):
             src = prepare.preprocess(src, work / "pre.onnx", record)
         model = onnx.load(str(src), load_external_data=False)
 
-        sample = {s.name: ctx.eval_batches[0].inputs[s.name][:1] for s in ctx.inputs}
+        from compactor.data import feeds_for_batch
+
+        sample = feeds_for_batch(ctx.inputs, ctx.eval_batches, 1)
         mix = prepare.op_mix(model, {k: v.shape for k, v in sample.items()})
         has_calibration = ctx.data.spec.calibration is not None
         mode, why = prepare.resolve_mode(cfg.mode, mix, has_calibration)
@@ -350,7 +352,8 @@ class QuantizePass(Pass):
         else:  # the search part only: held-out samples never steer the search
             analysis, _ = fit_batches(model, judge.search_batches(64), "eval")
         # One feed per run as served: a dynamic range spans one run's whole tensor.
-        analysis = _per_run(_cap_samples(analysis, 64), run_batch)
+        axes = {s.name: s.batch_axis for s in ctx.inputs}
+        analysis = _per_run(_cap_samples(analysis, 64, axes), run_batch, axes)
         return SearchEnv(work=work, judge=judge, timer=_timer(ctx, cfg), calibration=calibration,
                          analysis_feeds=analysis, run_batch=run_batch,
                          time_budget_s=cfg.time_budget_s)
@@ -529,21 +532,25 @@ def _status(task):
     return on_step
 
 
-def _per_run(feeds: list[dict], batch: int) -> list[dict]:
+def _per_run(feeds: list[dict], batch: int, axes: dict[str, int | None]) -> list[dict]:
+    from compactor.data import Batch
+
     out = []
     for f in feeds:
-        n = len(next(iter(f.values())))
-        out += [{k: v[i : i + batch] for k, v in f.items()} for i in range(0, n, batch)]
+        b = Batch(f, axes={k: axes.get(k, 0) for k in f})
+        out += [b.rows(slice(i, i + batch)).inputs for i in range(0, b.size, batch)]
     return out
 
 
-def _cap_samples(feeds: list[dict], n: int) -> list[dict]:
+def _cap_samples(feeds: list[dict], n: int, axes: dict[str, int | None]) -> list[dict]:
+    from compactor.data import Batch
+
     out, seen = [], 0
     for f in feeds:
         if seen >= n:
             break
         out.append(f)
-        seen += len(next(iter(f.values())))
+        seen += Batch(f, axes={k: axes.get(k, 0) for k in f}).size
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from compactor.data import Batch, feeds_for_batch
+from compactor.data import Batch, LatencyShape, PerBatch, feeds_for_batch, latency_shape
 from compactor.errors import DataError, ModelLoadError, PassError
 from compactor.exporting import ExportConfig
 from compactor.measure.latency import Latency, session
@@ -27,19 +27,35 @@ class Evaluator:
     the stage's ONNX form in ONNX Runtime."""
 
     def __init__(self, ctx: RunContext, metric: Metric, profiles: Sequence[Profile],
-                 export: ExportConfig | None = None):
+                 export: ExportConfig | None = None, dims: dict[str, int] | None = None):
         self.ctx = ctx
+        # the recipe's measure.dims; the axes it leaves out take the eval data's median
+        self.dims = dict(dims or {})
+        self._shape: LatencyShape | None = None
         self.metric = metric
         self.profiles = list(profiles)
         # torch stages are exported as the recipe's export pass does (exporter, opset), so
         # their figures compare with the exported ones like for like
         self.export = export or ExportConfig()
-        self.baseline_outputs: np.ndarray | None = None
+        self.baseline_outputs: PerBatch | None = None
         self.baseline_value: float | None = None
         # The latest evaluated stage's eval outputs: the next pass's input, which a pass
         # judging its own accuracy (quantize) can compare to without running it again.
-        self.last_outputs: np.ndarray | None = None
+        self.last_outputs: PerBatch | None = None
 
+    @property
+    def shape(self) -> LatencyShape:
+        """The shape latency is measured at (the same for every stage of the run)."""
+        if self._shape is None:
+            from compactor.errors import RecipeError
+            from compactor.spec import check_measure_dims
+
+            problem = check_measure_dims(self.dims, self.ctx.inputs)
+            if problem:
+                raise RecipeError(problem, "name the model's symbolic axes in measure.dims "
+                                  "(`compactor inspect MODEL` lists them)")
+            self._shape = latency_shape(self.ctx.inputs, self.ctx.eval_batches, self.dims)
+        return self._shape
     def evaluate(self, stage: Stage) -> StageResult:
         import onnx
 
@@ -51,7 +67,8 @@ class Evaluator:
         path, eval_export = self._onnx_form(stage)
         value = self._score(path, stage.name)
         model = onnx.load(str(path), load_external_data=False)
-        sample = {s.name: self.ctx.eval_batches[0].inputs[s.name][:1] for s in self.ctx.inputs}
+        shape = self.shape
+        sample = feeds_for_batch(self.ctx.inputs, self.ctx.eval_batches, 1, shape.dims)
         macs_nodes = macs_by_node(model, {k: v.shape for k, v in sample.items()})
         macs = None if macs_nodes is None else int(sum(macs_nodes.values()))
         precision = precision_summary(model, macs_nodes)
@@ -76,6 +93,7 @@ class Evaluator:
             warnings=stage.warnings,
             verdict=stage.verdict,
             pass_seconds=stage.seconds,
+            latency_shape=shape.to_dict(),
         )
 
     def _onnx_form(self, stage: Stage) -> tuple[Path, dict[str, Any] | None]:
@@ -95,13 +113,15 @@ class Evaluator:
         outputs, targets = self._run_eval(path, name, self.ctx.eval_batches)
         if self.baseline_outputs is None:
             self.baseline_outputs = outputs
-        elif outputs.shape != self.baseline_outputs.shape:
+        elif outputs.shapes != self.baseline_outputs.shapes:
+            got, want = outputs.shapes, self.baseline_outputs.shapes
+            i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), 0)
             raise PassError(
-                f"stage '{name}' outputs shape {list(outputs.shape[1:])} per sample; "
-                f"the baseline gives {list(self.baseline_outputs.shape[1:])}",
+                f"stage '{name}' outputs shape {list(got[i][1:])} per sample on eval batch "
+                f"{i}; the baseline gives {list(want[i][1:])}",
                 "a compressed model must keep the baseline's output shape",
             )
-        value = self.metric.compute(outputs, targets, self.baseline_outputs)
+        value = self.metric.score(outputs, targets, self.baseline_outputs)
         self.last_outputs = outputs
         if self.baseline_value is None:
             self.baseline_value = value
@@ -163,7 +183,9 @@ class Evaluator:
         if tgts and len(tgts) != len(batches):
             raise DataError("some eval batches have targets and some do not",
                             "yield (inputs, target) for every batch, or for none")
-        return np.concatenate(outs), (np.concatenate(tgts) if tgts else None)
+        # kept per batch: batches padded to their own length give outputs that cannot be
+        # concatenated (Metric.score joins them when they can be)
+        return PerBatch.of(outs), (PerBatch.of(tgts) if tgts else None)
 
     def _latency(self, path: Path, name: str, prof: Profile, batches: list[Batch]):
         from compactor.data import batch_sizes_for
@@ -174,7 +196,8 @@ class Evaluator:
             m = measure_profile(path, prof, {})
             return None, {}, "\n".join(m.notes)
         sizes = batch_sizes_for(self.ctx.inputs, prof.batch_sizes)  # a fixed batch axis: its size
-        feeds = {bs: feeds_for_batch(self.ctx.inputs, batches, bs) for bs in sizes}
+        dims = self.shape.dims
+        feeds = {bs: feeds_for_batch(self.ctx.inputs, batches, bs, dims) for bs in sizes}
         with self.ctx.progress.task(
             f"{name}: latency on {prof.name}", total=len(sizes)
         ) as task:

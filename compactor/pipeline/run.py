@@ -100,7 +100,8 @@ class _Runner:
         self.progress = ctx.progress
         export = next((c for _, c in recipe.pass_list if isinstance(c, ExportConfig)),
                       ExportConfig())
-        self.evaluator = Evaluator(ctx, ctx.metric, ctx.profiles, export)
+        self.evaluator = Evaluator(ctx, ctx.metric, ctx.profiles, export,
+                                   dims=recipe.measure.dims)
         self.stages: list[StageResult] = []
 
     def execute(self, baseline: Stage, source_files: Sequence[Path]) -> RunResult:
@@ -194,6 +195,9 @@ def _deployables(final: StageResult, profiles: Sequence[Profile], ctx: RunContex
 
     if not any(p.format != "onnx" for p in profiles):
         return {}, []
-    sample = {s.name: ctx.eval_batches[0].inputs[s.name][:1] for s in ctx.inputs}
+    from compactor.data import feeds_for_batch
+
+    dims = (final.latency_shape or {}).get("dims")
+    sample = feeds_for_batch(ctx.inputs, ctx.eval_batches, 1, dims)
     with progress.task("convert to ORT format (ONNX Runtime Mobile)"):
         return deployables(final.onnx_path, profiles, ctx.work_dir, sample)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from compactor.data import Batch
+from compactor.data import Batch, PerBatch
 from compactor.metrics import Metric
 
 
@@ -54,8 +54,8 @@ class Part:
     name: str
     index: np.ndarray
     batches: list[Batch]
-    targets: np.ndarray | None
-    reference: np.ndarray | None = None  # the metric's reference (baseline) outputs
+    targets: PerBatch | None
+    reference: PerBatch | None = None  # the metric's reference (baseline) outputs
     ref_value: float = 0.0  # the value the drop is measured from
 
     @property
@@ -78,35 +78,40 @@ def _split(batches: Sequence[Batch], parts: dict[str, np.ndarray]
         for k in parts:
             sel = np.array([r - start for r in rows if member.get(int(r)) == k], dtype=int)
             if len(sel):
-                out[k].append(Batch({n: v[sel] for n, v in b.inputs.items()},
-                                    None if b.target is None else np.asarray(b.target)[sel]))
+                out[k].append(b.rows(sel))
         start += b.size
     return out
 
 
-def _targets(batches: Sequence[Batch]) -> np.ndarray | None:
+def _targets(batches: Sequence[Batch]) -> PerBatch | None:
     if batches and all(b.target is not None for b in batches):
-        return np.concatenate([np.asarray(b.target) for b in batches])
+        return PerBatch.of(b.target for b in batches)
     return None
 
 
-def run_outputs(path: Path, batches: Sequence[Batch]) -> np.ndarray:
-    """The first output of ``path`` on ``batches``, concatenated."""
+def run_per_batch(path: Path, batches: Sequence[Batch]) -> PerBatch:
+    """The first output of ``path`` on each of ``batches``."""
     from compactor.measure.latency import session
 
     sess = session(path)
     names = {i.name for i in sess.get_inputs()}
-    return np.concatenate([
-        sess.run(None, {k: v for k, v in b.inputs.items() if k in names})[0] for b in batches
-    ])
+    return PerBatch.of(
+        sess.run(None, {k: v for k, v in b.inputs.items() if k in names})[0] for b in batches)
+
+
+def run_outputs(path: Path, batches: Sequence[Batch]) -> np.ndarray:
+    """The first output of ``path`` on ``batches``, concatenated; batches of different
+    per-sample shapes (padded to their own length) give every value in one vector, which
+    still compares element by element with another model's on the same batches."""
+    return run_per_batch(path, batches).flat()
 
 
 class AccuracyJudge:
     """Scores a model on the search or held-out part against a :class:`Budget`."""
 
     def __init__(self, metric: Metric, eval_batches: Sequence[Batch], input_model: Path,
-                 budget_fn, baseline_outputs: np.ndarray | None, holdout_fraction: float,
-                 seed: int, input_outputs: np.ndarray | None = None):
+                 budget_fn, baseline_outputs: PerBatch | None, holdout_fraction: float,
+                 seed: int, input_outputs: PerBatch | None = None):
         """``budget_fn(reference_value_on_all_eval) -> Budget``: relative budgets need the
         value they are relative to, which is known only once the reference is measured.
         ``input_outputs``: the input model's eval outputs when already at hand (the
@@ -121,26 +126,27 @@ class AccuracyJudge:
         batches = _split(eval_batches, split)
         targets = _targets(eval_batches)
         self.parts = {
-            k: Part(k, idx, batches[k], None if targets is None else targets[idx])
+            k: Part(k, idx, batches[k], None if targets is None else targets.take(idx))
             for k, idx in split.items()
         }
         # The input model's outputs: the reference when the baseline's are not at hand.
-        if input_outputs is None or len(input_outputs) != n:
-            input_outputs = run_outputs(input_model, eval_batches)
+        sizes = tuple(b.size for b in eval_batches)
+        if input_outputs is None or input_outputs.sizes != sizes:
+            input_outputs = run_per_batch(input_model, eval_batches)
         self.input_outputs = input_outputs
         reference = baseline_outputs if baseline_outputs is not None else self.input_outputs
-        if reference.shape[0] != n:
+        if reference.sizes != sizes:
             reference = self.input_outputs
         self.reference = reference
         probe = budget_fn(0.0)
         from_input = probe.relative_to == "input" or baseline_outputs is None
         source = self.input_outputs if from_input else reference
-        full_value = metric.compute(source, targets, reference)
+        full_value = metric.score(source, targets, reference)
         self.budget: Budget = budget_fn(full_value)
         self.reference_value = full_value
         for p in self.parts.values():
-            p.reference = reference[p.index]
-            p.ref_value = metric.compute(source[p.index], p.targets, p.reference)
+            p.reference = reference.take(p.index)
+            p.ref_value = metric.score(source.take(p.index), p.targets, p.reference)
 
     @property
     def has_holdout(self) -> bool:
@@ -148,8 +154,8 @@ class AccuracyJudge:
 
     def score(self, path: Path, part: str = "search") -> Score:
         p = self.parts[part]
-        out = run_outputs(path, p.batches)
-        value = self.metric.compute(out, p.targets, p.reference)
+        out = run_per_batch(path, p.batches)
+        value = self.metric.score(out, p.targets, p.reference)
         drop = self.metric.drop(p.ref_value, value)
         return Score(value, drop, drop <= self.budget.allowed + 1e-12, p.samples)
 
@@ -163,7 +169,6 @@ class AccuracyJudge:
             if seen >= max_samples:
                 break
             keep = min(b.size, max_samples - seen)
-            out.append(Batch({k: v[:keep] for k, v in b.inputs.items()},
-                             None if b.target is None else b.target[:keep]))
+            out.append(b.head(keep))
             seen += keep
         return out

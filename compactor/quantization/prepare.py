@@ -392,7 +392,9 @@ def model_inputs(model) -> dict[str, tuple[list[int | None], Any]]:
 def fit_batches(model, batches: Sequence[Any], split: str) -> tuple[list[dict], int]:
     """The batches' inputs as feeds for ``model``, checked against its input shapes and
     dtypes (DataError, exit 3, on a mismatch). A model with a fixed batch size of 1 is fed
-    one sample at a time. Returns the feeds and the number of samples."""
+    one sample at a time (an input without a batch axis, a scalar, whole each time).
+    Batches keep their own shapes: batches padded to their own length are fed as they are,
+    never joined. Returns the feeds and the number of samples."""
     inputs = model_inputs(model)
     feeds: list[dict] = []
     samples = 0
@@ -414,21 +416,23 @@ def fit_batches(model, batches: Sequence[Any], split: str) -> tuple[list[dict], 
                     f"{np.dtype(dtype).name}",
                     "fix the data's dtype (or model.inputs' dtype in the recipe)",
                 )
+            axis = b.axis(name)
             fixed = [(i, d) for i, d in enumerate(dims) if d is not None]
             if a.ndim != len(dims) or any(
-                    a.shape[i] != d for i, d in fixed if not (i == 0 and d == 1)):
+                    a.shape[i] != d for i, d in fixed if not (i == axis and d == 1)):
                 want = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
                 raise DataError(
                     f"data.{split} batch {bi}: input {name!r} has shape {list(a.shape)}, the "
                     f"model expects {want}",
                     f"the {split} data must have the shapes the model was exported with",
                 )
-            if dims and dims[0] == 1 and a.shape[0] != 1:
+            if axis is not None and dims[axis] == 1 and a.shape[axis] != 1:
                 one_at_a_time = True
         n = b.size
         samples += n
         if one_at_a_time:
-            feeds += [{k: v[i : i + 1] for k, v in feed.items()} for i in range(n)]
+            feeds += [{k: v for k, v in b.rows(slice(i, i + 1)).inputs.items() if k in feed}
+                      for i in range(n)]
         else:
             feeds.append(feed)
     return feeds, samples
