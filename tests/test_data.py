@@ -152,3 +152,57 @@ def test_npz_not_found_and_unreadable(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
     err = data_error(DataSource("eval", "junk.npz", [IMAGE], tmp_path))
     assert "cannot read" in err.message
+
+
+# --------------------------------------------------------------------------- shapes
+
+VAD = (
+    InputSpec(name="input", shape=("batch", 8)),
+    InputSpec(name="state", shape=(2, "batch", 4), batch_axis=1),
+    InputSpec(name="sr", shape=(), dtype="int64"),
+)
+
+
+def test_state_batch_axis_and_scalar_input(tmp_path):
+    src = factory_source(tmp_path, """
+        return [({'input': np.zeros((n, 8), np.float32),
+                  'state': np.zeros((2, n, 4), np.float32),
+                  'sr': np.array(16000)}, np.arange(n)) for n in (5, 3)]
+    """, inputs=VAD)
+    batches = src.take(6)
+    assert [b.size for b in batches] == [5, 1]  # the last batch cut along each batch axis
+    last = batches[1].inputs
+    assert last["state"].shape == (2, 1, 4) and last["sr"].shape == ()
+    assert batches[1].axes == {"input": 0, "state": 1, "sr": None}
+
+
+def test_state_read_on_the_wrong_axis_names_every_inputs_batch(tmp_path):
+    wrong = (VAD[0], InputSpec(name="state", shape=(2, "batch", 4)), VAD[2])
+    src = factory_source(tmp_path, """
+        return [({'input': np.zeros((8, 8), np.float32),
+                  'state': np.zeros((2, 8, 4), np.float32), 'sr': np.array(16000)},)]
+    """, inputs=wrong)
+    err = data_error(src)
+    assert "input 8 (axis 0), state 2 (axis 0)" in err.message, err.message
+    assert "batch_axis" in err.hint
+
+
+@pytest.mark.parametrize("body, fragment", [
+    # batch 1 disagrees with batch 0 and the recipe in rank, then in dtype
+    ("return [np.zeros((2, 4), np.int64), np.zeros((2, 4, 1), np.int64)]",
+     "data.eval batch 1: input 'input_ids' has rank 3"),
+    ("return [np.zeros((2, 4), np.int64), np.zeros((2, 4), np.float64)]",
+     "data.eval batch 1: input 'input_ids' is float64, the recipe says int64"),
+], ids=["rank", "dtype"])
+def test_batches_disagreeing_in_rank_or_dtype(tmp_path, body, fragment):
+    err = data_error(factory_source(tmp_path, body, inputs=TEXT[:1]))
+    assert fragment in err.message, err.message
+
+
+def test_npz_splits_along_each_batch_axis(tmp_path):
+    np.savez(tmp_path / "vad.npz", input=np.zeros((10, 8), np.float32),
+             state=np.zeros((2, 10, 4), np.float32), sr=np.array(8000))
+    batches = DataSource("eval", "vad.npz", VAD, tmp_path, batch_size=4).take()
+    assert [b.size for b in batches] == [4, 4, 2]
+    assert batches[2].inputs["state"].shape == (2, 2, 4)
+    assert int(batches[2].inputs["sr"]) == 8000

@@ -125,7 +125,7 @@ def test_manifest_measures_every_stage(cnn_run):
     params = {s["params"] for s in m["stages"][:2]}
     assert params == {sum(p.numel() for p in toys.teacher_cnn().parameters())}, params
     assert m["model"]["outputs"][0]["name"] == "logits"
-    assert m["model"]["inputs"] == [{**CNN_INPUT, "shape": ["batch", 1, 16, 16]}]
+    assert m["model"]["inputs"] == [{**CNN_INPUT, "shape": ["batch", 1, 16, 16], "batch_axis": 0}]
 
 
 def test_manifest_targets_and_host(cnn_run):
@@ -228,7 +228,7 @@ def test_onnx_model_derives_inputs_from_the_graph(tmp_path, cnn_onnx):
     m = result.manifest
     assert [s["name"] for s in m["stages"]] == ["baseline", "quantize"]
     assert m["model"]["inputs"] == [
-        {"name": "image", "shape": ["batch", 1, 16, 16], "dtype": "float32"}
+        {"name": "image", "shape": ["batch", 1, 16, 16], "dtype": "float32", "batch_axis": 0}
     ]
     assert stage(m, "baseline")["metric"] == 1.0
     assert m["hashes"]["input_model"] == {"cnn.onnx": sha256(cnn_onnx)}
