@@ -84,19 +84,13 @@ class InputSpec(Strict):
     shape: tuple[int | str, ...] = Field(min_length=0)
     dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
     batch_axis: int | None = Field(
-        default=0, ge=0,
+        # A scalar has no batch axis: the default follows the (already validated) shape.
+        # Not a mode="before" validator: that would make strict JSON reading of a manifest
+        # validate the parsed lists in Python mode, where a list is not a tuple.
+        default_factory=lambda data: 0 if data.get("shape", (0,)) else None, ge=0,
         description="the axis samples are stacked on; null: the input has none (a scalar, "
         "a shared table); default 0, or null for shape []",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_axis(cls, raw: Any) -> Any:
-        # A scalar has no batch axis: the default follows the shape, given or not.
-        if isinstance(raw, dict) and "batch_axis" not in raw and isinstance(
-                raw.get("shape"), (list, tuple)) and len(raw["shape"]) == 0:
-            return {**raw, "batch_axis": None}
-        return raw
 
     @field_validator("shape")
     @classmethod
