@@ -104,8 +104,9 @@ def test_lock_fills_every_default(invoke, write_recipe):
         "check_batches": 4,
     }
     assert lock["model"]["inputs"] == [
-        {"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}
+        {"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32", "batch_axis": 0}
     ]
+    assert lock["measure"] == {"dims": {}}
     assert lock["data"]["batch_size"] == 32
     assert lock["metric"] == "accuracy"
     assert lock["seed"] == 0
