@@ -36,9 +36,10 @@ def is_named(d: int | str | None) -> bool:
 
 
 def axis_key(input_name: str, axis: int, d: int | str | None) -> str:
-    """The name ``--dim`` sets a symbolic axis by: its own name, or ``input[axis]`` for an
-    unnamed one (stable: it depends only on the model)."""
-    return str(d) if is_named(d) else f"{input_name}[{axis}]"
+    """The name ``--dim`` sets a symbolic axis by: its own name when that is an identifier,
+    else ``<input>_dim<axis>`` (stable: it depends only on the model), the same name a
+    recipe's ``measure.dims`` uses (``model.onnx_input_specs``)."""
+    return str(d) if is_named(d) and str(d).isidentifier() else f"{input_name}_dim{axis}"
 
 
 def batch_axes(specs: list[tuple[str, list[int | str | None], Any]]) -> dict[str, int | None]:
@@ -108,7 +109,7 @@ def check_dim_names(dims: Mapping[str, int], specs: Sequence[Spec]) -> None:
             f"--dim {name}: the model has no symbolic axis or scalar input named {name!r}"
             + (f"; did you mean {close[0]!r}?" if close else ""),
             "its symbolic axes and scalar inputs: " + (", ".join(known) or "none")
-            + " (an unnamed axis is set as INPUT[AXIS], e.g. --dim 'x[2]=64')")
+            + " (an unnamed axis is set as <input>_dim<axis>, e.g. --dim x_dim2=64)")
 
 
 def defaulted(specs: Sequence[Spec], dims: Mapping[str, int]) -> list[Axis]:

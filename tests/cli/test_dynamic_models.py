@@ -103,12 +103,13 @@ def test_random_feeds_put_the_batch_on_the_state_axis_named_like_it():
 
 def test_placeholder_axis_names_are_unnamed_and_set_by_input_and_axis():
     """Paddle writes '?' for every unknown axis (PP-OCR's models): two axes both '?' are not
-    one axis, so each is set as INPUT[AXIS]; a -1 size is a dynamic axis too."""
+    one axis, so each is set as <input>_dim<axis>; a -1 size is a dynamic axis too."""
     from compactor.measure.bench import random_feeds
     from compactor.measure.shapes import dynamic_axes
 
     specs = [("x", [None, 3, "?", "?"], np.float32)]
     assert [(a.key, a.named, a.batch) for a in dynamic_axes(specs)] == [
-        ("x[0]", False, True), ("x[2]", False, False), ("x[3]", False, False)]
-    feeds, used = random_feeds(specs, 2, {"x[2]": 48, "x[3]": 320})
-    assert feeds["x"].shape == (2, 3, 48, 320) and used == {"x[0]": 2, "x[2]": 48, "x[3]": 320}
+        ("x_dim0", False, True), ("x_dim2", False, False), ("x_dim3", False, False)]
+    feeds, used = random_feeds(specs, 2, {"x_dim2": 48, "x_dim3": 320})
+    assert feeds["x"].shape == (2, 3, 48, 320)
+    assert used == {"x_dim0": 2, "x_dim2": 48, "x_dim3": 320}

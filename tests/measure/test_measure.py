@@ -184,7 +184,7 @@ def test_random_feeds_fill_symbolic_axes():
     feeds, used = random_feeds(specs, 8, {"seq": 16})
     assert feeds["ids"].shape == (8, 16) and feeds["ids"].dtype == np.int64
     assert feeds["x"].shape == (8, 3) and feeds["fixed"].shape == (2, 2)
-    assert used == {"batch": 8, "seq": 16, "x[0]": 8}
+    assert used == {"batch": 8, "seq": 16, "x_dim0": 8}
 
 
 def test_bench_reports_everything_for_one_profile(cnn, fast):
