@@ -10,6 +10,7 @@ pass's own (``check_recipe``), so ``recipe`` never names a pass.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -18,6 +19,8 @@ from compactor.progress import Progress
 from compactor.spec import PassConfig
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from compactor.budgets import SizeFloor
     from compactor.data import Batch, DataSource, PerBatch, RunData
     from compactor.metrics import Metric
@@ -65,6 +68,7 @@ class RunContext:
     targets: tuple[Target, ...] = ()
     profiles: tuple[Profile, ...] = ()  # the targets' profiles; the first is the one to be fast on
     seed: int = 0
+    measure_dims: Mapping[str, int] = field(default_factory=dict)  # the recipe's measure.dims
     baseline: Stage | None = None  # the stage before any pass (distill's default teacher)
     reference: Reference = field(default_factory=Reference)
     writes: bool = True  # False on torchrun ranks other than 0
@@ -101,6 +105,14 @@ class RunContext:
 
     def calibration_batches(self, max_samples: int) -> list[Batch]:
         return self.data.calibration_batches(max_samples)
+
+    def latency_feeds(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Real eval samples at ``batch_size`` and the run's latency shape (the recipe's
+        measure.dims, else the median eval shape): what a pass times candidates on."""
+        from compactor.data import feeds_for_batch, latency_shape
+
+        dims = latency_shape(self.inputs, self.eval_batches, self.measure_dims).dims
+        return feeds_for_batch(self.inputs, self.eval_batches, batch_size, dims)
 
 
 class Pass:

@@ -194,9 +194,7 @@ class QuantizePass(Pass):
             src = prepare.preprocess(src, work / "pre.onnx", record)
         model = onnx.load(str(src), load_external_data=False)
 
-        from compactor.data import feeds_for_batch
-
-        sample = feeds_for_batch(ctx.inputs, ctx.eval_batches, 1)
+        sample = ctx.latency_feeds(1)
         mix = prepare.op_mix(model, {k: v.shape for k, v in sample.items()})
         has_calibration = ctx.data.spec.calibration is not None
         mode, why = prepare.resolve_mode(cfg.mode, mix, has_calibration)
@@ -517,9 +515,7 @@ def _timer(ctx: RunContext, cfg: QuantizeConfig):
     seconds = min(max(0.04 * cfg.time_budget_s, 4.0), 10.0)
 
     def timer(models):
-        from compactor.data import feeds_for_batch
-
-        feeds = feeds_for_batch(ctx.inputs, ctx.eval_batches, bs)
+        feeds = ctx.latency_feeds(bs)
         return compare_latency(models, profile, feeds, bs, max_seconds=seconds)
     return timer
 

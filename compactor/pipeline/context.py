@@ -34,6 +34,7 @@ def build_context(recipe: Recipe, inputs: Sequence[InputSpec], work_dir: Path,
         targets=recipe.targets,
         profiles=tuple(profiles),
         seed=recipe.seed,
+        measure_dims=dict(recipe.measure.dims),
         baseline=baseline,
         writes=writes,
     )
