@@ -164,7 +164,8 @@ class QuantizePass(Pass):
             shutil.copyfile(outcome.chosen.path, out)
         except BuildFailed as e:
             raise PassError(
-                f"quantize ({prep.mode}) failed: {prepare.first_line(e.first)}",
+                f"quantize ({prep.mode}) failed: none of the {e.tried} int8 candidate(s) "
+                f"could be built; the first error: {prepare.first_line(e.first)}",
                 "try mode: dynamic, or exclude the failing node with exclude.nodes",
             ) from e.first
         finally:  # every candidate is a full model: do not leave them in the run folder
@@ -192,6 +193,7 @@ class QuantizePass(Pass):
         src = prepare.ensure_opset(src, work / "opset.onnx", record)
         if cfg.preprocess:
             src = prepare.preprocess(src, work / "pre.onnx", record)
+        src = prepare.gemm_bias_as_vector(src, work / "gemm-bias.onnx", record)
         model = onnx.load(str(src), load_external_data=False)
 
         sample = ctx.latency_feeds(1)
@@ -369,6 +371,7 @@ class QuantizePass(Pass):
             record["smoothquant"] = outcome.smoothquant
         _fusion_record(record, outcome)
         record["float_nodes"] = _float_nodes(record, outcome, model, sample, cfg)
+        record.setdefault("warnings", []).extend(outcome.warnings)
         if outcome.fallback_cost_ms is not None:
             record["search"]["repair_cost_ms"] = round(outcome.fallback_cost_ms, 4)
         from compactor.quantization.search import repairs_not_applied
@@ -585,19 +588,26 @@ def _float_nodes(record: dict[str, Any], outcome: Outcome, model, sample,
 
 
 def _int8_summary(path: Path) -> dict[str, Any]:
+    """int8 weight tensors and quantization ops, counted in the main graph and in every
+    subgraph (``If`` branches, ``Loop``/``Scan`` bodies), where foreign models keep
+    weights too."""
     import onnx
     from onnx import TensorProto
 
+    from compactor.measure.macs import all_graphs
+
     model = onnx.load(str(path), load_external_data=False)
+    graphs = all_graphs(model.graph)
     int8 = sum(
-        1 for t in model.graph.initializer
+        1 for g in graphs for t in g.initializer
         if t.data_type in (TensorProto.INT8, TensorProto.UINT8) and len(t.dims) >= 1
         and math.prod(t.dims) > 1
     )
     ops: dict[str, int] = {}
-    for n in model.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    for g in graphs:
+        for n in g.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
     quant_ops = {k: v for k, v in ops.items() if "Integer" in k or k.startswith("QLinear")
-                 or k in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")}
+                 or k in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                          "DynamicQuantizeLSTM")}
     return {"int8_weight_tensors": int8, "quantization_ops": quant_ops}
-

@@ -125,6 +125,13 @@ class Calibration:
         self.samples = samples
         self.work = work
 
+    @property
+    def uniform(self) -> bool:
+        """Whether every feed has the same shapes (batches padded to their own length, or
+        images of their own width, do not)."""
+        shapes = {tuple((k, v.shape) for k, v in sorted(f.items())) for f in self.feeds}
+        return len(shapes) <= 1
+
     def reader(self):
         from onnxruntime.quantization import CalibrationDataReader
 
@@ -132,13 +139,19 @@ class Calibration:
 
         class Reader(CalibrationDataReader):
             def __init__(self):
+                self._range = (0, len(feeds))
                 self._it = iter(feeds)
 
             def get_next(self):
                 return next(self._it, None)
 
             def rewind(self):
-                self._it = iter(feeds)
+                self._it = iter(feeds[self._range[0]:self._range[1]])
+
+            def set_range(self, start_index: int, end_index: int):
+                # ORT's strided calibration collects one range at a time
+                self._range = (start_index, end_index)
+                self.rewind()
 
             def __len__(self):
                 return len(feeds)
@@ -236,6 +249,11 @@ def _quantize_static(c: Candidate, dst: Path, op_types: list[str] | None,
     }
     if c.calibration_method == "percentile":
         extra["CalibPercentile"] = c.percentile
+    if c.calibration_method != "minmax" and not calibration.uniform:
+        # The histogram calibrators stack every feed's activations into one array, which
+        # fails when feeds differ in shape (text images of their own width, sequences
+        # padded per batch). Collected one feed at a time, the histograms merge instead.
+        extra["CalibStridedMinMax"] = 1
     method = {
         "minmax": oq.CalibrationMethod.MinMax,
         "entropy": oq.CalibrationMethod.Entropy,

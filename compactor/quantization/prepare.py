@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -167,6 +168,55 @@ def gemm_to_matmul(src: Path, dst: Path, record: dict[str, Any]) -> Path:
     return dst
 
 
+def gemm_bias_as_vector(src: Path, dst: Path, record: dict[str, Any]) -> Path:
+    """A Gemm's constant bias of shape ``[1, N]`` (or ``[1]``, ``[]``, ``[1, 1]``) as the
+    vector ``[N]`` it broadcasts to: the same sums.
+
+    ORT's optimizer fuses a MatMul and an Add of a ``[1, N]`` row (as tf2onnx and jax2tf
+    write a Dense layer) into such a Gemm, and ORT's static quantizer then fails on it with
+    per-channel weights: its int32 bias check reads ``bias[i]`` as a number and gets a row
+    ("The truth value of an array with more than one element is ambiguous"; magika's model
+    did this). A vector bias quantizes per channel as it should."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from compactor.measure.macs import all_graphs
+
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    added: dict[str, str] = {}
+    changed = 0
+    for n in model.graph.node:
+        if (n.op_type != "Gemm" or len(n.input) < 3 or n.input[2] not in inits
+                or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        w_dims = inits[n.input[1]].dims
+        cols = int(w_dims[0] if attrs.get("transB", 0) else w_dims[1])
+        dims = list(inits[n.input[2]].dims)
+        if dims == [cols] or len(dims) > 2 or (len(dims) == 2 and dims[0] != 1) or (
+                math.prod(dims) not in (1, cols)):
+            continue  # already a vector, or a bias with rows of its own
+        name = n.input[2]
+        if name not in added:
+            b = numpy_helper.to_array(inits[name]).reshape(-1)
+            vec = np.ascontiguousarray(np.broadcast_to(b, (cols,)))
+            added[name] = f"{name}_as_vector"
+            model.graph.initializer.append(numpy_helper.from_array(vec, added[name]))
+        n.input[2] = added[name]
+        changed += 1
+    if not changed:
+        return src
+    used = {i for g in all_graphs(model.graph) for node in g.node for i in node.input}
+    used |= {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(dst))
+    record["gemm_bias_as_vector"] = changed
+    return dst
+
+
 # --------------------------------------------------------------------------- fusion
 
 
@@ -319,10 +369,13 @@ class OpMix:
 
 
 def op_mix(model, input_shapes: Mapping[str, tuple[int, ...]]) -> OpMix:
-    from compactor.measure.macs import macs_by_node, node_key
+    """The op mix of ``model`` and its subgraphs (``If`` branches, ``Loop``/``Scan``
+    bodies): a weight that lives in a branch counts like one in the main graph."""
+    from compactor.measure.macs import all_graphs, iter_nodes, macs_by_node
 
     per_node = macs_by_node(model, input_shapes)
-    ops = {node_key(n, i): n.op_type for i, n in enumerate(model.graph.node)}
+    ops = {k: n.op_type for k, n in iter_nodes(model.graph)}
+    graphs = all_graphs(model.graph)
     totals: dict[str, float] = {}
     basis = "MACs"
     if per_node and sum(per_node.values()) > 0:
@@ -330,12 +383,14 @@ def op_mix(model, input_shapes: Mapping[str, tuple[int, ...]]) -> OpMix:
             totals[ops.get(k, "?")] = totals.get(ops.get(k, "?"), 0.0) + m
     else:
         basis = "weights"
-        sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-        for n in model.graph.node:
-            if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in sizes:
-                totals[n.op_type] = totals.get(n.op_type, 0.0) + sizes[n.input[1]]
+        # a branch's weight may be its own initializer or one of an enclosing graph
+        sizes = {t.name: int(np.prod(t.dims)) for g in graphs for t in g.initializer}
+        for g in graphs:
+            for n in g.node:
+                if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in sizes:
+                    totals[n.op_type] = totals.get(n.op_type, 0.0) + sizes[n.input[1]]
     total = sum(totals.values()) or 1.0
-    softmax = sum(1 for n in model.graph.node if n.op_type in ("Softmax", "Attention"))
+    softmax = sum(1 for _, n in iter_nodes(model.graph) if n.op_type in ("Softmax", "Attention"))
     return OpMix({k: v / total for k, v in totals.items()}, basis, softmax)
 
 

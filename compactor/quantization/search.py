@@ -124,14 +124,17 @@ class Outcome:
     log: dict[str, Any] = field(default_factory=dict)
     timed_out: bool = False
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 class BuildFailed(Exception):
-    """Every candidate failed in ORT's quantizer; ``first`` is the first error."""
+    """Every candidate failed in ORT's quantizer; ``first`` is the first error, ``tried``
+    how many were tried."""
 
-    def __init__(self, first: BaseException):
+    def __init__(self, first: BaseException, tried: int = 1):
         super().__init__(str(first))
         self.first = first
+        self.tried = tried
 
 
 class Search:
@@ -149,6 +152,7 @@ class Search:
         self.ranks: dict[str, tuple[int, NodeSensitivity]] = {}  # the fallback's ranking
         self.smooth_info: dict[Path, dict[str, Any]] = {}  # smoothed model -> what was done
         self.float_p50: float | None = None
+        self.warnings: list[str] = []  # what the user must hear (stage warnings)
 
     # ------------------------------------------------------------------ helpers
 
@@ -274,31 +278,55 @@ class Search:
             "timings": self.timings,
         }
         out.timed_out = self.timed_out
+        out.warnings = list(self.warnings)
         out.seconds = time.monotonic() - self.t0
         return out
 
     def _speed_candidates(self) -> list[Attempt]:
-        built: list[Attempt] = []
-        first_error: BaseException | None = None
-        for c in self.space.candidates():
-            if built and time.monotonic() > self.t0 + 0.3 * self.env.time_budget_s:
-                self.failed.append(Attempt(c, Path(), note="not built (time budget)"))
-                continue
-            self.env.on_step(f"build: {c.label}")
-            try:
-                built.append(self.build(c))
-            except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
-                first_error = first_error or e
-                log.info("candidate %s failed: %s", c.label, first_line(e))
-                self.failed.append(Attempt(c, Path(), note=f"build failed: {first_line(e, 200)}"))
+        """Every candidate built, fastest first. One that fails to build is logged with its
+        reason and skipped; when every per-channel one fails, each is tried again with
+        per-tensor weights (ORT's per-channel code is the part foreign graphs break), and
+        the search fails only when nothing builds at all."""
+        built, first_error, tried = self._build_all(self.space.candidates())
+        if not built and self.space.base.per_channel:
+            retry = [c.replace(per_channel=False) for c in self.space.candidates()]
+            built, _, more = self._build_all(retry)
+            tried += more
+            if built:
+                self.warnings.append(
+                    "every per-channel int8 candidate failed to build in ONNX Runtime's "
+                    f"quantizer ({first_line(first_error, 200)}); per-tensor weights were "
+                    "used instead")
         if not built:
-            raise BuildFailed(first_error or RuntimeError("no candidate could be built"))
+            raise BuildFailed(first_error or RuntimeError("no candidate could be built"),
+                              tried)
         if len(built) > 1 or self.space.fused is not None:
             # The fused float model is timed too: how much of the speed-up is fusion's.
             fused = {FUSED_FLOAT: self.space.fused} if self.space.fused is not None else None
             self.time(built, "speed candidates", fused)
             built = _fastest_first(built)
         return built
+
+    def _build_all(self, candidates: Sequence[Candidate]
+                   ) -> tuple[list[Attempt], BaseException | None, int]:
+        """The candidates built (those that fail are logged in ``failed``), the first
+        error, and how many builds were tried."""
+        built: list[Attempt] = []
+        first_error: BaseException | None = None
+        tried = 0
+        for c in candidates:
+            if built and time.monotonic() > self.t0 + 0.3 * self.env.time_budget_s:
+                self.failed.append(Attempt(c, Path(), note="not built (time budget)"))
+                continue
+            self.env.on_step(f"build: {c.label}")
+            tried += 1
+            try:
+                built.append(self.build(c))
+            except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
+                first_error = first_error or e
+                log.info("candidate %s failed: %s", c.label, first_line(e))
+                self.failed.append(Attempt(c, Path(), note=f"build failed: {first_line(e, 200)}"))
+        return built, first_error, tried
 
     # ------------------------------------------------------------------ repairs
 

@@ -12,6 +12,12 @@
   a second output
 - ``dynamic_seq_onnx``: a U-Net-like block with symbolic height and width that runs at
   16 x 16 but not at 1 x 1 (ONNX Runtime's ``Concat`` fails), so size-1 defaults break
+- ``row_bias_gemm_onnx``: Dense layers as tf2onnx/jax2tf write them, Gemms whose bias is a
+  ``[1, N]`` row or a 0-d scalar (magika's model: ORT's per-channel static quantizer failed
+  on the row bias)
+- ``text_line_onnx`` / ``text_line_batches``: a text-line recognizer-like CNN over images
+  of symbolic width, fed batches of different widths (PP-OCR's recognizer: ORT's histogram
+  calibration stacked the batches' activations and failed)
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+FOREIGN = Path(__file__).resolve()
 
 VAD_CHUNK = 576
 VAD_STATE = 128
@@ -174,3 +182,76 @@ def dynamic_seq_onnx(path: Path, seed: int = 0) -> Path:
                                        ["batch", 8, "height", "width"])],
         [_init("W", w), _init("scales", np.array([1, 1, 2, 2], np.float32))])
     return _model(graph, 13, path)
+
+
+def row_bias_gemm_onnx(path: Path, seed: int = 0) -> Path:
+    """x[N, 16] → Gemm(W[16, 32], C[1, 32]) → Relu → Gemm(W2[8, 32], transB, C[] 0-d)
+    → y[N, 8]."""
+    r = np.random.default_rng(seed)
+    w1 = (r.standard_normal((16, 32)) * 0.3).astype(np.float32)
+    b1 = (r.standard_normal((1, 32)) * 0.1).astype(np.float32)
+    w2 = (r.standard_normal((8, 32)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], name="dense1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "W2", "B2"], ["y"], name="dense2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "row_bias_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [_init("W1", w1), _init("B1", b1), _init("W2", w2), _init("B2", np.float32(0.05))])
+    return _model(graph, 13, path)
+
+
+def row_bias_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)}
+
+
+TEXT_LINE_HEIGHT = 8
+TEXT_LINE_WIDTHS = (20, 32, 26, 44, 20, 38)  # one width per batch, as PP-OCR batches lines
+
+
+def text_line_onnx(path: Path, seed: int = 0) -> Path:
+    """x[N, 3, 8, width] → Conv 3x3 → Relu → Conv 3x3 → Relu → ReduceMean over the height
+    → Transpose → MatMul → y[N, width, 10]: per-column class scores, a CTC recognizer's
+    output shape. Opset 12, with ONNX Runtime's unnamed dynamic axes ('?')."""
+    r = np.random.default_rng(seed)
+    w1 = (r.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32)
+    head = (r.standard_normal((8, 10)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("ReduceMean", ["r2"], ["m"], name="pool_h", axes=[2], keepdims=0),
+        helper.make_node("Transpose", ["m"], ["t"], name="to_columns", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "Head"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "text_line",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                       ["?", 3, TEXT_LINE_HEIGHT, "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", "?", 10])],
+        [_init("W1", w1), _init("W2", w2), _init("Head", head)])
+    return _model(graph, 12, path)
+
+
+def _text_lines(seed: int) -> list[tuple[dict[str, np.ndarray]]]:
+    r = np.random.default_rng(seed)
+    out = []
+    for w in TEXT_LINE_WIDTHS:
+        x = r.standard_normal((6, 3, TEXT_LINE_HEIGHT, w)).astype(np.float32)
+        x[:, :, :, w * 3 // 4:] = 0.0  # lines padded with zeros to the batch's widest
+        out.append(({"x": x},))
+    return out
+
+
+def text_line_eval() -> list[tuple[dict[str, np.ndarray]]]:
+    """Six batches of 6 lines, each batch its own width (20 to 44 columns)."""
+    return _text_lines(1)
+
+
+def text_line_calibration() -> list[tuple[dict[str, np.ndarray]]]:
+    return _text_lines(2)
