@@ -101,6 +101,10 @@ class QuantizeConfig(PassConfig):
         "calibration, smoothquant, fallback (smoothquant first on MatMul/Gemm models)")
     smoothquant_alpha: float | Literal["auto"] = Field(
         default="auto", description="migration strength; auto: chosen per activation")
+    keep_float: Literal["auto", "never"] = Field(
+        default="auto", description="auto: ship the float input when int8 does not pay "
+        "(not resolvably faster in the paired timing, over half the MACs left in float, "
+        "or not smaller); never: always ship the best int8 candidate")
 
     @field_validator("max_accuracy_drop")
     @classmethod
@@ -161,7 +165,11 @@ class QuantizePass(Pass):
             with ctx.progress.task("quantize: search") as task:
                 search.env.on_step = _status(task)
                 outcome = search.run()
-            shutil.copyfile(outcome.chosen.path, out)
+                decision = self._pays(search, outcome, prep, stage.onnx_path)
+            if decision.keep_float and cfg.keep_float == "auto":
+                out = _copy_model(stage.onnx_path, out)
+            else:
+                shutil.copyfile(outcome.chosen.path, out)
         except BuildFailed as e:
             raise PassError(
                 f"quantize ({prep.mode}) failed: none of the {e.tried} int8 candidate(s) "
@@ -170,13 +178,36 @@ class QuantizePass(Pass):
             ) from e.first
         finally:  # every candidate is a full model: do not leave them in the run folder
             shutil.rmtree(work, ignore_errors=True)
-        self._record(record, outcome, budget, judge, prep.model, prep.sample, cfg)
+        kept = decision.keep_float and cfg.keep_float == "auto"
+        self._record(record, outcome, budget, judge, prep.model, prep.sample, cfg, kept)
+        _outcome_record(record, decision, cfg, kept)
         record["search"]["seconds"] = round(outcome.seconds, 2)
         record["search"]["pass_seconds"] = round(time.monotonic() - t0, 2)
         record.update(_int8_summary(out))
         return stage.derive("quantize", kind="onnx", onnx_path=out, record=record,
                             warnings=tuple(record.pop("warnings", ())),
                             verdict=record.pop("verdict", None))
+
+    def _pays(self, search, outcome: Outcome, prep: _Prepared, src: Path):
+        """Whether the chosen int8 candidate is worth shipping (see
+        :mod:`compactor.quantization.keep_float`). A chosen candidate the search never
+        timed (one candidate only) is timed against float here, when timing is on."""
+        from compactor.measure.size import size_bytes
+        from compactor.quantization import keep_float
+
+        cfg: QuantizeConfig = self.config
+        chosen = outcome.chosen
+        if chosen.speedup is None and cfg.search_speed and cfg.keep_float == "auto":
+            search.time([chosen], "the chosen candidate vs float (keep_float)")
+            outcome.float_p50_ms = search.float_p50
+            outcome.log["timings"] = search.timings
+        # The nodes the accuracy fallback put back (not those the recipe excluded: the
+        # user chose those)
+        share = keep_float.float_mac_share(
+            prep.model, {k: v.shape for k, v in prep.sample.items()},
+            tuple(s.node for _, s in outcome.fallback)) if outcome.fallback else None
+        return keep_float.decide(chosen.speedup, chosen.speedup_low,
+                                 size_bytes(chosen.path), size_bytes(src), share)
 
     # ------------------------------------------------------------------ setup
 
@@ -361,7 +392,7 @@ class QuantizePass(Pass):
     # ------------------------------------------------------------------ the record
 
     def _record(self, record: dict[str, Any], outcome: Outcome, budget: Budget, judge,
-                model, sample, cfg: QuantizeConfig) -> None:
+                model, sample, cfg: QuantizeConfig, kept_float: bool = False) -> None:
         c = outcome.chosen.candidate
         record.update(c.settings())
         acc = _accuracy_record(outcome, budget, judge)
@@ -383,6 +414,16 @@ class QuantizePass(Pass):
             record["repairs_not_applied"] = skipped
             record.setdefault("warnings", []).extend(
                 f"repair '{r['repair']}' could not apply: {r['reason']}" for r in skipped)
+        if kept_float:  # the float input ships: its drop against itself is nil
+            if not outcome.met:
+                acc["note"] = (_unmet_message(outcome, budget, judge)
+                               + "; the float input is kept instead")
+            if budget.source == "quantize.max_accuracy_drop":
+                record["verdict"] = Verdict(
+                    budget="quantize.max_accuracy_drop", limit=budget.allowed,
+                    measured=0.0, unit=judge.metric.name, status="pass",
+                    detail="the float input is kept (keep_float): no int8 drop")
+            return
         if not outcome.met:
             msg = _unmet_message(outcome, budget, judge)
             if budget.enforced:
@@ -415,6 +456,37 @@ class _Prepared:
     mode: QuantMode
     fused: Path | None  # its transformer-fused form, when that applies
     choice: Any  # isa.Int8Choice
+
+
+def _outcome_record(record: dict[str, Any], decision, cfg: QuantizeConfig,
+                    kept: bool) -> None:
+    """``outcome``: int8 or kept_float, with the checks' figures; a kept float model (or an
+    int8 model kept against the checks by ``keep_float: never``) is a stage warning."""
+    record["outcome"] = "kept_float" if kept else "int8"
+    record["keep_float"] = {"setting": cfg.keep_float, "checks": decision.checks}
+    if not decision.keep_float:
+        return
+    record["keep_float"]["reason"] = decision.reason
+    if kept:
+        record.setdefault("warnings", []).append(
+            f"quantize kept the float model: {decision.reason}; the int8 candidate "
+            f"'{record.get('search', {}).get('chosen', '?')}' is not shipped "
+            "(quantize.keep_float: never ships it anyway)")
+    else:
+        record.setdefault("warnings", []).append(
+            f"int8 shipped although it does not pay ({decision.reason}), because "
+            "quantize.keep_float is never")
+
+
+def _copy_model(src: Path, out: Path) -> Path:
+    """The float input as the stage's model, the same file content; a model with external
+    data files is used where it lies (they are found relative to it)."""
+    from compactor.measure.size import model_files
+
+    if len(model_files(src)) > 1:
+        return src
+    shutil.copyfile(src, out)
+    return out
 
 
 def _worst_drop(outcome: Outcome) -> float:

@@ -90,6 +90,7 @@ class Attempt:
     holdout: Score | None = None
     p50_ms: float | None = None
     speedup: float | None = None
+    speedup_low: float | None = None  # the timing's lower confidence bound of ``speedup``
     note: str = ""
 
     @property
@@ -102,6 +103,8 @@ class Attempt:
             out["p50_ms"] = round(self.p50_ms, 4)
         if self.speedup is not None:
             out["speedup_vs_float"] = round(self.speedup, 3)
+        if self.speedup_low is not None and self.speedup_low != self.speedup:
+            out["speedup_low_vs_float"] = round(self.speedup_low, 3)
         if self.search is not None:
             out["search"] = self.search.to_dict()
         if self.holdout is not None:
@@ -188,6 +191,7 @@ class Search:
         for k, a in keys.items():
             a.p50_ms = timing.p50_ms[k]
             a.speedup = timing.speedup(k, FLOAT)
+            a.speedup_low = timing.speedup_low(k, FLOAT)
         entry = {"why": why, "float_p50_ms": round(timing.p50_ms[FLOAT], 4)}
         for k in floats or {}:
             entry[k] = {"p50_ms": round(timing.p50_ms[k], 4),

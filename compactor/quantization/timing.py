@@ -39,11 +39,21 @@ class Timing:
     # Median over rounds of (reference's time / this model's time) in the same round:
     # runs next to each other share whatever else the host was doing.
     paired: dict[str, float] = field(default_factory=dict)
+    # The lower end of a distribution-free ~95% confidence interval of that median (an
+    # order statistic of the per-round ratios): what the timing can vouch for.
+    paired_low: dict[str, float] = field(default_factory=dict)
 
     def speedup(self, key: str, reference: str) -> float:
         if key in self.paired:
             return self.paired[key]
         return self.p50_ms[reference] / self.p50_ms[key]
+
+    def speedup_low(self, key: str, reference: str) -> float:
+        """The speed-up's lower confidence bound; without per-round figures (a timer that
+        reports one number per model), the speed-up itself."""
+        if key in self.paired_low:
+            return self.paired_low[key]
+        return self.speedup(key, reference)
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "batch_size": self.batch_size,
@@ -82,14 +92,28 @@ def compare_latency(models: Mapping[str, Path], profile: Profile,
         if rounds >= min_rounds and time.perf_counter() - t_start > max_seconds:
             break
     threads, _ = profile.threads_on_host()
-    paired = {}
+    paired, low = {}, {}
     if reference in times:
         ref = times[reference]
         for k, v in times.items():
             n = min(len(v), len(ref))
-            paired[k] = float(np.median(np.asarray(ref[:n]) / np.asarray(v[:n])))
+            ratios = np.asarray(ref[:n]) / np.asarray(v[:n])
+            paired[k] = float(np.median(ratios))
+            low[k] = median_lower_bound(ratios)
     return Timing({k: float(np.median(v)) for k, v in times.items()}, rounds, profile.name,
-                  batch_size, threads, time.perf_counter() - t_start, paired)
+                  batch_size, threads, time.perf_counter() - t_start, paired, low)
+
+
+def median_lower_bound(values: np.ndarray) -> float:
+    """Lower end of a distribution-free ~95% confidence interval of the median: the
+    order statistic at n/2 - 0.98·sqrt(n) (normal approximation to the binomial). With
+    few rounds it is the smallest value: every round must agree."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(v)
+    if n == 0:
+        return float("nan")
+    j = int(math.floor(n / 2 - 0.98 * math.sqrt(n)))
+    return float(v[min(max(j, 0), n - 1)])
 
 
 def _block_sizes(sessions: Mapping[str, Any], feed: Mapping[str, dict]) -> dict[str, int]:

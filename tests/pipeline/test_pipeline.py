@@ -51,7 +51,8 @@ def cnn_run(tmp_path_factory):
         model=cnn_model(outputs=["logits"]),
         data={"calibration": ref("cnn_calibration_batches"), "eval": ref("cnn_eval_batches")},
         metric="accuracy",
-        passes=[{"export": {"opset": 18}}, {"quantize": {"mode": "static"}}],
+        passes=[{"export": {"opset": 18}},  # int8 of a toy this small times slower than
+                {"quantize": {"mode": "static", "keep_float": "never"}}],  # float: ship it
         budgets={"max_size_mb": 1.0, "max_accuracy_drop": 0.2},
     )
     recipe = load_recipe(path)
@@ -66,7 +67,8 @@ def cnn_onnx(tmp_path_factory) -> Path:
 
 def onnx_recipe(folder: Path, cnn_onnx: Path, **fields) -> Path:
     """The teacher CNN as an ONNX file, static int8."""
-    fields.setdefault("passes", [{"quantize": {"mode": "static"}}])
+    # keep_float: never: int8 of this toy CNN times slower than float, and is what is tested
+    fields.setdefault("passes", [{"quantize": {"mode": "static", "keep_float": "never"}}])
     fields.setdefault(
         "data", {"calibration": ref("cnn_calibration_batches"), "eval": ref("cnn_eval_batches")}
     )
@@ -269,7 +271,7 @@ def text_run(tmp_path_factory):
         model={"factory": ref("build_text"), "inputs": TEXT_INPUTS},
         data={"eval": ref("text_batches")},
         metric="fidelity",
-        passes=[{"export": {}}, {"quantize": {"mode": "dynamic"}}],
+        passes=[{"export": {}}, {"quantize": {"mode": "dynamic", "keep_float": "never"}}],
     )
     return folder, optimize(load_recipe(path))
 

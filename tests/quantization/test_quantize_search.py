@@ -212,9 +212,10 @@ def test_an_impossible_budget_exits_1_and_keeps_the_best_candidate(tmp_path, mon
     monkeypatch.setattr("compactor.passes.quantize._timer", fake_timer())
     mlp = mlp_onnx(tmp_path / "mlp.onnx", outlier=100.0)
     # drop 0 cannot hold with anything in int8, and the fallback keeps one node int8
+    # (keep_float: never: that candidate leaves most MACs float, which would ship float)
     path = toy_recipe(tmp_path, mlp, mlp_data,
                       quantize={"mode": "dynamic", "max_accuracy_drop": 0.0,
-                                "time_budget_s": 60})
+                                "time_budget_s": 60, "keep_float": "never"})
     result = run_cli("optimize", path)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
