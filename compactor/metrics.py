@@ -2,7 +2,9 @@
 
 Built in: ``accuracy`` and ``top5`` (labels needed), ``mse`` (targets needed, lower is
 better) and ``fidelity`` (mean cosine similarity of each sample's output to the baseline
-model's output: needs no labels). A user metric is ``module:fn`` taking
+model's output: needs no labels; on outputs of one value per sample, where a cosine is
+always ±1, ``1 - mean |output - baseline| / the baseline's spread`` instead, see
+:func:`fidelity_caveat` and docs/metrics.md). A user metric is ``module:fn`` taking
 ``(outputs, targets)`` as numpy arrays and returning a float; set ``fn.higher_is_better =
 False`` on it for a loss-like metric.
 """
@@ -134,7 +136,49 @@ def _fidelity(outputs, _targets, reference) -> float:
             f"{np.shape(reference)}",
             "a stage must keep the baseline's output shape",
         )
+    out, ref = np.asarray(outputs), np.asarray(reference)
+    if out.ndim == 0 or out.size <= out.shape[0]:  # one value per sample: cosine is ±1
+        return spread_agreement(out, ref)
     return float(cosine_per_sample(outputs, reference).mean())
+
+
+def spread_agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """``1 - mean |outputs - reference| / spread``, the spread being the reference's mean
+    absolute deviation from its own mean (so the reference scores 1 and predicting its mean
+    for every sample scores about 0), floored at -1. A constant reference is measured
+    against its mean magnitude instead (or in absolute units when that is 0)."""
+    out = np.asarray(outputs, dtype=np.float64).reshape(-1)
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    err = float(np.mean(np.abs(out - ref))) if ref.size else 0.0
+    spread = float(np.mean(np.abs(ref - ref.mean()))) if ref.size else 0.0
+    if spread <= 0:
+        spread = float(np.mean(np.abs(ref))) if ref.size else 0.0
+    if spread <= 0:
+        spread = 1.0
+    return max(1.0 - err / spread, -1.0)
+
+
+def fidelity_caveat(reference: PerBatch) -> str | None:
+    """Why per-sample cosine fidelity cannot be trusted on this (baseline) output, or None:
+    one value per sample (the cosine of two 1-element vectors is always ±1; fidelity falls
+    back to :func:`spread_agreement` there) or the same output for every eval sample (the
+    metric cannot tell a model that still responds to its input from one that does not)."""
+    parts = [np.asarray(p) for p in reference.parts]
+    if not parts:
+        return None
+    if all(p.ndim <= 1 or int(np.prod(p.shape[1:])) <= 1 for p in parts):
+        return ("one value per sample, where a cosine is always 1; fidelity is measured "
+                "as 1 - mean abs error / the baseline's spread instead, which does not "
+                "know which errors matter (a decision threshold, say)")
+    if reference.uniform and len(reference) >= 2:
+        flat = reference.joined().reshape(len(reference), -1)
+        constant = bool(np.all(flat == flat[:1]))
+    else:
+        constant = False
+    if constant:
+        return ("the same value for every eval sample, so fidelity cannot tell whether "
+                "the model still responds to its input")
+    return None
 
 
 BUILTIN = {

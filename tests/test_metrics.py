@@ -109,7 +109,7 @@ def test_metric_in_a_run(tmp_path, cnn_onnx, metric):
         model={"onnx": str(cnn_onnx)},
         data={"calibration": ref("cnn_calibration_batches"), "eval": ref(data)},
         metric=metric,
-        passes=[{"quantize": {"mode": "static"}}],
+        passes=[{"quantize": {"mode": "static", "keep_float": "never"}}],  # int8 is tested
         budgets={"max_accuracy_drop": 1000},
     )
     result = optimize(load_recipe(path))
@@ -145,3 +145,48 @@ def test_accuracy_without_labels_exits_3(tmp_path, cnn_onnx):
     assert not (tmp_path / "out").exists()
     assert leftovers(tmp_path) == []
 
+
+
+# --------------------------------------------------------------------------- untrusted fidelity
+
+
+def test_fidelity_on_one_value_per_sample_sees_flipped_decisions():
+    from compactor.data import PerBatch
+    from compactor.metrics import fidelity_caveat
+
+    ref_p = np.array([[0.9], [0.1], [0.8], [0.2]])
+    fid = BUILTIN["fidelity"]
+    assert fid.compute(ref_p, None, ref_p) == pytest.approx(1.0)
+    half = np.full_like(ref_p, 0.5)  # every decision at the threshold: a cosine says 1.0
+    assert fid.compute(half, None, ref_p) == pytest.approx(0.0, abs=1e-9)
+    flipped = 1.0 - ref_p
+    value = fid.compute(flipped, None, ref_p)
+    assert value < 0, f"fidelity {value:.3f} for every decision flipped"
+    assert fidelity_caveat(PerBatch.of([ref_p])) is not None
+    assert "same value" in fidelity_caveat(PerBatch.of([np.ones((4, 3))]))
+    assert fidelity_caveat(PerBatch.of([np.arange(12.0).reshape(4, 3)])) is None
+
+
+def test_int8_that_flips_a_probability_head_warns_and_scores_below_one(tmp_path, monkeypatch):
+    from toys import fake_timer, toy_recipe
+    from toys.probability import probability_data, probability_onnx
+
+    monkeypatch.setattr("compactor.passes.quantize._timer", fake_timer())
+    model = probability_onnx(tmp_path / "vad.onnx")
+    recipe = toy_recipe(tmp_path, model, probability_data,
+                        quantize={"mode": "static", "keep_float": "never", "op_types": "all",
+                                  "repairs": []})
+    result = optimize(load_recipe(recipe))
+    base, final = result.stages[0], result.stages[-1]
+    assert final.record["outcome"] == "int8"
+    x = probability_data(64, seed=1)["x"]
+    import onnxruntime as ort
+
+    (want,) = ort.InferenceSession(str(model)).run(None, {"x": x})
+    (got,) = ort.InferenceSession(str(tmp_path / "out" / "model.onnx")).run(None, {"x": x})
+    agree = float(((want > 0.5) == (got > 0.5)).mean())
+    assert agree < 0.8, f"the toy must flip decisions; agreement {agree:.2f}"
+    assert final.metric < 0.5, f"fidelity {final.metric:.3f} with {agree:.0%} agreement"
+    (w,) = [w for w in final.warnings if "fidelity cannot be trusted" in w]
+    assert "'p'" in w and "[16, 1]" in w and "metric: module:fn" in w, w
+    assert not [w for w in base.warnings if "fidelity" in w], base.warnings

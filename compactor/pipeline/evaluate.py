@@ -74,6 +74,7 @@ class Evaluator:
         precision = precision_summary(model, macs_nodes)
         nbytes = size_bytes(path)
         per_profile = self._profiles(path, stage.name, macs, precision, nbytes, sample)
+        warnings = stage.warnings + self._metric_warnings(model, stage)
         return StageResult(
             name=stage.name,
             kind=stage.kind,
@@ -90,11 +91,28 @@ class Evaluator:
             eval_export=eval_export,
             seconds=time.perf_counter() - t0,
             onnx_path=path,
-            warnings=stage.warnings,
+            warnings=warnings,
             verdict=stage.verdict,
             pass_seconds=stage.seconds,
             latency_shape=shape.to_dict(),
         )
+
+    def _metric_warnings(self, model, stage: Stage) -> tuple[str, ...]:
+        """Said on every stage scored against the baseline: where the metric is fidelity
+        and the baseline's output makes it untrustworthy (see ``fidelity_caveat``)."""
+        from compactor.metrics import fidelity_caveat
+
+        if (self.metric.name != "fidelity" or self.baseline_outputs is None
+                or len(stage.lineage) <= 1):
+            return ()
+        why = fidelity_caveat(self.baseline_outputs)
+        if why is None:
+            return ()
+        name = model.graph.output[0].name if model.graph.output else "?"
+        shape = list(self.baseline_outputs.parts[0].shape)
+        return (f"fidelity cannot be trusted on output '{name}' (shape {shape}): {why}; "
+                "use a task metric (metric: module:fn, e.g. agreement of thresholded "
+                "decisions, or mse with targets)",)
 
     def _onnx_form(self, stage: Stage) -> tuple[Path, dict[str, Any] | None]:
         """The stage as an ONNX file: its own, or a torch stage exported for measurement."""
