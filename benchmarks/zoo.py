@@ -280,6 +280,25 @@ class _Reader:
         pass
 
 
+def onnx_quantize_recipe(name: str, fp32: Path, metric: str, max_drop: float) -> str:
+    """The recipe of a row that quantizes a packaged ONNX model as it is."""
+    return f"""\
+version: 1
+name: {name}
+model:
+  onnx: {fp32}
+data:
+  calibration: zoo_data.py:calibration_batches
+  eval: zoo_data.py:eval_batches
+metric: {metric}
+passes:
+  - quantize: {{mode: auto, max_accuracy_drop: {max_drop}, time_budget_s: {QUANT_BUDGET_S}}}
+targets:
+  - profile: zoo-{THREADS}t.yaml
+output: out
+"""
+
+
 def ort_by_hand(fp32: Path, calibration: Sequence[Feeds], work: Path) -> dict[str, Any]:
     """ORT's quantizers as a user applies them by hand: ``quant_pre_process`` (skipped if it
     fails), then ``quantize_dynamic`` and, with calibration data, ``quantize_static``, each
@@ -639,21 +658,7 @@ def ocr_rec(work: Path) -> Case:
 
     widths = sorted({b["x"].shape[3] for b in ev})
     feed = {"x": rec_batches(test_imgs[:1])[0][0]["x"]}
-    recipe = f"""\
-version: 1
-name: zoo-ocr-rec
-model:
-  onnx: {fp32}
-data:
-  calibration: zoo_data.py:calibration_batches
-  eval: zoo_data.py:eval_batches
-metric: fidelity
-passes:
-  - quantize: {{mode: auto, max_accuracy_drop: 0.01, time_budget_s: {QUANT_BUDGET_S}}}
-targets:
-  - profile: zoo-{THREADS}t.yaml
-output: out
-"""
+    recipe = onnx_quantize_recipe("zoo-ocr-rec", fp32, "fidelity", 0.01)
     return Case(
         title="PP-OCRv4 text recognizer (rapidocr-onnxruntime)",
         source=f"rapidocr-onnxruntime's ch_PP-OCRv4_rec_infer.onnx (opset 12); words rendered "
@@ -693,21 +698,7 @@ def ocr_cls(work: Path) -> Case:
     def truth(outs):
         return float((np.concatenate([o[0].argmax(-1) for o in outs]) == test_labels).mean())
 
-    recipe = f"""\
-version: 1
-name: zoo-ocr-cls
-model:
-  onnx: {fp32}
-data:
-  calibration: zoo_data.py:calibration_batches
-  eval: zoo_data.py:eval_batches
-metric: accuracy
-passes:
-  - quantize: {{mode: auto, max_accuracy_drop: 0.02, time_budget_s: {QUANT_BUDGET_S}}}
-targets:
-  - profile: zoo-{THREADS}t.yaml
-output: out
-"""
+    recipe = onnx_quantize_recipe("zoo-ocr-cls", fp32, "accuracy", 0.02)
     return Case(
         title="PP-OCR text direction classifier (rapidocr-onnxruntime)",
         source=f"rapidocr-onnxruntime's ch_ppocr_mobile_v2.0_cls_infer.onnx (opset 11); "
@@ -795,21 +786,7 @@ def magika_row(work: Path) -> Case:
     def truth(outs):
         return float((np.concatenate([o[0].argmax(-1) for o in outs]) == test_y).mean())
 
-    recipe = f"""\
-version: 1
-name: zoo-magika
-model:
-  onnx: {fp32}
-data:
-  calibration: zoo_data.py:calibration_batches
-  eval: zoo_data.py:eval_batches
-metric: accuracy
-passes:
-  - quantize: {{mode: auto, max_accuracy_drop: 0.02, time_budget_s: {QUANT_BUDGET_S}}}
-targets:
-  - profile: zoo-{THREADS}t.yaml
-output: out
-"""
+    recipe = onnx_quantize_recipe("zoo-magika", fp32, "accuracy", 0.02)
     return Case(
         title=f"magika {magika.__version__} file-type model",
         source=f"magika's standard_v3_3/model.onnx (opset 15 + ai.onnx.ml); {n} real files "
