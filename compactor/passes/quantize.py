@@ -405,15 +405,7 @@ class QuantizePass(Pass):
         record.setdefault("warnings", []).extend(outcome.warnings)
         if outcome.fallback_cost_ms is not None:
             record["search"]["repair_cost_ms"] = round(outcome.fallback_cost_ms, 4)
-        from compactor.quantization.search import repairs_not_applied
-
-        skipped = repairs_not_applied(outcome.log.get("repairs", []))
-        if skipped:
-            # Said in the record, and as warnings: the CLI notes them and both reports list
-            # them, so a model left failing says which fix could not be tried and why.
-            record["repairs_not_applied"] = skipped
-            record.setdefault("warnings", []).extend(
-                f"repair '{r['repair']}' could not apply: {r['reason']}" for r in skipped)
+        _repairs_record(record, outcome)
         if kept_float:  # the float input ships: its drop against itself is nil
             if not outcome.met:
                 acc["note"] = (_unmet_message(outcome, budget, judge)
@@ -492,6 +484,18 @@ def _copy_model(src: Path, out: Path) -> Path:
 def _worst_drop(outcome: Outcome) -> float:
     chosen = outcome.chosen
     return max(chosen.search.drop, chosen.holdout.drop if chosen.holdout else 0.0)
+
+
+def _repairs_record(record: dict[str, Any], outcome: Outcome) -> None:
+    """Repairs that could not apply, in the record and as warnings: the CLI notes them and
+    both reports list them, so a model left failing says which fix was not tried and why."""
+    from compactor.quantization.search import repairs_not_applied
+
+    skipped = repairs_not_applied(outcome.log.get("repairs", []))
+    if skipped:
+        record["repairs_not_applied"] = skipped
+        record.setdefault("warnings", []).extend(
+            f"repair '{r['repair']}' could not apply: {r['reason']}" for r in skipped)
 
 
 def _accuracy_record(outcome: Outcome, budget: Budget, judge) -> dict[str, Any]:
