@@ -188,6 +188,14 @@ class PartitionGraph:
                 raise ModelLoadError(f"input {inp.name!r} is not a tensor",
                                      "partition handles models with tensor inputs")
             dtypes[inp.name] = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+            if tt.HasField("shape") and not tt.shape.dim:
+                # samples are split and sent along axis 0 of every input
+                raise UsageError(
+                    f"input {inp.name!r} is a scalar; the partition planner splits every "
+                    "input along a batch axis 0 and cannot plan this model yet",
+                    "plan a model whose inputs all carry the batch on axis 0 (optimize, "
+                    "bench and check handle scalar inputs)",
+                )
             shape = []
             for axis, d in enumerate(tt.shape.dim):
                 if d.HasField("dim_value") and d.dim_value > 0:

@@ -480,3 +480,13 @@ def test_partition_does_not_import_torch(tmp_path, fast):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_scalar_input_is_a_clear_usage_error_not_an_internal_one(tmp_path, fast, invoke):
+    from toys.foreign import vad_onnx
+
+    model = vad_onnx(tmp_path / "vad.onnx")
+    r = invoke("partition", model, "--device", fast, "--server", fast, "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert "input 'sr' is a scalar" in r.output and "internal error" not in r.output
+    assert not (tmp_path / "out").exists()
