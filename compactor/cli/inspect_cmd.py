@@ -11,6 +11,7 @@ from compactor.cli.options import dim_option
 
 
 def describe_model(path: Path, dims: dict[str, int]) -> dict:
+    from compactor.measure.bench import feed_shapes
     from compactor.measure.macs import SUBGRAPH_OPS, all_graphs, iter_nodes, mac_count
     from compactor.measure.shapes import check_dim_names, defaulted, dim_example, dynamic_axes
     from compactor.measure.size import param_count, size_bytes
@@ -21,7 +22,8 @@ def describe_model(path: Path, dims: dict[str, int]) -> dict:
     inputs = [_tensor(i) for i in graph_inputs]
     specs = [_spec(i) for i in graph_inputs]
     check_dim_names(dims, specs)
-    shapes, used = _mac_shapes(specs, dims)
+    # the MAC count is per sample: the batch at 1, like every axis --dim leaves unset
+    shapes, used = feed_shapes(specs, 1, dims)
     macs = mac_count(model, shapes)
     axes = dynamic_axes(specs)
     left = defaulted(specs, dims)
@@ -130,27 +132,6 @@ def _op_histogram(model) -> dict[str, int]:
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
         ops[key] = ops.get(key, 0) + 1
     return dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _mac_shapes(specs: list, dims: dict[str, int]
-                ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Concrete input shapes for the MAC count (a symbolic axis: its ``--dim``, else 1; the
-    batch too) and the size used for each symbolic axis."""
-    from compactor.measure.shapes import axis_key, is_symbolic
-
-    shapes = {}
-    used: dict[str, int] = {}
-    for name, shape, _ in specs:
-        concrete = []
-        for axis, d in enumerate(shape):
-            if not is_symbolic(d):
-                concrete.append(d)
-                continue
-            key = axis_key(name, axis, d)
-            used[key] = dims.get(key, 1)
-            concrete.append(used[key])
-        shapes[name] = tuple(concrete)
-    return shapes, used
 
 
 @click.command()
