@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 import toys
 import yaml
 from toys import CNN_INPUT, assert_clean_error, ref, run_cli, write_recipe
+from toys.progress import ctrl_c_at_training_step
 
-from compactor.training import losses
 from compactor.training.checkpoint import load_torch
 
 EPOCHS_1, EPOCHS_2, STEPS_PER_EPOCH = 2, 3, 8  # cnn_distill_batches: 256 images, batch 32
@@ -34,20 +31,6 @@ def _recipe(folder: Path, epochs_2: int = EPOCHS_2) -> Path:
     )
 
 
-def _ctrl_c_at(monkeypatch, step: int) -> None:
-    """Press Ctrl-C during the forward pass of training step ``step`` (over all passes)."""
-    real = losses.DistillLoss.__call__
-    seen = {"n": 0}
-
-    def pressing(self, *args, **kwargs):
-        if torch.is_grad_enabled():
-            seen["n"] += 1
-            if seen["n"] == step:
-                os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(losses.DistillLoss, "__call__", pressing)
-
 
 def _outputs(artifact: Path) -> np.ndarray:
     sess = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -61,13 +44,13 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume")
     path = _recipe(folder)
     # Ctrl-C in the 5th step of the second pass: it finishes that step, saves, exits 130
-    _ctrl_c_at(mp, EPOCHS_1 * STEPS_PER_EPOCH + 5)
+    ctrl_c_at_training_step(mp, EPOCHS_1 * STEPS_PER_EPOCH + 5)
     interrupted = run_cli("optimize", path)
     mp.undo()
 
     reference = tmp_path_factory.mktemp("reference")
     ref_path = _recipe(reference)
-    _ctrl_c_at(mp, 3)  # an earlier interrupted run there, which a plain rerun replaces
+    ctrl_c_at_training_step(mp, 3)  # an earlier interrupted run there, which a plain rerun replaces
     first = run_cli("optimize", ref_path)
     mp.undo()
     rerun = run_cli("optimize", ref_path)

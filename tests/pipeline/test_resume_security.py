@@ -4,19 +4,18 @@ and only when their hash matches a record signed with a per-user key kept outsid
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import stat
 from pathlib import Path
 
 import pytest
 import torch
 from toys import CNN_INPUT, assert_clean_error, ref, run_cli, write_recipe
+from toys.progress import ctrl_c_at_training_step
 
 from compactor.errors import RecipeError
 from compactor.measure.size import sha256
-from compactor.training import checkpoint, losses
+from compactor.training import checkpoint
 from compactor.training.checkpoint import Refused, file_record, work_folder_for
 
 TEACHER = {"factory": ref("teacher_cnn")}
@@ -55,19 +54,6 @@ def _interrupt_export(monkeypatch) -> None:
     monkeypatch.setattr(ExportPass, "run", interrupted)
 
 
-def _interrupt_training_at(monkeypatch, step: int) -> None:
-    real = losses.DistillLoss.__call__
-    seen = {"n": 0}
-
-    def pressing(self, *args, **kwargs):
-        if torch.is_grad_enabled():
-            seen["n"] += 1
-            if seen["n"] == step:
-                os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(losses.DistillLoss, "__call__", pressing)
-
 
 @pytest.fixture(scope="module")
 def after_stage(tmp_path_factory) -> Path:
@@ -87,7 +73,7 @@ def mid_training(tmp_path_factory) -> Path:
     """A run interrupted in the middle of training, with a checkpoint saved."""
     folder = tmp_path_factory.mktemp("training")
     mp = pytest.MonkeyPatch()
-    _interrupt_training_at(mp, 3)
+    ctrl_c_at_training_step(mp, 3)
     result = run_cli("optimize", _recipe(folder))
     mp.undo()
     assert result.exit_code == 130, result.output

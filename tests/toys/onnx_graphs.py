@@ -44,15 +44,17 @@ def _save(path: Path, nodes, inits: dict[str, np.ndarray], inputs, output, opset
     return path
 
 
-def mlp_onnx(path: Path, outlier: float = 1.0, opset: int = 17, seed: int = 0) -> Path:
-    """x[batch, 8, 64] → fc1 → Relu → fc2 → Relu → head, all MatMuls. ``outlier`` scales
-    channel 0 of fc2's input up and fc2's row 0 down by the same factor: the float model
-    is unchanged, but a per-tensor int8 range of fc2's input is wrecked."""
+def mlp_onnx(path: Path, outlier: float = 1.0, opset: int = 17, seed: int = 0,
+             hidden: int = MLP_WIDTH) -> Path:
+    """x[batch, 8, 64] → fc1 (64→hidden) → Relu → fc2 (hidden→hidden) → Relu → head, all
+    MatMuls. ``outlier`` scales channel 0 of fc2's input up and fc2's row 0 down by the
+    same factor: the float model is unchanged, but a per-tensor int8 range of fc2's input
+    is wrecked."""
     r = np.random.default_rng(seed)
     d = MLP_WIDTH
-    a = (r.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
-    b = (r.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
-    c = (r.standard_normal((d, 16)) / np.sqrt(d)).astype(np.float32)
+    a = (r.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
+    b = (r.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    c = (r.standard_normal((hidden, 16)) / np.sqrt(hidden)).astype(np.float32)
     a[:, 0] *= outlier
     b[0, :] /= outlier
     nodes = [

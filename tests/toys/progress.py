@@ -37,3 +37,23 @@ class RecordingProgress(Progress):
 
     def note(self, message):
         self.notes.append(message)
+
+
+def ctrl_c_at_training_step(monkeypatch, step: int) -> None:
+    """Press Ctrl-C during the forward pass of training step ``step`` (counted over every
+    training pass of the run), through distillation's loss."""
+    import torch
+
+    from compactor.training import losses
+
+    real = losses.DistillLoss.__call__
+    seen = {"n": 0}
+
+    def pressing(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen["n"] += 1
+            if seen["n"] == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(losses.DistillLoss, "__call__", pressing)
