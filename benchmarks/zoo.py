@@ -177,23 +177,6 @@ def run_model(path: Path, batches: Sequence[Feeds]) -> list[list[np.ndarray]]:
     return [s.run(None, {k: v for k, v in b.items() if k in names}) for b in batches]
 
 
-def model_bytes(path: Path) -> int:
-    """The ONNX file plus any external-data files beside it that it names."""
-    import onnx
-
-    total = path.stat().st_size
-    m = onnx.load(str(path), load_external_data=False)
-    seen = set()
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location" and e.value not in seen:
-                seen.add(e.value)
-                p = path.parent / e.value
-                if p.is_file():
-                    total += p.stat().st_size
-    return total
-
-
 def one_line(text: str, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
@@ -421,12 +404,14 @@ def run_row(name: str, fn: Callable[[Path], Case], results_dir: Path) -> dict[st
         models.update(ort["models"])
 
         # 3. the same metric by hand, on held-out data
+        from compactor.measure.size import size_bytes  # the ONNX file plus its external data
+
         print("    hand metric on held-out data ...", file=sys.stderr, flush=True)
         ref = case.outputs_of(case.fp32)
         variants: dict[str, dict[str, Any]] = {}
         for k, p in models.items():
-            v: dict[str, Any] = {"size_ratio": model_bytes(p) / model_bytes(case.fp32),
-                                 "size_mb": model_bytes(p) / 1e6}
+            v: dict[str, Any] = {"size_ratio": size_bytes(p) / size_bytes(case.fp32),
+                                 "size_mb": size_bytes(p) / 1e6}
             try:
                 outs = ref if k == "float" else case.outputs_of(p)
                 v["score"] = case.score(ref, outs)
