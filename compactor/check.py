@@ -37,6 +37,8 @@ class TargetCheck:
     source: str  # "manifest" or "re-measured on this host"
     verdicts: list[Verdict]
     notes: list[str] = field(default_factory=list)
+    # with --remeasure: {"latency_ms": {batch: record}, "runtime": {...}} measured now
+    measured: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -349,7 +351,8 @@ def _remeasured(folder: Path, manifest: Manifest, current: dict[str, Any], name:
     if budgets.min_speedup is not None:
         notes.append("min_speedup compares the manifest's baseline with the latency measured "
                      "now, on this host; the artifact does not hold the baseline model")
-    return TargetCheck(name, "re-measured on this host", verdicts, notes)
+    return TargetCheck(name, "re-measured on this host", verdicts, notes,
+                       {"latency_ms": final["latency_ms"][name], "runtime": m.runtime})
 
 
 # --------------------------------------------------------------------------- CI outputs
