@@ -247,9 +247,11 @@ class VerdictRecord(_Closed):
     limit: float
     measured: float | None
     unit: str
-    status: Literal["pass", "fail", "not measured"]
+    status: Literal["pass", "fail", "inconclusive", "not measured"]
     detail: str = ""
     estimate: float | None = None
+    low: float | None = None  # the measured figure's ~95% confidence interval
+    high: float | None = None
 
 
 class LatencyShapeRecord(_Open):
