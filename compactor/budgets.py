@@ -5,18 +5,26 @@ A target's verdicts come from its recipe budgets (``max_size_mb``, ``max_latency
 (``limits.memory_mb``, ``limits.model_size_mb``), which hold whatever the recipe says.
 A figure this host could not measure gives "not measured", never a pass or a fail on an
 estimate; the estimate is shown beside it.
+
+Latency and speed-up verdicts are three-valued (:func:`decide`): a figure comes with its
+~95% interval, and the verdict is ``pass`` or ``fail`` only when the interval lies wholly
+on one side of the limit. A latency measured on a busy host may pass (a neighbour only
+slows a model down, so the quiet figure is lower still) but never fails. An undecided
+verdict is re-measured (:class:`Gate`: longer each time, within a time cap) and only then
+called ``inconclusive``, with the reason.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from compactor.errors import BudgetFailed, UsageError, did_you_mean
 from compactor.spec import Budgets, Drop, LatencyBudget, Target
-from compactor.verdict import Status, Verdict
+from compactor.verdict import Interval, Status, Verdict
 
 if TYPE_CHECKING:
     from compactor.profiles import Profile
@@ -32,8 +40,95 @@ BUDGET_KEYS = {
     "max_latency_ms.p99": "p99 latency at batch 1, ms",
     "max_memory_mb": "peak RSS of the measuring process, MB",
     "max_accuracy_drop": "metric drop vs baseline: absolute (0.01) or relative (2%)",
-    "min_speedup": "baseline p50 / final p50 at batch 1, measured in one run",
+    "min_speedup": "baseline p50 / final p50 at batch 1, timed paired in one process",
 }
+
+
+# --------------------------------------------------------------------------- three-valued
+
+
+# How long a gate may spend re-measuring undecided verdicts, in all, by default; and how
+# long the first re-measurement lasts (each next one twice as long, within what is left).
+DEFAULT_SETTLE_S = 30.0
+FIRST_REMEASURE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How a gate settles an undecided verdict: ``latency(seconds)`` re-times the model for
+    about that long and gives an interval per quantile; ``speedup(seconds)`` re-times the
+    paired ratio against the reference. Both stop within ``cap_s`` in all (``clock`` says
+    how much is spent; tests give a fake one)."""
+
+    latency: Callable[[float], Mapping[str, Interval]] | None = None
+    speedup: Callable[[float], Interval] | None = None
+    cap_s: float = DEFAULT_SETTLE_S
+    clock: Callable[[], float] = time.monotonic
+    _spent: list[float] = field(default_factory=lambda: [0.0])
+
+    @property
+    def left_s(self) -> float:
+        return self.cap_s - self._spent[0]
+
+    def spend(self, fn: Callable[[float], Any], seconds: float) -> Any:
+        t0 = self.clock()
+        try:
+            return fn(seconds)
+        finally:
+            self._spent[0] += self.clock() - t0
+
+
+def check_time_cap(cap_s: float, one_measurement_s: float, setting: str) -> None:
+    """A cap too short to take a single measurement is a usage error naming the setting."""
+    if not cap_s > 0 or cap_s < one_measurement_s:
+        raise UsageError(
+            f"{setting} {cap_s:g}: too short to take one measurement (one takes at least "
+            f"{one_measurement_s:g} s here: the profile's warm-up and minimum timing)",
+            f"give {setting} at least {one_measurement_s:g} (default {DEFAULT_SETTLE_S:g})")
+
+
+def decide(name: str, limit: float, iv: Interval, unit: str, at_most: bool,
+           detail: str = "") -> Verdict:
+    """``pass``/``fail`` when ``iv`` lies wholly on one side of ``limit``, else
+    ``inconclusive`` with the reason. ``at_most``: the figure must stay at or below the
+    limit (latency); else at or above it (speed-up). A busy-host interval never fails an
+    at-most budget: the quiet figure could be lower."""
+    cut = (f"{iv.value:.4g} {unit} (95% interval {iv.low:.4g}–{iv.high:.4g})")
+    if at_most:
+        status = ("pass" if iv.high <= limit else
+                  "fail" if iv.low > limit and not iv.busy else "inconclusive")
+    else:
+        status = ("pass" if iv.low >= limit else
+                  "fail" if iv.high < limit else "inconclusive")
+    why = ""
+    if status == "inconclusive":
+        why = (f"measured on a busy host ({iv.note or 'other processes took the cores'}): "
+               f"{cut} is over the limit, but a quiet host may be under it"
+               if iv.busy and iv.low > limit else
+               f"{cut} straddles the limit {limit:g} {unit}")
+    parts = [p for p in (detail, why) if p]
+    return Verdict(name, limit, iv.value, unit, status, "; ".join(parts), None,
+                   iv.low, iv.high)
+
+
+def settle(verdict: Verdict, remeasure: Callable[[float], Interval] | None, gate: Gate,
+           at_most: bool, detail: str = "") -> Verdict:
+    """Re-measure an inconclusive ``verdict`` (each time about twice as long, within the
+    gate's cap) until it decides; still undecided, it says how long it tried."""
+    if verdict.status != "inconclusive" or remeasure is None:
+        return verdict
+    seconds, tries = FIRST_REMEASURE_S, 0
+    while verdict.status == "inconclusive" and gate.left_s > 0:
+        iv = gate.spend(remeasure, min(seconds, gate.left_s))
+        tries += 1
+        verdict = decide(verdict.budget, verdict.limit, iv, verdict.unit, at_most, detail)
+        seconds *= 2
+    if verdict.status == "inconclusive":
+        return replace(verdict, detail=f"{verdict.detail}; re-measured {tries} time(s) within "
+                       f"the {gate.cap_s:g} s cap")
+    return replace(verdict, detail=f"{verdict.detail}; settled after re-measuring "
+                   f"{tries} time(s)" if verdict.detail else
+                   f"settled after re-measuring {tries} time(s)")
 
 
 def _check(name: str, limit: float, measured: float | None, unit: str, ok_if_le: bool,
@@ -57,15 +152,26 @@ def evaluate_budgets(
     memory_mb: float | None = None,
     profile: Profile | None = None,
     latency_estimate_ms: float | None = None,
+    latency_ci: Mapping[str, Interval] | None = None,
+    speedup: Interval | None = None,
+    gate: Gate | None = None,
 ) -> list[Verdict]:
     """Verdicts for one target. ``latency_ms`` holds p50/p90/p99 at batch 1 (or None when
-    the profile could not be measured on this host); ``memory_mb`` is the peak RSS of the
-    process that measured it. ``profile`` adds its limits as verdicts."""
+    the profile could not be measured on this host); ``latency_ci`` the noise-robust
+    estimate of each with its interval, which latency budgets are judged on where given;
+    ``memory_mb`` is the peak RSS of the process that measured it. ``speedup`` is the
+    final model's speed-up over the baseline timed paired in one process (without it,
+    ``min_speedup`` is not measured: two figures timed at different moments are not a
+    ratio to judge). ``gate`` re-measures undecided verdicts. ``profile`` adds its limits
+    as verdicts. ``baseline_latency_ms`` is kept for callers; it is not judged on."""
+    del baseline_latency_ms  # a speed-up from two separate timings is never judged
+    gate = gate or Gate()
     out: list[Verdict] = []
     if budgets.max_size_mb is not None:
         out.append(_check("max_size_mb", budgets.max_size_mb, size_mb, "MB", True))
     if budgets.max_latency_ms is not None:
-        out += _latency_verdicts(budgets.max_latency_ms, latency_ms, latency_estimate_ms)
+        out += _latency_verdicts(budgets.max_latency_ms, latency_ms, latency_estimate_ms,
+                                 latency_ci, gate)
     if budgets.max_memory_mb is not None:
         out.append(_check("max_memory_mb", budgets.max_memory_mb, memory_mb, "MB", True,
                           "peak RSS of the measuring process"))
@@ -73,29 +179,46 @@ def evaluate_budgets(
         out.append(_accuracy_verdict(budgets.max_accuracy_drop, metric_name, metric_value,
                                      metric_drop, baseline_metric))
     if budgets.min_speedup is not None:
-        speedup = None
-        if latency_ms is not None and baseline_latency_ms:
-            speedup = baseline_latency_ms / latency_ms["p50"]
-        out.append(_check("min_speedup", budgets.min_speedup, speedup, "x", False,
-                          "p50 at batch 1 vs baseline, same run"))
+        out.append(_speedup_verdict(budgets.min_speedup, speedup, gate))
     if profile is not None:
         out += _limit_verdicts(profile, size_mb, memory_mb)
     return out
 
 
+SPEEDUP_DETAIL = "p50 at batch 1 vs baseline, timed paired in one process"
+
+
+def _speedup_verdict(limit: float, speedup: Interval | None, gate: Gate) -> Verdict:
+    if speedup is None:
+        return Verdict("min_speedup", limit, None, "x", "not measured",
+                       "the baseline and the final model were not timed paired")
+    v = decide("min_speedup", limit, speedup, "x", False, SPEEDUP_DETAIL)
+    return settle(v, gate.speedup, gate, False, SPEEDUP_DETAIL)
+
+
 def _latency_verdicts(limits: LatencyBudget, latency_ms: Mapping[str, float] | None,
-                      estimate_ms: float | None) -> list[Verdict]:
+                      estimate_ms: float | None, ci: Mapping[str, Interval] | None,
+                      gate: Gate) -> list[Verdict]:
     """One verdict per quantile that has a limit; an unmeasured p50 shows the estimate."""
     out = []
     for q in ("p50", "p90", "p99"):
         limit = getattr(limits, q)
-        if limit is not None:
-            got = None if latency_ms is None else latency_ms[q]
-            est = estimate_ms if q == "p50" else None
-            detail = "batch 1" if got is not None else (
-                "batch 1; not measured on this host" + (
-                    "; estimate is a roofline lower bound" if est is not None else ""))
-            out.append(_check(f"max_latency_ms.{q}", limit, got, "ms", True, detail, est))
+        if limit is None:
+            continue
+        name = f"max_latency_ms.{q}"
+        got = None if latency_ms is None else latency_ms[q]
+        if got is not None and ci is not None and q in ci:
+            detail = "batch 1; quiet-block estimate"
+            v = decide(name, limit, ci[q], "ms", True, detail)
+            remeasure = None if gate.latency is None else (
+                lambda s, q=q: gate.latency(s)[q])  # type: ignore[misc] - checked above
+            out.append(settle(v, remeasure, gate, True, detail))
+            continue
+        est = estimate_ms if q == "p50" else None
+        detail = "batch 1" if got is not None else (
+            "batch 1; not measured on this host" + (
+                "; estimate is a roofline lower bound" if est is not None else ""))
+        out.append(_check(name, limit, got, "ms", True, detail, est))
     return out
 
 

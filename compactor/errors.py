@@ -14,6 +14,9 @@ EXIT_BUDGET = 1
 EXIT_USAGE = 2
 EXIT_LOAD = 3
 EXIT_PASS = 4
+# A gate could not decide (a latency interval still straddles its limit, or the host was
+# too busy to trust a fail) under --inconclusive fail: distinct from 1 so CI can retry it.
+EXIT_INCONCLUSIVE = 5
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by a service manager or CI runner
 

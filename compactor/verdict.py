@@ -1,5 +1,11 @@
 """A budget's verdict: what was judged, the limit, the measured figure and the outcome.
 
+A latency or memory verdict is three-valued: ``pass`` or ``fail`` only when the measured
+figure's confidence interval lies wholly on one side of the limit, ``inconclusive`` when
+it still straddles the limit (or the host was too busy to trust a fail) after
+re-measuring; ``detail`` then says why. What an inconclusive verdict does to the exit code
+is the caller's policy (``--inconclusive``), not the verdict's.
+
 It sits below the stage so a pass can carry a verdict it judged on its own stage as a typed
 field (quantize's accuracy budget), and every layer above reads the same type.
 """
@@ -9,7 +15,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Status = Literal["pass", "fail", "not measured"]
+Status = Literal["pass", "fail", "inconclusive", "not measured"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A measured figure and its ~95% confidence interval; ``busy`` when it was measured
+    while other processes took the cores (``note`` says how)."""
+
+    value: float
+    low: float
+    high: float
+    busy: bool = False
+    note: str = ""
+
+    @classmethod
+    def point(cls, value: float) -> Interval:
+        return cls(value, value, value)
 
 
 @dataclass(frozen=True)
@@ -21,13 +43,21 @@ class Verdict:
     status: Status
     detail: str = ""
     estimate: float | None = None  # labelled estimate, when the figure was not measured
+    # the measured figure's ~95% confidence interval, where it has one
+    low: float | None = None
+    high: float | None = None
 
     @property
     def passed(self) -> bool:
         return self.status != "fail"
 
+    @property
+    def inconclusive(self) -> bool:
+        return self.status == "inconclusive"
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["estimate"] is None:
-            del d["estimate"]
+        for k in ("estimate", "low", "high"):
+            if d[k] is None:
+                del d[k]
         return d

@@ -6,6 +6,7 @@ import pytest
 
 from compactor.budgets import (
     BUDGET_KEYS,
+    Interval,
     evaluate_budgets,
     merge_budgets,
     parse_budget_overrides,
@@ -23,7 +24,8 @@ LAT = {"p50": 2.0, "p90": 3.0, "p99": 5.0}
 
 def judge(budgets: dict, **kw):
     args = dict(size_mb=1.2, latency_ms=LAT, baseline_latency_ms=6.0, metric_name="accuracy",
-                metric_value=0.95, metric_drop=0.02, baseline_metric=0.97, memory_mb=120.0)
+                metric_value=0.95, metric_drop=0.02, baseline_metric=0.97, memory_mb=120.0,
+                speedup=Interval.point(3.0))
     args.update(kw)
     return {v.budget: v for v in evaluate_budgets(Budgets.model_validate(budgets), **args)}
 
@@ -51,7 +53,7 @@ def test_relative_accuracy_drop():
 
 def test_not_measured_is_neither_pass_nor_fail_and_carries_the_estimate():
     v = judge({"max_latency_ms": {"p50": 1, "p90": 1}, "max_memory_mb": 10, "min_speedup": 2},
-              latency_ms=None, memory_mb=None, latency_estimate_ms=0.4)
+              latency_ms=None, memory_mb=None, latency_estimate_ms=0.4, speedup=None)
     assert {k: x.status for k, x in v.items()} == dict.fromkeys(v, "not measured")
     assert all(x.passed for x in v.values())
     assert v["max_latency_ms.p50"].estimate == 0.4  # an estimate, never a measurement

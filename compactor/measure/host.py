@@ -92,3 +92,24 @@ def describe_host() -> dict:
         "available_providers": ort.get_available_providers(),
         "packages": package_versions(),
     }
+
+
+def host_busy_seconds() -> float | None:
+    """CPU seconds every process on this host has run so far (all cores, from the first
+    line of /proc/stat: user+nice+system+irq+softirq+steal), or None where it cannot be
+    read. Sampled around a measurement, minus the measuring process's own CPU time, it says
+    how many cores other processes took meanwhile."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        return None
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+        steal = int(fields[8]) if len(fields) > 8 else 0
+    except ValueError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (user + nice + system + irq + softirq + steal) / float(hz or 100)

@@ -5,6 +5,14 @@ caller's memory and threads (a torch training loop, say) do not distort it. With
 process each batch size is warmed up, then run until its median is stable: the 95%
 confidence interval of the median (from order statistics, no assumption about the shape of
 the distribution) lies within ±``target_ci`` of it, or the time cap is reached.
+
+Budgets are judged on a second, noise-robust figure (:func:`quiet_estimate`): the runs
+are grouped into blocks of about 0.1 s in time order, each block is tagged busy when the
+measuring process got less than 75% of the cores it asked for or other processes took
+cores meanwhile (/proc/stat), and the quantile is taken over the runs of the faster half
+of the quiet blocks, with a ~95% interval from resampling those blocks. A neighbour's burst
+slows whole blocks, so it lands in the slower half and is left out; when too few blocks
+ran quiet the estimate says ``busy`` and a verdict may pass on it but never fail.
 """
 
 from __future__ import annotations
@@ -13,13 +21,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from compactor.errors import PassError
 from compactor.profiles import Profile
+from compactor.verdict import Interval
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +59,44 @@ class Latency:
     # CPU time the process got / (wall time x threads it runs): well below 1 means other
     # processes took cores it asked for, and the latency is the busy host's.
     cpu_share: float | None = None
+    # The noise-robust estimate budgets are judged on (:func:`quiet_estimate`): per
+    # quantile ("p50", "p90", "p99") [estimate, low, high] of its ~95% interval, in ms.
+    quiet: dict[str, list[float]] | None = None
+    blocks: int | None = None  # blocks of runs timed
+    quiet_blocks: int | None = None  # of which ran on a quiet host
+    busy: bool | None = None  # too few quiet blocks: the estimate is the busy host's
+    others_cores: float | None = None  # cores other processes took while it was timed
+
+    def interval(self, q: str) -> Interval | None:
+        """The noise-robust estimate of quantile ``q`` with its interval, or None (records
+        from before it was measured)."""
+        return quiet_interval(self.quiet, q, self.busy, self.quiet_blocks, self.blocks,
+                              self.others_cores)
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return {k: (round(v, 5) if isinstance(v, float) else
+                    {q: [round(x, 5) for x in t] for q, t in v.items()} if k == "quiet" and v
+                    else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Latency:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def quiet_interval(quiet: Mapping[str, Sequence[float]] | None, q: str, busy: bool | None,
+                   quiet_blocks: int | None, blocks: int | None,
+                   others_cores: float | None) -> Interval | None:
+    """A :class:`Latency`'s (or its manifest record's) estimate of ``q`` as an Interval."""
+    if not quiet or q not in quiet:
+        return None
+    est, lo, hi = (float(x) for x in quiet[q])
+    note = ""
+    if busy:
+        note = (f"{quiet_blocks or 0} of {blocks or 0} blocks of runs had the cores to "
+                "themselves" + (f"; other processes took {others_cores:.1f} cores"
+                                if others_cores else ""))
+    return Interval(est, lo, hi, bool(busy), note)
 
 
 def median_ci(sorted_ms: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
@@ -255,26 +294,32 @@ def measure_latency(
     threads: int | None = None,
     on_run: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    probe: Callable[[], tuple[float, float | None]] | None = None,
 ) -> Latency:
     """Time ``sess.run`` on ``feeds``: warm up, then repeat for at least ``min_runs`` and
     ``min_time_s`` until the median's 95% CI is within ±``target_ci`` of it, stopping at
     ``max_time_s`` (the result then says ``stable=False``). The CI is the wider of the
     order-statistic interval and the block interval (:func:`block_ci`), so a host whose
-    speed drifts keeps being timed, and says so, instead of stopping in one phase."""
+    speed drifts keeps being timed, and says so, instead of stopping in one phase.
+    ``probe`` returns (this process's CPU seconds, the host's busy CPU seconds or None)."""
     feeds = dict(feeds)
+    probe = probe or _probe
     warm_until = clock() + min(warmup_s, max_time_s * 0.1)
     done = 0
     while done < warmup or clock() < warm_until:
         sess.run(None, feeds)
         done += 1
-    cpu0 = time.process_time()
+    cpu0, host0 = probe()
     start = clock()
-    times, stable = _timed_runs(sess, feeds, min_runs, min_time_s, max_time_s, target_ci,
-                                on_run, clock, start)
+    runs = _timed_runs(sess, feeds, _Limits(min_runs, min_time_s, max_time_s, target_ci),
+                       on_run, clock, start, _Blocks(probe, clock, threads))
     seconds = clock() - start
-    cpu = time.process_time() - cpu0
+    cpu1, host1 = probe()
+    times = runs.times
     a = np.sort(np.asarray(times))
     p50 = float(np.percentile(a, 50))
+    quiet = quiet_estimate(times, runs.blocks.ends, runs.blocks.busy)
+    n_quiet = sum(1 for b in runs.blocks.busy if not b)
     return Latency(
         batch_size=batch_size,
         p50=p50,
@@ -286,29 +331,163 @@ def measure_latency(
         runs=len(times),
         throughput=batch_size * 1000.0 / p50 if p50 > 0 else 0.0,
         ci=min(stability(times), 9.99),  # finite in JSON even with too few runs
-        stable=stable,
+        stable=runs.stable,
         seconds=seconds,
-        cpu_share=cpu / (seconds * threads) if threads and seconds > 0 else None,
+        cpu_share=(cpu1 - cpu0) / (seconds * threads) if threads and seconds > 0 else None,
+        quiet=None if quiet is None else {q: list(v) for q, v in quiet.items()},
+        blocks=len(runs.blocks.ends),
+        quiet_blocks=n_quiet,
+        busy=n_quiet < MIN_QUIET_BLOCKS,
+        others_cores=(None if host0 is None or host1 is None or seconds <= 0 else
+                      max(0.0, (host1 - host0 - (cpu1 - cpu0)) / seconds)),
     )
 
 
-def _timed_runs(sess, feeds: dict, min_runs: int, min_time_s: float, max_time_s: float,
-                target_ci: float, on_run: Callable[[], None] | None,
-                clock: Callable[[], float], start: float) -> tuple[list[float], bool]:
+def _probe() -> tuple[float, float | None]:
+    from compactor.measure.host import host_busy_seconds
+
+    return time.process_time(), host_busy_seconds()
+
+
+# A block of runs lasts at least this long: /proc/stat counts in 10 ms ticks, so shorter
+# blocks could not tell whether other processes ran during them.
+BLOCK_S = 0.1
+# Below this share of the cores it asked for, a block ran on a busy host ...
+BUSY_CPU_SHARE = 0.75
+# ... and so it did when other processes took more than this many cores (at least this
+# fraction of the host's) while it ran.
+OTHERS_BUSY_CORES = 0.5
+OTHERS_BUSY_SHARE = 0.25
+# Fewer quiet blocks than this, and the estimate is the busy host's.
+MIN_QUIET_BLOCKS = 6
+_BOOTSTRAP = 300
+
+
+@dataclass
+class _Limits:
+    min_runs: int
+    min_time_s: float
+    max_time_s: float
+    target_ci: float
+
+
+@dataclass
+class _Blocks:
+    """Where each block of runs ends (an index into the runs) and whether it ran busy."""
+
+    probe: Callable[[], tuple[float, float | None]]
+    clock: Callable[[], float]
+    threads: int | None
+    ends: list[int] = field(default_factory=list)
+    busy: list[bool] = field(default_factory=list)
+    _mark: tuple[float, float, float | None] | None = None
+
+    def start(self) -> None:
+        self._mark = (self.clock(), *self.probe())
+
+    def maybe_end(self, n_runs: int) -> None:
+        """Close the block after run ``n_runs`` when it has lasted ``BLOCK_S``."""
+        if self.clock() - self._mark[0] >= BLOCK_S:  # type: ignore[index] - start() ran
+            self._end(n_runs)
+
+    def close(self, n_runs: int) -> None:
+        """The runs after the last full block form one more block, or join the last one
+        when they are too few to say anything on their own."""
+        if not self.ends or n_runs - self.ends[-1] >= 3:
+            self._end(n_runs)
+        else:
+            self.ends[-1] = n_runs
+
+    def _end(self, n_runs: int) -> None:
+        import os
+
+        now = self.clock()
+        cpu, host = self.probe()
+        t0, cpu0, host0 = self._mark  # type: ignore[misc] - start() ran
+        wall = max(now - t0, 1e-9)
+        own = cpu - cpu0
+        busy = bool(self.threads) and own / (wall * self.threads) < BUSY_CPU_SHARE
+        if host is not None and host0 is not None and wall >= BLOCK_S:
+            # (shorter, and /proc/stat's 10 ms ticks say nothing)
+            others = (host - host0 - own) / wall
+            busy = busy or others > max(OTHERS_BUSY_CORES,
+                                        OTHERS_BUSY_SHARE * (os.cpu_count() or 1))
+        self.ends.append(n_runs)
+        self.busy.append(bool(busy))
+        self._mark = (now, cpu, host)
+
+
+@dataclass
+class _Runs:
+    times: list[float]
+    stable: bool
+    blocks: _Blocks
+
+
+def _timed_runs(sess, feeds: dict, limits: _Limits, on_run: Callable[[], None] | None,
+                clock: Callable[[], float], start: float, blocks: _Blocks) -> _Runs:
     """Milliseconds of each run until the median is stable or time is up, and which."""
     times: list[float] = []
-    next_check = min_runs
+    next_check = limits.min_runs
+    blocks.start()
     while True:
         t0 = clock()
         sess.run(None, feeds)
         times.append((clock() - t0) * 1000.0)
+        blocks.maybe_end(len(times))
         if on_run is not None:
             on_run()
         elapsed = clock() - start
-        if elapsed >= max_time_s and len(times) >= 5:
-            return times, False
-        if len(times) >= next_check and elapsed >= min_time_s:
+        if elapsed >= limits.max_time_s and len(times) >= 5:
+            blocks.close(len(times))
+            return _Runs(times, False, blocks)
+        if len(times) >= next_check and elapsed >= limits.min_time_s:
             # Checking costs a sort; doing it every ~10% more runs keeps it negligible.
             next_check = len(times) + max(1, len(times) // 10)
-            if stability(times) <= target_ci:
-                return times, True
+            if stability(times) <= limits.target_ci:
+                blocks.close(len(times))
+                return _Runs(times, True, blocks)
+
+
+QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0}
+
+
+def quiet_estimate(times_ms: Sequence[float], block_ends: Sequence[int],
+                   block_busy: Sequence[bool], seed: int = 0
+                   ) -> dict[str, tuple[float, float, float]] | None:
+    """Per quantile, ``(estimate, low, high)``: the quantile of the runs in the faster half
+    of the quiet blocks (of all blocks when fewer than ``MIN_QUIET_BLOCKS`` ran quiet), and
+    a ~95% interval from resampling those blocks. None without runs."""
+    a = np.asarray(times_ms, dtype=float)
+    if len(a) == 0:
+        return None
+    edges = [0, *block_ends]
+    blocks = [a[edges[i]:edges[i + 1]] for i in range(len(block_ends))
+              if edges[i + 1] > edges[i]]
+    busy = [b for i, b in enumerate(block_busy) if edges[i + 1] > edges[i]]
+    quiet = [blk for blk, b in zip(blocks, busy) if not b]
+    pool = quiet if len(quiet) >= MIN_QUIET_BLOCKS else blocks
+    if not pool:
+        pool = [a]
+    medians = np.array([np.median(b) for b in pool])
+    point = _faster_half(pool, medians, np.arange(len(pool)))
+    rng = np.random.default_rng(seed)
+    boots = np.array([_faster_half(pool, medians, rng.integers(0, len(pool), len(pool)))
+                      for _ in range(_BOOTSTRAP if len(pool) > 1 else 0)])
+    out = {}
+    for i, q in enumerate(QUANTILES):
+        est = float(point[i])
+        lo, hi = ((float(np.percentile(boots[:, i], 2.5)), float(np.percentile(boots[:, i], 97.5)))
+                  if len(boots) else (est, est))
+        if len(pool) < MIN_QUIET_BLOCKS:  # a handful of blocks vouches for little
+            lo, hi = min(lo, float(a.min())), max(hi, float(np.percentile(a, QUANTILES[q])))
+        out[q] = (est, min(lo, est), max(hi, est))
+    return out
+
+
+def _faster_half(pool: list[np.ndarray], medians: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """p50, p90, p99 of the runs in the faster half (by median) of blocks ``idx``."""
+    order = idx[np.argsort(medians[idx], kind="stable")]
+    keep = order[:max(1, (len(order) + 1) // 2)]
+    runs = np.concatenate([pool[i] for i in keep])
+    return np.percentile(runs, list(QUANTILES.values()))
