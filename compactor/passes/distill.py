@@ -14,11 +14,17 @@ the hints then leave out). Left unset, the losses follow the metric: ``kl``
 (+ ``ce`` with labels) for classification, ``cosine`` + ``mse`` for ``fidelity``, ``mse``
 otherwise, so unlabelled data works out of the box: the student learns from the teacher's
 outputs alone.
+
+Those losses train the first output (the labelled one). Every other output of the model is
+distilled too, by default with ``nmse`` (MSE over the teacher's variance of that output, so
+heads in pixels and in probabilities weigh alike); ``outputs: {name: {loss, weight,
+temperature}}`` sets any output's loss and weight (``weight: 0`` leaves it out).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -80,6 +86,26 @@ class LossWeightsConfig(PassConfig):
         return self
 
 
+class OutputLossSpec(PassConfig):
+    loss: Literal["kl", "mse", "nmse", "cosine"] = Field(
+        default="nmse",
+        description="kl: soft targets (logits); mse: squared error in the output's units; "
+        "nmse: squared error over the teacher's variance of the output (unit-free); "
+        "cosine: 1 - cosine per sample (embeddings)",
+    )
+    weight: float = Field(default=1.0, ge=0, description="0 leaves the output out")
+    temperature: float | None = Field(
+        default=None, gt=0, description="kl only; default: the pass's temperature"
+    )
+
+    @model_validator(mode="after")
+    def _temperature_is_for_kl(self) -> OutputLossSpec:
+        if self.temperature is not None and self.loss != "kl":
+            raise ValueError(f"temperature applies to loss 'kl', and this output's loss is "
+                             f"{self.loss!r}")
+        return self
+
+
 class HintSpec(PassConfig):
     student: str = Field(min_length=1, description="student module name")
     teacher: str = Field(min_length=1, description="teacher module name")
@@ -94,7 +120,13 @@ class DistillConfig(PassConfig):
         default=None, description="default: the current stage as it is"
     )
     losses: LossWeightsConfig | None = Field(
-        default=None, description="default: chosen from the metric and the data's labels"
+        default=None, description="the first (labelled) output's losses; default: chosen "
+        "from the metric and the data's labels"
+    )
+    outputs: dict[str, OutputLossSpec] = Field(
+        default_factory=dict,
+        description="per output (by name): its loss and weight; an output not named here is "
+        "distilled with the default (the first: 'losses'; the others: nmse, weight 1)",
     )
     temperature: float = Field(default=4.0, gt=0)
     hints: tuple[HintSpec, ...] = ()
@@ -151,6 +183,11 @@ class DistillPass(Pass):
     @classmethod
     def check_recipe(cls, config: DistillConfig, index: int, model: ModelSpec,
                      data: DataSpec) -> None:
+        if model.outputs:
+            try:
+                _check_output_names(config, list(model.outputs), f"passes[{index}].distill")
+            except RecipeError as e:
+                raise ValueError(f"{e.message}; {e.hint}") from e
         names = [i.name for i in model.inputs]
         mask = config.hint_mask
         if mask is not None and names and mask not in names:
@@ -187,11 +224,6 @@ class DistillPass(Pass):
         batches = _train_batches(ctx)
         metric = ctx.metric
         weights = _weights_for(cfg, metric.name, batches, record)
-        needs_teacher = weights.needs_teacher or bool(cfg.hints)
-        teacher = _Teacher.build(cfg, ctx, stage, device) if needs_teacher else None
-        record["teacher"] = teacher.description if teacher else None
-        if weights.kl:
-            record["temperature"] = cfg.temperature
 
         student = copy.deepcopy(stage.module)
         if cfg.student is not None:
@@ -205,17 +237,26 @@ class DistillPass(Pass):
         from compactor.training.hints import Distillable
 
         model = Distillable(student, ctx.inputs, use_kwargs(student, ctx.inputs))
+        probe = batches[0]
+        names = _output_names(_student_outputs(model, probe, device), ctx.output_names)
+        heads = _plan_heads(cfg, weights, names, record)
+        needs_teacher = any(h.needs_teacher for h in heads) or bool(cfg.hints)
+        teacher = _Teacher.build(cfg, ctx, stage, device) if needs_teacher else None
+        record["teacher"] = teacher.description if teacher else None
+        if any(h.kind == "kl" for h in heads):
+            record["temperature"] = cfg.temperature
+        cache: dict[int, Any] = {}  # teacher outputs and features per training batch
         try:
             model.attach_hints([h.student for h in cfg.hints])
             if teacher is not None:
                 teacher.attach_hints([h.teacher for h in cfg.hints])
-            probe = batches[0]
-            self._check_and_project(model, teacher, probe, weights, cfg, device, record)
+            self._check_and_project(model, teacher, probe, heads, names, cfg, device, record)
+            heads = _with_variances(heads, teacher, batches, cfg, cache, record)
             model.to(device)
-            find_unused = _has_unused_params(model, teacher, probe, weights, cfg, device)
+            find_unused = _has_unused_params(model, teacher, probe, heads, cfg, device)
             wrapped = ddp.wrap(model, device, find_unused=find_unused)
             step, evaluate = self._step_and_eval(
-                model, wrapped, teacher, weights, cfg, ctx, metric, device
+                model, wrapped, teacher, heads, cache, cfg, ctx, metric, device
             )
             task = TrainTask(model, step, evaluate, batches, metric.name,
                              metric.higher_is_better, device)
@@ -229,35 +270,33 @@ class DistillPass(Pass):
             if teacher is not None:
                 teacher.close()
         _record_result(result, cfg, metric.name, record, ctx.progress)
+        warnings = _report_heads(heads, result, record, ctx.progress)
         for p in frozen:
             p.requires_grad_(True)
         out = model.student.to("cpu").eval()
-        return stage.derive("distill", module=out, record=record)
+        return stage.derive("distill", module=out, record=record, warnings=warnings)
 
     # ------------------------------------------------------------------ pieces
 
     def _check_and_project(self, model: Any, teacher: _Teacher | None, batch: Batch,
-                           weights: Any, cfg: DistillConfig, device: Any,
-                           record: dict[str, Any]) -> None:
-        """One probe batch: output shapes must agree; hint widths get their projections."""
+                           heads: Sequence[Any], names: Sequence[str], cfg: DistillConfig,
+                           device: Any, record: dict[str, Any]) -> None:
+        """One probe batch: the outputs a loss compares must agree in shape; hint widths
+        get their projections."""
         import torch
 
         model.eval()
         with torch.no_grad():
-            s_out, s_feats = model(_tensors(batch, model.specs, device))
-        s_shape = list(s_out.shape)
+            s_outs, s_feats = model(_tensors(batch, model.specs, device))
+        record["outputs"] = {
+            n: {"shape": list(o.shape[1:]), "losses": {h.kind: h.weight for h in heads
+                                                       if h.index == i}}
+            for i, (n, o) in enumerate(zip(names, s_outs, strict=True))
+        }
         if teacher is None:
             return
-        t_out, t_feats = teacher(batch)
-        t_shape = list(t_out.shape)
-        if weights.needs_teacher and t_shape != s_shape:
-            used = ", ".join(k for k in ("kl", "mse", "cosine") if getattr(weights, k))
-            raise PassError(
-                f"distill: the teacher's output has shape {t_shape} and the student's "
-                f"{s_shape} on the same batch; {used} need them equal",
-                "use a teacher with the student's outputs (same classes, same embedding "
-                "width), or distill through feature hints only",
-            )
+        t_outs, t_feats = teacher(batch)
+        _check_output_shapes(heads, names, s_outs, t_outs)
         projections: list[Any] = []
         for h, s, t in zip(cfg.hints, s_feats, t_feats, strict=True):
             from compactor.training.losses import make_projection
@@ -292,39 +331,35 @@ class DistillPass(Pass):
         ]
 
     def _step_and_eval(self, model: Any, wrapped: Any, teacher: _Teacher | None,
-                       weights: Any, cfg: DistillConfig, ctx: RunContext, metric: Any,
-                       device: Any):
+                       heads: Sequence[Any], cache: dict[int, Any], cfg: DistillConfig,
+                       ctx: RunContext, metric: Any, device: Any):
         import torch
 
         from compactor.training.loop import EvalResult
-        from compactor.training.losses import DistillLoss, LossWeights
+        from compactor.training.losses import DistillLoss
 
-        loss_fn = DistillLoss(weights, cfg.temperature, [h.weight for h in cfg.hints])
+        loss_fn = DistillLoss(None, cfg.temperature, [h.weight for h in cfg.hints], heads)
         specs = model.specs
 
-        cache: dict[int, Any] = {}
-
         def step(batch: Batch):
-            t_out, t_feats = None, []
-            if teacher is not None and cfg.cache_teacher and id(batch) in cache:
-                t_out, t_feats = cache[id(batch)]
-            elif teacher is not None:
-                t_out, t_feats = teacher(batch)
-                if cfg.cache_teacher:  # the batches are the same objects every epoch
-                    cache[id(batch)] = (t_out, t_feats)
-            s_out, s_feats = wrapped(_tensors(batch, specs, device))
-            labels = _labels(batch, device) if weights.ce else None
-            loss, parts = loss_fn(s_out, t_out, labels, s_feats, t_feats,
+            t_outs, t_feats = _teacher_outputs(teacher, batch, cfg, cache)
+            s_outs, s_feats = wrapped(_tensors(batch, specs, device))
+            labels = _labels(batch, device) if loss_fn.needs_labels else None
+            loss, parts = loss_fn(s_outs, t_outs, labels, s_feats, t_feats,
                                   _hint_mask(batch, cfg, device))
             return loss, parts, batch.size
 
         eval_batches = ctx.eval_batches
         eval_has_labels = all(b.target is not None for b in eval_batches)
-        eval_weights = weights if eval_has_labels or not weights.ce else LossWeights(
-            kl=weights.kl, mse=weights.mse, cosine=weights.cosine
-        )
-        eval_loss_fn = DistillLoss(eval_weights, cfg.temperature)
-        teacher_eval = [teacher(b)[0] for b in eval_batches] if teacher is not None else None
+        # the output losses only (hinted features are not captured in evaluation)
+        eval_loss_fn = DistillLoss(None, cfg.temperature, (), heads)
+        if not eval_has_labels:
+            eval_loss_fn = eval_loss_fn.without_labels()
+        teacher_eval_all = ([teacher(b)[0] for b in eval_batches] if teacher is not None
+                            else None)
+        # the first output of each, as the metric's reference takes them
+        teacher_eval = ([t[0] for t in teacher_eval_all] if teacher_eval_all is not None
+                        else None)
         from compactor.data import PerBatch
 
         # per batch: batches padded to their own length give outputs of different shapes
@@ -336,19 +371,24 @@ class DistillPass(Pass):
         def evaluate() -> EvalResult:
             model.eval()
             outs, total, n = [], 0.0, 0
+            parts_sum: dict[str, float] = {}
             with torch.no_grad():
                 for i, b in enumerate(eval_batches):
-                    s_out, _ = model(_tensors(b, specs, device))
+                    s_outs, _ = model(_tensors(b, specs, device))
+                    s_out = s_outs[0]
                     outs.append(s_out.float().cpu().numpy())
-                    t_out = teacher_eval[i] if teacher_eval is not None else None
-                    if eval_weights.active() and (t_out is not None or not
-                                                  eval_weights.needs_teacher):
-                        labels = _labels(b, device) if eval_weights.ce else None
-                        loss, _ = eval_loss_fn(s_out, t_out, labels)
+                    t_outs = teacher_eval_all[i] if teacher_eval_all is not None else None
+                    if eval_loss_fn.heads and (t_outs is not None or not
+                                               eval_loss_fn.needs_teacher):
+                        labels = _labels(b, device) if eval_loss_fn.needs_labels else None
+                        loss, parts = eval_loss_fn(s_outs, t_outs, labels)
                         total += float(loss) * b.size
                         n += b.size
+                        for k, v in parts.items():
+                            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * b.size
             value = metric.score(PerBatch.of(outs), targets, reference)
-            return EvalResult(value=value, loss=total / n if n else 0.0)
+            parts = {k: v / n for k, v in parts_sum.items()} if n and len(parts_sum) > 1 else {}
+            return EvalResult(value=value, loss=total / n if n else 0.0, parts=parts)
 
         return step, evaluate
 
@@ -404,6 +444,183 @@ def _weights_for(cfg: DistillConfig, metric: str, batches: Sequence[Batch],
             "distillation learns from the teacher's outputs alone)",
         )
     return weights
+
+
+def _check_output_names(cfg: DistillConfig, names: Sequence[str], where: str) -> None:
+    """Every name in ``outputs`` is one of the model's; the first output's losses are set
+    once (by ``losses`` or by its ``outputs`` entry)."""
+    for name in cfg.outputs:
+        if name not in names:
+            hint = did_you_mean(name, list(names))
+            raise RecipeError(
+                f"{where}.outputs: {name!r} is not one of the model's outputs "
+                f"({', '.join(names)})",
+                (hint + " " if hint else "") + "outputs are named by model.outputs in the "
+                "recipe, else as exported: 'output' for one, 'output_0', 'output_1', ... "
+                "for several",
+            )
+    if cfg.losses is not None and names and names[0] in cfg.outputs:
+        raise RecipeError(
+            f"{where}: the first output {names[0]!r} has its losses set twice, by 'losses' "
+            f"and by 'outputs.{names[0]}'",
+            "keep one of them",
+        )
+
+
+def _student_outputs(model: Any, batch: Batch, device: Any) -> tuple:
+    """The student's outputs on one batch (in eval mode, without gradients)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        outs, _ = model(_tensors(batch, model.specs, device))
+    if not outs:
+        raise PassError("distill: the student's forward() returned no tensor",
+                        "return the model's outputs as a tensor, a tuple or a dict of tensors")
+    return outs
+
+
+def _output_names(outputs: Sequence[Any], given: Sequence[str]) -> list[str]:
+    """The outputs' names: the recipe's ``model.outputs``, else the exported defaults."""
+    from compactor.exporting import default_output_names
+
+    n = len(outputs)
+    if len(given) > n:
+        raise PassError(
+            f"distill: model.outputs names {len(given)} outputs ({', '.join(given)}) and "
+            f"the student returns {n}",
+            "name as many outputs as forward() returns, in its order",
+        )
+    return list(given) + default_output_names(n)[len(given):]
+
+
+def _plan_heads(cfg: DistillConfig, weights: Any, names: Sequence[str],
+                record: dict[str, Any]) -> list[Any]:
+    """The loss terms on each output: the first with ``losses`` (or the metric's default),
+    the others ``nmse``, each replaced by its ``outputs`` entry when it has one."""
+    from compactor.training.losses import HeadLoss
+
+    _check_output_names(cfg, names, "distill")
+    several = len(names) > 1
+    heads: list[HeadLoss] = []
+    for i, name in enumerate(names):
+        label = name if several else ""
+        spec = cfg.outputs.get(name)
+        if spec is not None:
+            heads.append(HeadLoss(i, label, spec.loss, spec.weight,
+                                  spec.temperature or cfg.temperature))
+        elif i == 0:
+            heads.extend(weights.heads(cfg.temperature, 0, label))
+        else:
+            heads.append(HeadLoss(i, label, "nmse", 1.0, cfg.temperature))
+    heads = [h for h in heads if h.weight > 0]
+    if not heads and not cfg.hints:
+        raise RecipeError(
+            "distill: every output has weight 0 and there are no hints: nothing to distill",
+            "give at least one output a weight above 0",
+        )
+    record["losses"] = {h.kind: h.weight for h in heads if h.index == 0}
+    return heads
+
+
+def _check_output_shapes(heads: Sequence[Any], names: Sequence[str], s_outs: Sequence[Any],
+                         t_outs: Sequence[Any]) -> None:
+    """Each output a teacher loss compares has the same shape in teacher and student."""
+    several = len(names) > 1
+    for i, name in enumerate(names):
+        used = [h.kind for h in heads if h.index == i and h.needs_teacher]
+        if not used:
+            continue
+        what = f"output {name!r}" if several else "output"
+        if i >= len(t_outs):
+            raise PassError(
+                f"distill: the teacher returns {len(t_outs)} output(s) and the student "
+                f"{len(s_outs)}; the student's {what} has no teacher output to match",
+                f"give {name!r} weight 0 under 'outputs', or use a teacher with the "
+                "student's outputs",
+            )
+        s_shape, t_shape = list(s_outs[i].shape), list(t_outs[i].shape)
+        if s_shape != t_shape:
+            raise PassError(
+                f"distill: the teacher's {what} has shape {t_shape} and the student's "
+                f"{s_shape} on the same batch; {', '.join(used)} need them equal",
+                "use a teacher with the student's outputs (same classes, same embedding "
+                "width), or distill through feature hints only",
+            )
+
+
+# without a cache, nmse's variances come from this many training batches (extra teacher runs)
+VARIANCE_BATCHES = 8
+
+
+def _with_variances(heads: Sequence[Any], teacher: _Teacher | None, batches: Sequence[Batch],
+                    cfg: DistillConfig, cache: dict[int, Any],
+                    record: dict[str, Any]) -> list[Any]:
+    """``nmse`` heads with the teacher's variance of their output over the training batches
+    (every batch when the teacher's outputs are cached: the cache is filled here, so the
+    teacher still runs once per batch; else the first VARIANCE_BATCHES)."""
+    wanted = sorted({h.index for h in heads if h.kind == "nmse"})
+    if not wanted or teacher is None:
+        return list(heads)
+    sums = {i: [0.0, 0.0, 0] for i in wanted}
+    for b in batches if cfg.cache_teacher else batches[:VARIANCE_BATCHES]:
+        t_outs, _ = _teacher_outputs(teacher, b, cfg, cache)
+        for i in wanted:
+            t = t_outs[i].detach().double()
+            acc = sums[i]
+            acc[0] += float(t.sum())
+            acc[1] += float(t.square().sum())
+            acc[2] += t.numel()
+    variances = {}
+    for i, (s1, s2, n) in sums.items():
+        mean = s1 / max(n, 1)
+        variances[i] = max(s2 / max(n, 1) - mean * mean, 0.0)
+    out = [dataclasses.replace(h, variance=variances[h.index]) if h.kind == "nmse" else h
+           for h in heads]
+    for i, entry in enumerate(record.get("outputs", {}).values()):
+        if i in variances:
+            entry["teacher_variance"] = float(f"{variances[i]:.6g}")
+    return out
+
+
+def _teacher_outputs(teacher: _Teacher | None, batch: Batch, cfg: DistillConfig,
+                     cache: dict[int, Any]) -> tuple[Any, list]:
+    """The teacher's outputs and hinted features on ``batch``, from the cache when it has
+    them (the batches are the same objects every epoch)."""
+    if teacher is None:
+        return None, []
+    if cfg.cache_teacher and id(batch) in cache:
+        return cache[id(batch)]
+    got = teacher(batch)
+    if cfg.cache_teacher:
+        cache[id(batch)] = got
+    return got
+
+
+def _report_heads(heads: Sequence[Any], result: Any, record: dict[str, Any],
+                  progress: Any) -> tuple[str, ...]:
+    """Each output's eval loss at the kept epoch, said to the user; a warning for a head
+    whose error is no smaller than the teacher's own spread (a constant would do as well)."""
+    if len(record.get("outputs", {})) < 2 or not result.history:
+        return ()
+    kept = result.history[record["kept_epoch"] - 1]
+    parts = kept.get("eval_parts") or {}
+    if not parts:
+        return ()
+    progress.note("distill: eval loss per output at the kept epoch: "
+                  + " · ".join(f"{k} {v:.4g}" for k, v in parts.items()))
+    warnings = []
+    for h in heads:
+        if h.kind != "nmse" or h.part not in parts or h.variance <= 0:
+            continue
+        ratio = parts[h.part] / h.weight
+        record["outputs"][h.name]["eval_nmse"] = round(ratio, 6)
+        if ratio >= 1.0:
+            warnings.append(
+                f"distill: output {h.name!r} ends with a squared error {ratio:.2f}× the "
+                "teacher's variance on the eval data: no better than predicting a constant"
+            )
+    return tuple(warnings)
 
 
 def _loop_config(cfg: DistillConfig, seed: int):
@@ -503,7 +720,8 @@ def _import_nn():
 
 
 class _Teacher:
-    """The teacher's forward pass: first output and hinted features, without gradients."""
+    """The teacher's forward pass: every output and the hinted features, without
+    gradients."""
 
     def __init__(self, description: str, device: Any, module: Any = None, session: Any = None,
                  specs: Sequence[Any] = (), use_kw: bool = False):
@@ -563,12 +781,12 @@ class _Teacher:
     def __call__(self, batch: Batch):
         import torch
 
-        from compactor.training.hints import first_tensor
+        from compactor.training.hints import output_tensors
 
         if self.session is not None:
             names = {i.name for i in self.session.get_inputs()}
             res = self.session.run(None, {k: v for k, v in batch.inputs.items() if k in names})
-            return torch.from_numpy(res[0]).to(self.device), []
+            return tuple(torch.from_numpy(r).to(self.device) for r in res), []
         tensors = _tensors(batch, self.specs, self.device)
         was_training = self.module.training
         self.module.eval()
@@ -579,11 +797,11 @@ class _Teacher:
                 out = self.module(*tensors)
         if was_training:
             self.module.train()
-        return first_tensor(out).detach(), list(self.capture.features)
+        return tuple(t.detach() for t in output_tensors(out)), list(self.capture.features)
 
 
-def _has_unused_params(model: Any, teacher: _Teacher | None, batch: Batch, weights: Any,
-                       cfg: DistillConfig, device: Any) -> bool:
+def _has_unused_params(model: Any, teacher: _Teacher | None, batch: Batch,
+                       heads: Sequence[Any], cfg: DistillConfig, device: Any) -> bool:
     """Whether some trainable parameter gets no gradient (DDP must then be told so).
 
     Found with one probe step whose side effects (BatchNorm statistics, the RNG) are
@@ -595,15 +813,15 @@ def _has_unused_params(model: Any, teacher: _Teacher | None, batch: Batch, weigh
 
     if not ddp.initialized():
         return False
-    loss_fn = DistillLoss(weights, cfg.temperature, [h.weight for h in cfg.hints])
+    loss_fn = DistillLoss(None, cfg.temperature, [h.weight for h in cfg.hints], heads)
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         model.train()
-        t_out, t_feats = teacher(batch) if teacher is not None else (None, [])
-        s_out, s_feats = model(_tensors(batch, model.specs, device))
-        labels = _labels(batch, device) if weights.ce else None
-        loss, _ = loss_fn(s_out, t_out, labels, s_feats, t_feats,
+        t_outs, t_feats = teacher(batch) if teacher is not None else (None, [])
+        s_outs, s_feats = model(_tensors(batch, model.specs, device))
+        labels = _labels(batch, device) if loss_fn.needs_labels else None
+        loss, _ = loss_fn(s_outs, t_outs, labels, s_feats, t_feats,
                           _hint_mask(batch, cfg, device))
         model.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,6 +26,20 @@ def first_tensor(out: Any):
     return None
 
 
+def output_tensors(out: Any) -> tuple:
+    """Every tensor of a model's output, in the order the ONNX exporters emit them (the
+    order ``compactor.exporting.flatten_outputs`` gives, without leaving torch): a tensor,
+    a tuple or list, a dict or a Hugging Face ``ModelOutput``, nested as they may be."""
+    if hasattr(out, "detach"):
+        return (out,)
+    if isinstance(out, Mapping) or hasattr(out, "to_tuple"):
+        values = out.to_tuple() if hasattr(out, "to_tuple") else tuple(out.values())
+        return output_tensors(values)
+    if isinstance(out, (tuple, list)):
+        return tuple(t for v in out for t in output_tensors(v))
+    return ()
+
+
 def resolve_module(root: nn.Module, name: str, who: str, index: int) -> nn.Module:
     """The submodule ``name`` of ``root``, or a RecipeError with a did-you-mean."""
     modules = dict(root.named_modules())
@@ -70,7 +84,8 @@ class FeatureCapture:
 
 class Distillable(nn.Module):
     """The student plus the projections of its hints. ``forward(tensors)`` returns the
-    student's first output and its (projected) hinted features."""
+    student's outputs (every tensor, in the exported order) and its (projected) hinted
+    features."""
 
     def __init__(self, student: nn.Module, specs: Sequence[Any], use_kw: bool):
         super().__init__()
@@ -97,4 +112,4 @@ class Distillable(nn.Module):
         feats = list(self.capture.features)
         if len(self.projections):
             feats = [p(f) for p, f in zip(self.projections, feats, strict=True)]
-        return first_tensor(out), feats
+        return output_tensors(out), feats

@@ -56,10 +56,12 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """The metric on the eval split (``value``) and the training loss there (``loss``)."""
+    """The metric on the eval split (``value``), the training loss there (``loss``) and,
+    where the loss has several terms, each of them (``parts``, e.g. one per model output)."""
 
     value: float
     loss: float
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,6 +260,7 @@ class _Run:
         self.last_path, self.best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
         self.seen = self.steps_here = 0
         self.loss_ema: float | None = None
+        self.parts_ema: dict[str, float] = {}
         self.last_metric: float | None = None
         self.step_time = 0.0
 
@@ -281,6 +284,7 @@ class _Run:
             self.best_state = load_torch(self.best_path)["module"]
         self.resumed_from = {"epoch": st["epoch"], "step": st["global_step"]}
         self.loss_ema = st.get("loss_ema")
+        self.parts_ema = dict(st.get("parts_ema") or {})
         self.last_metric = st["best"].value if st["best"] else None
         log.info("%s: resuming at epoch %d, step %d", self.label, st["epoch"],
                  st["global_step"])
@@ -290,6 +294,7 @@ class _Run:
             return
         st = self.st
         st["loss_ema"] = self.loss_ema
+        st["parts_ema"] = dict(self.parts_ema)
         # Tensors and plain values only: it is read back with weights_only=True.
         state = {**st, "best": None if st["best"] is None else dataclasses.asdict(st["best"])}
         save_torch({"key": self.key, "module": self.task.module.state_dict(),
@@ -339,6 +344,11 @@ class _Run:
         self.step_time += time.perf_counter() - t0
         value = float(loss.detach())
         self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
+        if len(parts) > 1:  # a loss of one term says it all in loss_ema
+            for k, v in parts.items():
+                v = float(v.detach())
+                old = self.parts_ema.get(k)
+                self.parts_ema[k] = v if old is None else 0.9 * old + 0.1 * v
         return stopping
 
     def end_epoch(self) -> None:
@@ -348,10 +358,15 @@ class _Run:
         epoch = st["epoch"]
         res = task.evaluate()
         self.last_metric = res.value
-        st["history"].append({"epoch": epoch + 1, "step": st["global_step"],
-                              "train_loss": round(self.loss_ema, 6) if self.loss_ema else None,
-                              "eval_loss": round(res.loss, 6),
-                              task.metric_name: round(res.value, 6)})
+        entry = {"epoch": epoch + 1, "step": st["global_step"],
+                 "train_loss": round(self.loss_ema, 6) if self.loss_ema else None,
+                 "eval_loss": round(res.loss, 6),
+                 task.metric_name: round(res.value, 6)}
+        if self.parts_ema:
+            entry["train_parts"] = {k: round(v, 6) for k, v in self.parts_ema.items()}
+        if res.parts:
+            entry["eval_parts"] = {k: round(v, 6) for k, v in res.parts.items()}
+        st["history"].append(entry)
         if _better(res, st["best"], task.higher_is_better, cfg.min_delta):
             st["best"], st["best_epoch"], st["bad_epochs"] = res, epoch + 1, 0
             self.best_state = {k: v.detach().clone()
