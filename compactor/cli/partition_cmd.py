@@ -49,17 +49,24 @@ def _rename_single_input(batches: list[dict], model: Path) -> list[dict]:
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--device", "device", required=True, metavar="PROFILE",
+@click.option("--device", "device", metavar="PROFILE",
               help="Device profile: a built-in name or a profile .yaml.")
-@click.option("--server", required=True, metavar="PROFILE", help="Server profile.")
+@click.option("--server", metavar="PROFILE", help="Server profile.")
+@click.option("--topology", type=click.Path(dir_okay=False, path_type=Path),
+              help="A topology .yaml: a chain of devices and its links, or peer devices on "
+                   "one link (instead of --device/--server; see docs/partition.md).")
+@click.option("--peers", type=click.IntRange(1, 64), metavar="K",
+              help="Peers topology: split across exactly K peers (default: the planner "
+                   "chooses).")
 @click.option("--uplink", metavar="BANDWIDTH",
               help="Uplink bandwidth, e.g. 10Mbps, 500kbps, 1.5MB/s (default: the device "
                    "profile's network.uplink_mbps).")
 @click.option("--rtt", metavar="TIME",
               help="Round-trip time, e.g. 40ms (default: the device profile's "
                    "network.rtt_ms).")
-@click.option("--objective", type=click.Choice(["latency", "device-energy"]),
-              default="latency", show_default=True)
+@click.option("--objective", type=click.Choice(["latency", "device-energy", "throughput"]),
+              default="latency", show_default=True,
+              help="throughput: the pipelined rate of a request stream (--topology only).")
 @click.option("--keep-input-on-device", is_flag=True,
               help="Never send the raw input (privacy): only on-device or a split.")
 @click.option("--compress-transfer", type=click.Choice(["none", "int8"]), default="none",
@@ -93,7 +100,8 @@ def _rename_single_input(batches: list[dict], model: Path) -> list[dict]:
               help="Folder for head.onnx, tail.onnx, plan.json, chart.svg "
                    "(default: out/<model>-partition).")
 @click.option("--json", "as_json", is_flag=True, help="Print plan.json.")
-def partition(model: Path, device: str, server: str, uplink: str | None, rtt: str | None,
+def partition(model: Path, device: str | None, server: str | None, topology: Path | None,
+              peers: int | None, uplink: str | None, rtt: str | None,
               objective: str, keep_input_on_device: bool, compress_transfer: str,
               device_slowdown: float | None, device_latency_ms: float | None,
               server_slowdown: float | None, server_latency_ms: float | None,
@@ -108,6 +116,16 @@ def partition(model: Path, device: str, server: str, uplink: str | None, rtt: st
     """
     from compactor.errors import ModelLoadError
 
+    if topology is not None or peers is not None:
+        _multi(model, topology, peers, device, server, objective, batch_size, dims, data,
+               max_cut_tensors, refine, simulate, requests, output, as_json)
+        return
+    if device is None or server is None or objective == "throughput":
+        from compactor.errors import UsageError
+
+        raise UsageError("--device and --server are required" if objective != "throughput"
+                         else "--objective throughput plans a chain: it needs --topology",
+                         "give --device PROFILE --server PROFILE, or --topology FILE")
     spec = _spec({
         "device": device, "server": server, "uplink": uplink, "rtt": rtt,
         "objective": objective, "keep_input_on_device": keep_input_on_device,
@@ -246,3 +264,93 @@ def _render_checks(c, plan: dict) -> None:
         c.print(f"simulate {s['option']}: measured p50 {s['measured_ms']['p50']:.2f} ms over "
                 f"{s['requests']} requests, predicted {s['predicted_ms']:.2f} ms "
                 f"({s['error'] * 100:+.1f}%){emu}")
+
+
+def _multi(model: Path, topology: Path | None, peers: int | None, device, server,
+           objective: str, batch_size, dims, data, max_cut_tensors: int, refine: int,
+           simulate: bool, requests: int, output: Path | None, as_json: bool) -> None:
+    """``--topology``: a chain of devices, or a spatial split across peers."""
+    from compactor.errors import ModelLoadError, UsageError
+    from compactor.partition.topology import load_topology
+
+    if topology is None:
+        raise UsageError("--peers needs --topology (a peers topology file)",
+                         "see docs/partition.md, 'Several devices'")
+    if device is not None or server is not None:
+        raise UsageError("--topology replaces --device and --server",
+                         "name the devices in the topology file")
+    if objective == "device-energy":
+        raise UsageError("--objective device-energy plans a device and a server",
+                         "with --topology use --objective latency or throughput")
+    topo = load_topology(topology)
+    if peers is not None and topo.kind != "peers":
+        raise UsageError(f"--peers needs a peers topology; {topology.name} is a chain",
+                         "set kind: peers in the topology, or leave --peers out")
+    if not model.is_file():
+        raise ModelLoadError(f"model file not found: {model}", "check the path")
+    batches = None
+    if data is not None:
+        batches, _ = _load_npz(data)
+        batches = _rename_single_input(batches, model)
+    out_dir = output or Path("out") / f"{model.stem}-partition"
+
+    from compactor.cli.render import RichProgress, console
+
+    with RichProgress(console(stderr=True)) as progress:
+        if topo.kind == "peers":
+            from compactor.partition.spatial import SpatialOptions, plan_spatial_model
+
+            result = plan_spatial_model(
+                model, topo, SpatialOptions(objective=objective, peers=peers,
+                                            batch_size=batch_size, dims=dims),
+                data=batches, out_dir=out_dir, simulate=simulate,
+                simulate_requests=requests, progress=progress)
+        else:
+            from compactor.partition.multi import ChainOptions, plan_chain_model
+
+            result = plan_chain_model(
+                model, topo, ChainOptions(objective=objective, batch_size=batch_size,
+                                          dims=dims, max_cut_tensors=max_cut_tensors,
+                                          refine=refine > 0),
+                data=batches, out_dir=out_dir, simulate=simulate,
+                simulate_requests=requests, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.plan, indent=2, default=str))
+        return
+    _render_multi(result.plan, out_dir)
+
+
+def _render_multi(plan: dict, out_dir: Path) -> None:
+    from compactor.cli.render import console
+
+    c = console()
+    est = " [yellow](estimate)[/]" if plan["estimate"] else ""
+    ch = plan["choice"]
+    c.print(f"[bold]plan ({plan['objective']}): {ch['description']}[/]")
+    c.print(f"  predicted {ch['latency_ms']:.2f} ms per request, {ch['throughput_rps']:.1f} "
+            f"requests/s pipelined (bottleneck {ch['bottleneck_ms']:.2f} ms){est}")
+    for st in ch.get("stages", []):
+        c.print(f"  {st['name']}: compute {st['compute_ms']:.2f} ms, memory "
+                f"{st['memory_mb']:.2f} MB, link out {st['forward_ms']:.2f} ms + rtt "
+                f"{st['rtt_ms']:g} ms + reply {st['back_ms']:.2f} ms")
+    for key, label in (("best_single_device", "best single device"),
+                       ("best_two_devices", "best two-device split")):
+        b = plan.get(key)
+        if b:
+            c.print(f"  {label}: {b['description']}: {b['latency_ms']:.2f} ms, "
+                    f"{b['throughput_rps']:.1f} requests/s")
+    v = plan.get("verification")
+    if v:
+        ok = "[green]ok[/]" if v["passed"] else "[red]FAILED[/]"
+        c.print(f"verification ({v['samples']} samples): parts vs model max abs error "
+                f"{v['max_abs_error']:.3g} (relative {v['max_rel_error']:.3g}) {ok}")
+    s = plan.get("simulate")
+    if s:
+        emu = " (device speeds emulated)" if s["emulated"] else ""
+        c.print(f"simulate ({s['processes']} processes): latency p50 "
+                f"{s['latency_ms']['p50']:.2f} ms ({s['error_latency'] * 100:+.1f}% vs "
+                f"predicted), stream {s['throughput_rps']:.1f} requests/s "
+                f"({s['error_throughput'] * 100:+.1f}%){emu}")
+    for n in plan["notes"]:
+        c.print(f"[yellow]note[/] {n}")
+    c.print(f"wrote {out_dir}: {', '.join(plan.get('files', {}).values())}")

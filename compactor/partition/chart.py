@@ -172,3 +172,57 @@ def _fmt_ms(ms: float) -> str:
     if ms >= 1000:
         return f"{ms / 1000:g} s"
     return f"{ms:g} ms"
+
+
+CHAIN_COLORS = {"compute": "#2b6cb0", "forward": "#c05621", "rtt": "#a0aec0",
+                "reply": "#2f855a"}
+
+
+def render_chain_svg(plan, names: Sequence[str], title: str, subtitle: str = "") -> str:
+    """One request through a chain plan as a timeline: each used device's compute, and each
+    link's forward transfer, round trip and reply, one row per device."""
+    rows = []  # (device name, [(start_ms, length_ms, kind)])
+    t = 0.0
+    back = []
+    for s in plan.stages:
+        bars = [(t, s.compute_ms, "compute")]
+        t += s.compute_ms
+        if s.forward_ms or s.rtt_ms:
+            bars.append((t, s.forward_ms, "forward"))
+            t += s.forward_ms
+            bars.append((t, s.rtt_ms / 2, "rtt"))
+            t += s.rtt_ms / 2
+            back.append(s)
+        rows.append((names[s.device], bars))
+    for s in reversed(back):  # the reply comes back link by link
+        rows[plan.stages.index(s)][1].extend([(t, s.rtt_ms / 2, "rtt"),
+                                             (t + s.rtt_ms / 2, s.back_ms, "reply")])
+        t += s.rtt_ms / 2 + s.back_ms
+    total = max(t, 1e-9)
+    rh, left, width = 34, 150, W - 150 - 40
+    height = TOP + rh * len(rows) + 70
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
+           f'viewBox="0 0 {W} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="20" font-size="15" font-weight="bold">{escape(title)}</text>',
+           f'<text x="{left}" y="38" fill="#4a5568">{escape(subtitle)}</text>']
+    for i, (name, bars) in enumerate(rows):
+        y = TOP + i * rh
+        out.append(f'<text x="{left - 8}" y="{y + rh / 2 + 4}" text-anchor="end">'
+                   f'{escape(name)}</text>')
+        for start, length, kind in bars:
+            x = left + width * start / total
+            w = max(width * length / total, 0.5)
+            out.append(f'<rect x="{x:.1f}" y="{y + 6}" width="{w:.1f}" height="{rh - 12}" '
+                       f'fill="{CHAIN_COLORS[kind]}"><title>{kind} {length:.2f} ms</title>'
+                       '</rect>')
+    ybase = TOP + rh * len(rows) + 16
+    out.append(f'<text x="{left}" y="{ybase}">0 ms</text>')
+    out.append(f'<text x="{left + width}" y="{ybase}" text-anchor="end">{total:.1f} ms '
+               f'(bottleneck {plan.bottleneck_ms:.2f} ms)</text>')
+    for j, (kind, color) in enumerate(CHAIN_COLORS.items()):
+        x = left + j * 130
+        out.append(f'<rect x="{x}" y="{ybase + 14}" width="12" height="12" fill="{color}"/>')
+        out.append(f'<text x="{x + 18}" y="{ybase + 24}">{kind}</text>')
+    out.append("</svg>")
+    return "\n".join(out)

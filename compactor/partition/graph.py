@@ -343,6 +343,27 @@ class PartitionGraph:
             return TensorInfo(name, shape, dtype, sized_by="a run of the model")
         raise PassError(f"tensor {name!r} could not be sized", "run with --debug")
 
+    def node_weight_bytes(self) -> list[int]:
+        """Bytes of the weights each node (in topological order) brings to its part: the
+        initializers it reads, directly or through nodes of constants, each counted at the
+        first node that needs it."""
+        sizes = {t.name: _init_bytes(t) for t in self.model.graph.initializer}
+        seen: set[str] = set()
+        out = []
+        for nd in self._nodes:
+            total, stack = 0, list(nd.inputs)
+            while stack:
+                x = stack.pop()
+                if x in seen:
+                    continue
+                seen.add(x)
+                if x in sizes:
+                    total += sizes[x]
+                elif x in self._static_producer:
+                    stack.extend(self._static_producer[x].inputs)
+            out.append(total)
+        return out
+
     def cut(self, position: int) -> Cut:
         n = self.n_nodes
         tensors = () if position == n else tuple(self.info(t) for t in self.crossing(position))
@@ -501,6 +522,13 @@ def _implicit_inputs(node) -> set[str]:
                 out.update(x for x in n.input if x and x not in defined)
                 out.update(x for x in _implicit_inputs(n) if x not in defined)
     return out
+
+
+def _init_bytes(t) -> int:
+    import onnx
+
+    n = int(np.prod(list(t.dims), dtype=np.int64)) if t.dims else 1
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
 def _topological(nodes: list[_Node]) -> list[_Node]:

@@ -101,6 +101,11 @@ class ShapedLink:
         self.sock = sock
         self.rate = bps / 8.0  # bytes per second
         self.delay_s = one_way_ms / 1000.0
+        self.free_at = 0.0  # when the last message sent has gone out at the link's rate
+        # links into or out of one device that share its network interface share a clock
+        # (one-element lists): their messages queue behind each other's
+        self.tx_shared: list[float] | None = None
+        self.rx_shared: list[float] | None = None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send(self, payload: bytes) -> None:
@@ -109,18 +114,27 @@ class ShapedLink:
         lateness of the paced chunks)."""
         data = _LEN.pack(len(payload)) + payload
         chunk = int(max(1024, min(256 * 1024, self.rate * 0.002)))  # ~2 ms of data
-        t0 = time.monotonic()
+        # back-to-back messages (a pipelined stream) queue behind each other on the link
+        t0 = max(time.monotonic(), self.free_at,
+                 self.tx_shared[0] if self.tx_shared is not None else 0.0)
+        _sleep_until(t0)
         view = memoryview(data)
         for off in range(0, len(data), chunk):
             if off:
                 _sleep_until(t0 + off / self.rate)
             self.sock.sendall(view[off: off + chunk])
-        self.sock.sendall(_STAMP.pack(t0 + len(data) / self.rate))
+        self.free_at = t0 + len(data) / self.rate
+        if self.tx_shared is not None:
+            self.tx_shared[0] = self.free_at
+        self.sock.sendall(_STAMP.pack(self.free_at))
 
     def recv(self) -> bytes:
         (n,) = _LEN.unpack(self._exact(_LEN.size))
         payload = self._exact(n)
         (sent,) = _STAMP.unpack(self._exact(_STAMP.size))
+        if self.rx_shared is not None:  # behind what came in before on the same interface
+            sent = max(sent, self.rx_shared[0] + (n + _LEN.size) / self.rate)
+            self.rx_shared[0] = sent
         _sleep_until(sent + self.delay_s)
         return payload
 

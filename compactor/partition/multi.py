@@ -1,0 +1,338 @@
+"""Plan a model across a chain of devices (``compactor partition --topology FILE``).
+
+:func:`plan_chain_model` does the whole job: read the topology, find the cuts, time the
+model's segments once per distinct ONNX Runtime setting, choose the cuts with the dynamic
+programme of :mod:`compactor.partition.chain` (latency or pipelined throughput, under each
+device's memory), re-time the chosen parts directly, verify that the parts in sequence
+compute the model, and write one ONNX part per device, ``plan.json`` and ``chart.svg``.
+A ``peers`` topology goes to :mod:`compactor.partition.spatial` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactor.errors import PassError, UsageError
+from compactor.partition.chain import MIB, ChainCosts, ChainPlan, no_fit_error, plan_chain
+from compactor.partition.graph import PartitionGraph
+from compactor.partition.profile import (
+    HostTimes,
+    Side,
+    TimingSettings,
+    calibrated,
+    plain_session,
+    profile_segments,
+    time_ms,
+)
+from compactor.partition.simulate import message_bytes
+from compactor.partition.topology import Topology
+from compactor.partition.units import fmt_bandwidth
+from compactor.progress import Progress
+
+log = logging.getLogger(__name__)
+
+CHAIN_SCHEMA = "compactor.partition.chain/1"
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    objective: str = "latency"  # or "throughput"
+    batch_size: int | None = None
+    dims: Mapping[str, int] = field(default_factory=dict)
+    max_cut_tensors: int = 4
+    refine: bool = True
+
+
+@dataclass
+class ChainResult:
+    plan: dict[str, Any]
+    choice: ChainPlan
+    files: dict[str, Path]
+    notes: list[str]
+
+
+@dataclass
+class _Measured:
+    """What timing learns: per device its side and host times, and the cut figures."""
+
+    graph: PartitionGraph
+    sides: list[Side]
+    times: list[HostTimes]
+    positions: list[int]
+    values: dict[str, np.ndarray]
+    samples: list[dict[str, np.ndarray]]
+    out_bytes: int
+    direct: dict[tuple[int, int, int], float] = field(default_factory=dict)  # (group, a, b)
+    groups: list[int] = field(default_factory=list)  # device -> settings group
+
+    def host_ms(self, d: int, a: int, b: int) -> tuple[float, str]:
+        t = self.times[d]
+        if (self.groups[d], a, b) in self.direct:
+            return self.direct[(self.groups[d], a, b)], "measured"
+        if a == 0 and b == t.positions[-1]:
+            return t.full_ms, "measured"
+        i, j = t.positions.index(a), t.positions.index(b)
+        return t._est(t.segments_ms[i:j]), "segment sum"
+
+
+def plan_chain_model(model_path: Path, topology: Topology, options: ChainOptions, *,
+                     data: Sequence[Mapping[str, np.ndarray]] | None = None,
+                     out_dir: Path | None = None, simulate: bool = False,
+                     simulate_requests: int = 10, progress: Any = None,
+                     timing_cache: dict | None = None) -> ChainResult:
+    """Plan ``model_path`` across ``topology``'s chain of devices (see module doc)."""
+    if topology.kind != "chain":
+        raise UsageError("a peers topology plans a spatial split",
+                         "use kind: chain for a chain of devices")
+    progress = progress or Progress()
+    notes: list[str] = []
+    m = _measure(Path(model_path), topology, options, data, notes, progress, timing_cache)
+    names = [d.name for d in topology.devices]
+    costs = _costs(m, topology)
+    choice = plan_chain(costs, options.objective)
+    if choice is None:
+        raise no_fit_error(costs, names)
+    if options.refine:
+        choice = _refine(m, topology, options, progress)
+    plan = _plan_dict(m, topology, options, choice, notes, model_path)
+    parts = chain_parts(m.graph, choice)
+    with progress.task("verify the parts in sequence against the model"):
+        plan["verification"] = verify_parts(m.graph, parts, m.samples[:4])
+    if not plan["verification"]["passed"]:
+        v = plan["verification"]
+        raise PassError(f"the chained parts differ from the model by {v['max_abs_error']:.3g}"
+                        f" (relative {v['max_rel_error']:.3g})",
+                        "report this model: a chain of parts should compute the same outputs")
+    if simulate:
+        from compactor.partition.simulate_chain import simulate_chain
+
+        with progress.task(f"simulate the chain ({len(choice.stages)} processes)"):
+            sim = simulate_chain(parts, choice, topology, m.sides, m.samples[0],
+                                 requests=simulate_requests)
+        sim["error_latency"] = (sim["latency_ms"]["p50"] - choice.latency_ms) / \
+            choice.latency_ms
+        sim["error_throughput"] = (sim["throughput_rps"] - choice.throughput_rps) / \
+            choice.throughput_rps
+        plan["simulate"] = sim
+    files: dict[str, Path] = {}
+    if out_dir is not None:
+        files = _write(Path(out_dir), plan, parts, choice, topology)
+    return ChainResult(plan, choice, files, notes)
+
+
+def _side(d) -> Side:
+    if d.latency_ms is not None:
+        return Side(d.name, d.profile, 1.0, "from a measured latency", d.latency_ms)
+    if d.slowdown is not None:
+        return Side(d.name, d.profile, d.slowdown, f"slowdown {d.slowdown:g} (topology)")
+    how = "none given: this host's speed" if d.profile.target_class != "host" else "none"
+    return Side(d.name, d.profile, 1.0, how)
+
+
+def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, notes,
+             progress, timing_cache) -> _Measured:
+    from compactor.partition.planner import _feeds, _samples
+
+    sides = [_side(d) for d in topology.devices]
+    batch = options.batch_size or topology.devices[0].profile.batch_sizes[0]
+    with progress.task("read the graph and find its cuts"):
+        graph = PartitionGraph.load(model_path, batch, options.dims)
+        inner, _ = graph.candidates(options.max_cut_tensors)
+    notes.extend(graph.notes)
+    positions = [0, *inner, graph.n_nodes]
+    samples, note = _samples(graph, data)
+    if note:
+        notes.append(note)
+    exposed = sorted({t for p in positions[:-1] for t in graph.crossing(p)}
+                     - set(graph.input_names))
+    sess = plain_session(graph.with_outputs(exposed))
+    values = dict(samples[0])
+    values.update(zip([o.name for o in sess.get_outputs()],
+                      sess.run(None, _feeds(sess, samples[0])), strict=True))
+    graph.observe({k: v for k, v in values.items() if k in exposed})
+    out_bytes = message_bytes([(o, values[o].dtype.name, values[o].shape)
+                               for o in graph.output_names])
+    keys: list[tuple] = []
+    times: list[HostTimes] = []
+    groups: list[int] = []
+    for s in sides:
+        key = s.settings_key()
+        if key not in keys:
+            keys.append(key)
+            ck = (str(Path(model_path).resolve()), batch, tuple(positions), key)
+            if timing_cache is not None and ck in timing_cache:
+                t = timing_cache[ck]
+            else:
+                with progress.task(f"time {len(positions) - 1} segments on "
+                                   f"{s.profile.name}", total=len(positions)) as task:
+                    t = profile_segments(graph, positions, s.profile, values,
+                                         on_step=lambda: task.advance())
+                if timing_cache is not None:
+                    timing_cache[ck] = t
+            times.append(t)
+        groups.append(keys.index(key))
+    dev_times = [times[g] for g in groups]
+    sides = [calibrated(s, t.full_ms) for s, t in zip(sides, dev_times, strict=True)]
+    return _Measured(graph, sides, dev_times, positions, values, samples, out_bytes,
+                     groups=groups)
+
+
+def _costs(m: _Measured, topology: Topology) -> ChainCosts:
+    g = m.graph
+    w = m.graph.node_weight_bytes()
+    cum = np.concatenate([[0], np.cumsum(w)])
+    send = {p: message_bytes(g.cut(p).wire_tensors()) for p in m.positions[:-1]}
+    act = {p: sum(t.nbytes for t in g.cut(p).tensors) for p in m.positions[:-1]}
+    act[g.n_nodes] = m.out_bytes
+    limits = [None if d.memory_mb is None else d.memory_mb * MIB for d in topology.devices]
+    return ChainCosts(
+        m.positions,
+        lambda d, a, b: m.host_ms(d, a, b)[0] * m.sides[d].slowdown,
+        send, m.out_bytes, lambda a, b: int(cum[b] - cum[a]), act, limits,
+        [h.bps for h in topology.hops], [h.rtt_ms for h in topology.hops])
+
+
+def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -> ChainPlan:
+    """Time the chosen plan's parts directly, re-plan, until the plan's parts are all
+    direct measurements (a segment sum can flatter a range)."""
+    choice = None
+    with progress.task("re-time the chosen parts as real models"):
+        for _ in range(4):
+            choice = plan_chain(_costs(m, topology), options.objective)
+            if choice is None:
+                raise no_fit_error(_costs(m, topology), [d.name for d in topology.devices])
+            todo = [s for s in choice.stages if s.end > s.start
+                    and m.host_ms(s.device, s.start, s.end)[1] == "segment sum"]
+            if not todo:
+                break
+            for s in todo:
+                part = part_model(m.graph, s.start, s.end)
+                t = TimingSettings.of(m.sides[s.device].profile, quick=False)
+                m.direct[(m.groups[s.device], s.start, s.end)] = time_ms(
+                    part, m.sides[s.device].profile, m.values, t)
+    assert choice is not None
+    return choice
+
+
+def part_model(graph: PartitionGraph, a: int, b: int):
+    """Nodes ``[a, b)`` as a model: from the tensors crossing ``a`` to those crossing ``b``
+    (or the model's outputs); a tensor crossing both passes through."""
+    ins = graph.crossing(a)
+    outs = graph.crossing(b) if b < graph.n_nodes else graph.output_names
+    return graph.part(a, b, ins, outs, f"part{a}-{b}")
+
+
+def chain_parts(graph: PartitionGraph, plan: ChainPlan) -> list[Any]:
+    """One model per used device (None where the device only forwards)."""
+    return [part_model(graph, s.start, s.end) if s.end > s.start else None
+            for s in plan.stages]
+
+
+def run_parts(sessions: Sequence[Any], feeds: Mapping[str, np.ndarray]) -> dict:
+    vals = dict(feeds)
+    for s in sessions:
+        if s is None:
+            continue
+        outs = s.run(None, {i.name: vals[i.name] for i in s.get_inputs()})
+        vals = dict(zip([o.name for o in s.get_outputs()], outs, strict=True))
+    return vals
+
+
+def verify_parts(graph: PartitionGraph, parts: Sequence[Any], samples) -> dict[str, Any]:
+    full = plain_session(graph.model)
+    sess = [plain_session(p) if p is not None else None for p in parts]
+    worst_abs = worst_rel = 0.0
+    for b in samples:
+        ref = full.run(None, {i.name: b[i.name] for i in full.get_inputs()})
+        got = run_parts(sess, b)
+        for r, o in zip(ref, graph.output_names, strict=True):
+            err = float(np.max(np.abs(r.astype(np.float64) - got[o]))) if r.size else 0.0
+            scale = float(np.max(np.abs(r))) if r.size else 0.0
+            worst_abs = max(worst_abs, err)
+            worst_rel = max(worst_rel, err / scale if scale > 0 else err)
+    return {"samples": sum(len(next(iter(b.values()))) for b in samples),
+            "max_abs_error": worst_abs, "max_rel_error": worst_rel, "tolerance": TOLERANCE,
+            "passed": worst_rel <= TOLERANCE}
+
+
+def _plan_dict(m: _Measured, topology: Topology, options: ChainOptions, choice: ChainPlan,
+               notes: list[str], model_path: Path) -> dict[str, Any]:
+    names = [d.name for d in topology.devices]
+    costs = _costs(m, topology)
+    single = plan_chain(costs, options.objective, max_computing=1)
+    two = plan_chain(costs, options.objective, max_computing=2)
+    ch = choice.to_dict(names)
+    for st in ch["stages"]:
+        st["compute_source"] = m.host_ms(st["device"], *st["nodes"])[1]
+        st["tensors_forward"] = ([t.to_dict() for t in m.graph.cut(st["nodes"][1]).tensors]
+                                 if st["nodes"][1] < m.graph.n_nodes else [])
+    return {
+        "schema": CHAIN_SCHEMA,
+        "model": {"file": str(model_path), "nodes": m.graph.n_nodes,
+                  "batch_size": m.graph.batch_size, "outputs": m.graph.output_names,
+                  "output_bytes": m.out_bytes},
+        "objective": options.objective,
+        "topology": topology.to_dict(),
+        "devices": [s.to_dict() for s in m.sides],
+        "estimate": any(s.estimate for s in m.sides),
+        "choice": ch,
+        "best_single_device": single.to_dict(names) if single else None,
+        "best_two_devices": two.to_dict(names) if two else None,
+        "cost_model": "latency = sum of compute + per link used: forward bytes / bandwidth + "
+                      "rtt + reply bytes / bandwidth; throughput = 1000 / max(stage compute, "
+                      "link forward, link reply)",
+        "timing": {"groups": [t.to_dict() for t in {id(t): t for t in m.times}.values()],
+                   "direct_ms": {f"{g}:{a}-{b}": round(v, 4)
+                                 for (g, a, b), v in m.direct.items()}},
+        "notes": notes,
+    }
+
+
+def _write(out_dir: Path, plan: dict, parts, choice: ChainPlan, topology: Topology
+           ) -> dict[str, Path]:
+    import onnx
+
+    from compactor.partition.chart import render_chain_svg
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("part*-*.onnx"):
+        old.unlink()  # a stale part from an earlier plan would mislead
+    files: dict[str, Path] = {}
+    for i, (s, p) in enumerate(zip(choice.stages, parts, strict=True)):
+        if p is None:
+            continue
+        name = topology.devices[s.device].name
+        path = out_dir / f"part{i}-{_safe(name)}.onnx"
+        onnx.save(p, str(path))
+        files[f"part{i}"] = path
+    names = [d.name for d in topology.devices]
+    title = f"{Path(plan['model']['file']).name} across {len(names)} devices"
+    (out_dir / "chart.svg").write_text(render_chain_svg(choice, names, title,
+                                                        _sim_sub(plan)), encoding="utf-8")
+    files["chart"] = out_dir / "chart.svg"
+    files["plan"] = out_dir / "plan.json"
+    plan["files"] = {k: v.name for k, v in files.items()}
+    files["plan"].write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
+    return files
+
+
+def _sim_sub(plan: dict) -> str:
+    ch = plan["choice"]
+    est = " (estimate)" if plan["estimate"] else ""
+    s = (f"predicted {ch['latency_ms']:.2f} ms per request, "
+         f"{ch['throughput_rps']:.1f} req/s pipelined{est}")
+    links = ", ".join(f"{fmt_bandwidth(x['uplink_bps'])}/{x['rtt_ms']:g} ms"
+                      for x in plan["topology"]["links"])
+    return f"{s}; links {links}"
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:40]

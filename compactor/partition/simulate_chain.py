@@ -1,0 +1,343 @@
+"""``--simulate`` for a chain of devices: each used device's part in its own process, the
+processes joined in a line by loopback TCP links shaped to each hop's bandwidth and RTT
+(:class:`~compactor.partition.simulate.ShapedLink`, as for two devices).
+
+The calling process is the source of the requests, on device 0: it hands each request to
+device 0's process over an unshaped local link and takes the reply from it. Each device
+process has four threads: one receives from upstream and runs its part (followed, where
+the device is slower than this host, by a sleep of (slowdown - 1) x its run: an emulation),
+one sends downstream, one receives replies from downstream, one sends them upstream; so a
+device computes the next request while its link sends the last one, as a pipelined
+deployment would. The last device sends its outputs back up the line.
+
+Two measurements: the latency of one request at a time (a pause between requests, as for
+two devices), and the throughput of a stream of requests sent back to back (requests per
+second between the first and the last reply).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactor.partition.simulate import ShapedLink, decode, encode
+
+LOCAL_BPS = 1e12  # the source and device 0 share a machine: no shaping
+
+
+def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[str, np.ndarray],
+                   requests: int = 10, stream: int | None = None, warmup: int = 2,
+                   max_seconds: float = 60.0) -> dict:
+    """Run ``plan``'s ``parts`` (one per used device; None forwards) as processes, and
+    measure one request at a time, then a stream. ``sides``: each device's Side."""
+    from compactor.errors import UsageError
+    from compactor.partition.profile import PAUSE_S
+
+    for st in plan.stages:
+        if sides[st.device].slowdown < 1:
+            raise UsageError(f"--simulate cannot make device {sides[st.device].role!r} faster "
+                             f"than this host (its slowdown is "
+                             f"{sides[st.device].slowdown:.3g})",
+                             "simulate with slowdown factors of 1 or more")
+    lat = max(plan.latency_ms, 1e-3)
+    requests = max(3, min(requests, int(max_seconds * 500 / lat)))
+    stream = stream or max(12, 2 * requests)
+    stream = max(4, min(stream, int(max_seconds * 500 / max(plan.bottleneck_ms, 1e-3))))
+    with tempfile.TemporaryDirectory(prefix="compactor-chain-") as tmp:
+        procs = _start(parts, plan, topology, sides, Path(tmp))
+        try:
+            port = procs[0][1]
+            sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+            link = ShapedLink(sock, LOCAL_BPS, 0.0)
+            msg = encode(dict(feeds))
+            e2e = []
+            for i in range(warmup + requests):
+                t0 = time.perf_counter()
+                link.send(msg)
+                decode(link.recv())
+                if i >= warmup:
+                    e2e.append((time.perf_counter() - t0) * 1000.0)
+                time.sleep(PAUSE_S)
+            done = _stream(link, msg, stream)
+            link.send(b"")
+            link.recv()
+            sock.close()
+            compute = [_finish(p) for p, _ in procs]
+        finally:
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    a = np.asarray(e2e)
+    span = done[-1] - done[0]
+    return {
+        "processes": len(procs), "requests": requests, "stream_requests": stream,
+        "latency_ms": {"p50": float(np.median(a)), "mean": float(a.mean()),
+                       "min": float(a.min()), "max": float(a.max())},
+        "runs_ms": [round(float(x), 3) for x in a],
+        "throughput_rps": (len(done) - 1) / span if span > 0 else float("inf"),
+        "compute_ms_p50": {topology.devices[st.device].name:
+                           (float(np.median(c[warmup:])) if len(c) > warmup else 0.0)
+                           for st, c in zip(plan.stages, compute, strict=True)},
+        "emulated": any(sides[st.device].slowdown != 1 for st in plan.stages),
+    }
+
+
+def _stream(link: ShapedLink, msg: bytes, n: int) -> list[float]:
+    """Send ``n`` requests back to back (from a thread) and time each reply's arrival."""
+    sender = threading.Thread(target=lambda: [link.send(msg) for _ in range(n)], daemon=True)
+    sender.start()
+    done = []
+    for _ in range(n):
+        decode(link.recv())
+        done.append(time.perf_counter())
+    sender.join()
+    return done
+
+
+def _start(parts, plan, topology, sides, tmp: Path) -> list[tuple[subprocess.Popen, int]]:
+    """One process per used device; each prints its port, then learns its downstream's."""
+    procs = []
+    for i, (st, part) in enumerate(zip(plan.stages, parts, strict=True)):
+        model = None
+        if part is not None:
+            model = str(tmp / f"part{i}.onnx")
+            Path(model).write_bytes(part.SerializeToString())
+        last = i == len(plan.stages) - 1
+        hop = None if last else topology.hops[st.device]
+        job = tmp / f"job{i}.json"
+        side = sides[st.device]
+        job.write_text(json.dumps({
+            "model": model, "profile": side.profile.model_dump(mode="json", by_alias=True),
+            "slowdown": side.slowdown, "last": last,
+            "bps": hop.bps if hop else None, "one_way_ms": hop.rtt_ms / 2 if hop else None,
+            "up_bps": topology.hops[st.device - 1].bps if i else LOCAL_BPS,
+            "up_one_way_ms": topology.hops[st.device - 1].rtt_ms / 2 if i else 0.0,
+        }), encoding="utf-8")
+        p = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate_chain",
+                              str(job)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        line = p.stdout.readline() if p.stdout else ""
+        if not line:
+            raise _failed(p)
+        procs.append((p, json.loads(line)["port"]))
+    for i, (p, _) in enumerate(procs):
+        down = procs[i + 1][1] if i + 1 < len(procs) else 0
+        assert p.stdin is not None
+        p.stdin.write(f"{down}\n")
+        p.stdin.flush()
+    return procs
+
+
+def _finish(p: subprocess.Popen) -> list[float]:
+    out, err = p.communicate(timeout=120)
+    if p.returncode != 0:
+        raise _failed(p, err)
+    for ln in out.splitlines():
+        if ln.startswith("{"):
+            return json.loads(ln).get("compute_ms", [])
+    return []
+
+
+def _failed(p: subprocess.Popen, err: str | None = None):
+    from compactor.errors import PassError
+
+    if err is None:
+        try:
+            _, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+    last = [ln for ln in (err or "").splitlines() if ln.strip()]
+    return PassError(f"a simulated device failed: {last[-1][:300] if last else 'no output'}",
+                     "rerun with --debug; each device runs `python -m "
+                     "compactor.partition.simulate_chain`")
+
+
+# --------------------------------------------------------------------------- a device
+
+
+def _pump(recv_link: ShapedLink, out: queue.Queue, work=None) -> None:
+    """Receive messages, transform them with ``work`` (None: as they are), queue them; an
+    empty message ends the stream and is passed on."""
+    while True:
+        msg = recv_link.recv()
+        if not msg:
+            out.put(b"")
+            return
+        out.put(work(msg) if work else msg)
+
+
+def _drain(send_link: ShapedLink, q: queue.Queue) -> None:
+    while True:
+        msg = q.get()
+        send_link.send(msg)
+        if not msg:
+            return
+
+
+def serve(job_path: str) -> int:
+    """A device process: run its part on what comes from upstream, pass results on."""
+    from compactor.partition.profile import make_session
+    from compactor.profiles import Profile
+
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    sess = None
+    if job["model"]:
+        sess = make_session(job["model"], Profile.model_validate(job["profile"]))
+    slowdown = float(job["slowdown"])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    print(json.dumps({"port": listener.getsockname()[1]}), flush=True)  # noqa: T201 - to the parent
+    down_port = int(sys.stdin.readline())
+    down = None
+    if down_port:
+        down = ShapedLink(socket.create_connection(("127.0.0.1", down_port), timeout=300),
+                          float(job["bps"]), float(job["one_way_ms"]))
+    listener.settimeout(300)
+    conn, _ = listener.accept()
+    up = ShapedLink(conn, float(job["up_bps"]), float(job["up_one_way_ms"]))
+    compute_ms: list[float] = []
+
+    def work(msg: bytes) -> bytes:
+        if sess is None:
+            return msg
+        feeds = decode(msg)
+        t0 = time.perf_counter()
+        outs = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+        dt = time.perf_counter() - t0
+        if slowdown > 1:
+            time.sleep((slowdown - 1) * dt)
+        compute_ms.append(dt * slowdown * 1000.0)
+        return encode({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)})
+
+    to_up: queue.Queue = queue.Queue()
+    threads = [threading.Thread(target=_drain, args=(up, to_up))]
+    if down is None:
+        threads.append(threading.Thread(target=_pump, args=(up, to_up, work)))
+    else:
+        to_down: queue.Queue = queue.Queue()
+        threads += [threading.Thread(target=_pump, args=(up, to_down, work)),
+                    threading.Thread(target=_drain, args=(down, to_down)),
+                    threading.Thread(target=_pump, args=(down, to_up))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"compute_ms": compute_ms}), flush=True)  # noqa: T201 - to the parent
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1]))
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
+                     feeds: Mapping[str, np.ndarray], requests: int = 10,
+                     warmup: int = 2) -> dict:
+    """Time one request at a time through a spatial split: the first device (this
+    process) sends the peers' tiles over its one shaped interface, computes its own tile,
+    takes the strips back over the same interface, and runs the rest; each peer's tile runs
+    in a process of its own."""
+    from compactor.partition.profile import PAUSE_S, make_session
+
+    for s in sides[: choice.k]:
+        if s.slowdown < 1:
+            from compactor.errors import UsageError
+
+            raise UsageError(f"--simulate cannot make peer {s.role!r} faster than this host",
+                             "simulate with slowdown factors of 1 or more")
+    hop = topology.hops[0]
+    name = graph.input_names[0]
+    cut = graph.crossing(choice.depth)[0]
+    x = feeds[name]
+    own = make_session(tile_models[0], sides[0].profile)
+    rest_s = make_session(rest, sides[0].profile)
+    slow0 = sides[0].slowdown
+    tx, rx = [0.0], [0.0]
+    with tempfile.TemporaryDirectory(prefix="compactor-peers-") as tmp:
+        procs, links = [], []
+        try:
+            for t in range(1, choice.k):
+                p, port = _start_peer(tile_models[t], sides[t], hop, Path(tmp), t)
+                procs.append(p)
+                lk = ShapedLink(socket.create_connection(("127.0.0.1", port), timeout=300),
+                                hop.bps, hop.rtt_ms / 2)
+                lk.tx_shared, lk.rx_shared = tx, rx
+                links.append(lk)
+            msgs = [encode({name: np.ascontiguousarray(x[:, :, tile.in0:tile.in1])})
+                    for tile in tl[1:]]
+            e2e = []
+            for i in range(warmup + requests):
+                t0 = time.perf_counter()
+                sender = threading.Thread(
+                    target=lambda: [lk.send(m) for lk, m in zip(links, msgs, strict=True)])
+                sender.start()
+                strips = [_slowed(own, {name: np.ascontiguousarray(
+                    x[:, :, tl[0].in0:tl[0].in1])}, slow0)[0]]
+                strips += [next(iter(decode(lk.recv()).values())) for lk in links]
+                sender.join()
+                _slowed(rest_s, {cut: np.concatenate(strips, axis=2)}, slow0)
+                if i >= warmup:
+                    e2e.append((time.perf_counter() - t0) * 1000.0)
+                time.sleep(PAUSE_S)
+            for lk in links:
+                lk.send(b"")
+                lk.recv()
+                lk.sock.close()
+            for p in procs:
+                _finish(p)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    a = np.asarray(e2e)
+    return {"processes": choice.k, "requests": requests,
+            "latency_ms": {"p50": float(np.median(a)), "mean": float(a.mean()),
+                           "min": float(a.min()), "max": float(a.max())},
+            "runs_ms": [round(float(v), 3) for v in a],
+            "emulated": any(s.slowdown != 1 for s in sides[: choice.k])}
+
+
+def _slowed(sess, feeds, slowdown: float) -> list:
+    t0 = time.perf_counter()
+    out = sess.run(None, feeds)
+    if slowdown > 1:
+        time.sleep((slowdown - 1) * (time.perf_counter() - t0))
+    return out
+
+
+def _start_peer(model, side, hop, tmp: Path, t: int) -> tuple[subprocess.Popen, int]:
+    path = tmp / f"tile{t}.onnx"
+    path.write_bytes(model.SerializeToString())
+    job = tmp / f"peer{t}.json"
+    job.write_text(json.dumps({
+        "model": str(path), "profile": side.profile.model_dump(mode="json", by_alias=True),
+        "slowdown": side.slowdown, "last": True, "bps": None, "one_way_ms": None,
+        "up_bps": hop.bps, "up_one_way_ms": hop.rtt_ms / 2}), encoding="utf-8")
+    p = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate_chain",
+                          str(job)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline() if p.stdout else ""
+    if not line:
+        raise _failed(p)
+    assert p.stdin is not None
+    p.stdin.write("0\n")
+    p.stdin.flush()
+    return p, json.loads(line)["port"]

@@ -1,0 +1,523 @@
+"""Split a CNN's convolutional prefix across K peer devices by rows of its feature map
+(fused tile partitioning, as in DeepThings and MoDNN), run the rest on the first device.
+
+The first device holds the input. For a prefix of depth ``p`` (the first ``p`` nodes, a
+chain of convolutions, pools and element-wise activations) and K tiles, the prefix's
+output rows are split into K strips; each strip's input rows, with the halo the fused
+layers need, follow from walking the receptive field back through the prefix: a layer with
+kernel ``k``, stride ``s``, dilation ``d`` and top padding ``pt`` needs input rows
+``[a·s − pt, (b−1)·s − pt + d·(k−1) + 1)`` for output rows ``[a, b)``. Rows outside the
+feature map are the layer's own padding, so each tile's model is the prefix with that
+layer's top/bottom padding set to what falls outside the map on its side (zero on an inner
+edge): the tiles compute exactly the rows of the unsplit prefix, and their concatenation
+is the unsplit prefix's output (verified: max abs error in plan.json).
+
+Cost of one request (ms), matched by ``--simulate``: the first device sends the tiles of
+peers 1..K−1 one after another over its link (``bytes / bandwidth`` each), and computes
+its own tile meanwhile; peer ``t`` receives its tile ``rtt/2`` after its last byte left,
+computes, and sends its strip back; the first device's link receives the strips one after
+another; when all are in (``rtt/2`` after each), it runs the rest of the model.
+Throughput of a stream: ``1000 / max(all tiles' bytes out, all strips' bytes back, first
+device's tile + rest, each peer's tile)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactor.errors import PassError, UsageError
+from compactor.partition.chain import MIB
+from compactor.partition.cost import transfer_ms
+from compactor.partition.graph import PartitionGraph
+from compactor.partition.profile import (
+    Side,
+    TimingSettings,
+    calibrated,
+    plain_session,
+    time_ms,
+)
+from compactor.partition.simulate import message_bytes
+from compactor.partition.topology import Topology
+from compactor.progress import Progress
+
+log = logging.getLogger(__name__)
+
+SPATIAL_SCHEMA = "compactor.partition.spatial/1"
+TOLERANCE = 1e-4
+ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+               "Identity", "BatchNormalization", "Elu", "Selu", "PRelu", "Softplus"}
+WINDOWED = {"Conv", "MaxPool", "AveragePool"}
+
+
+@dataclass(frozen=True)
+class SpatialOptions:
+    objective: str = "latency"  # or "throughput"
+    peers: int | None = None  # K fixed by the user; None: the planner chooses
+    batch_size: int | None = None
+    dims: Mapping[str, int] = field(default_factory=dict)
+    max_depth: int | None = None  # deepest prefix considered (None: all tileable)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One prefix node along the rows: kernel, stride, dilation, its top/bottom padding."""
+
+    k: int = 1
+    s: int = 1
+    d: int = 1
+    pt: int = 0
+    pb: int = 0
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Output rows ``[out0, out1)`` of the prefix, from input rows ``[in0, in1)``; ``pads``:
+    per prefix node, its (top, bottom) padding in this tile."""
+
+    out0: int
+    out1: int
+    in0: int
+    in1: int
+    pads: tuple[tuple[int, int], ...]
+
+
+@dataclass
+class SpatialResult:
+    plan: dict[str, Any]
+    files: dict[str, Path]
+    notes: list[str]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return list(a.ints) if a.ints else (a.i if a.type == a.INT else a.s.decode())
+    return default
+
+
+def windows(graph: PartitionGraph) -> list[Window]:
+    """The tileable prefix: per node a Window, up to the first node that is not a
+    windowed or element-wise op on the one 4-D tensor the previous node made."""
+    if len(graph.input_names) != 1 or len(graph.input_shapes[graph.input_names[0]]) != 4:
+        return []
+    src = graph.model.graph.node
+    prev = graph.input_names[0]
+    out: list[Window] = []
+    for pos in range(graph.n_nodes):
+        node = src[graph._nodes[pos].index]
+        dyn = [x for x in graph._nodes[pos].inputs if x in graph._produced_at]
+        if node.op_type not in WINDOWED | ELEMENTWISE or dyn != [prev] or \
+                len(node.output) < 1 or graph.crossing(pos + 1) != [node.output[0]]:
+            break
+        if node.op_type in WINDOWED:
+            if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or \
+                    _attr(node, "ceil_mode", 0):
+                break
+            k = _attr(node, "kernel_shape", None)
+            if k is None:  # Conv may leave it to the weight's shape
+                w = next((t for t in graph.model.graph.initializer if t.name == node.input[1]),
+                         None)
+                if w is None:
+                    break
+                k = list(w.dims[2:])
+            if len(k) != 2:
+                break
+            pads = _attr(node, "pads", [0, 0, 0, 0])
+            out.append(Window(k[0], _attr(node, "strides", [1, 1])[0],
+                              _attr(node, "dilations", [1, 1])[0], pads[0], pads[2]))
+        else:
+            out.append(Window())
+        prev = node.output[0]
+    return out
+
+
+def prefix_heights(graph: PartitionGraph, wins: Sequence[Window]) -> list[int]:
+    """Rows of each prefix node's output (index 0: the input)."""
+    h = [graph.input_shapes[graph.input_names[0]][2]]
+    for w in wins:
+        h.append((h[-1] + w.pt + w.pb - w.d * (w.k - 1) - 1) // w.s + 1)
+    return h
+
+
+def tiles(heights: Sequence[int], wins: Sequence[Window], depth: int, k: int) -> list[Tile]:
+    """K strips of the depth-``depth`` prefix's output rows, each with its input rows and
+    per-node padding. Raises a UsageError when there are fewer rows than tiles."""
+    rows = heights[depth]
+    if k > rows:
+        raise UsageError(
+            f"{k} tiles cannot split a feature map of {rows} rows (after {depth} layers)",
+            f"use at most {rows} peers (--peers {rows}), or a shallower prefix")
+    bounds = [round(i * rows / k) for i in range(k + 1)]
+    out = []
+    for t in range(k):
+        a, b = bounds[t], bounds[t + 1]
+        pads: list[tuple[int, int]] = []
+        for j in range(depth - 1, -1, -1):
+            w, h_in = wins[j], heights[j]
+            lo, hi = a * w.s - w.pt, (b - 1) * w.s - w.pt + w.d * (w.k - 1) + 1
+            pads.append((max(0, -lo), max(0, hi - h_in)))
+            a, b = max(lo, 0), min(hi, h_in)
+        out.append(Tile(bounds[t], bounds[t + 1], a, b, tuple(reversed(pads))))
+    return out
+
+
+def tile_model(graph: PartitionGraph, depth: int, tile: Tile):
+    """The prefix as a model over ``tile``'s input rows, padded as the tile needs."""
+    from onnx import helper
+
+    cut = graph.crossing(depth)[0]
+    m = graph.part(0, depth, graph.input_names, [cut], "tile")
+    by_out = {graph.model.graph.node[graph._nodes[j].index].output[0]: j
+              for j in range(depth)}
+    for node in m.graph.node:
+        j = by_out.get(node.output[0] if node.output else "")
+        if j is None or node.op_type not in WINDOWED:
+            continue
+        top, bottom = tile.pads[j]
+        old = _attr(node, "pads", [0, 0, 0, 0])
+        for a in list(node.attribute):
+            if a.name in ("pads", "auto_pad"):
+                node.attribute.remove(a)
+        node.attribute.append(helper.make_attribute("pads", [top, old[1], bottom, old[3]]))
+    for vi in (*m.graph.input, *m.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            dims[2].ClearField("dim_value")
+            dims[2].dim_param = "rows"
+    del m.graph.value_info[:]
+    return m
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_tiled(graph: PartitionGraph, depth: int, tl: Sequence[Tile], tile_sessions,
+              rest_session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The model computed as K tiles, gathered, then the rest."""
+    name = graph.input_names[0]
+    x = feeds[name]
+    strips = [s.run(None, {name: np.ascontiguousarray(x[:, :, t.in0:t.in1])})[0]
+              for s, t in zip(tile_sessions, tl, strict=True)]
+    cut = graph.crossing(depth)[0]
+    return rest_session.run(None, {cut: np.concatenate(strips, axis=2)})
+
+
+# --------------------------------------------------------------------------- costs
+
+
+@dataclass(frozen=True)
+class SpatialCost:
+    depth: int
+    k: int
+    tile_ms: tuple[float, ...]  # per tile (on its device)
+    rest_ms: float
+    bytes_out: tuple[int, ...]  # message to each peer (0 for the first device's own)
+    bytes_back: tuple[int, ...]
+    bps: float
+    rtt_ms: float
+    memory: tuple[int, ...]  # bytes per device
+
+    @property
+    def gather_ms(self) -> float:
+        """When the last strip has arrived at the first device (from the request's start)."""
+        sent = 0.0
+        rx_free = 0.0
+        last = self.tile_ms[0]
+        for t in range(1, self.k):
+            sent += transfer_ms(self.bytes_out[t], self.bps)
+            ready = sent + self.rtt_ms / 2 + self.tile_ms[t] + transfer_ms(
+                self.bytes_back[t], self.bps)
+            rx_free = max(ready, rx_free + transfer_ms(self.bytes_back[t], self.bps))
+            last = max(last, rx_free + self.rtt_ms / 2)
+        return last
+
+    @property
+    def latency_ms(self) -> float:
+        return self.gather_ms + self.rest_ms
+
+    @property
+    def bottleneck_ms(self) -> float:
+        link_out = sum(transfer_ms(b, self.bps) for b in self.bytes_out)
+        link_back = sum(transfer_ms(b, self.bps) for b in self.bytes_back)
+        return max(link_out, link_back, self.tile_ms[0] + self.rest_ms, *self.tile_ms[1:])
+
+    @property
+    def throughput_rps(self) -> float:
+        return 1000.0 / self.bottleneck_ms if self.bottleneck_ms > 0 else float("inf")
+
+    def value(self, objective: str) -> tuple[float, float]:
+        if objective == "throughput":
+            return self.bottleneck_ms, self.latency_ms
+        return self.latency_ms, self.bottleneck_ms
+
+    def to_dict(self, names: Sequence[str]) -> dict:
+        return {"depth": self.depth, "peers": self.k, "devices": list(names[: self.k]),
+                "tile_ms": [round(x, 4) for x in self.tile_ms],
+                "rest_ms": round(self.rest_ms, 4), "gather_ms": round(self.gather_ms, 4),
+                "bytes_out": list(self.bytes_out), "bytes_back": list(self.bytes_back),
+                "uplink_bps": self.bps, "rtt_ms": self.rtt_ms,
+                "memory_mb": [round(b / MIB, 3) for b in self.memory],
+                "latency_ms": round(self.latency_ms, 4),
+                "bottleneck_ms": round(self.bottleneck_ms, 4),
+                "throughput_rps": round(self.throughput_rps, 4)}
+
+
+def choose(costs: Sequence[SpatialCost], limits: Sequence[float | None],
+           objective: str) -> SpatialCost | None:
+    """The best option whose every device fits its memory, or None."""
+    ok = [c for c in costs if all(lim is None or m <= lim
+                                  for m, lim in zip(c.memory, limits, strict=False))]
+    return min(ok, key=lambda c: c.value(objective)) if ok else None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOptions, *,
+                       data: Sequence[Mapping[str, np.ndarray]] | None = None,
+                       out_dir: Path | None = None, simulate: bool = False,
+                       simulate_requests: int = 10, progress: Any = None) -> SpatialResult:
+    """Plan K and the prefix depth for ``topology``'s peers; write the tiles, the rest,
+    plan.json and a chart; optionally simulate (see module doc)."""
+    from compactor.partition.planner import _samples
+
+    progress = progress or Progress()
+    if topology.kind != "peers":
+        raise UsageError("a spatial split needs a peers topology", "set kind: peers")
+    notes: list[str] = []
+    batch = options.batch_size or topology.devices[0].profile.batch_sizes[0]
+    graph = PartitionGraph.load(Path(model_path), batch, options.dims)
+    wins = windows(graph)
+    if options.max_depth is not None:
+        wins = wins[: options.max_depth]
+    if not wins:
+        raise UsageError(f"{Path(model_path).name} has no convolutional prefix to tile (its "
+                         "first node is not a convolution, pool or activation on one 4-D "
+                         "input)", "plan it as a chain (kind: chain) instead")
+    heights = prefix_heights(graph, wins)
+    kmax = len(topology.devices)
+    if options.peers is not None:
+        if options.peers > kmax:
+            raise UsageError(f"--peers {options.peers}: the topology has {kmax} devices",
+                             f"use at most --peers {kmax}, or add devices")
+        tiles(heights, wins, len(wins), options.peers)  # refuse K beyond the map now
+    samples, note = _samples(graph, data)
+    if note:
+        notes.append(note)
+    sides = [_side(d) for d in topology.devices]
+    costs, sides = _measure(graph, wins, heights, topology, sides, samples[0], options,
+                            progress)
+    limits = [None if d.memory_mb is None else d.memory_mb * MIB for d in topology.devices]
+    choice = choose(costs, limits, options.objective)
+    if choice is None:
+        need = min(max(c.memory) for c in costs)
+        raise UsageError(
+            f"no split of {Path(model_path).name} across the peers fits their memory "
+            f"limits: the least any option needs on one device is {need / MIB:.1f} MB",
+            f"use devices with at least {need / MIB:.1f} MB (memory_mb in the topology)")
+    names = [d.name for d in topology.devices]
+    tl = tiles(heights, wins, choice.depth, choice.k)
+    tms = [tile_model(graph, choice.depth, t) for t in tl]
+    rest = graph.tail(graph.cut(choice.depth))
+    plan = _plan_dict(graph, topology, options, sides, costs, choice, tl, notes, model_path)
+    plan["verification"] = _verify(graph, choice.depth, tl, tms, rest, samples[:4])
+    if not plan["verification"]["passed"]:
+        raise PassError(f"the tiled prefix differs from the model by "
+                        f"{plan['verification']['max_abs_error']:.3g}",
+                        "report this model: the tiles should compute the same rows")
+    if simulate:
+        from compactor.partition.simulate_chain import simulate_spatial
+
+        with progress.task(f"simulate {choice.k} peers"):
+            sim = simulate_spatial(graph, choice, tl, tms, rest, topology, sides, samples[0],
+                                   requests=simulate_requests)
+        sim["error_latency"] = (sim["latency_ms"]["p50"] - choice.latency_ms) / \
+            choice.latency_ms
+        plan["simulate"] = sim
+    files: dict[str, Path] = {}
+    if out_dir is not None:
+        files = _write(Path(out_dir), plan, tms, rest, names, choice)
+    return SpatialResult(plan, files, notes)
+
+
+def _side(d) -> Side:
+    if d.latency_ms is not None:
+        return Side(d.name, d.profile, 1.0, "from a measured latency", d.latency_ms)
+    if d.slowdown is not None:
+        return Side(d.name, d.profile, d.slowdown, f"slowdown {d.slowdown:g} (topology)")
+    return Side(d.name, d.profile, 1.0, "none")
+
+
+def _measure(graph, wins, heights, topology: Topology, sides: list[Side], feeds, options,
+             progress) -> tuple[list[SpatialCost], list[Side]]:
+    """Time the full model, each depth's rest, and each (depth, K)'s largest tile."""
+    name = graph.input_names[0]
+    x = feeds[name]
+    memo: dict[tuple, float] = {}
+
+    def timed(key: tuple, model, profile, f) -> float:
+        if key not in memo:
+            memo[key] = time_ms(model, profile, f, TimingSettings.of(profile, quick=True))
+        return memo[key]
+
+    full = {id(s.profile): timed(("full", s.settings_key()), graph.model, s.profile, feeds)
+            for s in sides}
+    sides = [calibrated(s, full[id(s.profile)]) for s in sides]
+    cut_vals = _prefix_values(graph, len(wins), feeds)
+    w_bytes = np.concatenate([[0], np.cumsum(graph.node_weight_bytes())])
+    ks = [options.peers] if options.peers else list(range(1, len(sides) + 1))
+    costs: list[SpatialCost] = []
+    depths = [d for d in range(1, len(wins) + 1) if d < graph.n_nodes]
+    with progress.task(f"time tiles for {len(depths)} depths x {len(ks)} peer counts",
+                       total=len(depths)) as task:
+        for depth in depths:
+            cut = graph.crossing(depth)[0]
+            s0 = sides[0]
+            rest = graph.tail(graph.cut(depth))
+            rest_ms = timed(("rest", depth, s0.settings_key()), rest, s0.profile,
+                            {cut: cut_vals[cut]}) * s0.slowdown
+            for k in ks:
+                if k > heights[depth]:
+                    continue
+                tl = tiles(heights, wins, depth, k)
+                costs.append(_option(graph, depth, k, tl, sides, x, name, cut_vals[cut],
+                                     rest_ms, w_bytes, topology, timed))
+            task.advance()
+    return costs, sides
+
+
+def _option(graph, depth, k, tl, sides, x, name, cut_val, rest_ms, w_bytes, topology,
+            timed) -> SpatialCost:
+    tile_ms, b_out, b_back, mem = [], [], [], []
+    for t, tile in enumerate(tl):
+        side = sides[t]
+        xin = np.ascontiguousarray(x[:, :, tile.in0:tile.in1])
+        rows = tile.out1 - tile.out0
+        strip = cut_val[:, :, tile.out0:tile.out1]
+        key = ("tile", depth, k, tile.in1 - tile.in0, rows, tile.pads, side.settings_key())
+        if k == 1:
+            tm = timed(key, graph.part(0, depth, graph.input_names, graph.crossing(depth),
+                                       "prefix"), side.profile, {name: x})
+        else:
+            tm = timed(key, tile_model(graph, depth, tile), side.profile, {name: xin})
+        tile_ms.append(tm * side.slowdown)
+        b_out.append(0 if t == 0 else message_bytes([(name, x.dtype.name, xin.shape)]))
+        b_back.append(0 if t == 0 else message_bytes([(graph.crossing(depth)[0],
+                                                       strip.dtype.name, strip.shape)]))
+        mem.append(int(w_bytes[depth]) + xin.nbytes + strip.nbytes)
+    mem[0] += int(w_bytes[-1] - w_bytes[depth]) + cut_val.nbytes
+    hop = topology.hops[0]
+    return SpatialCost(depth, k, tuple(tile_ms), rest_ms, tuple(b_out), tuple(b_back),
+                       hop.bps, hop.rtt_ms, tuple(mem))
+
+
+def _prefix_values(graph, depth: int, feeds) -> dict[str, np.ndarray]:
+    names = [graph.crossing(d)[0] for d in range(1, depth + 1) if d < graph.n_nodes]
+    sess = plain_session(graph.with_outputs(names))
+    outs = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    return dict(zip([o.name for o in sess.get_outputs()], outs, strict=True))
+
+
+def _verify(graph, depth, tl, tms, rest, samples) -> dict[str, Any]:
+    full = plain_session(graph.model)
+    ts = [plain_session(m) for m in tms]
+    rs = plain_session(rest)
+    worst_abs = worst_rel = 0.0
+    for b in samples:
+        ref = full.run(None, {i.name: b[i.name] for i in full.get_inputs()})
+        got = run_tiled(graph, depth, tl, ts, rs, b)
+        for r, g in zip(ref, got, strict=True):
+            err = float(np.max(np.abs(r.astype(np.float64) - g))) if r.size else 0.0
+            scale = float(np.max(np.abs(r))) if r.size else 0.0
+            worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / scale
+                                                            if scale else err)
+    return {"samples": sum(len(next(iter(b.values()))) for b in samples),
+            "max_abs_error": worst_abs, "max_rel_error": worst_rel, "tolerance": TOLERANCE,
+            "passed": worst_rel <= TOLERANCE}
+
+
+def _plan_dict(graph, topology, options, sides, costs, choice, tl, notes,
+               model_path) -> dict[str, Any]:
+    names = [d.name for d in topology.devices]
+    single = [c for c in costs if c.k == 1]
+    best1 = min(single, key=lambda c: c.value(options.objective)) if single else None
+    ch = choice.to_dict(names)
+    ch["tiles"] = [{"device": names[i], "output_rows": [t.out0, t.out1],
+                    "input_rows": [t.in0, t.in1], "halo_pads": [list(p) for p in t.pads]}
+                   for i, t in enumerate(tl)]
+    ch["description"] = (f"{choice.k} tiles of the first {choice.depth} nodes on "
+                         f"{', '.join(names[: choice.k])}; the rest on {names[0]}")
+    return {
+        "schema": SPATIAL_SCHEMA,
+        "model": {"file": str(model_path), "nodes": graph.n_nodes,
+                  "batch_size": graph.batch_size, "tileable_depth": len(windows(graph))},
+        "objective": options.objective,
+        "topology": topology.to_dict(),
+        "devices": [s.to_dict() for s in sides],
+        "estimate": any(s.estimate for s in sides),
+        "choice": ch,
+        "best_single_device": best1.to_dict(names) if best1 else None,
+        "alternatives": [c.to_dict(names) for c in
+                         sorted(costs, key=lambda c: c.value(options.objective))],
+        "cost_model": "see docs/partition.md, 'Peer devices'",
+        "notes": notes,
+    }
+
+
+def _write(out_dir: Path, plan, tms, rest, names, choice) -> dict[str, Path]:
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("tile*-*.onnx"), out_dir / "rest.onnx"]:
+        if old.exists():
+            old.unlink()
+    files: dict[str, Path] = {}
+    for i, m in enumerate(tms):
+        p = out_dir / f"tile{i}-{names[i]}.onnx"
+        onnx.save(m, str(p))
+        files[f"tile{i}"] = p
+    onnx.save(rest, str(out_dir / "rest.onnx"))
+    files["rest"] = out_dir / "rest.onnx"
+    (out_dir / "chart.svg").write_text(_chart(plan, choice, names), encoding="utf-8")
+    files["chart"] = out_dir / "chart.svg"
+    files["plan"] = out_dir / "plan.json"
+    plan["files"] = {k: v.name for k, v in files.items()}
+    files["plan"].write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
+    return files
+
+
+def _chart(plan, choice: SpatialCost, names) -> str:
+    """Predicted latency of every (depth, K) option: one bar each, the choice marked."""
+    from html import escape
+
+    alts = plan["alternatives"][:24]
+    top = max(a["latency_ms"] for a in alts) or 1.0
+    w, rh, left = 760, 18, 220
+    h = 60 + rh * len(alts)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'font-family="sans-serif" font-size="11">', f'<rect width="{w}" height="{h}" '
+           'fill="white"/>', f'<text x="10" y="20" font-size="14" font-weight="bold">'
+           f'{escape(Path(plan["model"]["file"]).name)}: peers x prefix depth '
+           '(predicted latency)</text>']
+    for i, a in enumerate(alts):
+        y = 36 + i * rh
+        mark = a["depth"] == choice.depth and a["peers"] == choice.k
+        out.append(f'<text x="{left - 6}" y="{y + 12}" text-anchor="end">'
+                   f'{"★ " if mark else ""}K={a["peers"]}, depth {a["depth"]}</text>')
+        bw = (w - left - 90) * a["latency_ms"] / top
+        out.append(f'<rect x="{left}" y="{y + 2}" width="{bw:.1f}" height="{rh - 4}" '
+                   f'fill="{"#2f855a" if mark else "#2b6cb0"}"/>')
+        out.append(f'<text x="{left + bw + 4:.1f}" y="{y + 12}">{a["latency_ms"]:.2f} ms'
+                   '</text>')
+    out.append("</svg>")
+    return "\n".join(out)
