@@ -101,6 +101,10 @@ class QuantizeConfig(PassConfig):
         "calibration, smoothquant, fallback (smoothquant first on MatMul/Gemm models)")
     smoothquant_alpha: float | Literal["auto"] = Field(
         default="auto", description="migration strength; auto: chosen per activation")
+    mixed_scale: Literal["auto", "off"] = Field(
+        default="auto", description="static: keep float the output-side tensors whose one "
+        "int8 range would span values of very different scale (a detector's pixels and "
+        "scores in one output); off: quantize them like any tensor")
     keep_float: Literal["auto", "never"] = Field(
         default="auto", description="auto: ship the float input when int8 does not pay "
         "(not resolvably faster in the paired timing, over half the MACs left in float, "
@@ -260,6 +264,8 @@ class QuantizePass(Pass):
         calibration = None
         if prep.mode == QuantMode.STATIC:
             calibration = self._calibration(prep.model, ctx, work, record)
+            if cfg.mixed_scale == "auto":
+                excluded = _protect_mixed_scale(prep, calibration, work, excluded, record)
         judge, budget = self._judge(prep.src, ctx, record)
         space = self._space(cfg, prep.mode, prep.src, prep.choice, excluded, excluded_types)
         space.fused, space.fused_only = prep.fused, cfg.transformer_fusion == "on"
@@ -364,8 +370,10 @@ class QuantizePass(Pass):
         if not cfg.search_speed:  # one candidate: the first choice of each setting
             formats, acts = formats[:1], acts[:1]
             op_types = "all" if op_types == "auto" else op_types
+        weights = choice.weight_options if cfg.search_speed else choice.weight_options[:1]
         return default_space(
             base, formats, acts, op_types, excluded_types=excluded_types,
+            weight_options=tuple(weights),
             repairs=() if cfg.repairs == "auto" else cfg.repairs,
             smoothquant_alpha=None if cfg.smoothquant_alpha == "auto"
             else float(cfg.smoothquant_alpha),
@@ -435,6 +443,31 @@ class QuantizePass(Pass):
                 detail=f"int8 search on eval data ({budget.source}), worst of the search "
                 "and held-out parts",
             )
+
+
+def _protect_mixed_scale(prep: _Prepared, calibration, work: Path,
+                         excluded: tuple[str, ...], record: dict[str, Any]) -> tuple[str, ...]:
+    """Output-side tensors one int8 range would collapse (a detector's pixels next to its
+    scores) are kept float, before any accuracy fallback: the node writing each is excluded,
+    so its inputs keep their own ranges. In the record (``mixed_scale``) and a warning."""
+    from compactor.quantization import mixed_scale
+    from compactor.quantization.prepare import first_line
+
+    try:
+        found = mixed_scale.detect(prep.src, prep.model, calibration.feeds, work)
+    except Exception as e:  # noqa: BLE001 - the check is a safeguard; its failure is recorded
+        record["mixed_scale"] = {"checked": False, "error": first_line(e, 200)}
+        record.setdefault("warnings", []).append(
+            f"quantize: the mixed-scale check of the outputs failed ({first_line(e, 200)}); "
+            "outputs are quantized with one range each")
+        return excluded
+    new = [m for m in found if m.node not in excluded]
+    record["mixed_scale"] = {"checked": True, "tensors": [m.to_dict() for m in new]}
+    for m in new:
+        record.setdefault("warnings", []).append(
+            f"quantize: {m.describe()}; {m.op_type} node '{m.node}' is kept float so that "
+            "each of its inputs keeps its own int8 range")
+    return tuple(sorted({*excluded, *(m.node for m in new)}))
 
 
 @dataclass(frozen=True)
@@ -644,6 +677,10 @@ def _float_nodes(record: dict[str, Any], outcome: Outcome, model, sample,
         g = next((g for g in globs if fnmatch.fnmatchcase(name, g)), "?")
         out.append({"node": name, "op_type": ops.get(name, "?"),
                     "reason": f"exclude pattern {g!r}"})
+    for m in (record.get("mixed_scale") or {}).get("tensors", []):
+        out.append({"node": m["node"], "op_type": m["op_type"],
+                    "reason": f"mixed scales in {m['tensor']} (axis {m['axis']}: "
+                    f"{m['int8_levels']} int8 levels for slices {m['narrow_slices']})"})
     types = {*cfg.exclude.op_types, *cfg.exclude_op_types}
     for name, op in ops.items():
         if op in types:
