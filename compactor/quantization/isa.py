@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from compactor.quantization.modes import IntType, QuantMode
@@ -74,10 +74,15 @@ class Int8Choice:
     reduce_range: bool
     reason: str
     warning: str | None = None
+    # (weight type, reduce_range) pairs worth timing, the first the preferred one; empty:
+    # only (the recipe's weight_type, ``reduce_range``)
+    weight_options: tuple[tuple[IntType, bool], ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         out = {"activation_types": [a.value for a in self.activation_types],
                "reduce_range": self.reduce_range, "reason": self.reason}
+        if len(self.weight_options) > 1:
+            out["weight_options"] = [_weights_label(w, rr) for w, rr in self.weight_options]
         if self.warning:
             out["warning"] = self.warning
         return out
@@ -88,6 +93,7 @@ def choose(isa: Int8ISA, mode: QuantMode | str, activation_type: str = "auto",
            ) -> Int8Choice:
     """Int8 settings for ``isa``. ``"auto"`` values are chosen; pinned ones are kept (with a
     warning when they risk u8s8 saturation here)."""
+    options: tuple[tuple[IntType, bool], ...] = ()
     if isa.no_saturation:
         acts = (IntType.INT8, IntType.UINT8) if isa.arm else (IntType.UINT8, IntType.INT8)
         rr = False
@@ -104,6 +110,11 @@ def choose(isa: Int8ISA, mode: QuantMode | str, activation_type: str = "auto",
                + ("weights are quantized to 7 bits (reduce_range)" if rr else
                   "uint8 weights (u8u8) are used as given, which avoids it")
                + "; signed activations are not tried (slower without VNNI)")
+        if rr and reduce_range == "auto":
+            options = NO_VNNI_WEIGHT_OPTIONS
+            why += ("; also timed and scored: uint8 weights (u8u8, full 8 bits, no "
+                    "saturation) and full 8-bit int8 weights (ONNX Runtime's default: the "
+                    "accuracy check on this host measures what saturation costs)")
     if mode == QuantMode.DYNAMIC:
         acts = (IntType.UINT8,)  # ORT's dynamic quantization has uint8 activations only
     warning = None
@@ -117,4 +128,15 @@ def choose(isa: Int8ISA, mode: QuantMode | str, activation_type: str = "auto",
                        "saturation and silent accuracy loss; leave it 'auto'")
         rr = bool(reduce_range)
         why += f"; reduce_range pinned to {str(rr).lower()}"
-    return Int8Choice(acts, rr, why, warning)
+        options = ()
+    return Int8Choice(acts, rr, why, warning, options or ((IntType(weight_type), rr),))
+
+
+# x86 without VNNI: 7-bit int8 weights first (no saturation), then uint8 weights (u8u8:
+# no saturation at full 8 bits, a different kernel) and full 8-bit int8 weights (ORT's
+# default; the accuracy check measures what saturation costs on the host itself)
+NO_VNNI_WEIGHT_OPTIONS = ((IntType.INT8, True), (IntType.UINT8, False), (IntType.INT8, False))
+
+
+def _weights_label(weight_type: IntType, reduce_range: bool) -> str:
+    return f"{IntType(weight_type).short} weights" + (" 7-bit" if reduce_range else "")

@@ -52,6 +52,9 @@ class SearchSpace:
     smoothquant_alpha: float | None = None  # None: chosen per activation
     fused: Path | None = None  # the input with ORT's transformer fusions (dynamic only)
     fused_only: bool = False  # the recipe asked for fusion: no unfused candidates
+    # (weight type, reduce_range) pairs to time (the CPU's options; see isa.choose); empty:
+    # the base's
+    weight_options: tuple[tuple[IntType, bool], ...] = ()
 
     def candidates(self) -> list[Candidate]:
         b = self.base
@@ -59,10 +62,15 @@ class SearchSpace:
             sources = [] if self.fused_only and self.fused else [b]
             if self.fused is not None:
                 sources.append(b.replace(source=self.fused, fused=True))
-            return [s.replace(op_types=ops) for s in sources for ops in self.op_type_options]
-        return [b.replace(format=f, activation_type=a, op_types=ops)
-                for ops in self.op_type_options for f in self.formats
-                for a in self.activation_types]
+            out = [s.replace(op_types=ops) for s in sources for ops in self.op_type_options]
+        else:
+            out = [b.replace(format=f, activation_type=a, op_types=ops)
+                   for ops in self.op_type_options for f in self.formats
+                   for a in self.activation_types]
+        if len(self.weight_options) < 2:
+            return out
+        return [c.replace(weight_type=w, reduce_range=rr) for c in out
+                for w, rr in self.weight_options]
 
 
 @dataclass
@@ -233,10 +241,13 @@ class Search:
     def _repaired_or_slower(self, plain: list[Attempt]) -> Attempt | None:
         """The fastest plain candidate fails: repair it, and let the slower plain ones that
         still beat the repaired one compete with it."""
+        start, passed = self._repair_start(plain)
+        if passed:
+            return start
         repaired = None
         if self.space.repairs and not self.out_of_time():
-            repaired = self._repair(plain[0])
-        others = plain[1:]
+            repaired = self._repair(start)
+        others = [a for a in plain if a is not start]
         if repaired is not None:
             # Only plain candidates faster than the repaired one can still win: time
             # them together, in one run, and score just those.
@@ -249,6 +260,21 @@ class Search:
         if repaired is not None:
             repaired.note = "slower than a plain candidate that passed"
         return chosen
+
+    def _repair_start(self, plain: list[Attempt]) -> tuple[Attempt, bool]:
+        """The fastest plain candidate failed. Those as fast as it (within timing noise:
+        another weight type or format, which run the same kernels) are scored too: the first
+        that passes wins (True); otherwise the repairs start from the most accurate of them,
+        not from whichever the timing happened to put first."""
+        best = plain[0]
+        for a in _tied(plain):
+            if self.out_of_time():
+                break
+            if self.score(a).passed:
+                return a, True
+            if a.search.drop < best.search.drop:
+                best = a
+        return best, False
 
     def _annotate(self, plain: list[Attempt], chosen: Attempt | None) -> None:
         """Why each candidate that lost did, for the log."""
@@ -540,6 +566,14 @@ class Search:
 
 
 TIE = 0.03  # candidates within 3% of the fastest are equally fast: timing noise
+
+
+def _tied(plain: Sequence[Attempt]) -> list[Attempt]:
+    """The plain candidates after the first that timed within ``TIE`` of it."""
+    first = plain[0].p50_ms
+    if first is None:
+        return []
+    return [a for a in plain[1:] if a.p50_ms is not None and a.p50_ms <= first * (1 + TIE)]
 
 
 def _fastest_first(attempts: Sequence[Attempt]) -> list[Attempt]:
