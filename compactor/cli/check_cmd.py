@@ -34,12 +34,18 @@ if TYPE_CHECKING:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Also write the verdicts as JUnit XML (for CI test reports).")
+@click.option("--prometheus", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="With --remeasure: write latency and memory now vs the manifest's, and the "
+                   "verdicts, as Prometheus gauges (node_exporter textfile; docs/deploy.md).")
 def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...],
           remeasure: bool, against: Path | None, max_regression: str, dims: dict[str, int],
-          strict: bool, as_json: bool, junit: Path | None) -> int:
+          strict: bool, as_json: bool, junit: Path | None, prometheus: Path | None) -> int:
     """Check ARTIFACT (a folder `compactor optimize` wrote): verify the model's hash against
     the manifest, judge each target's budgets (from the manifest, or re-measured with
     --remeasure), and compare with an older artifact (--against).
+
+    ARTIFACT may also be a `compactor publish` repository, one of its models (its live
+    version) or a version folder.
 
     Exits 0 when every check holds, 1 when one fails or the artifact was tampered with.
     Under GitHub Actions (GITHUB_ACTIONS=true) failures are also printed as annotations and
@@ -53,6 +59,15 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     overrides = parse_budget_overrides(budget_pairs)
     limit = parse_percent(max_regression)
     err = console(stderr=True)
+    from compactor.deploy.repository import resolve_version
+
+    found = resolve_version(artifact)  # a repository, model or version: that version
+    artifact = found[0] if found else artifact
+    if prometheus is not None and not remeasure:
+        from compactor.errors import UsageError
+
+        raise UsageError("--prometheus needs --remeasure", "the gauges compare latency "
+                         "measured now on this host with the manifest's; add --remeasure")
 
     def on_measure(name: str) -> None:
         err.print(f"measuring {safe(artifact.name)} on {safe(name)} …", highlight=False)
@@ -62,6 +77,12 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
         max_regression=limit, strict=strict, dims=dims, on_measure=on_measure,
     )
     _ci_outputs(result, junit, as_json)
+    if prometheus is not None:
+        from compactor.deploy.monitor import write_prometheus
+        from compactor.manifest import load_manifest
+
+        write_prometheus(prometheus, result, load_manifest(result.artifact),
+                         found[2] if found else "", found[1] if found else None)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
