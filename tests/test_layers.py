@@ -32,6 +32,8 @@ ORDER = [
     "recipe",
     # applications
     "artifact", "pipeline", "check", "sensitivity",
+    # a Triton repository of artifacts, gated on check --against the live version
+    "deploy",
     # the only code that prints
     "cli",
     # the public API (package __init__)

@@ -149,6 +149,7 @@ def _register() -> None:
     from compactor.cli import (
         bench_cmd,
         check_cmd,
+        deploy_cmd,
         inspect_cmd,
         optimize_cmd,
         partition_cmd,
@@ -165,6 +166,10 @@ def _register() -> None:
     cli.add_command(profiles_cmd.profiles)
     cli.add_command(partition_cmd.partition)
     cli.add_command(sensitivity_cmd.sensitivity)
+    cli.add_command(deploy_cmd.package)
+    cli.add_command(deploy_cmd.publish)
+    cli.add_command(deploy_cmd.versions)
+    cli.add_command(deploy_cmd.rollback)
 
 
 _register()

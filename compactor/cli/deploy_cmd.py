@@ -58,18 +58,27 @@ def package(artifact: Path, repo: Path, serve: int, name: str | None, profile: s
               help=_REGRESSION_HELP)
 @click.option("--serve", type=click.IntRange(1, 100), default=None,
               help="How many versions Triton serves (default: as the repository says; 1).")
+@click.option("--remeasure", is_flag=True,
+              help="Time the artifact on this host, and against the live version paired in "
+                   "one process, instead of comparing the two manifests' figures.")
+@click.option("--allow-inconclusive", is_flag=True,
+              help="Publish even when a verdict stays undecided (exit 5 otherwise).")
 @_common
 def publish(artifact: Path, repo: Path, max_regression: str, serve: int | None,
-            name: str | None, profile: str | None, instances: int, as_json: bool) -> int:
+            remeasure: bool, allow_inconclusive: bool, name: str | None, profile: str | None,
+            instances: int, as_json: bool) -> int:
     """Publish ARTIFACT into REPO as version N+1 and make it live, only if it is intact,
     its own budgets hold, and `check --against` the live version holds within
     --max-regression. Exits 1 when refused (nothing is written), 2 when another publish
-    or rollback holds the repository."""
+    or rollback holds the repository, 5 when a verdict stays undecided (a latency change
+    read from two manifests timed apart: add --remeasure)."""
     from compactor.budgets import parse_percent
+    from compactor.deploy.repository import Gate
     from compactor.deploy.repository import publish as do_publish
 
+    gate = Gate(parse_percent(max_regression), remeasure, allow_inconclusive)
     result = do_publish(artifact, repo, name=name, profile=profile, instances=instances,
-                        serve=serve, max_regression=parse_percent(max_regression))
+                        serve=serve, gate=gate)
     _show_publish(result, as_json)
     return 0
 

@@ -39,7 +39,13 @@ from compactor.deploy.triton import (
     derive_batching,
     model_name,
 )
-from compactor.errors import EXIT_USAGE, BudgetFailed, CompactorError, UsageError
+from compactor.errors import (
+    EXIT_INCONCLUSIVE,
+    EXIT_USAGE,
+    BudgetFailed,
+    CompactorError,
+    UsageError,
+)
 from compactor.manifest import MANIFEST, Manifest, inside, load_manifest, visible
 
 REPO_MARKER = ".compactor-repository.json"
@@ -48,6 +54,7 @@ MARKER_KIND = "compactor-triton-repository"
 MARKER_MAX_BYTES = 8 << 20
 CONFIG = "config.pbtxt"
 _STAGING = re.compile(r"^\.staging-[0-9a-f]{32}$")
+_MARKER_TMP = re.compile(r"^\.\.compactor-repository\.json\.[0-9a-f]{32}\.tmp$")
 # files an artifact may carry beside those its manifest hashes: copied when present
 _EXTRA_FILES = ("recipe.lock.yaml", "report.md")
 
@@ -154,7 +161,7 @@ def open_repository(repo: Path, create: bool) -> bool:
                               "give a folder: an empty one or one compactor published into")
     if repo.is_dir() and is_repository(repo):
         return True
-    if repo.is_dir() and any(p.name != REPO_LOCK for p in repo.iterdir()):
+    if repo.is_dir() and not all(_ours_in_progress(p.name) for p in repo.iterdir()):
         raise RepositoryError(
             f"{repo} is not a compactor repository (no {REPO_MARKER}) and is not empty; "
             "nothing was changed",
@@ -164,6 +171,11 @@ def open_repository(repo: Path, create: bool) -> bool:
                               "publish into it first: compactor publish ARTIFACT --repo "
                               f"{repo}")
     return False
+
+
+def _ours_in_progress(name: str) -> bool:
+    """The lock file, or the marker being written by a publish making the repository."""
+    return name == REPO_LOCK or bool(_MARKER_TMP.match(name))
 
 
 @contextmanager
@@ -231,7 +243,7 @@ class PublishResult:
 
 
 def publish(artifact: Path, repo: Path, *, name: str | None = None, profile: str | None = None,
-            instances: int = 1, serve: int | None = None, max_regression: float = 0.05,
+            instances: int = 1, serve: int | None = None, gate: Gate | None = None,
             new_model: bool = False) -> PublishResult:
     """Add ``artifact`` to ``repo`` as the next version of its model and make it live, if
     it is intact, its own budgets hold and it does not regress against the live version.
@@ -239,16 +251,17 @@ def publish(artifact: Path, repo: Path, *, name: str | None = None, profile: str
     A refusal writes nothing: not even a new repository folder."""
     folder, manifest = load_artifact_manifest(artifact)
     name = model_name(name or manifest.name)
+    gate = gate or Gate()
     created = not repo.exists()
     if not open_repository(repo, create=True):  # a new repository: nothing to compare with
         target = choose_target(manifest, profile)
-        _gate(folder, manifest, None, max_regression)
+        _gate(folder, manifest, None, gate)
         derive_batching(manifest, target)  # refuses a dtype Triton has no type for
         repo.mkdir(parents=True, exist_ok=True)
     with locked(repo):
         try:
             return _publish_locked(folder, manifest, repo, name, profile, instances, serve,
-                                   max_regression, new_model)
+                                   gate, new_model)
         except BaseException:
             if created:
                 _remove_if_empty(repo)
@@ -269,7 +282,7 @@ def _remove_if_empty(repo: Path) -> None:
 
 def _publish_locked(folder: Path, manifest: Manifest, repo: Path, name: str,
                     profile: str | None, instances: int, serve: int | None,
-                    max_regression: float, new_model: bool) -> PublishResult:
+                    gate: Gate, new_model: bool) -> PublishResult:
     marker = _marker_locked(repo)
     entry = marker.models.get(name)
     if new_model and entry is not None and entry.versions:
@@ -278,7 +291,7 @@ def _publish_locked(folder: Path, manifest: Manifest, repo: Path, name: str,
                               f"ARTIFACT --repo {repo}`, or give --name")
     target = choose_target(manifest, profile or (entry.profile if entry else None))
     live_dir = repo / name / str(entry.live) if entry and entry.live else None
-    notes = _gate(folder, manifest, live_dir, max_regression)
+    notes = _gate(folder, manifest, live_dir, gate)
     batching = derive_batching(manifest, target)
     entry = entry or ModelEntry(profile=target.profile)
     entry = entry.model_copy(update={"profile": target.profile, "instances": instances,
@@ -299,32 +312,52 @@ def _publish_locked(folder: Path, manifest: Manifest, repo: Path, name: str,
     return PublishResult(repo, name, version, previous, batching, entry.served(), notes)
 
 
-def _gate(folder: Path, manifest: Manifest, live_dir: Path | None,
-          max_regression: float) -> list[str]:
+@dataclass(frozen=True)
+class Gate:
+    """How a publish judges the artifact: ``max_regression`` against the live version;
+    ``remeasure`` times the artifact (and, paired, the live version) on this host;
+    ``allow_inconclusive`` publishes when a verdict could not be decided."""
+
+    max_regression: float = 0.05
+    remeasure: bool = False
+    allow_inconclusive: bool = False
+
+
+def _gate(folder: Path, manifest: Manifest, live_dir: Path | None, gate: Gate) -> list[str]:
     """Refuse (exit 1) a tampered artifact, one failing its own budgets, or one that
-    regresses against the live version. Returns the check's notes."""
-    result = check_artifact(folder, against=live_dir, max_regression=max_regression)
+    regresses against the live version; exit 5 when a verdict stays undecided (unless
+    allowed). Returns the check's notes."""
+    result = check_artifact(folder, against=live_dir, max_regression=gate.max_regression,
+                            remeasure=gate.remeasure)
     if not result.intact:
         bad = "; ".join(f"{v.budget.removeprefix('integrity.')}: {v.detail}"
                         for v in result.integrity if v.status != "pass")
         raise BudgetFailed(visible(f"refused: {folder} was modified after compactor wrote it "
                                    f"({bad}); nothing was published"),
                            "rebuild it with `compactor optimize`")
-    failed = [f"{t.profile} {v.budget}" for t in result.targets for v in t.verdicts
-              if v.status == "fail"]
+    own = [(t.profile, v) for t in result.targets for v in t.verdicts]
+    failed = [f"{p} {v.budget}" for p, v in own if v.status == "fail"]
     if failed:
         raise BudgetFailed(visible(f"refused: {manifest.name} fails its own budgets ("
                                    + ", ".join(failed) + "); nothing was published"),
                            "`compactor check ARTIFACT` shows each verdict")
-    regressed = [f"{v.budget} {v.detail}".strip() for v in result.regressions
-                 if v.status == "fail"]
+    live = live_dir.name if live_dir else ""
+    regressed = [f"{v.budget} ({v.detail})" for v in result.regressions if v.status == "fail"]
     if regressed:
-        raise BudgetFailed(visible(f"refused: regression against the live version "
-                                   f"{live_dir.name if live_dir else ''}: "
+        raise BudgetFailed(visible(f"refused: regression against the live version {live}: "
                                    + "; ".join(regressed) + "; nothing was published"),
                            "raise --max-regression if this is intended, or fix the model")
+    undecided = [f"{g} {v.budget}" for g, v in result.all_verdicts()
+                 if v.status == "inconclusive"]
+    if undecided and not gate.allow_inconclusive:
+        raise CompactorError(visible("refused: undecided against the live version "
+                                     f"{live or '-'}: " + "; ".join(undecided)
+                                     + "; nothing was published"),
+                             "--remeasure times the new and the live model paired on this "
+                             "host; or --allow-inconclusive to publish anyway",
+                             exit_code=EXIT_INCONCLUSIVE)
     if live_dir is not None:
-        _same_signature(manifest, load_manifest(live_dir), live_dir.name)
+        _same_signature(manifest, load_manifest(live_dir), live)
     return list(result.notes)
 
 
