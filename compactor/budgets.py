@@ -47,10 +47,15 @@ BUDGET_KEYS = {
 # --------------------------------------------------------------------------- three-valued
 
 
+# On a busy host a latency fails only when even its fastest run was this many times over.
+BUSY_FAIL_FACTOR = 2.0
 # How long a gate may spend re-measuring undecided verdicts, in all, by default; and how
 # long the first re-measurement lasts (each next one twice as long, within what is left).
 DEFAULT_SETTLE_S = 30.0
 FIRST_REMEASURE_S = 2.0
+# One re-measurement takes at least this long (a paired timing: six rounds of two ~0.1 s
+# blocks); a cap below it could not take one.
+MIN_SETTLE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,9 @@ def decide(name: str, limit: float, iv: Interval, unit: str, at_most: bool,
     at-most budget: the quiet figure could be lower."""
     cut = (f"{iv.value:.4g} {unit} (95% interval {iv.low:.4g}–{iv.high:.4g})")
     if at_most:
-        status = ("pass" if iv.high <= limit else
-                  "fail" if iv.low > limit and not iv.busy else "inconclusive")
+        over = iv.low > limit and (not iv.busy or (
+            iv.fastest is not None and iv.fastest > BUSY_FAIL_FACTOR * limit))
+        status = "pass" if iv.high <= limit else "fail" if over else "inconclusive"
     else:
         status = ("pass" if iv.low >= limit else
                   "fail" if iv.high < limit else "inconclusive")
@@ -416,10 +422,18 @@ def parse_percent(text: str) -> float:
 
 
 def regressions(old: Mapping[str, Any], new: Mapping[str, Any], max_regression: float,
-                profiles: Iterable[str] | None = None) -> list[Verdict]:
+                profiles: Iterable[str] | None = None,
+                paired: Mapping[str, Interval] | None = None,
+                gate: Gate | None = None,
+                repair: Callable[[str, float], Interval] | None = None) -> list[Verdict]:
     """Compare two manifests' final stages: size, p50 latency at batch 1 for each profile
     both measured, and the metric. A regression beyond ``max_regression`` (relative) fails.
-    """
+
+    Latency is judged on ``paired[profile]`` where given: the new model's speed-up over the
+    old one, both timed interleaved in one process (``repair(profile, seconds)`` times it
+    again to settle an undecided verdict, within ``gate``'s cap). Without it the two
+    manifests' figures were timed at different moments, maybe on different hosts: within
+    the limit passes, beyond it is inconclusive, never a fail."""
     o, n = old["stages"][-1], new["stages"][-1]
     out: list[Verdict] = []
     pct = max_regression * 100
@@ -441,25 +455,51 @@ def regressions(old: Mapping[str, Any], new: Mapping[str, Any], max_regression: 
     for prof, lat in (n.get("latency_ms") or {}).items():
         if wanted is not None and prof not in wanted:
             continue
+        name = f"latency_p50.{prof}"
+        if paired is not None and prof in paired:
+            out.append(_paired_regression(name, pct, paired[prof], gate or Gate(),
+                                          None if repair is None else
+                                          (lambda s, p=prof: repair(p, s))))
+            continue
         before = ((o.get("latency_ms") or {}).get(prof) or {}).get("1")
         after = (lat or {}).get("1")
-        name = f"latency_p50.{prof}"
         if before is None or after is None:
             out.append(Verdict(f"regression.{name}", pct, None, "%", "not measured",
                                "p50 at batch 1 missing in one of the two artifacts"))
             continue
-        out.append(worse(name, before["p50"], after["p50"], "ms", f"{prof} p50 at batch 1"))
-    metric = new["metric"]["name"]
-    if metric == old["metric"]["name"]:
-        higher_better = new["metric"].get("higher_is_better", True)
-        b, a = o["metric"], n["metric"]
-        change = (b - a) if higher_better else (a - b)
-        base = abs(b) or 1.0
-        rel = change / base
-        status: Status = "fail" if rel > max_regression + 1e-12 else "pass"
-        out.append(Verdict(f"regression.{metric}", pct, round(rel * 100, 3), "%", status,
-                           f"{metric}: {b:.4g} → {a:.4g}"))
-    else:
-        out.append(Verdict(f"regression.{metric}", pct, None, "%", "not measured",
-                           f"the old artifact measured {old['metric']['name']}, not {metric}"))
+        v = worse(name, before["p50"], after["p50"], "ms", f"{prof} p50 at batch 1")
+        if v.status == "fail":
+            v = replace(v, status="inconclusive", detail=v.detail + "; from the two manifests, "
+                        "timed at different moments: --remeasure times both models paired")
+        out.append(v)
+    out.append(_metric_regression(old, new, o, n, max_regression, pct))
     return out
+
+
+def _paired_regression(name: str, pct: float, speedup: Interval, gate: Gate,
+                       repair: Callable[[float], Interval] | None) -> Verdict:
+    """A latency regression from the paired speed-up of new over old: (1/speed-up - 1)."""
+    detail = "p50 at batch 1, old and new model timed paired in one process"
+
+    def as_change(iv: Interval) -> Interval:
+        return Interval(100 * (1 / iv.value - 1), 100 * (1 / iv.high - 1),
+                        100 * (1 / iv.low - 1), iv.busy, iv.note)
+
+    v = decide(f"regression.{name}", pct, as_change(speedup), "%", True, detail)
+    return settle(v, None if repair is None else (lambda s: as_change(repair(s))), gate, True,
+                  detail)
+
+
+def _metric_regression(old: Mapping[str, Any], new: Mapping[str, Any], o: Mapping[str, Any],
+                       n: Mapping[str, Any], max_regression: float, pct: float) -> Verdict:
+    metric = new["metric"]["name"]
+    if metric != old["metric"]["name"]:
+        return Verdict(f"regression.{metric}", pct, None, "%", "not measured",
+                       f"the old artifact measured {old['metric']['name']}, not {metric}")
+    higher_better = new["metric"].get("higher_is_better", True)
+    b, a = o["metric"], n["metric"]
+    change = (b - a) if higher_better else (a - b)
+    rel = change / (abs(b) or 1.0)
+    status: Status = "fail" if rel > max_regression + 1e-12 else "pass"
+    return Verdict(f"regression.{metric}", pct, round(rel * 100, 3), "%", status,
+                   f"{metric}: {b:.4g} → {a:.4g}")

@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compactor.budgets import Verdict, evaluate_budgets, merge_budgets, regressions
+from compactor.budgets import (
+    DEFAULT_SETTLE_S,
+    MIN_SETTLE_S,
+    Gate,
+    Interval,
+    Verdict,
+    check_time_cap,
+    evaluate_budgets,
+    merge_budgets,
+    regressions,
+)
 from compactor.errors import EXIT_USAGE, ArtifactDamaged, ArtifactError, UsageError, did_you_mean
 from compactor.manifest import (
     MANIFEST,
@@ -72,14 +82,21 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
+        """No verdict failed (nor, with ``strict``, went unmeasured); an inconclusive one
+        is the caller's policy (:attr:`inconclusive`)."""
         bad = {"fail", "not measured"} if self.strict else {"fail"}
         return self.intact and not any(v.status in bad for _, v in self.all_verdicts())
+
+    @property
+    def inconclusive(self) -> list[tuple[str, Verdict]]:
+        return [(g, v) for g, v in self.all_verdicts() if v.status == "inconclusive"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "artifact": str(self.artifact),
             "name": self.name,
             "passed": self.passed,
+            "inconclusive": len(self.inconclusive),
             "strict": self.strict,
             "integrity": [v.to_dict() for v in self.integrity],
             "targets": [t.to_dict() for t in self.targets],
@@ -167,8 +184,12 @@ def check_artifact(
     strict: bool = False,
     dims: Mapping[str, int] | None = None,
     on_measure: Callable[[str], None] | None = None,
+    settle_s: float = DEFAULT_SETTLE_S,
 ) -> CheckResult:
-    """Check the artifact at ``path``; see ``compactor check --help``."""
+    """Check the artifact at ``path``; see ``compactor check --help``. With ``remeasure``,
+    undecided latency verdicts are re-measured for up to ``settle_s`` per target, and a
+    latency regression against ``against`` is timed paired (both models in one process)."""
+    check_time_cap(settle_s, MIN_SETTLE_S, "--settle-time")
     folder, manifest = load_artifact_manifest(path)
     old = read_other_manifest(against) if against is not None else None
     result = CheckResult(folder, manifest.name, verify_integrity(folder, manifest),
@@ -196,21 +217,82 @@ def check_artifact(
             if on_measure:
                 on_measure(name)
             check = _remeasured(folder, manifest, current, name, index, entry, budgets,
-                                dims or {})
+                                dims or {}, settle_s)
         else:
             check = _from_manifest(manifest, index, entry, budgets)
         result.targets.append(check)
     if old is not None:
-        _compare(result, old, manifest, current, str(against), max_regression, chosen)
+        pairing = _Pairing(folder, manifest, against, dims or {}, settle_s) if remeasure \
+            else None
+        _compare(result, old, manifest, current, str(against), max_regression, chosen,
+                 pairing)
     return result
 
 
+@dataclass
+class _Pairing:
+    """What timing the old and the new model paired needs (``check --against --remeasure``)."""
+
+    folder: Path
+    manifest: Manifest
+    against: Path | None
+    dims: Mapping[str, int]
+    settle_s: float
+
+    def speedups(self, old: Manifest, chosen: Sequence[str]
+                 ) -> tuple[dict[str, Interval], Callable[[str, float], Interval] | None,
+                            list[str]]:
+        """The new model's speed-up over the old one per profile, timed paired now; a
+        function that times it again; notes on what could not be paired."""
+        from compactor.measure.bench import input_specs, random_feeds
+        from compactor.measure.latency import providers_available
+        from compactor.measure.paired import paired_speedup
+
+        if self.against is None:
+            return {}, None, []
+        old_folder = self.against if self.against.is_dir() else self.against.parent
+        old_model = inside(old_folder, old.model.file, "model.file")
+        if not old_model.is_file():
+            return {}, None, [f"--against: {old.model.file} is not beside its manifest, so "
+                              "latency is compared from the two manifests"]
+        new_model = inside(self.folder, self.manifest.model.file, "model.file")
+        shape = self.manifest.final.latency_shape
+        dims = {**(shape.dims if shape is not None else {}), **self.dims}
+        feeds = random_feeds(input_specs(new_model), 1, dims)[0]
+        profiles = {}
+        for name in chosen:
+            index = next((i for i, t in enumerate(self.manifest.targets) if t.profile == name),
+                         None)
+            entry = None if index is None else self.manifest.targets[index]
+            prof = _profile(entry, index, name)
+            if providers_available(prof)[0]:
+                profiles[name] = prof
+
+        def again(name: str, seconds: float) -> Interval:
+            return paired_speedup(old_model, new_model, profiles[name], feeds, seconds)
+
+        return ({n: again(n, PAIR_S) for n in profiles}, again, [])
+
+
+# How long `check --against --remeasure` first times the old and the new model paired.
+PAIR_S = 3.0
+
+
 def _compare(result: CheckResult, old: Manifest, manifest: Manifest, current: dict[str, Any],
-             against: str, max_regression: float, chosen: Sequence[str]) -> None:
+             against: str, max_regression: float, chosen: Sequence[str],
+             pairing: _Pairing | None = None) -> None:
     """Regressions of ``current`` (the manifest's figures, with any re-measured on this host)
-    against an older artifact, noting when the two come from different hosts."""
+    against an older artifact, noting when the two come from different hosts. With a
+    ``pairing``, latency is timed paired: both models in one process, interleaved."""
     result.against = against
-    result.regressions = regressions(old.to_dict(), current, max_regression, chosen)
+    paired, again, notes = (pairing.speedups(old, chosen) if pairing is not None
+                            else ({}, None, []))
+    result.notes += notes
+    gate = Gate(cap_s=pairing.settle_s) if pairing is not None else None
+    result.regressions = regressions(old.to_dict(), current, max_regression, chosen,
+                                     paired=paired or None, gate=gate, repair=again)
+    if paired:
+        return
     before, after = (m.host.cpu or "?" for m in (old, manifest))
     if before != after:
         result.notes.append(
@@ -292,7 +374,8 @@ def _bounded(profile: Profile) -> tuple[Profile, list[str]]:
 
 
 def _judge(manifest: Manifest, prof_name: str, budgets: Budgets, profile: Profile | None,
-           final_latency: Mapping[str, Any] | None, memory_mb: float | None) -> list[Verdict]:
+           final_latency: Mapping[str, Any] | None, memory_mb: float | None,
+           entry: TargetRecord | None = None, gate: Gate | None = None) -> list[Verdict]:
     base, final = manifest.baseline, manifest.final
     lat = None if final_latency is None else {q: final_latency[q] for q in ("p50", "p90", "p99")}
     b1 = base.latency_at(prof_name)
@@ -309,7 +392,38 @@ def _judge(manifest: Manifest, prof_name: str, budgets: Budgets, profile: Profil
         memory_mb=memory_mb,
         profile=profile,
         latency_estimate_ms=None if est is None else est.latency_ms,
+        latency_ci=_intervals(final_latency),
+        speedup=_recorded_speedup(entry),
+        gate=gate,
     )
+
+
+def _intervals(latency: Mapping[str, Any] | None) -> dict[str, Interval] | None:
+    """Each quantile's noise-robust estimate and interval from a latency record (None for
+    records that predate it: their budgets are judged on the plain figure)."""
+    from compactor.measure.latency import quiet_interval
+
+    if latency is None:
+        return None
+    found = {q: iv for q in ("p50", "p90", "p99")
+             if (iv := quiet_interval(latency.get("quiet"), q, latency.get("busy"),
+                                      latency.get("quiet_blocks"), latency.get("blocks"),
+                                      latency.get("others_cores"), latency.get("min")))
+             is not None}
+    return found or None
+
+
+def _recorded_speedup(entry: TargetRecord | None) -> Interval | None:
+    """The speed-up over the baseline the run timed paired (its min_speedup verdict's
+    figure and interval). An artifact holds no baseline model to time it again; a manifest
+    from before paired timing has its figure alone."""
+    if entry is None:
+        return None
+    rec = next((v for v in entry.verdicts if v.budget == "min_speedup"), None)
+    if rec is None or rec.measured is None:
+        return None  # never timed paired: two separate timings are not a speed-up
+    return Interval(rec.measured, rec.low if rec.low is not None else rec.measured,
+                    rec.high if rec.high is not None else rec.measured)
 
 
 def _from_manifest(manifest: Manifest, index: int, entry: TargetRecord,
@@ -320,14 +434,29 @@ def _from_manifest(manifest: Manifest, index: int, entry: TargetRecord,
     mem = (final.runtime.get(name) or RuntimeRecord()).peak_rss_mb
     profile = _profile(entry, index, name)
     verdicts = _judge(manifest, name, budgets, profile,
-                      None if l1 is None else l1.model_dump(), mem)
+                      None if l1 is None else l1.model_dump(), mem, entry)
+    verdicts = [_from_manifest_note(v) for v in verdicts]
     return TargetCheck(name, "manifest", verdicts, list(entry.notes))
+
+
+def _from_manifest_note(v: Verdict) -> Verdict:
+    """An undecided latency verdict from the manifest cannot be re-measured here."""
+    from dataclasses import replace
+
+    if v.status == "inconclusive" and v.budget.startswith("max_latency_ms"):
+        return replace(v, detail=f"{v.detail}; --remeasure times it again on this host")
+    return v
 
 
 def _remeasured(folder: Path, manifest: Manifest, current: dict[str, Any], name: str,
                 index: int | None, entry: TargetRecord | None, budgets: Budgets,
-                dims: Mapping[str, int]) -> TargetCheck:
-    from compactor.measure.bench import input_specs, measure_profile, random_feeds
+                dims: Mapping[str, int], settle_s: float = DEFAULT_SETTLE_S) -> TargetCheck:
+    from compactor.measure.bench import (
+        input_specs,
+        measure_profile,
+        random_feeds,
+        remeasure_latency,
+    )
 
     profile = _profile(entry, index, name)
     notes: list[str] = []
@@ -345,12 +474,15 @@ def _remeasured(folder: Path, manifest: Manifest, current: dict[str, Any], name:
         {str(b): v.to_dict() for b, v in m.latency.items()} if m.measured else None)
     final.setdefault("runtime", {})[name] = m.runtime
     l1 = m.latency.get(1)
+    one = feeds.get(1) or random_feeds(specs, 1, dims)[0]
+    gate = Gate(latency=lambda s: remeasure_latency(model, profile, one, s), cap_s=settle_s)
     verdicts = _judge(manifest, name, budgets, profile, None if l1 is None else l1.to_dict(),
-                      m.runtime.get("peak_rss_mb"))
+                      m.runtime.get("peak_rss_mb"), entry, gate)
     notes += m.notes
     if budgets.min_speedup is not None:
-        notes.append("min_speedup compares the manifest's baseline with the latency measured "
-                     "now, on this host; the artifact does not hold the baseline model")
+        notes.append("min_speedup is the speed-up over the baseline the run timed paired "
+                     "(recorded in the manifest); the artifact does not hold the baseline "
+                     "model to time it again")
     return TargetCheck(name, "re-measured on this host", verdicts, notes,
                        {"latency_ms": final["latency_ms"][name], "runtime": m.runtime})
 
@@ -361,7 +493,7 @@ def _remeasured(folder: Path, manifest: Manifest, current: dict[str, Any], name:
 def junit_xml(result: CheckResult) -> str:
     """JUnit XML: a test suite per target (plus integrity and regressions), a test case per
     verdict; a failed verdict is a failure, "not measured" is skipped (a failure with
-    ``--strict``)."""
+    ``--strict``), and so is "inconclusive", with its reason as the message."""
     import xml.etree.ElementTree as ET
 
     groups: dict[str, list[Verdict]] = {}
@@ -382,7 +514,9 @@ def junit_xml(result: CheckResult) -> str:
                 f = ET.SubElement(case, "failure", message=text, type=v.status)
                 f.text = text
                 counts["failures"] += 1
-            elif v.status == "not measured":
+            elif v.status in ("not measured", "inconclusive"):
+                # an undecided gate is no failure of the model; the exit code carries
+                # --inconclusive's policy
                 ET.SubElement(case, "skipped", message=text)
                 counts["skipped"] += 1
             else:
@@ -417,12 +551,13 @@ def _verdict_text(group: str, v: Verdict) -> str:
 
 def github_annotations(result: CheckResult) -> list[str]:
     """GitHub Actions workflow commands: an error per failed verdict, a warning per verdict
-    that could not be measured."""
+    that could not be measured or decided."""
     out = []
     for group, v in result.all_verdicts():
         if v.status == "pass":
             continue
-        level = "error" if v.status == "fail" or result.strict else "warning"
+        level = "error" if v.status == "fail" or (
+            result.strict and v.status == "not measured") else "warning"
         title = visible(f"compactor {result.name}: {group} {v.budget}")
         out.append(f"::{level} title={_gh_escape(title, prop=True)}::"
                    f"{_gh_escape(_verdict_line(group, v))}")
@@ -441,9 +576,11 @@ def summary_markdown(result: CheckResult) -> str:
     """A short Markdown summary, for ``$GITHUB_STEP_SUMMARY``."""
     from compactor.report.markdown import md_text
 
-    mark = {"pass": "✅ pass", "fail": "❌ FAIL", "not measured": "⚪ not measured"}
-    lines = [f"### compactor check: {md_text(result.name)} — "
-             + ("✅ passed" if result.passed else "❌ failed"), "",
+    mark = {"pass": "✅ pass", "fail": "❌ FAIL", "not measured": "⚪ not measured",
+            "inconclusive": "❔ inconclusive"}
+    head = ("❌ failed" if not result.passed else
+            "❔ inconclusive" if result.inconclusive else "✅ passed")
+    lines = [f"### compactor check: {md_text(result.name)} — {head}", "",
              "| group | check | verdict | detail |", "|---|---|---|---|"]
     for group, v in result.all_verdicts():
         lines.append(f"| {md_text(group)} | {md_text(v.budget)} | {mark[v.status]} | "

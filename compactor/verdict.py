@@ -28,6 +28,9 @@ class Interval:
     high: float
     busy: bool = False
     note: str = ""
+    # the fastest single run, where it is a latency: on a busy host, the one figure a
+    # neighbour is least likely to have inflated
+    fastest: float | None = None
 
     @classmethod
     def point(cls, value: float) -> Interval:

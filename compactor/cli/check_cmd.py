@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from compactor.cli.options import dim_option
+from compactor.cli.options import dim_option, inconclusive_option, settle_option
 
 if TYPE_CHECKING:
     from compactor.check import CheckResult
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
               help="Largest allowed regression in size, p50 latency or the metric.")
 @dim_option("With --remeasure: size of a symbolic input axis other than the batch.")
 @click.option("--strict", is_flag=True, help="Fail on verdicts that could not be measured.")
+@inconclusive_option()
+@settle_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Also write the verdicts as JUnit XML (for CI test reports).")
@@ -39,7 +41,8 @@ if TYPE_CHECKING:
                    "verdicts, as Prometheus gauges (node_exporter textfile; docs/deploy.md).")
 def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...],
           remeasure: bool, against: Path | None, max_regression: str, dims: dict[str, int],
-          strict: bool, as_json: bool, junit: Path | None, prometheus: Path | None) -> int:
+          strict: bool, inconclusive: str, settle_s: float, as_json: bool, junit: Path | None,
+          prometheus: Path | None) -> int:
     """Check ARTIFACT (a folder `compactor optimize` wrote): verify the model's hash against
     the manifest, judge each target's budgets (from the manifest, or re-measured with
     --remeasure), and compare with an older artifact (--against).
@@ -47,14 +50,16 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     ARTIFACT may also be a `compactor publish` repository, one of its models (its live
     version) or a version folder.
 
-    Exits 0 when every check holds, 1 when one fails or the artifact was tampered with.
-    Under GitHub Actions (GITHUB_ACTIONS=true) failures are also printed as annotations and
-    a summary is added to the job's step summary.
+    Exits 0 when every check holds, 1 when one fails or the artifact was tampered with, 5
+    when one stays inconclusive (its interval straddles the limit, or the host was too busy
+    to trust a fail) under --inconclusive fail. Under GitHub Actions (GITHUB_ACTIONS=true)
+    failures are also printed as annotations and a summary is added to the job's step
+    summary.
     """
     from compactor.budgets import parse_budget_overrides, parse_percent
     from compactor.check import check_artifact
+    from compactor.cli.options import gate_exit
     from compactor.cli.render import check_report, console, safe
-    from compactor.errors import EXIT_BUDGET, EXIT_OK
 
     overrides = parse_budget_overrides(budget_pairs)
     limit = parse_percent(max_regression)
@@ -75,6 +80,7 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     result = check_artifact(
         artifact, targets=targets, overrides=overrides, remeasure=remeasure, against=against,
         max_regression=limit, strict=strict, dims=dims, on_measure=on_measure,
+        settle_s=settle_s,
     )
     _ci_outputs(result, junit, as_json)
     if prometheus is not None:
@@ -88,10 +94,24 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     else:
         check_report(console(), result.to_dict())
     _refuse_tampered(result)
+    undecided = len(result.inconclusive)
     if not as_json:
-        verdict = "[green]all checks hold[/]" if result.passed else "[bold red]check failed[/]"
-        console().print(verdict)
-    return EXIT_OK if result.passed else EXIT_BUDGET
+        console().print(_last_line(result.passed, undecided, inconclusive))
+    elif undecided and inconclusive == "warn":
+        err.print(f"[yellow]warning[/] {undecided} verdict(s) inconclusive (--inconclusive warn)")
+    return gate_exit(result.passed, undecided, inconclusive)
+
+
+def _last_line(passed: bool, undecided: int, policy: str) -> str:
+    if not passed:
+        return "[bold red]check failed[/]"
+    if not undecided:
+        return "[green]all checks hold[/]"
+    what = {"fail": "[bold yellow]check inconclusive[/] (exit 5: re-run it on a quieter host, "
+                    "or raise --settle-time)",
+            "warn": "[yellow]warning[/]: passed, but undecided (--inconclusive warn)",
+            "pass": "[green]all decided checks hold[/] (--inconclusive pass)"}[policy]
+    return f"{what}; {undecided} verdict(s) inconclusive"
 
 
 def _ci_outputs(result: CheckResult, junit: Path | None, as_json: bool) -> None:

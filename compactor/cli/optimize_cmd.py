@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from compactor.errors import EXIT_BUDGET, EXIT_OK
+from compactor.cli.options import gate_exit, inconclusive_option, settle_option
+from compactor.errors import EXIT_OK
 
 
 def demo_recipe() -> Path:
@@ -29,11 +30,15 @@ def demo_recipe() -> Path:
                    "training from the last checkpoint (refused when the recipe changed in a "
                    "way that invalidates them). Saved files are loaded as weights only, and "
                    "only when they match the signed hashes recorded when they were written.")
-def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bool) -> int:
+@inconclusive_option()
+@settle_option()
+def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bool,
+             inconclusive: str, settle_s: float) -> int:
     """Run RECIPE: passes, measurements, budgets, artifact.
 
-    With no RECIPE, runs the bundled demo (a CNN on handwritten digits → ONNX → int8).
-    Exits 1 when a budget fails (the artifact is still written, its verdicts failing).
+    With no RECIPE, runs the bundled demo (a CNN on handwritten digits: prune → distill →
+    ONNX → int8). Exits 1 when a budget fails (the artifact is still written, its verdicts
+    failing), 5 when one stays inconclusive under --inconclusive fail.
     """
     from compactor.cli.render import RichProgress, console, stage_table, verdict_table
     from compactor.pipeline import optimize as run
@@ -49,10 +54,11 @@ def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bo
     if _worker_rank():  # under torchrun, rank 0 draws progress and reports
         from compactor.progress import Progress
 
-        run(r, progress=Progress(), output=output, resume=resume)
+        run(r, progress=Progress(), output=output, resume=resume, settle_s=settle_s)
         return EXIT_OK
     with RichProgress(err) as progress:
-        result = run(r, progress=progress, output=output, resume=resume)
+        result = run(r, progress=progress, output=output, resume=resume, settle_s=settle_s)
+    undecided = len(result.inconclusive)
     if as_json:
         click.echo(json.dumps({"artifact": str(result.artifact), **result.manifest}, indent=2,
                               default=str))
@@ -71,9 +77,23 @@ def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bo
         for t in manifest.targets:
             for note in t.notes:
                 out.print(f"[yellow]note[/] {t.profile}: {note}")
-        verdict = "[green]all budgets hold[/]" if result.passed else "[bold red]budget failed[/]"
-        out.print(f"{verdict}; artifact: {result.artifact} ({result.seconds:.0f} s)")
-    return EXIT_OK if result.passed else EXIT_BUDGET
+        out.print(f"{_last_line(result.passed, undecided, inconclusive)}; artifact: "
+                  f"{result.artifact} ({result.seconds:.0f} s)")
+    if as_json and undecided and inconclusive == "warn":
+        err.print(f"[yellow]warning[/] {undecided} verdict(s) inconclusive (--inconclusive warn)")
+    return gate_exit(result.passed, undecided, inconclusive)
+
+
+def _last_line(passed: bool, undecided: int, policy: str) -> str:
+    if not passed:
+        return "[bold red]budget failed[/]"
+    if not undecided:
+        return "[green]all budgets hold[/]"
+    what = {"fail": "[bold yellow]budgets inconclusive[/] (exit 5: re-run on a quieter host, "
+                    "or raise --settle-time)",
+            "warn": "[yellow]warning[/]: budgets undecided (--inconclusive warn)",
+            "pass": "[green]all decided budgets hold[/] (--inconclusive pass)"}[policy]
+    return f"{what}; {undecided} verdict(s) inconclusive"
 
 
 def _worker_rank() -> bool:

@@ -52,3 +52,43 @@ def dim_option(help: str, example: str = "--dim seq=128") -> Callable:
         callback=_as_dict,
         help=help,
     )
+
+
+# What an inconclusive verdict does to the exit code. "fail" by default: a CI gate that
+# could not decide must not ship, and its own exit code (5, not 1) lets a job retry it on a
+# quieter runner instead of reporting a broken model.
+INCONCLUSIVE_POLICIES = ("fail", "warn", "pass")
+# compactor.budgets.DEFAULT_SETTLE_S (written out: --help must not import the library;
+# tests/cli/test_cli_options.py holds them equal)
+DEFAULT_SETTLE_S = 30.0
+
+
+def inconclusive_option() -> Callable:
+    """``--inconclusive fail|warn|pass``, passed as ``inconclusive: str``."""
+    return click.option(
+        "--inconclusive", "inconclusive", type=click.Choice(INCONCLUSIVE_POLICIES),
+        default="fail", show_default=True,
+        help="What a verdict that stays undecided does (its interval straddles the limit, "
+             "or the host was too busy to trust a fail, after re-measuring): fail = exit 5 "
+             "(retry it), warn = exit 0 with a warning, pass = exit 0.")
+
+
+def settle_option() -> Callable:
+    """``--settle-time SECONDS``, passed as ``settle_s: float``."""
+    return click.option(
+        "--settle-time", "settle_s", type=float, default=DEFAULT_SETTLE_S, show_default=True,
+        metavar="SECONDS",
+        help="Time cap, per target, for re-measuring latency and speed-up verdicts whose "
+             "interval straddles the limit.")
+
+
+def gate_exit(passed: bool, undecided: int, policy: str) -> int:
+    """The exit code of a gate: 1 when a verdict failed; 5 when one stayed inconclusive
+    under ``--inconclusive fail``; else 0."""
+    from compactor.errors import EXIT_BUDGET, EXIT_INCONCLUSIVE, EXIT_OK
+
+    if not passed:
+        return EXIT_BUDGET
+    if undecided and policy == "fail":
+        return EXIT_INCONCLUSIVE
+    return EXIT_OK

@@ -186,7 +186,8 @@ def _bench_measured(out: Console, r: dict[str, Any]) -> None:
 
 
 _STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]",
-          "not measured": "[yellow]not measured[/]"}
+          "not measured": "[yellow]not measured[/]",
+          "inconclusive": "[bold yellow]inconclusive[/]"}
 
 
 def _verdict(v: dict[str, Any]) -> VerdictRecord:

@@ -28,6 +28,7 @@ from compactor.measure.shapes import (
     scalar_inputs,
 )
 from compactor.profiles import Profile
+from compactor.verdict import Interval
 
 # Below this share of the cores it asked for, the measuring process was competing for them.
 BUSY_CPU_SHARE = 0.75
@@ -99,6 +100,28 @@ def measure_profile(
             f"{profile.timing.max_time_s:g} s at batch {', '.join(map(str, unstable))} "
             "(a noisy host); its CI is in the results")
     return ProfileMeasurement(profile.name, True, lat, runtime, notes)
+
+
+def timed_for(profile: Profile, seconds: float) -> Profile:
+    """``profile`` timed for about ``seconds`` per batch size: a re-measurement that must
+    gather more blocks of runs, not stop as soon as the median looks stable."""
+    t = profile.timing
+    timing = t.model_copy(update={"max_time_s": max(seconds, 0.2),
+                                  "min_time_s": max(seconds, 0.2) * 0.95,
+                                  "warmup_s": min(t.warmup_s, seconds * 0.1)})
+    return profile.model_copy(update={"timing": timing})
+
+
+def remeasure_latency(path: Path, profile: Profile, feeds: Mapping[str, np.ndarray],
+                      seconds: float, work_dir: Path | None = None) -> dict[str, Interval]:
+    """Batch-1 latency of ``path`` measured again, in a fresh process, for about
+    ``seconds``: each quantile's noise-robust estimate and interval (empty when this host
+    cannot measure the profile)."""
+    m = measure_profile(path, timed_for(profile, seconds), {1: feeds}, work_dir)
+    l1 = m.latency.get(1)
+    if l1 is None:
+        return {}
+    return {q: iv for q in ("p50", "p90", "p99") if (iv := l1.interval(q)) is not None}
 
 
 # --------------------------------------------------------------------------- feeds

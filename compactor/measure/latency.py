@@ -71,7 +71,7 @@ class Latency:
         """The noise-robust estimate of quantile ``q`` with its interval, or None (records
         from before it was measured)."""
         return quiet_interval(self.quiet, q, self.busy, self.quiet_blocks, self.blocks,
-                              self.others_cores)
+                              self.others_cores, self.min)
 
     def to_dict(self) -> dict:
         return {k: (round(v, 5) if isinstance(v, float) else
@@ -86,7 +86,8 @@ class Latency:
 
 def quiet_interval(quiet: Mapping[str, Sequence[float]] | None, q: str, busy: bool | None,
                    quiet_blocks: int | None, blocks: int | None,
-                   others_cores: float | None) -> Interval | None:
+                   others_cores: float | None, fastest: float | None = None
+                   ) -> Interval | None:
     """A :class:`Latency`'s (or its manifest record's) estimate of ``q`` as an Interval."""
     if not quiet or q not in quiet:
         return None
@@ -96,7 +97,7 @@ def quiet_interval(quiet: Mapping[str, Sequence[float]] | None, q: str, busy: bo
         note = (f"{quiet_blocks or 0} of {blocks or 0} blocks of runs had the cores to "
                 "themselves" + (f"; other processes took {others_cores:.1f} cores"
                                 if others_cores else ""))
-    return Interval(est, lo, hi, bool(busy), note)
+    return Interval(est, lo, hi, bool(busy), note, fastest)
 
 
 def median_ci(sorted_ms: Sequence[float] | np.ndarray) -> tuple[float, float, float]:

@@ -10,19 +10,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compactor.budgets import DEFAULT_SETTLE_S
 from compactor.errors import CompactorError, PassError
 from compactor.exporting import ExportConfig
 from compactor.metrics import Metric, get_metric
 from compactor.passes import Pass, Reference, RunContext, get_pass
 from compactor.pipeline.context import build_context
 from compactor.pipeline.evaluate import Evaluator
-from compactor.pipeline.judge import judge, warn_if_slower
+from compactor.pipeline.judge import Timer, judge, make_timer, warn_if_slower
 from compactor.pipeline.resume import ResumableRun, RunInterrupted
 from compactor.profiles import Profile, load_profile
 from compactor.progress import Progress
 from compactor.recipe import Recipe
 from compactor.results import StageResult, TargetResult
 from compactor.stage import Stage
+from compactor.verdict import Interval, Verdict
+
+# How long the "int8 is SLOWER" check times the quantized model against its float input.
+PAIR_CHECK_S = 2.0
 
 
 @dataclass
@@ -40,17 +45,29 @@ class RunResult:
     def passed(self) -> bool:
         return all(t.passed for t in self.targets)
 
+    @property
+    def inconclusive(self) -> list[Verdict]:
+        """Verdicts the run could not decide (``--inconclusive`` says what they mean)."""
+        return [v for t in self.targets for v in t.verdicts if v.status == "inconclusive"]
+
 
 def optimize(recipe: Recipe, progress: Progress | None = None,
-             output: Path | None = None, resume: bool = False) -> RunResult:
+             output: Path | None = None, resume: bool = False,
+             settle_s: float = DEFAULT_SETTLE_S) -> RunResult:
     """Run ``recipe`` end to end and write its artifact. Budget failures do not raise: the
     result's ``passed`` says whether every budget holds.
 
     Work happens in ``.<artifact>.compactor-work/``, kept when a run fails or is
     interrupted: with ``resume``, finished stages there are reused and a training pass
     continues from its checkpoint (refused, with the reason, when the recipe changed in a
-    way that invalidates them). Without it, a fresh run replaces that folder."""
+    way that invalidates them). Without it, a fresh run replaces that folder.
+
+    ``settle_s`` caps the time spent re-measuring each target's undecided latency and
+    speed-up verdicts (``compactor optimize --settle-time``)."""
     from compactor import artifact
+    from compactor.budgets import MIN_SETTLE_S, check_time_cap
+
+    check_time_cap(settle_s, MIN_SETTLE_S, "--settle-time")
     from compactor.model import load_model, onnx_input_specs
 
     t_start = time.perf_counter()
@@ -70,7 +87,7 @@ def optimize(recipe: Recipe, progress: Progress | None = None,
     try:
         ctx = build_context(recipe, inputs, run.work_dir, progress, profiles, metric,
                             baseline=baseline, writes=run.writes)
-        runner = _Runner(recipe, ctx, run, t_start)
+        runner = _Runner(recipe, ctx, run, t_start, settle_s)
         result = runner.execute(baseline, source_files)
         ok = True
         return result
@@ -92,8 +109,10 @@ def _judge_before_passes(recipe: Recipe, profiles: Sequence[Profile], baseline: 
 class _Runner:
     """One run's steps, in order: the baseline, each pass, then the verdicts and artifact."""
 
-    def __init__(self, recipe: Recipe, ctx: RunContext, run: ResumableRun, t_start: float):
+    def __init__(self, recipe: Recipe, ctx: RunContext, run: ResumableRun, t_start: float,
+                 settle_s: float = DEFAULT_SETTLE_S):
         self.recipe = recipe
+        self.settle_s = settle_s
         self.ctx = ctx
         self.run = run
         self.t_start = t_start
@@ -123,7 +142,7 @@ class _Runner:
                 continue
             self.stages.append(self.evaluator.evaluate(current))
             if get_pass(name).must_be_faster:
-                warn_if_slower(self.stages[-2], self.stages[-1], self.progress)
+                warn_if_slower(self.stages[-2], self.stages[-1], self.progress, self._paired)
         return self._finish(source_files)
 
     def _pass(self, i: int, p: Pass, current: Stage) -> Stage:
@@ -148,7 +167,9 @@ class _Runner:
         from compactor import artifact
 
         ctx, recipe, final = self.ctx, self.recipe, self.stages[-1]
-        targets = judge(recipe.targets, ctx.profiles, self.stages, ctx.metric)
+        with self.progress.task("judge budgets (paired timings, re-measuring undecided ones)"):
+            targets = judge(recipe.targets, ctx.profiles, self.stages, ctx.metric,
+                            self._timer())
         extra_files, deployable_records = _deployables(final, ctx.profiles, ctx, self.progress)
         partition = None
         if recipe.partition is not None:
@@ -168,6 +189,16 @@ class _Runner:
                                     extra_files=extra_files)
         return RunResult(recipe, ctx.metric, self.stages, targets, self.run.out_dir,
                          manifest.to_dict(), time.perf_counter() - self.t_start)
+
+    def _timer(self) -> Timer:
+        return make_timer(self.ctx.latency_feeds(1), self.ctx.work_dir, self.settle_s)
+
+    def _paired(self, before: Path, after: Path, profile: str) -> Interval | None:
+        """``after``'s speed-up over ``before`` on ``profile``, timed paired now."""
+        prof = next((p for p in self.ctx.profiles if p.name == profile), None)
+        if prof is None:
+            return None
+        return self._timer().paired(before, after, prof, PAIR_CHECK_S)
 
     def _worker_result(self) -> RunResult:
         return RunResult(self.recipe, self.ctx.metric, [], [], self.run.out_dir, {},

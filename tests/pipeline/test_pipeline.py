@@ -338,10 +338,11 @@ def test_failing_budget_exits_1_and_still_writes_the_artifact(tmp_path, cnn_onnx
     assert drop["limit"] == pytest.approx(0.5 * base_acc)
     assert drop["measured"] == pytest.approx(stage(manifest, "quantize")["drop"])
     assert drop["status"] == "pass"
+    # the speed-up is timed paired, baseline against final in one process (never the two
+    # stages' own p50s, timed minutes apart), with its interval
     speed = verdicts["min_speedup"]
-    base_p50 = stage(manifest, "baseline")["latency_ms"]["fast"]["1"]["p50"]
-    final_p50 = stage(manifest, "quantize")["latency_ms"]["fast"]["1"]["p50"]
-    assert speed["measured"] == pytest.approx(base_p50 / final_p50, rel=1e-2)
+    assert speed["low"] <= speed["measured"] <= speed["high"], speed
+    assert "paired" in speed["detail"]
     assert speed["status"] == "pass"
     md = (tmp_path / "out" / "report.md").read_text()
     fail_rows = [ln for ln in md.splitlines() if "max_size_mb" in ln]
