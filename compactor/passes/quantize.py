@@ -163,7 +163,12 @@ class QuantizePass(Pass):
         work.mkdir(parents=True)
         record: dict[str, Any] = {}
         prep = self._prepare(stage.onnx_path, ctx, work, record)
+        t_prep = time.monotonic()
         search, judge, budget = self._search(prep, ctx, work, record)
+        t_setup = time.monotonic()
+        # time_budget_s bounds the whole pass, preparation included (the search keeps a
+        # quarter of it whatever preparation took)
+        search.limit_to(t0 + cfg.time_budget_s, 0.25 * cfg.time_budget_s)
         out = ctx.work_path(f"{step}.onnx")
         try:
             with ctx.progress.task("quantize: search") as task:
@@ -187,6 +192,10 @@ class QuantizePass(Pass):
         _outcome_record(record, decision, cfg, kept)
         record["search"]["seconds"] = round(outcome.seconds, 2)
         record["search"]["pass_seconds"] = round(time.monotonic() - t0, 2)
+        record["search"]["phases"] = {
+            "prepare": round(t_prep - t0, 2),  # opset, pre-processing, transformer fusion
+            "calibration_and_reference": round(t_setup - t_prep, 2),
+            **record["search"].get("phases", {})}
         record.update(_int8_summary(out))
         return stage.derive("quantize", kind="onnx", onnx_path=out, record=record,
                             warnings=tuple(record.pop("warnings", ())),

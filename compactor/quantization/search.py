@@ -164,6 +164,12 @@ class Search:
         self.smooth_info: dict[Path, dict[str, Any]] = {}  # smoothed model -> what was done
         self.float_p50: float | None = None
         self.warnings: list[str] = []  # what the user must hear (stage warnings)
+        self.phases = {"build": 0.0, "timing": 0.0, "accuracy": 0.0}  # seconds in each
+
+    def limit_to(self, deadline: float, floor_s: float) -> None:
+        """End the search by ``deadline`` (the whole pass's time budget), but give it at
+        least ``floor_s`` seconds from its start."""
+        self.deadline = max(min(self.deadline, deadline), self.t0 + floor_s)
 
     # ------------------------------------------------------------------ helpers
 
@@ -175,12 +181,23 @@ class Search:
     def build(self, c: Candidate) -> Attempt:
         path = self.env.work / f"cand-{c.key}.onnx"
         if not path.is_file():
-            build(c, path, self.env.calibration, self.space.excluded_types)
+            t = time.monotonic()
+            try:
+                build(c, path, self.env.calibration, self.space.excluded_types)
+            finally:
+                self.phases["build"] += time.monotonic() - t
         a = Attempt(c, path)
         self.attempts.append(a)
         return a
 
     def score(self, a: Attempt, holdout: bool = True) -> Attempt:
+        t = time.monotonic()
+        try:
+            return self._score(a, holdout)
+        finally:
+            self.phases["accuracy"] += time.monotonic() - t
+
+    def _score(self, a: Attempt, holdout: bool) -> Attempt:
         if a.search is None:
             self.env.on_step(f"accuracy: {a.candidate.label}")
             a.search = self.env.judge.score(a.path, "search")
@@ -194,8 +211,10 @@ class Search:
         are other float models timed beside them (their speed-ups go in the log)."""
         self.env.on_step(f"timing {len(attempts)} candidate(s) against float")
         keys = {f"c{i}": a for i, a in enumerate(attempts)}
+        t = time.monotonic()
         timing = self.env.timer({FLOAT: self.src, **(floats or {}),
                                  **{k: a.path for k, a in keys.items()}})
+        self.phases["timing"] += time.monotonic() - t
         for k, a in keys.items():
             a.p50_ms = timing.p50_ms[k]
             a.speedup = timing.speedup(k, FLOAT)
@@ -310,6 +329,9 @@ class Search:
         out.timed_out = self.timed_out
         out.warnings = list(self.warnings)
         out.seconds = time.monotonic() - self.t0
+        other = out.seconds - sum(self.phases.values())
+        out.log["phases"] = {**{k: round(v, 2) for k, v in self.phases.items()},
+                             "analysis_and_other": round(max(other, 0.0), 2)}
         return out
 
     def _speed_candidates(self) -> list[Attempt]:
