@@ -13,13 +13,19 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from compactor.report.format import (
+    Note,
     VerdictRow,
+    common_latency_notes,
     fmt_bytes,
     fmt_count,
     fmt_delta,
     fmt_metric,
     fmt_ms,
     fmt_share,
+    headline,
+    keep_float_text,
+    stage_notes,
+    target_notes,
     verdict_rows,
 )
 
@@ -36,12 +42,13 @@ if TYPE_CHECKING:
 # One colour per stage, in pipeline order; chosen to stay apart for common colour blindness.
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948",
            "#9c755f"]
-STATUS = {"pass": ("pass", "ok"), "fail": ("FAIL", "bad"), "not measured": ("not measured", "nm")}
+STATUS = {"pass": ("pass", "ok"), "fail": ("FAIL", "bad"), "inconclusive": ("inconclusive", "inc"),
+          "not measured": ("not measured", "nm")}
 
 CSS = """
 :root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --bg:#ffffff; --panel:#f6f8fa;
         --ok:#1a7f37; --ok-bg:#dafbe1; --bad:#cf222e; --bad-bg:#ffebe9; --nm:#9a6700;
-        --nm-bg:#fff8c5; --accent:#0969da; }
+        --nm-bg:#fff8c5; --inc:#8250df; --inc-bg:#fbefff; --accent:#0969da; }
 * { box-sizing: border-box; }
 body { margin: 0; font: 14px/1.45 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial,
        sans-serif; color: var(--fg); background: var(--bg); }
@@ -74,6 +81,16 @@ td.l, th.l { text-align: left; white-space: normal; }
 .pill.ok { background: var(--ok-bg); color: var(--ok); }
 .pill.bad { background: var(--bad-bg); color: var(--bad); }
 .pill.nm { background: var(--nm-bg); color: var(--nm); }
+.pill.inc { background: var(--inc-bg); color: var(--inc); border: 1px dashed var(--inc); }
+.badge.inc { background: var(--inc-bg); color: var(--inc); }
+tr.notes td { border-bottom: 1px solid var(--line); padding-top: 0; white-space: normal;
+              text-align: left; }
+tr.has-notes td { border-bottom: 0; }
+.warn { color: var(--bad); }
+.attention { border: 1px solid var(--bad); background: var(--bad-bg); border-radius: 8px;
+             padding: 10px 16px; margin: 0 0 18px; }
+.attention.inc { border-color: var(--inc); background: var(--inc-bg); }
+.attention ul { margin: 4px 0 0; padding-left: 18px; }
 .est { color: var(--nm); font-style: italic; }
 .muted { color: var(--muted); }
 .stack { display: grid; gap: 16px; }
@@ -119,8 +136,9 @@ def _est_ms(stage: StageRecord, profile: str) -> float | None:
 
 def render_html(manifest: Manifest) -> str:
     name = manifest.name
-    badge = ('<span class="badge ok">all budgets hold</span>' if manifest.passed
-             else '<span class="badge bad">a budget failed</span>')
+    inconclusive = any(v.status == "inconclusive" for t in manifest.targets for v in t.verdicts)
+    tone = "bad" if not manifest.passed else "inc" if inconclusive else "ok"
+    badge = f'<span class="badge {tone}">{_e(headline(manifest))}</span>'
     metric = manifest.metric
     host = manifest.host
     parts = [
@@ -135,6 +153,7 @@ def render_html(manifest: Manifest) -> str:
         f'{_e(metric.eval_samples)} eval samples · latency measured in ONNX Runtime '
         f'{_e(_or(host.onnxruntime, ""))} on {_e(_or(host.cpu, "this host"))} '
         f'({_e(_or(host.cores, "?"))} cores)</p>',
+        _attention(manifest),
         _summary_cards(manifest),
         "<h2>Stages</h2>",
         _stage_table(manifest),
@@ -150,12 +169,19 @@ def render_html(manifest: Manifest) -> str:
         "<h2>What stayed in float</h2>",
         _precision(manifest),
     ]
-    warnings = [(st.name, w) for st in manifest.stages for w in st.warnings]
-    if warnings:
-        parts += ["<h2>Notes</h2>", '<ul class="notes">' + "".join(
-            f"<li><b>{_e(n)}</b>: {_e(w)}</li>" for n, w in warnings) + "</ul>"]
+    for i, st in enumerate(manifest.stages):
+        if isinstance(st.record.get("search"), dict):  # an int8 search ran for this stage
+            parts += [f"<h2 id=\"quantize-{i}\">Quantization: {_e(st.name)}</h2>",
+                      _quantization(st.record)]
     if manifest.deployables:
         parts += ["<h2>Deployables</h2>", _deployables(manifest.deployables)]
+    if manifest.partition is not None:
+        part = manifest.partition
+        parts += ["<h2>Partition</h2>",
+                  "<p>" + (", ".join(f"<code>{_e(f)}</code>" for f in part.files)
+                           or "no files") + "</p>",
+                  '<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in part.notes)
+                  + "</ul>" if part.notes else ""]
     parts += [
         "<h2>Host</h2>",
         _host(host),
@@ -188,14 +214,21 @@ def _summary_cards(m: Manifest) -> str:
         b, f = _lat(base, p), _lat(final, p)
         est = _est_ms(final, p)
         if b and f:
+            qualified = base.latency_notes.get(p) or final.latency_notes.get(p)
             cards.append((f"speed-up on {p}", f"{b.p50 / f.p50:.2f}×",
-                          f"p50 {fmt_ms(b.p50)} → {fmt_ms(f.p50)} ms, batch 1"))
+                          f"p50 {fmt_ms(b.p50)} → {fmt_ms(f.p50)} ms, batch 1"
+                          + ("; qualified by the notes on its target below" if qualified
+                             else "")))
         elif est is not None:
             cards.append((f"{p}", "not measured", f"estimate ≥ {fmt_ms(est)} ms (roofline)"))
     failed = sum(1 for t in m.targets for v in t.verdicts if v.status == "fail")
+    unsure = sum(1 for t in m.targets for v in t.verdicts if v.status == "inconclusive")
     total = sum(len(t.verdicts) for t in m.targets)
-    cards.append(("verdicts", f"{total - failed}/{total} hold" if total else "no budgets",
-                  f"{failed} failed" if failed else "across all targets"))
+    cards.append(("verdicts", f"{total - failed - unsure}/{total} hold" if total
+                  else "no budgets",
+                  ", ".join([f"{failed} failed"] * bool(failed)
+                            + [f"{unsure} inconclusive"] * bool(unsure))
+                  or "across all targets"))
     out = ['<div class="cards">']
     for k, v, d in cards:
         out.append(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div>'
@@ -228,21 +261,47 @@ def _stage_table(m: Manifest) -> str:
                 cells.append("not measured" + (
                     f'<br><span class="est">estimate ≥ {fmt_ms(est)}</span>' if est else ""))
         rows.append(cells)
-    return _table(head, rows, raw_head=True)
+    notes = [_note_list(stage_notes(m, s)) for s in m.stages]
+    common = common_latency_notes(m)
+    if common:
+        rows.append(['<span class="muted">every stage</span>'] + [""] * (len(head) - 1))
+        notes.append(_note_list(common))
+    ids = [f"stage-{i}" for i in range(len(m.stages))]
+    return _table(head, rows, raw_head=True, notes=notes, ids=ids)
+
+
+def _note_list(notes: list[Note]) -> str:
+    """Notes under the row whose figures they qualify; warnings first, in red."""
+    ordered = [n for n in notes if n.warning] + [n for n in notes if not n.warning]
+    return "".join(
+        ('<li class="warn">' if n.warning else "<li>")
+        + ("<b>warning</b>: " if n.warning else "")
+        + (f"<b>{_e(n.profile)} latency</b>: " if n.profile and n.stage else "")
+        + (f"<b>{_e(n.profile)} latency</b> (every stage): " if n.every_stage else "")
+        + f"{_e(n.text)}</li>" for n in ordered)
 
 
 def _table(head: list[str], rows: list[list[str]], raw_head: bool = False,
-           left: set[int] | None = None) -> str:
+           left: set[int] | None = None, notes: list[str] | None = None,
+           ids: list[str] | None = None) -> str:
+    """A table; ``notes[i]`` (``<li>`` items) goes in a full-width row right under row
+    ``i``, and ``ids[i]`` is row ``i``'s anchor."""
     left = left or set()
     out = ['<div class="scroll"><table><thead><tr>']
     for i, h in enumerate(head):
         cls = ' class="l"' if i in left else ""
         out.append(f"<th{cls}>{h if raw_head else _e(h)}</th>")
     out.append("</tr></thead><tbody>")
-    for r in rows:
-        out.append("<tr>" + "".join(
+    for j, r in enumerate(rows):
+        note = notes[j] if notes and j < len(notes) else ""
+        attrs = (f' id="{ids[j]}"' if ids and j < len(ids) else "") + (
+            ' class="has-notes"' if note else "")
+        out.append(f"<tr{attrs}>" + "".join(
             ('<td class="l">' if i in left else "<td>") + f"{c}</td>" for i, c in enumerate(r))
             + "</tr>")
+        if note:
+            out.append(f'<tr class="notes"><td colspan="{len(head)}">'
+                       f'<ul class="notes">{note}</ul></td></tr>')
     out.append("</tbody></table></div>")
     return "".join(out)
 
@@ -250,11 +309,13 @@ def _table(head: list[str], rows: list[list[str]], raw_head: bool = False,
 def _targets(m: Manifest) -> str:
     final = m.final
     out = ['<div class="stack">']
-    for t in m.targets:
+    for i, t in enumerate(m.targets):
         settings = t.settings
         status = '<span class="pill ok">pass</span>' if t.passed else \
             '<span class="pill bad">FAIL</span>'
-        out.append(f'<div class="panel{"" if t.passed else " fail"}">')
+        if t.passed and any(v.status == "inconclusive" for v in t.verdicts):
+            status += " " + _pill("inconclusive")
+        out.append(f'<div class="panel{"" if t.passed else " fail"}" id="target-{i}">')
         out.append(f"<h3>{_e(t.profile)} {status} <span class='muted'>"
                    f"{_e(settings.target_class if settings else '')} · "
                    f"{_e(', '.join(settings.execution_providers if settings else []))}"
@@ -266,8 +327,9 @@ def _targets(m: Manifest) -> str:
         else:
             out.append('<p class="muted">No budgets for this target.</p>')
         out.append(_target_facts(final, t))
-        if t.notes:
-            out.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in t.notes)
+        notes = target_notes(m, t)
+        if notes:
+            out.append('<ul class="notes">' + "".join(f"<li>{_e(n.text)}</li>" for n in notes)
                        + "</ul>")
         out.append("</div>")
     out.append("</div>")
@@ -276,7 +338,8 @@ def _targets(m: Manifest) -> str:
 
 def _verdict_cells(r: VerdictRow) -> list[str]:
     if r.measured is not None:
-        got = _e(r.measured)
+        got = _e(r.measured) + (f'<br><span class="muted">{_e(r.interval)}</span>'
+                                if r.interval else "")
     elif r.estimate is not None:
         got = f'<span class="est">estimate {_e(r.estimate)}</span>'
     else:
@@ -691,6 +754,97 @@ def _precision(m: Manifest) -> str:
     out.append(_op_list("int8 ops", prec.int8_ops))
     out.append(_op_list("other float ops", prec.float_ops))
     return "".join(out)
+
+
+def _attention(m: Manifest) -> str:
+    """At the top, what the terminal said loudest: budgets that failed or could not be
+    decided, and stage warnings; each links to the row it is about."""
+    items = []
+    for i, t in enumerate(m.targets):
+        for r in verdict_rows([(t.profile, t.verdicts)]):
+            if r.status in ("fail", "inconclusive"):
+                items.append(
+                    f'<li>{_pill(r.status)} <a href="#target-{i}">{_e(r.target)}</a> '
+                    f"{_e(r.budget)}: {_e(r.measured_text)} (limit {_e(r.relation)} "
+                    f"{_e(r.limit)})" + (f" — {_e(r.detail)}" if r.detail else "") + "</li>")
+    for i, st in enumerate(m.stages):
+        items += [f'<li class="warn"><b>warning</b> (<a href="#stage-{i}">{_e(st.name)}</a>): '
+                  f"{_e(w)}</li>" for w in st.warnings]
+    if not items:
+        return ""
+    cls = "attention" if not m.passed or any(st.warnings for st in m.stages) \
+        else "attention inc"
+    return f'<div class="{cls}"><b>What needs attention</b><ul>{"".join(items)}</ul></div>'
+
+
+def _quantization(rec: dict[str, Any]) -> str:
+    """What the int8 search chose and why, every candidate it timed, what shipped under
+    keep_float, and the nodes it kept float with the reason for each."""
+    search = rec["search"]
+    kv = [("mode", f"<b>{_e(rec.get('mode'))}</b>: {_e(rec.get('mode_reason', ''))}")]
+    isa, choice = rec.get("isa") or {}, rec.get("int8_choice") or {}
+    if isa:
+        kv.append(("CPU int8 path", f"{_e(isa.get('int8_path'))}; "
+                   f"{_e(choice.get('reason', ''))}"))
+    timing = (search.get("timings") or [{}])[0]
+    kv.append(("chosen", f"<b>{_e(search.get('chosen'))}</b>" + (
+        f", {search['speedup_vs_input']:.2f}× its float input (paired, timed interleaved on "
+        f"{_e(timing.get('profile', '?'))})" if search.get("speedup_vs_input") else "")
+        + f"; search took {search.get('seconds', 0):.1f} s"
+        + (" (stopped at time_budget_s)" if search.get("timed_out") else "")))
+    acc = rec.get("accuracy_budget") or {}
+    if acc:
+        kv.append(("accuracy budget", _accuracy_cell(acc)))
+    kept = keep_float_text(rec)
+    if kept:
+        kv.append(("shipped", _e(kept)))
+    if isinstance(rec.get("smoothquant"), dict):
+        kv.append(("SmoothQuant", _e(rec["smoothquant"].get("description", ""))))
+    out = ['<div class="kv">' + "".join(f"<div>{_e(k)}</div><div>{v}</div>" for k, v in kv)
+           + "</div>"]
+    out += _candidates(search)
+    floats = rec.get("float_nodes") or []
+    if floats:
+        cost = search.get("repair_cost_ms")
+        out.append(f"<p>Nodes kept in float ({len(floats)})"
+                   + (f"; the repairs cost {cost:+.3f} ms p50, measured" if cost is not None
+                      else "") + ":</p>")
+        out.append(_table(["node", "op", "why", "speed cost (estimate)"], [
+            [_e(f.get("node")), _e(f.get("op_type")), _e(f.get("reason")),
+             f'<span class="est">{f["speed_cost_ms_estimate"]:.3f} ms</span>'
+             if isinstance(f.get("speed_cost_ms_estimate"), int | float) else "—"]
+            for f in floats], left={2}))
+    return "".join(out)
+
+
+def _accuracy_cell(acc: dict[str, Any]) -> str:
+    held = (acc.get("held_out") or {}).get("drop")
+    found = (acc.get("search") or {}).get("drop", 0.0)
+    return (f"{_e(acc.get('metric'))} drop ≤ {acc.get('allowed', 0):.4g} "
+            f"({_e(acc.get('source'))}); search part {found:.4g}"
+            + (f", held-out part {held:.4g}" if held is not None else "")
+            + (" — met" if acc.get("met") else ' — <b class="warn">not met</b>')
+            + (f'<br><span class="muted">{_e(acc["note"])}</span>' if acc.get("note") else ""))
+
+
+def _candidates(search: dict[str, Any]) -> list[str]:
+    """Every int8 candidate the search timed or judged, with its note."""
+    cands = [c for c in search.get("candidates", []) if isinstance(c, dict)]
+    if not cands:
+        return []
+    rows = []
+    for c in cands:
+        drop = (c.get("search") or {}).get("drop")
+        rows.append([
+            _e(c.get("label")),
+            f"{c['p50_ms']:.4g}" if isinstance(c.get("p50_ms"), int | float) else "—",
+            f"{c['speedup_vs_float']:.2f}×"
+            if isinstance(c.get("speedup_vs_float"), int | float) else "—",
+            f"{drop:.4g}" if isinstance(drop, int | float) else "—",
+            _e(c.get("note", ""))])
+    return ["<p>Candidates (p50 at batch 1, timed interleaved with the float input):</p>",
+            _table(["candidate", "p50 ms", "vs float", "drop (search part)", "note"], rows,
+                   left={0, 4})]
 
 
 def _op_list(title: str, ops: dict[str, int]) -> str:

@@ -6,12 +6,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from compactor.report.format import (
+    Note,
     VerdictRow,
+    common_latency_notes,
     fmt_bytes,
     fmt_count,
     fmt_delta,
     fmt_metric,
     fmt_share,
+    headline,
+    keep_float_text,
+    stage_notes,
+    target_notes,
     verdict_rows,
 )
 
@@ -79,7 +85,13 @@ def budget_rows(manifest: Manifest) -> list[VerdictRow]:
     return verdict_rows((t.profile, t.verdicts) for t in manifest.targets)
 
 
-_MARK = {"pass": "✅ pass", "fail": "❌ FAIL", "not measured": "⚪ not measured"}
+_MARK = {"pass": "✅ pass", "fail": "❌ FAIL", "inconclusive": "❔ inconclusive",
+         "not measured": "⚪ not measured"}
+
+
+def mark(status: str) -> str:
+    """A verdict's cell; a status this renderer does not know reads as itself."""
+    return _MARK.get(status, f"❔ {md_text(status)}")
 
 
 def target_facts(manifest: Manifest, esc: Callable[[Any], str] = str) -> list[str]:
@@ -133,7 +145,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_markdown(manifest: Manifest) -> str:
-    status = "✅ all budgets hold" if manifest.passed else "❌ a budget failed"
+    status = ("✅ " if manifest.passed else "❌ ") + headline(manifest)
     host = manifest.host
     lines = [
         f"# compactor: {md_text(manifest.name)} — {status}",
@@ -147,28 +159,42 @@ def render_markdown(manifest: Manifest) -> str:
         "",
         _table(*stage_rows(manifest)),
         "",
+        *_note_lines([n for s in manifest.stages for n in stage_notes(manifest, s)]
+                     + common_latency_notes(manifest)),
         *_speed_lines(manifest),
         *target_facts(manifest, md_text),
         "",
     ]
     vrows = budget_rows(manifest)
     if vrows:
-        lines += ["## Budgets", "", _table(["target", "budget", "limit", "measured", "verdict"],
-                                          [_budget_cells(r) for r in vrows]), ""]
+        lines += ["## Budgets", "",
+                  _table(["target", "budget", "limit", "measured", "verdict", "detail"],
+                         [_budget_cells(r) for r in vrows]), ""]
     else:
         lines += ["No budgets were set.", ""]
+    notes = _note_lines([n for t in manifest.targets for n in target_notes(manifest, t)])
+    if notes:
+        lines += [*notes, ""]
     for s in manifest.stages:
         if isinstance(s.record.get("search"), dict):  # an int8 search ran for this stage
             lines += quantize_section(s.record)
-    notes = [n for t in manifest.targets for n in t.notes]
-    notes += [f"{s.name}: {w}" for s in manifest.stages for w in s.warnings]
-    if notes:
-        lines += ["## Notes", ""] + [f"- {md_text(n)}" for n in notes] + [""]
+    if manifest.partition is not None:
+        part = manifest.partition
+        lines += ["## Partition", "", f"Files: {md_text(', '.join(part.files) or 'none')}.",
+                  *[f"- note: {md_text(n)}" for n in part.notes], ""]
     return "\n".join(lines)
 
 
+def _note_lines(notes: list[Note]) -> list[str]:
+    """A bullet per note, under the table whose figure it qualifies: warnings first."""
+    ordered = [n for n in notes if n.warning] + [n for n in notes if not n.warning]
+    return [f"- {'⚠️ **warning**' if n.warning else 'note'} ({md_text(n.label)}): "
+            f"{md_text(n.text)}" for n in ordered]
+
+
 def _budget_cells(r: VerdictRow) -> list[str]:
-    return [r.target, r.budget, r.limit, r.measured_text, _MARK[r.status]]
+    measured = r.measured_text + (f" ({r.interval})" if r.interval else "")
+    return [r.target, r.budget, r.limit, measured, mark(r.status), r.detail]
 
 
 def _speed_lines(manifest: Manifest) -> list[str]:
@@ -210,14 +236,19 @@ def quantize_section(rec: dict[str, Any]) -> list[str]:
             f"{acc.get('allowed', 0):.4g}; search part {found:.4g}"
             + (f", held-out part {held:.4g}" if held is not None else "")
             + (" — met" if acc.get("met") else " — **not met**"))
+        if acc.get("note"):
+            lines.append(f"- {md_text(acc['note'])}")
+    kept = keep_float_text(rec)
+    if kept:
+        lines.append(f"- {md_text(kept)}")
     if isinstance(rec.get("smoothquant"), dict):
         lines.append("- SmoothQuant-style scale migration: "
                      f"{md_text(rec['smoothquant'].get('description', ''))}")
-    cands = [c for c in search.get("candidates", []) if "p50_ms" in c]
-    if len(cands) > 1:
+    cands = [c for c in search.get("candidates", []) if isinstance(c, dict)]
+    if len(cands) > 1 or any(c.get("note") for c in cands):
         lines += ["", _table(["candidate", "p50 ms", "vs float", "note"],
-                             [[c["label"], f"{c['p50_ms']:.3f}",
-                               f"{c.get('speedup_vs_float', 0):.2f}×", c.get("note", "")]
+                             [[c.get("label", "?"), _num(c.get("p50_ms"), "{:.3f}"),
+                               _num(c.get("speedup_vs_float"), "{:.2f}×"), c.get("note", "")]
                               for c in cands])]
     for r in rec.get("repairs_not_applied") or []:
         lines.append(f"- repair **{md_text(r.get('repair'))}** could not apply: "
@@ -233,3 +264,8 @@ def quantize_section(rec: dict[str, Any]) -> list[str]:
                            f"{f['speed_cost_ms_estimate']:.3f} ms"
                            if "speed_cost_ms_estimate" in f else "—"] for f in floats])]
     return [*lines, ""]
+
+
+def _num(v: Any, form: str) -> str:
+    """A figure from a pass's record, or "—" where it has none (an untimed candidate)."""
+    return form.format(v) if isinstance(v, int | float) else "—"
