@@ -24,6 +24,11 @@ def _common(f):
                           "(default: the first cloud target, else the first)."),
         click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
                      help="Model instances Triton runs (instance_group count)."),
+        click.option("--remeasure", is_flag=True,
+                     help="Time the artifact on this host (and the live version paired with "
+                          "it) instead of reading the manifests' figures."),
+        click.option("--allow-inconclusive", is_flag=True,
+                     help="Publish even when a verdict stays undecided (exit 5 otherwise)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
     ]):
         f = opt(f)
@@ -38,14 +43,16 @@ def _common(f):
               help="How many versions Triton serves: the live one and the newest below it.")
 @_common
 def package(artifact: Path, repo: Path, serve: int, name: str | None, profile: str | None,
-            instances: int, as_json: bool) -> int:
+            instances: int, remeasure: bool, allow_inconclusive: bool, as_json: bool) -> int:
     """Write REPO/<model>/config.pbtxt and REPO/<model>/1/model.onnx (with its manifest)
     for Triton's ONNX Runtime backend, batching derived from the measured latency per
     batch size and the target's latency budget. Later versions: `compactor publish`."""
+    from compactor.deploy.repository import Gate
     from compactor.deploy.repository import publish as do_publish
 
     result = do_publish(artifact, repo, name=name, profile=profile, instances=instances,
-                        serve=serve, new_model=True)
+                        serve=serve, new_model=True,
+                        gate=Gate(remeasure=remeasure, allow_inconclusive=allow_inconclusive))
     _show_publish(result, as_json)
     return 0
 
@@ -58,15 +65,10 @@ def package(artifact: Path, repo: Path, serve: int, name: str | None, profile: s
               help=_REGRESSION_HELP)
 @click.option("--serve", type=click.IntRange(1, 100), default=None,
               help="How many versions Triton serves (default: as the repository says; 1).")
-@click.option("--remeasure", is_flag=True,
-              help="Time the artifact on this host, and against the live version paired in "
-                   "one process, instead of comparing the two manifests' figures.")
-@click.option("--allow-inconclusive", is_flag=True,
-              help="Publish even when a verdict stays undecided (exit 5 otherwise).")
 @_common
 def publish(artifact: Path, repo: Path, max_regression: str, serve: int | None,
-            remeasure: bool, allow_inconclusive: bool, name: str | None, profile: str | None,
-            instances: int, as_json: bool) -> int:
+            name: str | None, profile: str | None, instances: int, remeasure: bool,
+            allow_inconclusive: bool, as_json: bool) -> int:
     """Publish ARTIFACT into REPO as version N+1 and make it live, only if it is intact,
     its own budgets hold, and `check --against` the live version holds within
     --max-regression. Exits 1 when refused (nothing is written), 2 when another publish

@@ -350,12 +350,12 @@ def _gate(folder: Path, manifest: Manifest, live_dir: Path | None, gate: Gate) -
     undecided = [f"{g} {v.budget}" for g, v in result.all_verdicts()
                  if v.status == "inconclusive"]
     if undecided and not gate.allow_inconclusive:
-        raise CompactorError(visible("refused: undecided against the live version "
-                                     f"{live or '-'}: " + "; ".join(undecided)
+        raise CompactorError(visible("refused: undecided verdicts (the measured interval "
+                                     "straddles the limit): " + "; ".join(undecided)
                                      + "; nothing was published"),
-                             "--remeasure times the new and the live model paired on this "
-                             "host; or --allow-inconclusive to publish anyway",
-                             exit_code=EXIT_INCONCLUSIVE)
+                             "--remeasure times the artifact again on this host (and the live "
+                             "version paired with it); or --allow-inconclusive to publish "
+                             "anyway", exit_code=EXIT_INCONCLUSIVE)
     if live_dir is not None:
         _same_signature(manifest, load_manifest(live_dir), live)
     return list(result.notes)
