@@ -1,0 +1,267 @@
+"""Benchmark: partition plans across several devices, predicted against simulated.
+
+Chains: for each model (the digits CNN, a MobileNetV2-style CNN at 224x224), 3 and 4
+devices, and each bandwidth, ``compactor.partition.multi.plan_chain_model`` plans the
+chain (latency objective), then ``--simulate`` runs every used device's part in its own
+process over loopback links shaped to each hop's bandwidth and RTT, and measures one
+request at a time (p50) and a stream of requests (throughput). Rows give the plan, predicted
+vs simulated latency and throughput, the errors, and the predicted speed-up over the best
+single device and over the best two-device split (the same cost model, restricted).
+
+Peers: for each model, 3 and 4 peers and each bandwidth, ``plan_spatial_model`` chooses K
+and the depth of the tiled prefix, and the plan is simulated (latency).
+
+Devices are emulated on this host: each is a fixed number of times slower (a sleep of
+(slowdown - 1) x each run), stated per model below; every profile runs one intra-op thread
+(``--threads`` to change), so the processes of a chain do not fight over the cores.
+
+Target (issue 16): |simulated - predicted| / predicted <= 20% for the chosen plan.
+
+Writes the ``partition-chain`` section of benchmarks/RESULTS.md and
+benchmarks/results/partition-chain.json.
+
+Usage: python benchmarks/partition_chain.py [--quick] [--models ...] [--devices 3 4]
+       [--bandwidths 10Mbps 50Mbps 200Mbps] [--requests N] [--threads N] [--no-peers]
+Exit code: 0 when every target holds, 1 when one fails (the results are written either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NAME = "partition-chain"
+TARGET = 0.20
+BANDWIDTHS = ("10Mbps", "50Mbps", "200Mbps")
+# per model: slowdowns of phone, gateway, edge server, cloud (the 3-device chain drops the
+# edge server); why
+SLOWDOWNS = {
+    "digits-cnn": ((25.0, 8.0, 3.0, 1.0), "a Pi 4-class phone ~25x this host, a gateway "
+                   "~8x, an edge server ~3x, the cloud 1x (assumed)"),
+    "mobilenetv2-224": ((4.0, 2.5, 1.5, 1.0), "a Pi 4-class phone ~4x this host on "
+                        "MobileNetV2, a gateway ~2.5x, an edge server ~1.5x (assumed)"),
+}
+RTTS = (5.0, 10.0, 30.0)  # ms per hop: phone-gateway, gateway-edge, edge-cloud
+PEER_SLOWDOWN = {"digits-cnn": 25.0, "mobilenetv2-224": 4.0}
+PEER_RTT = "2ms"
+
+
+def _bench_partition():
+    """benchmarks/partition.py, for its model builders."""
+    spec = importlib.util.spec_from_file_location("bench_partition", HERE / "partition.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _profiles(tmp: Path, threads: int) -> dict[str, Path]:
+    out = {}
+    for name, cls in (("phone", "edge"), ("gateway", "edge"), ("edge-server", "cloud"),
+                      ("cloud", "cloud")):
+        p = tmp / f"{name}.yaml"
+        p.write_text(f"name: {name}\nclass: {cls}\nintra_op_threads: {threads}\n"
+                     "batch_sizes: [1]\n", encoding="utf-8")
+        out[name] = p
+    return out
+
+
+def chain_topology(tmp: Path, profiles: dict[str, Path], n: int, bw: str,
+                   slowdowns) -> Path:
+    names = ["phone", "gateway", "edge-server", "cloud"] if n == 4 else \
+        ["phone", "gateway", "cloud"]
+    slows = list(slowdowns) if n == 4 else [slowdowns[0], slowdowns[1], slowdowns[3]]
+    lines = ["kind: chain", "devices:"]
+    lines += [f"  - {{name: {nm}, profile: {profiles[nm]}, slowdown: {s}}}"
+              for nm, s in zip(names, slows, strict=True)]
+    lines.append("links:")
+    for i in range(n - 1):
+        lines.append(f"  - {{from: {names[i]}, to: {names[i + 1]}, bandwidth: {bw}, "
+                     f"rtt: {RTTS[min(i, 2)]}ms}}")
+    path = tmp / f"chain{n}-{bw}.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def peers_topology(tmp: Path, profiles: dict[str, Path], k: int, bw: str,
+                   slowdown: float) -> Path:
+    lines = ["kind: peers", "devices:"]
+    lines += [f"  - {{name: board{i}, profile: {profiles['phone']}, slowdown: {slowdown}}}"
+              for i in range(k)]
+    lines.append(f"link: {{bandwidth: {bw}, rtt: {PEER_RTT}}}")
+    path = tmp / f"peers{k}-{bw}.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _err(measured: float, predicted: float) -> float:
+    return (measured - predicted) / predicted if predicted else float("nan")
+
+
+def chain_rows(models, devices, bandwidths, requests, profiles, tmp) -> list[dict]:
+    from compactor.partition.multi import ChainOptions, plan_chain_model
+    from compactor.partition.topology import load_topology
+
+    rows = []
+    for name, m in models.items():
+        cache: dict = {}
+        for n in devices:
+            for bw in bandwidths:
+                topo = load_topology(chain_topology(tmp, profiles, n, bw,
+                                                    SLOWDOWNS[name][0]))
+                t0 = time.time()
+                r = plan_chain_model(m["path"], topo, ChainOptions(), data=m["data"],
+                                     out_dir=tmp / f"{name}-{n}-{bw}", simulate=True,
+                                     simulate_requests=requests, timing_cache=cache)
+                p, sim = r.plan, r.plan["simulate"]
+                ch = p["choice"]
+                one, two = p["best_single_device"], p["best_two_devices"]
+                e_lat = _err(sim["latency_ms"]["p50"], ch["latency_ms"])
+                e_thr = _err(sim["throughput_rps"], ch["throughput_rps"])
+                rows.append({
+                    "model": name, "devices": n, "bandwidth": bw,
+                    "plan": ch["description"], "computing": ch["devices_computing"],
+                    "predicted_ms": ch["latency_ms"], "simulated_ms": sim["latency_ms"]["p50"],
+                    "error_latency": e_lat, "predicted_rps": ch["throughput_rps"],
+                    "simulated_rps": sim["throughput_rps"], "error_throughput": e_thr,
+                    "speedup_vs_single": one["latency_ms"] / ch["latency_ms"],
+                    "speedup_vs_two": two["latency_ms"] / ch["latency_ms"],
+                    "single": one["description"], "two": two["description"],
+                    "verification_max_abs": p["verification"]["max_abs_error"],
+                    # where an error comes from: each device's compute, planned vs simulated
+                    "compute_ms": {st["name"]: [st["compute_ms"],
+                                                sim["compute_ms_p50"].get(st["name"])]
+                                   for st in ch["stages"]},
+                    "passed": abs(e_lat) <= TARGET and abs(e_thr) <= TARGET,
+                    "seconds": round(time.time() - t0, 1),
+                })
+                print(f"{name} {n} dev {bw}: {ch['description']} | "  # noqa: T201 - script
+                      f"{ch['latency_ms']:.1f} → {sim['latency_ms']['p50']:.1f} ms "
+                      f"({e_lat:+.0%}), {ch['throughput_rps']:.1f} → "
+                      f"{sim['throughput_rps']:.1f} req/s ({e_thr:+.0%})", flush=True)
+    return rows
+
+
+def peer_rows(models, peers, bandwidths, requests, profiles, tmp) -> list[dict]:
+    from compactor.partition.spatial import SpatialOptions, plan_spatial_model
+    from compactor.partition.topology import load_topology
+
+    rows = []
+    for name, m in models.items():
+        for k in peers:
+            for bw in bandwidths:
+                topo = load_topology(peers_topology(tmp, profiles, k, bw, PEER_SLOWDOWN[name]))
+                r = plan_spatial_model(m["path"], topo, SpatialOptions(), data=m["data"],
+                                       out_dir=tmp / f"{name}-p{k}-{bw}", simulate=True,
+                                       simulate_requests=requests)
+                p, sim = r.plan, r.plan["simulate"]
+                ch, one = p["choice"], p["best_single_device"]
+                e = _err(sim["latency_ms"]["p50"], ch["latency_ms"])
+                rows.append({
+                    "model": name, "peers": k, "bandwidth": bw, "plan": ch["description"],
+                    "chosen_k": ch["peers"], "depth": ch["depth"],
+                    "predicted_ms": ch["latency_ms"], "simulated_ms": sim["latency_ms"]["p50"],
+                    "error_latency": e, "predicted_rps": ch["throughput_rps"],
+                    "speedup_vs_single": one["latency_ms"] / ch["latency_ms"],
+                    "verification_max_abs": p["verification"]["max_abs_error"],
+                    "passed": abs(e) <= TARGET,
+                })
+                print(f"{name} {k} peers {bw}: {ch['description']} | "  # noqa: T201 - script
+                      f"{ch['latency_ms']:.1f} → {sim['latency_ms']['p50']:.1f} ms ({e:+.0%})",
+                      flush=True)
+    return rows
+
+
+def render(r: dict) -> str:
+    mach = r["machine"]
+    lines = [
+        "## Partition across several devices (chains and peers)",
+        "",
+        f"`{r['command']}`",
+        "",
+        f"- date: {r['date']}; host: {mach['cpu']}, {mach['cores']} cores, ISA "
+        f"{r['isa']}; 1-min load at end {mach['load_avg_1m']:.2f}"
+        + ("; **reduced run (--quick)**" if r["quick"] else ""),
+        f"- devices emulated on this host, {r['threads']} intra-op thread(s) each; "
+        + "; ".join(f"{k}: {v[1]}" for k, v in SLOWDOWNS.items() if k in r["models"]),
+        f"- link RTTs per hop: {', '.join(f'{x:g} ms' for x in RTTS)}; every hop at the "
+        "row's bandwidth. Peers share one link (RTT " + PEER_RTT + ").",
+        f"- target: |simulated − predicted| ≤ {r['target']:.0%} of predicted (latency p50 "
+        "and stream throughput for chains; latency for peers)",
+        "- speed-ups are predicted (same cost model): best plan vs the best plan on one "
+        "device / on at most two devices",
+        "",
+        "| model | devices | bandwidth | plan | predicted → simulated ms | error | predicted"
+        " → simulated req/s | error | ×single | ×two | max abs err | target |",
+        "|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for w in r["chains"]:
+        lines.append(
+            f"| {w['model']} | {w['devices']} | {w['bandwidth']} | {w['plan']} | "
+            f"{w['predicted_ms']:.2f} → {w['simulated_ms']:.2f} | {w['error_latency']:+.1%} | "
+            f"{w['predicted_rps']:.1f} → {w['simulated_rps']:.1f} | "
+            f"{w['error_throughput']:+.1%} | {w['speedup_vs_single']:.2f}× | "
+            f"{w['speedup_vs_two']:.2f}× | {w['verification_max_abs']:.1e} | "
+            f"{'✅' if w['passed'] else '❌'} |")
+    if r["peers"]:
+        lines += ["", "| model | peers | bandwidth | plan | predicted → simulated ms | "
+                  "error | predicted req/s | ×single | max abs err | target |",
+                  "|---|---:|---|---|---|---:|---:|---:|---:|---|"]
+        for w in r["peers"]:
+            lines.append(
+                f"| {w['model']} | {w['peers']} | {w['bandwidth']} | {w['plan']} | "
+                f"{w['predicted_ms']:.2f} → {w['simulated_ms']:.2f} | "
+                f"{w['error_latency']:+.1%} | {w['predicted_rps']:.1f} | "
+                f"{w['speedup_vs_single']:.2f}× | {w['verification_max_abs']:.1e} | "
+                f"{'✅' if w['passed'] else '❌'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results-dir", type=Path, default=HERE)
+    ap.add_argument("--models", nargs="+", choices=list(SLOWDOWNS), default=list(SLOWDOWNS))
+    ap.add_argument("--devices", nargs="+", type=int, choices=(3, 4), default=[3, 4])
+    ap.add_argument("--bandwidths", nargs="+", default=list(BANDWIDTHS))
+    ap.add_argument("--requests", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: digits CNN, 3 devices, one bandwidth, 5 requests")
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.devices, args.bandwidths, args.requests = (
+            ["digits-cnn"], [3], ["50Mbps"], 5)
+    sys.path.insert(0, str(HERE))
+    from _results import machine, write_json, write_section
+
+    from compactor.quantization.isa import detect
+
+    with tempfile.TemporaryDirectory(prefix="bench-chain-") as tmp_s:
+        tmp = Path(tmp_s)
+        models = _bench_partition().build_models(tmp, args.models)
+        profiles = _profiles(tmp, args.threads)
+        chains = chain_rows(models, args.devices, args.bandwidths, args.requests, profiles,
+                            tmp)
+        peers = [] if args.no_peers else peer_rows(models, args.devices, args.bandwidths,
+                                                   args.requests, profiles, tmp)
+    r = {"benchmark": NAME, "date": dt.datetime.now(dt.timezone.utc).isoformat(
+        timespec="seconds"), "command": "python benchmarks/partition_chain.py "
+         + " ".join(sys.argv[1:]), "quick": args.quick, "threads": args.threads,
+         "isa": detect().path,
+         "models": args.models, "target": TARGET, "chains": chains, "peers": peers,
+         "machine": machine(),
+         "passed": all(x["passed"] for x in chains + peers)}
+    write_json(NAME, r, args.results_dir)
+    write_section(NAME, render(r), args.results_dir)
+    return 0 if r["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
