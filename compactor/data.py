@@ -160,6 +160,60 @@ class PerBatch:
         return PerBatch(tuple(out))
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """Every output of a model over the eval data, by name (in the graph's order), each a
+    :class:`PerBatch`. Metrics score the outputs a recipe names (by default all of them);
+    code that knows only one output reads :attr:`first`."""
+
+    names: tuple[str, ...]
+    values: tuple[PerBatch, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.values) or not self.names:
+            raise ValueError("Outputs needs one PerBatch per name, and at least one")
+
+    @classmethod
+    def of(cls, names: Sequence[str], per_batch: Iterable[Sequence[Any]]) -> Outputs:
+        """From each batch's outputs (a list in ``names``' order, as ORT returns them)."""
+        rows = [list(r) for r in per_batch]
+        return cls(tuple(names), tuple(PerBatch.of(r[i] for r in rows)
+                                       for i in range(len(names))))
+
+    @classmethod
+    def single(cls, values: PerBatch, name: str = "output") -> Outputs:
+        return cls((name,), (values,))
+
+    def __getitem__(self, name: str) -> PerBatch:
+        return self.values[self.names.index(name)]
+
+    def items(self) -> Iterator[tuple[str, PerBatch]]:
+        return iter(zip(self.names, self.values, strict=True))
+
+    @property
+    def first(self) -> PerBatch:
+        return self.values[0]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.first.sizes
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    @property
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        return {n: v.shapes for n, v in self.items()}
+
+    def take(self, index: np.ndarray) -> Outputs:
+        return Outputs(self.names, tuple(v.take(index) for v in self.values))
+
+
+def outputs_of(values: PerBatch | Outputs) -> Outputs:
+    """``values`` as :class:`Outputs` (a bare PerBatch is one unnamed output)."""
+    return values if isinstance(values, Outputs) else Outputs.single(values)
+
+
 def to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()

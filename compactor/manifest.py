@@ -272,6 +272,20 @@ class LatencyShapeRecord(_Open):
             for k, v in self.dims.items())
 
 
+class StageOutputRecord(_Open):
+    """One model output on one stage (schema v1 manifests before it have none): its metric
+    value where the recipe's metric scores it, and its MSE against the baseline's output
+    beside that of predicting the baseline's per-element mean (``broken``: worse)."""
+
+    shape: list[int] = Field(default_factory=list)
+    metric: str | None = None
+    value: float | None = None
+    mse: float | None = Field(default=None, ge=0)
+    constant_mse: float | None = Field(default=None, ge=0)
+    broken: bool | None = None
+    note: str | None = None
+
+
 class StageRecord(_Open):
     name: str
     kind: str
@@ -294,6 +308,8 @@ class StageRecord(_Open):
     warnings: list[str] = Field(default_factory=list)
     verdict: VerdictRecord | None = None
     latency_shape: LatencyShapeRecord | None = None
+    outputs: dict[str, StageOutputRecord] = Field(default_factory=dict)
+    checks: list[VerdictRecord] = Field(default_factory=list)
 
     def latency_at(self, profile: str, batch: int = 1) -> LatencyRecord | None:
         return (self.latency_ms.get(profile) or {}).get(str(batch))

@@ -22,6 +22,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -44,7 +45,100 @@ from compactor.spec import (  # noqa: F401 - re-exported: the recipe's value typ
 from compactor.yamlsafe import compose_bounded, construct, read_yaml_text
 
 RECIPE_VERSION = 1
-BUILTIN_METRICS = ("accuracy", "top5", "mse", "fidelity")
+BUILTIN_METRICS = ("accuracy", "top5", "mse", "fidelity", "agreement", "topk_agreement",
+                   "detection_agreement")
+# the parameters each task metric takes (any other metric takes none)
+METRIC_PARAMS = {"agreement": ("threshold",), "topk_agreement": ("k",),
+                 "detection_agreement": ("iou", "score_threshold", "layout", "box_format")}
+
+
+def _check_metric_name(v: str) -> str:
+    if v in BUILTIN_METRICS or ":" in v:
+        return v
+    hint = did_you_mean(v, BUILTIN_METRICS)
+    raise ValueError(
+        f"unknown metric {v!r}: use one of {', '.join(BUILTIN_METRICS)} or 'module:fn'"
+        + (f" ({hint})" if hint else "")
+    )
+
+
+class OutputMetricSpec(Strict):
+    """One output's metric and its parameters (only the task metrics take any)."""
+
+    name: str | None = None
+    threshold: float | None = None  # agreement: decide ``output > threshold``
+    k: int | None = Field(default=None, ge=1)  # topk_agreement
+    iou: float | None = Field(default=None, gt=0, le=1)  # detection_agreement
+    score_threshold: float | None = None  # detection_agreement
+    layout: Literal["auto", "channels_first", "channels_last"] | None = None
+    box_format: Literal["xywh", "xyxy"] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else _check_metric_name(v)
+
+    @model_validator(mode="after")
+    def _params_fit(self):
+        given = [k for k in METRIC_PARAMS["detection_agreement"] + ("threshold", "k")
+                 if getattr(self, k) is not None]
+        allowed = METRIC_PARAMS.get(self.name or "", ())
+        wrong = [k for k in given if k not in allowed]
+        if wrong:
+            takes = (f"it takes {', '.join(allowed)}" if allowed else "it takes none")
+            raise ValueError(f"metric {self.name or '(none)'!r} takes no parameter "
+                             f"{', '.join(wrong)}: {takes}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):  # the lock lists what applies, not every None
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in METRIC_PARAMS.get(self.name or "", ())
+                if getattr(self, k) is not None}
+
+
+def _output_metric(v: Any) -> Any:
+    return {"name": v} if isinstance(v, str) else v
+
+
+class MetricSpec(OutputMetricSpec):
+    """``metric:`` as a mapping. ``name`` (with its parameters) scores the outputs listed in
+    ``outputs`` (a list), or every output not named in ``outputs`` (a mapping of output name
+    to its own metric); without ``name``, only the outputs the mapping names are scored."""
+
+    outputs: Annotated[
+        Annotated[tuple[str, ...], Tag("list")]
+        | Annotated[dict[str, OutputMetricSpec], Tag("outputs")],  # the tag folds into the path
+        Discriminator(lambda v: "outputs" if isinstance(v, dict) else "list"),
+    ] | None = None
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: _output_metric(x) for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _something_scored(self):
+        if not self.outputs and not self.name:
+            raise ValueError("metric: give a name, or outputs with a metric each")
+        if isinstance(self.outputs, dict):
+            missing = [k for k, m in self.outputs.items() if m.name is None]
+            if missing:
+                raise ValueError(f"metric.outputs.{missing[0]}: give the output's metric "
+                                 "a name")
+        if isinstance(self.outputs, tuple) and not self.name:
+            raise ValueError("metric: a list of outputs needs the metric's name")
+        return self
+
+    def output_list(self) -> tuple[str, ...] | None:
+        return self.outputs if isinstance(self.outputs, tuple) else None
+
+    def per_output(self) -> dict[str, OutputMetricSpec]:
+        return dict(self.outputs) if isinstance(self.outputs, dict) else {}
 
 
 def _pass_tag(raw: Any) -> str | None:
@@ -74,12 +168,24 @@ PassEntry = Annotated[
 ]
 
 
+def _metric_tag(raw: Any) -> str:
+    return "str" if isinstance(raw, str) else "metric"
+
+
+# a name, or a mapping (one error for the form given, not one per form)
+MetricField = Annotated[
+    # tags named so the error path reads metric.outputs..., not metric.spec.outputs...
+    Annotated[str, Tag("str")] | Annotated[MetricSpec, Tag("metric")],
+    Discriminator(_metric_tag),
+]
+
+
 class Recipe(Strict):
     version: Literal[1] = RECIPE_VERSION
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSpec
     data: DataSpec
-    metric: str = "accuracy"
+    metric: MetricField = "accuracy"
     passes: tuple[PassEntry, ...] = ()
     targets: tuple[Target, ...] = (Target(profile="host-cpu"),)
     output: str | None = None
@@ -93,14 +199,8 @@ class Recipe(Strict):
 
     @field_validator("metric")
     @classmethod
-    def _metric(cls, v: str) -> str:
-        if v in BUILTIN_METRICS or ":" in v:
-            return v
-        hint = did_you_mean(v, BUILTIN_METRICS)
-        raise ValueError(
-            f"unknown metric {v!r}: use one of {', '.join(BUILTIN_METRICS)} or 'module:fn'"
-            + (f" ({hint})" if hint else "")
-        )
+    def _metric(cls, v: str | MetricSpec) -> str | MetricSpec:
+        return _check_metric_name(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _order(self) -> Recipe:

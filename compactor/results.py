@@ -17,6 +17,38 @@ if TYPE_CHECKING:
     from compactor.verdict import Verdict
 
 
+@dataclass(frozen=True)
+class OutputResult:
+    """One model output on one stage: its metric value (None where the recipe's metric
+    does not score it), and its error against the baseline's output next to the error of
+    predicting the baseline's per-element mean (None where that means nothing: the
+    baseline output does not vary, or it is the baseline)."""
+
+    name: str
+    shape: tuple[int, ...]  # the first eval batch's
+    metric: str | None = None
+    value: float | None = None
+    mse: float | None = None
+    constant_mse: float | None = None
+    note: str | None = None  # how the metric treated the output (mixed units...)
+
+    @property
+    def broken(self) -> bool:
+        """Worse than predicting the baseline's mean for every sample."""
+        return (self.mse is not None and self.constant_mse is not None
+                and self.mse > self.constant_mse)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"shape": list(self.shape)}
+        if self.metric is not None:
+            d.update(metric=self.metric, value=self.value)
+        if self.mse is not None:
+            d.update(mse=self.mse, constant_mse=self.constant_mse, broken=self.broken)
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
 @dataclass
 class StageResult:
     name: str
@@ -42,6 +74,10 @@ class StageResult:
     pass_seconds: float | None = None  # running the pass that made the stage
     # the symbolic axes' sizes latency (and MACs) were measured at: data.LatencyShape
     latency_shape: dict[str, Any] | None = None
+    # every output of the model, by name, in the graph's order
+    outputs: tuple[OutputResult, ...] = ()
+    # checks the run made on the stage's outputs (a head worse than a constant predictor)
+    checks: tuple[Verdict, ...] = ()
 
     def p(self, profile: str, q: str = "p50", batch: int = 1) -> float | None:
         lat = self.latency.get(profile)
@@ -78,6 +114,9 @@ class StageResult:
             "warnings": list(self.warnings),
             "verdict": None if self.verdict is None else self.verdict.to_dict(),
             **({} if self.latency_shape is None else {"latency_shape": self.latency_shape}),
+            **({"outputs": {o.name: o.to_dict() for o in self.outputs}} if self.outputs
+               else {}),
+            **({"checks": [v.to_dict() for v in self.checks]} if self.checks else {}),
         }
 
 

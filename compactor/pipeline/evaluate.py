@@ -11,15 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from compactor.data import Batch, LatencyShape, PerBatch, feeds_for_batch, latency_shape
+from compactor.data import Batch, LatencyShape, Outputs, PerBatch, feeds_for_batch, latency_shape
 from compactor.errors import DataError, ModelLoadError, PassError
 from compactor.exporting import ExportConfig
 from compactor.measure.latency import Latency, session
 from compactor.metrics import Metric
 from compactor.passes import RunContext
 from compactor.profiles import Profile
-from compactor.results import StageResult
+from compactor.results import OutputResult, StageResult
 from compactor.stage import Stage
+from compactor.verdict import Verdict
 
 
 class Evaluator:
@@ -37,11 +38,12 @@ class Evaluator:
         # torch stages are exported as the recipe's export pass does (exporter, opset), so
         # their figures compare with the exported ones like for like
         self.export = export or ExportConfig()
-        self.baseline_outputs: PerBatch | None = None
+        # every output of the baseline, by name (the reference metrics compare to)
+        self.baseline_outputs: Outputs | None = None
         self.baseline_value: float | None = None
         # The latest evaluated stage's eval outputs: the next pass's input, which a pass
         # judging its own accuracy (quantize) can compare to without running it again.
-        self.last_outputs: PerBatch | None = None
+        self.last_outputs: Outputs | None = None
 
     @property
     def shape(self) -> LatencyShape:
@@ -65,7 +67,7 @@ class Evaluator:
 
         t0 = time.perf_counter()
         path, eval_export = self._onnx_form(stage)
-        value = self._score(path, stage.name)
+        value, outputs = self._score(path, stage.name)
         model = onnx.load(str(path), load_external_data=False)
         shape = self.shape
         sample = feeds_for_batch(self.ctx.inputs, self.ctx.eval_batches, 1, shape.dims)
@@ -74,7 +76,8 @@ class Evaluator:
         precision = precision_summary(model, macs_nodes)
         nbytes = size_bytes(path)
         per_profile = self._profiles(path, stage.name, macs, precision, nbytes, sample)
-        warnings = stage.warnings + self._metric_warnings(model, stage)
+        checks, check_warnings = self._output_checks(outputs, stage)
+        warnings = stage.warnings + self._metric_warnings(stage) + check_warnings
         return StageResult(
             name=stage.name,
             kind=stage.kind,
@@ -95,24 +98,51 @@ class Evaluator:
             verdict=stage.verdict,
             pass_seconds=stage.seconds,
             latency_shape=shape.to_dict(),
+            outputs=outputs,
+            checks=checks,
         )
 
-    def _metric_warnings(self, model, stage: Stage) -> tuple[str, ...]:
-        """Said on every stage scored against the baseline: where the metric is fidelity
-        and the baseline's output makes it untrustworthy (see ``fidelity_caveat``)."""
+    def _metric_warnings(self, stage: Stage) -> tuple[str, ...]:
+        """Said on every stage scored against the baseline: each output scored with
+        fidelity whose baseline makes it untrustworthy (see ``fidelity_caveat``)."""
         from compactor.metrics import fidelity_caveat
 
-        if (self.metric.name != "fidelity" or self.baseline_outputs is None
-                or len(stage.lineage) <= 1):
+        if self.baseline_outputs is None or len(stage.lineage) <= 1:
             return ()
-        why = fidelity_caveat(self.baseline_outputs)
-        if why is None:
-            return ()
-        name = model.graph.output[0].name if model.graph.output else "?"
-        shape = list(self.baseline_outputs.parts[0].shape)
-        return (f"fidelity cannot be trusted on output '{name}' (shape {shape}): {why}; "
-                "use a task metric (metric: module:fn, e.g. agreement of thresholded "
-                "decisions, or mse with targets)",)
+        out = []
+        for name, m in self.metric.plan(self.baseline_outputs.names):
+            if m.name != "fidelity":
+                continue
+            why = fidelity_caveat(self.baseline_outputs[name])
+            if why is None:
+                continue
+            shape = list(self.baseline_outputs[name].parts[0].shape)
+            task = "agreement" if "one value" in why else "a task metric"
+            out.append(
+                f"fidelity cannot be trusted on output '{name}' (shape {shape}): {why}; "
+                f"use a task metric for it (metric: {{name: fidelity, outputs: {{{name}: "
+                f"{task}}}}}, see docs/metrics.md), or module:fn, or mse with targets")
+        return tuple(out)
+
+    def _output_checks(self, outputs: tuple[OutputResult, ...], stage: Stage
+                       ) -> tuple[tuple[Verdict, ...], tuple[str, ...]]:
+        """Every output worse than predicting the baseline's per-element mean for every
+        sample: a failed check (the run exits 1 when the shipped stage has one) and a
+        warning on the stage."""
+        checks, warnings = [], []
+        for o in outputs:
+            if o.mse is None or o.constant_mse is None:
+                continue
+            ratio = o.mse / o.constant_mse if o.constant_mse else float("inf")
+            detail = (f"output '{o.name}' error vs the baseline (MSE {o.mse:.4g}) is "
+                      f"{ratio:.2f}x that of predicting the baseline's mean for every sample "
+                      f"(MSE {o.constant_mse:.4g})")
+            checks.append(Verdict(f"outputs.{o.name}.constant_predictor", o.constant_mse,
+                                  o.mse, "mse", "fail" if o.broken else "pass", detail))
+            if o.broken:
+                warnings.append(f"{detail}: the head is WORSE THAN A CONSTANT predictor")
+                self.ctx.progress.note(f"{stage.name}: {warnings[-1]}")
+        return tuple(checks), tuple(warnings)
 
     def _onnx_form(self, stage: Stage) -> tuple[Path, dict[str, Any] | None]:
         """The stage as an ONNX file: its own, or a torch stage exported for measurement."""
@@ -126,24 +156,61 @@ class Evaluator:
                                    path, self.export, self.ctx.output_names)
         return path, record
 
-    def _score(self, path: Path, name: str) -> float:
-        """The metric on the eval data; the first stage scored is the baseline."""
+    def _score(self, path: Path, name: str) -> tuple[float, tuple[OutputResult, ...]]:
+        """The metric on the eval data (the worst scored output), and every output's
+        figures; the first stage scored is the baseline."""
         outputs, targets = self._run_eval(path, name, self.ctx.eval_batches)
         if self.baseline_outputs is None:
+            # a name that does not exist or a task metric on the wrong shape: exit 2 now
+            self.metric.plan(outputs.names, outputs.shapes)
             self.baseline_outputs = outputs
-        elif outputs.shapes != self.baseline_outputs.shapes:
-            got, want = outputs.shapes, self.baseline_outputs.shapes
-            i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), 0)
-            raise PassError(
-                f"stage '{name}' outputs shape {list(got[i][1:])} per sample on eval batch "
-                f"{i}; the baseline gives {list(want[i][1:])}",
-                "a compressed model must keep the baseline's output shape",
-            )
-        value = self.metric.score(outputs, targets, self.baseline_outputs)
+        else:
+            outputs = self._same_shapes(outputs, name)
+        base = self.baseline_outputs
+        scores = {s.output: s for s in self.metric.score_outputs(outputs, targets, base)}
+        value = self.metric.aggregate(list(scores.values()))
         self.last_outputs = outputs
-        if self.baseline_value is None:
+        is_baseline = self.baseline_value is None
+        if is_baseline:
             self.baseline_value = value
-        return value
+        return value, tuple(self._output_result(n, outputs, scores.get(n), is_baseline)
+                            for n in outputs.names)
+
+    def _output_result(self, name: str, outputs: Outputs, score, is_baseline: bool
+                       ) -> OutputResult:
+        from compactor.metrics import constant_predictor_check, mixed_units_note
+
+        base = self.baseline_outputs[name]
+        check = None if is_baseline else constant_predictor_check(outputs[name], base)
+        note = mixed_units_note(base) if score is not None and score.metric == "fidelity" \
+            else None
+        return OutputResult(
+            name, tuple(outputs[name].parts[0].shape),
+            None if score is None else score.metric, None if score is None else score.value,
+            None if check is None else check.mse,
+            None if check is None else check.constant_mse, note)
+
+    def _same_shapes(self, outputs: Outputs, name: str) -> Outputs:
+        """``outputs`` under the baseline's names, after checking their shapes."""
+        base = self.baseline_outputs
+        if len(outputs.names) != len(base.names):
+            raise PassError(
+                f"stage '{name}' has outputs {', '.join(outputs.names)}; the baseline has "
+                f"{', '.join(base.names)}",
+                "a compressed model must keep the baseline's outputs")
+        if outputs.names != base.names:  # renamed by an exporter: same order, same meaning
+            outputs = Outputs(base.names, outputs.values)
+        for out, got in outputs.items():
+            want = base[out]
+            if got.shapes != want.shapes:
+                i = next((i for i, (a, b) in enumerate(zip(got.shapes, want.shapes))
+                          if a != b), 0)
+                raise PassError(
+                    f"stage '{name}' output '{out}' has shape {list(got.shapes[i][1:])} per "
+                    f"sample on eval batch {i}; the baseline gives {list(want.shapes[i][1:])}",
+                    "a compressed model must keep the baseline's output shape",
+                )
+        return outputs
 
     def _profiles(self, path: Path, name: str, macs: int | None, precision: dict[str, Any],
                   nbytes: int, sample: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
@@ -183,6 +250,7 @@ class Evaluator:
                 f"{', '.join(sorted(feed_names))})",
                 "model.inputs names must match the ONNX model's input names",
             )
+        out_names = [o.name for o in sess.get_outputs()]
         outs, tgts = [], []
         with self.ctx.progress.task(f"{name}: evaluate", total=len(batches)) as task:
             for b in batches:
@@ -194,7 +262,7 @@ class Evaluator:
                         f"{str(e).splitlines()[0][:300]}",
                         "check model.inputs' shapes and dtypes against the data",
                     ) from e
-                outs.append(res[0])
+                outs.append(res)
                 if b.target is not None:
                     tgts.append(b.target)
                 task.advance()
@@ -203,7 +271,7 @@ class Evaluator:
                             "yield (inputs, target) for every batch, or for none")
         # kept per batch: batches padded to their own length give outputs that cannot be
         # concatenated (Metric.score joins them when they can be)
-        return PerBatch.of(outs), (PerBatch.of(tgts) if tgts else None)
+        return Outputs.of(out_names, outs), (PerBatch.of(tgts) if tgts else None)
 
     def _latency(self, path: Path, name: str, prof: Profile, batches: list[Batch]):
         from compactor.data import batch_sizes_for

@@ -107,7 +107,7 @@ class ResumableRun:
         root = {
             "model": self.recipe.model.model_dump(mode="json"),
             "data": self.recipe.data.model_dump(mode="json"),
-            "metric": self.recipe.metric,
+            "metric": self.recipe.model_dump(mode="json", include={"metric"})["metric"],
             "seed": self.recipe.seed,
             "files": {_short(Path(k), base): sha256(p) for k, p in sorted(files.items())
                       if p.is_file()},

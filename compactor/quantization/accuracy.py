@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from compactor.data import Batch, PerBatch
+from compactor.data import Batch, Outputs, PerBatch, outputs_of
 from compactor.metrics import Metric
 
 
@@ -55,7 +55,7 @@ class Part:
     index: np.ndarray
     batches: list[Batch]
     targets: PerBatch | None
-    reference: PerBatch | None = None  # the metric's reference (baseline) outputs
+    reference: Outputs | None = None  # the metric's reference (baseline) outputs, all
     ref_value: float = 0.0  # the value the drop is measured from
 
     @property
@@ -99,6 +99,21 @@ def run_per_batch(path: Path, batches: Sequence[Batch]) -> PerBatch:
         sess.run(None, {k: v for k, v in b.inputs.items() if k in names})[0] for b in batches)
 
 
+def run_all(path: Path, batches: Sequence[Batch], names: Sequence[str] | None = None
+            ) -> Outputs:
+    """Every output of ``path`` on each of ``batches`` (under ``names``, the reference's,
+    when given: an output renamed by a tool is still the same output, in the same order)."""
+    from compactor.measure.latency import session
+
+    sess = session(path)
+    feeds = {i.name for i in sess.get_inputs()}
+    own = [o.name for o in sess.get_outputs()]
+    if names is not None and len(names) == len(own):
+        own = list(names)
+    return Outputs.of(own, (sess.run(None, {k: v for k, v in b.inputs.items() if k in feeds})
+                            for b in batches))
+
+
 def run_outputs(path: Path, batches: Sequence[Batch]) -> np.ndarray:
     """The first output of ``path`` on ``batches``, concatenated; batches of different
     per-sample shapes (padded to their own length) give every value in one vector, which
@@ -110,12 +125,14 @@ class AccuracyJudge:
     """Scores a model on the search or held-out part against a :class:`Budget`."""
 
     def __init__(self, metric: Metric, eval_batches: Sequence[Batch], input_model: Path,
-                 budget_fn, baseline_outputs: PerBatch | None, holdout_fraction: float,
-                 seed: int, input_outputs: PerBatch | None = None):
+                 budget_fn, baseline_outputs: Outputs | PerBatch | None,
+                 holdout_fraction: float, seed: int,
+                 input_outputs: Outputs | PerBatch | None = None):
         """``budget_fn(reference_value_on_all_eval) -> Budget``: relative budgets need the
         value they are relative to, which is known only once the reference is measured.
         ``input_outputs``: the input model's eval outputs when already at hand (the
-        pipeline evaluated it); else the model is run here."""
+        pipeline evaluated it); else the model is run here. Every output the metric names
+        is scored (a bare PerBatch is the first output alone)."""
         self.metric = metric
         n = sum(b.size for b in eval_batches)
         order = np.random.default_rng(seed).permutation(n)
@@ -131,8 +148,16 @@ class AccuracyJudge:
         }
         # The input model's outputs: the reference when the baseline's are not at hand.
         sizes = tuple(b.size for b in eval_batches)
-        if input_outputs is None or input_outputs.sizes != sizes:
-            input_outputs = run_per_batch(input_model, eval_batches)
+        baseline_outputs = None if baseline_outputs is None else outputs_of(baseline_outputs)
+        names = None if baseline_outputs is None else baseline_outputs.names
+        if input_outputs is not None:
+            input_outputs = outputs_of(input_outputs)
+        if (input_outputs is None or input_outputs.sizes != sizes
+                or (names is not None and len(input_outputs.names) != len(names))):
+            input_outputs = run_all(input_model, eval_batches, names)
+        if (names is not None and input_outputs.names != names
+                and len(input_outputs.names) == len(names)):
+            input_outputs = Outputs(names, input_outputs.values)
         self.input_outputs = input_outputs
         reference = baseline_outputs if baseline_outputs is not None else self.input_outputs
         if reference.sizes != sizes:
@@ -154,7 +179,7 @@ class AccuracyJudge:
 
     def score(self, path: Path, part: str = "search") -> Score:
         p = self.parts[part]
-        out = run_per_batch(path, p.batches)
+        out = run_all(path, p.batches, self.reference.names)
         value = self.metric.score(out, p.targets, p.reference)
         drop = self.metric.drop(p.ref_value, value)
         return Score(value, drop, drop <= self.budget.allowed + 1e-12, p.samples)

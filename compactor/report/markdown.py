@@ -161,6 +161,7 @@ def render_markdown(manifest: Manifest) -> str:
         "",
         *_note_lines([n for s in manifest.stages for n in stage_notes(manifest, s)]
                      + common_latency_notes(manifest)),
+        *_output_lines(manifest),
         *_speed_lines(manifest),
         *target_facts(manifest, md_text),
         "",
@@ -183,6 +184,25 @@ def render_markdown(manifest: Manifest) -> str:
         lines += ["## Partition", "", f"Files: {md_text(', '.join(part.files) or 'none')}.",
                   *[f"- note: {md_text(n)}" for n in part.notes], ""]
     return "\n".join(lines)
+
+
+def _output_lines(manifest: Manifest) -> list[str]:
+    """The final stage's outputs, one per line: the metric scoring each (the stage's figure
+    is the worst of them) and its error beside a constant predictor's."""
+    final = manifest.final
+    if len(manifest.stages) < 2 or not final.outputs:
+        return []
+    out = []
+    for name, o in final.outputs.items():
+        text = (f"{md_text(o.metric)} {o.value:.4g}" if o.metric and o.value is not None
+                else "not scored")
+        if o.mse is not None and o.constant_mse:
+            text += (f"; MSE vs baseline {o.mse:.3g} = {o.mse / o.constant_mse:.2f}x a "
+                     "constant predictor's" + (" (**worse than a constant**)" if o.broken
+                                               else ""))
+        shape = "×".join(str(d) for d in o.shape)
+        out.append(f"- output `{md_text(name)}` ({shape}): {text}")
+    return ["Final stage, per output (the metric is the worst scored output):", *out, ""]
 
 
 def _note_lines(notes: list[Note]) -> list[str]:
