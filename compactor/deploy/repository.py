@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compactor.check import check_artifact, load_artifact_manifest, verify_integrity
 from compactor.deploy.triton import (
@@ -106,6 +106,16 @@ class RepoMarker(_Strict):
     kind: str
     format: int
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        for name in models:  # each becomes a folder name: never a path out of the repository
+            try:
+                model_name(name)
+            except UsageError as e:
+                raise ValueError(e.message) from None
+        return models
 
 
 def _read_marker(repo: Path) -> RepoMarker:
@@ -473,7 +483,7 @@ def _pick_model(marker: RepoMarker, model: str | None, repo: Path) -> str:
         if len(names) != 1:
             raise UsageError(f"{repo} holds {len(names)} models"
                              + (f" ({', '.join(names)})" if names else ""),
-                             "name one with --model")
+                             "name one: --model NAME, or REPO/NAME for check")
         return names[0]
     if model not in marker.models:
         raise UsageError(f"{repo} has no model {model!r}",

@@ -209,3 +209,16 @@ def test_a_model_without_a_batch_axis_says_why_in_config_and_output(unbatched_ar
     assert "# max_batch_size 0: input 'x' has no batch axis" in text
     cfg = triton_config(repo / "toy" / "config.pbtxt")
     assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+
+
+def test_a_marker_naming_a_path_out_of_the_repository_is_refused(artifact, tmp_path):
+    repo = tmp_path / "repo"
+    assert run_cli("publish", artifact, "--repo", repo).exit_code == 0
+    marker = json.loads((repo / REPO_MARKER).read_text())
+    marker["models"]["../outside"] = marker["models"].pop("toy")
+    (repo / REPO_MARKER).write_text(json.dumps(marker))
+    before = tree(repo)
+    for args in (("rollback", repo, "--model", "../outside"), ("versions", repo),
+                 ("check", repo)):
+        assert_clean_error(run_cli(*args), 2, "is damaged", "cannot be a triton model name")
+    assert tree(repo) == before and not (tmp_path / "outside").exists()
