@@ -2,9 +2,9 @@
 processes joined in a line by loopback TCP links shaped to each hop's bandwidth and RTT
 (:class:`~compactor.partition.simulate.ShapedLink`, as for two devices).
 
-The calling process is the source of the requests, on device 0: it hands each request to
-device 0's process over an unshaped local link and takes the reply from it. Each device
-process has four threads: one receives from upstream and runs its part (followed, where
+The calling process is the first device: the source of the requests, it runs the first
+part and sends on to the second device's process. Each other device's process has four
+threads: one receives from upstream and runs its part (followed, where
 the device is slower than this host, by a sleep of (slowdown - 1) x its run: an emulation),
 one sends downstream, one receives replies from downstream, one sends them upstream; so a
 device computes the next request while its link sends the last one, as a pipelined
@@ -33,16 +33,15 @@ import numpy as np
 
 from compactor.partition.simulate import ShapedLink, decode, encode
 
-LOCAL_BPS = 1e12  # the source and device 0 share a machine: no shaping
-
 
 def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[str, np.ndarray],
                    requests: int = 10, stream: int | None = None, warmup: int = 2,
                    max_seconds: float = 60.0) -> dict:
-    """Run ``plan``'s ``parts`` (one per used device; None forwards) as processes, and
-    measure one request at a time, then a stream. ``sides``: each device's Side."""
+    """Run ``plan``'s ``parts`` (one per used device; None forwards): the first device's
+    here, each other in a process of its own; measure one request at a time, then a
+    stream. ``sides``: each device's Side."""
     from compactor.errors import UsageError
-    from compactor.partition.profile import PAUSE_S
+    from compactor.partition.profile import PAUSE_S, make_session
 
     for st in plan.stages:
         if sides[st.device].slowdown < 1:
@@ -54,26 +53,33 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
     requests = max(3, min(requests, int(max_seconds * 500 / lat)))
     stream = stream or max(12, 2 * requests)
     stream = max(4, min(stream, int(max_seconds * 500 / max(plan.bottleneck_ms, 1e-3))))
+    first = _First(make_session(parts[0], sides[0].profile) if parts[0] is not None else None,
+                   sides[0].slowdown, dict(feeds))
     with tempfile.TemporaryDirectory(prefix="compactor-chain-") as tmp:
-        procs = _start(parts, plan, topology, sides, Path(tmp))
+        procs = _start(parts, plan, topology, sides, Path(tmp)) if len(parts) > 1 else []
         try:
-            port = procs[0][1]
-            sock = socket.create_connection(("127.0.0.1", port), timeout=300)
-            link = ShapedLink(sock, LOCAL_BPS, 0.0)
-            msg = encode(dict(feeds))
+            link = None
+            if procs:
+                hop = topology.hops[0]
+                link = ShapedLink(socket.create_connection(("127.0.0.1", procs[0][1]),
+                                                           timeout=300), hop.bps,
+                                  hop.rtt_ms / 2)
             e2e = []
             for i in range(warmup + requests):
                 t0 = time.perf_counter()
-                link.send(msg)
-                decode(link.recv())
+                msg = first.run()
+                if link is not None:
+                    link.send(msg)
+                    decode(link.recv())
                 if i >= warmup:
                     e2e.append((time.perf_counter() - t0) * 1000.0)
                 time.sleep(PAUSE_S)
-            done = _stream(link, msg, stream)
-            link.send(b"")
-            link.recv()
-            sock.close()
-            compute = [_finish(p) for p, _ in procs]
+            done = _stream(link, first, stream)
+            if link is not None:
+                link.send(b"")
+                link.recv()
+                link.sock.close()
+            compute = [first.compute_ms] + [_finish(p) for p, _ in procs]
         finally:
             for p, _ in procs:
                 if p.poll() is None:
@@ -82,7 +88,7 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
     a = np.asarray(e2e)
     span = done[-1] - done[0]
     return {
-        "processes": len(procs), "requests": requests, "stream_requests": stream,
+        "processes": len(plan.stages), "requests": requests, "stream_requests": stream,
         "latency_ms": {"p50": float(np.median(a)), "mean": float(a.mean()),
                        "min": float(a.min()), "max": float(a.max())},
         "runs_ms": [round(float(x), 3) for x in a],
@@ -94,36 +100,70 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
     }
 
 
-def _stream(link: ShapedLink, msg: bytes, n: int) -> list[float]:
-    """Send ``n`` requests back to back (from a thread) and time each reply's arrival."""
-    sender = threading.Thread(target=lambda: [link.send(msg) for _ in range(n)], daemon=True)
-    sender.start()
+class _First:
+    """The first device's part, run here (the request's source is on that device)."""
+
+    def __init__(self, sess, slowdown: float, feeds: dict):
+        self.sess, self.slowdown, self.feeds = sess, slowdown, feeds
+        self.compute_ms: list[float] = []
+
+    def run(self) -> bytes:
+        if self.sess is None:
+            return encode(self.feeds)
+        t0 = time.perf_counter()
+        outs = self.sess.run(None, {i.name: self.feeds[i.name] for i in self.sess.get_inputs()})
+        dt = time.perf_counter() - t0
+        if self.slowdown > 1:
+            time.sleep((self.slowdown - 1) * dt)
+        self.compute_ms.append(dt * self.slowdown * 1000.0)
+        return encode({o.name: v for o, v in zip(self.sess.get_outputs(), outs, strict=True)})
+
+
+def _stream(link: ShapedLink | None, first: _First, n: int) -> list[float]:
+    """``n`` requests back to back: the first device computes them one after another (a
+    thread), another thread sends them; returns when each reply came in."""
+    if link is None:  # all on the first device
+        done = []
+        for _ in range(n):
+            first.run()
+            done.append(time.perf_counter())
+        return done
+    q: queue.Queue = queue.Queue()
+    threads = [threading.Thread(target=lambda: [q.put(first.run()) for _ in range(n)],
+                                daemon=True),
+               threading.Thread(target=lambda: [link.send(q.get()) for _ in range(n)],
+                                daemon=True)]
+    for t in threads:
+        t.start()
     done = []
     for _ in range(n):
         decode(link.recv())
         done.append(time.perf_counter())
-    sender.join()
+    for t in threads:
+        t.join()
     return done
 
 
 def _start(parts, plan, topology, sides, tmp: Path) -> list[tuple[subprocess.Popen, int]]:
-    """One process per used device; each prints its port, then learns its downstream's."""
+    """One process per used device after the first; each prints its port, then learns its
+    downstream's."""
     procs = []
-    for i, (st, part) in enumerate(zip(plan.stages, parts, strict=True)):
+    for i in range(1, len(plan.stages)):
+        st, part = plan.stages[i], parts[i]
         model = None
         if part is not None:
             model = str(tmp / f"part{i}.onnx")
             Path(model).write_bytes(part.SerializeToString())
         last = i == len(plan.stages) - 1
         hop = None if last else topology.hops[st.device]
+        up = topology.hops[st.device - 1]
         job = tmp / f"job{i}.json"
         side = sides[st.device]
         job.write_text(json.dumps({
             "model": model, "profile": side.profile.model_dump(mode="json", by_alias=True),
             "slowdown": side.slowdown, "last": last,
             "bps": hop.bps if hop else None, "one_way_ms": hop.rtt_ms / 2 if hop else None,
-            "up_bps": topology.hops[st.device - 1].bps if i else LOCAL_BPS,
-            "up_one_way_ms": topology.hops[st.device - 1].rtt_ms / 2 if i else 0.0,
+            "up_bps": up.bps, "up_one_way_ms": up.rtt_ms / 2,
         }), encoding="utf-8")
         p = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate_chain",
                               str(job)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
