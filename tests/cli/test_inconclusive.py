@@ -138,3 +138,16 @@ def test_a_limit_of_zero_or_less_is_refused_at_load(tmp_path, budget, limit):
 def test_a_limit_of_zero_or_less_is_refused_on_the_command_line(artifact, pair):
     assert_clean_error(run_cli("check", artifact, "--budget", pair), EXIT_USAGE,
                        "must be positive")
+
+
+def test_bench_judges_latency_on_its_interval(tmp_path):
+    cnn = toys.export_cnn_onnx(tmp_path / "cnn.onnx")
+    prof = toys.fast_profile(tmp_path / "fast.yaml")
+    r = run_cli("bench", cnn, "--profile", prof, "--budget", "max_latency_ms.p50=1000",
+                "--json")
+    assert r.exit_code == EXIT_OK, r.output
+    (v,) = json.loads(r.stdout)["verdicts"]
+    assert v["status"] == "pass" and v["low"] <= v["measured"] <= v["high"] <= 1000
+    assert "quiet-block estimate" in v["detail"]
+    assert_clean_error(run_cli("bench", cnn, "--budget", "max_latency_ms.p50=1",
+                               "--settle-time", "0.5"), EXIT_USAGE, "--settle-time 0.5")
