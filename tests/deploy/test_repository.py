@@ -222,3 +222,15 @@ def test_a_marker_naming_a_path_out_of_the_repository_is_refused(artifact, tmp_p
                  ("check", repo)):
         assert_clean_error(run_cli(*args), 2, "is damaged", "cannot be a triton model name")
     assert tree(repo) == before and not (tmp_path / "outside").exists()
+
+
+def test_rollback_refuses_a_version_modified_after_it_was_published(artifact, tmp_path):
+    repo = tmp_path / "repo"
+    assert run_cli("publish", artifact, "--repo", repo).exit_code == 0
+    assert run_cli("publish", artifact, "--repo", repo).exit_code == 0
+    with open(repo / "toy" / "1" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    before = tree(repo)
+    assert_clean_error(run_cli("rollback", repo), 1, "version 1 was modified")
+    assert tree(repo) == before
+    assert json.loads((repo / REPO_MARKER).read_text())["models"]["toy"]["live"] == 2
