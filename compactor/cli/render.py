@@ -165,6 +165,13 @@ def _bench_measured(out: Console, r: dict[str, Any]) -> None:
                   _fmt_ms(lat["mean"]), _fmt_ms(lat["std"]), str(lat["runs"]), ci_s,
                   f"{lat['throughput']:,.0f}")
     out.print(t)
+    quiet = (r["latency_ms"].get("1") or {})
+    if quiet.get("quiet"):
+        est, lo, hi = quiet["quiet"]["p50"]
+        out.print(f"p50 at batch 1 as budgets judge it (faster half of the quiet blocks): "
+                  f"{_fmt_ms(est)} ms (95% interval {_fmt_ms(lo)}–{_fmt_ms(hi)}), "
+                  f"{quiet.get('quiet_blocks')} of {quiet.get('blocks')} blocks quiet"
+                  + (" [yellow](busy host)[/]" if quiet.get("busy") else ""), highlight=False)
     rt = r["runtime"]
     out.print(f"cold start: session {rt.get('session_create_ms', 0):.1f} ms, first run "
               f"{(rt.get('first_run_ms') or 0):.2f} ms; providers "
