@@ -234,3 +234,31 @@ def test_rollback_refuses_a_version_modified_after_it_was_published(artifact, tm
     assert_clean_error(run_cli("rollback", repo), 1, "version 1 was modified")
     assert tree(repo) == before
     assert json.loads((repo / REPO_MARKER).read_text())["models"]["toy"]["live"] == 2
+
+
+def test_a_publish_that_dies_midway_leaves_nothing_a_server_would_load(artifact, tmp_path,
+                                                                       monkeypatch):
+    """A crash while the marker is written: the new version folder is removed again, the
+    config still names the old version; a folder left by a harder crash (no cleanup) is
+    listed as unlisted, never served, and its number is not reused."""
+    import compactor.deploy.repository as repository
+
+    repo = tmp_path / "repo"
+    assert run_cli("publish", artifact, "--repo", repo).exit_code == 0
+    before = tree(repo)
+
+    def crash(*_a, **_k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(repository, "_write_marker", crash)
+        r = run_cli("publish", artifact, "--repo", repo)
+    assert r.exit_code == 130, r.output
+    assert tree(repo) == before
+
+    (repo / "toy" / "2").mkdir()  # as if the process died right after the rename
+    rows = json.loads(run_cli("versions", repo, "--json").stdout)["toy"]
+    assert [(x["version"], x["state"], x["served"]) for x in rows] == [
+        (1, "ok", True), (2, "unlisted", False)]
+    out = json.loads(run_cli("publish", artifact, "--repo", repo, "--json").stdout)
+    assert out["version"] == 3 and out["served"] == [3]
