@@ -269,9 +269,13 @@ class Search:
         others = [a for a in plain if a is not start]
         if repaired is not None:
             # Only plain candidates faster than the repaired one can still win: time
-            # them together, in one run, and score just those.
-            self.time([*plain, repaired], "repaired candidate vs plain ones")
-            others = [a for a in others if a.p50_ms < repaired.p50_ms]
+            # them together, in one run, and score just those. Those already scored and
+            # failing cannot win and are not timed again (the fastest plain one is: the
+            # repair's cost is measured against it).
+            contenders = [a for a in plain if a is plain[0] or a.search is None]
+            self.time([*contenders, repaired], "repaired candidate vs plain ones")
+            timed = {id(a) for a in contenders}
+            others = [a for a in others if id(a) in timed and a.p50_ms < repaired.p50_ms]
             others.sort(key=lambda a: a.p50_ms)
         chosen = self._first_passing(others)
         if chosen is None:
