@@ -104,7 +104,7 @@ class QuantizeConfig(PassConfig):
     mixed_scale: Literal["auto", "off"] = Field(
         default="auto", description="static: keep float the output-side tensors whose one "
         "int8 range would span values of very different scale (a detector's pixels and "
-        "scores in one output); off: quantize them like any tensor")
+        "scores in one output); off (or false): quantize them like any tensor")
     keep_float: Literal["auto", "never"] = Field(
         default="auto", description="auto: ship the float input when int8 does not pay "
         "(not resolvably faster in the paired timing, over half the MACs left in float, "
@@ -119,6 +119,12 @@ class QuantizeConfig(PassConfig):
 
         drop = Drop.model_validate(v)  # the recipe's syntax: 0.01 or "2%"
         return drop.model_dump()
+
+    @field_validator("mixed_scale", mode="before")
+    @classmethod
+    def _mixed_scale(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("smoothquant_alpha")
     @classmethod

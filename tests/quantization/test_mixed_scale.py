@@ -92,3 +92,14 @@ def test_find_mixed_flags_orders_of_magnitude_not_noise():
     assert find_mixed("t", {1: (-similar, similar)}) is None
     # a constant slice (a class never seen) loses nothing: not mixed
     assert find_mixed("t", {1: (np.zeros(3), np.array([640.0, 500.0, 0.0]))}) is None
+
+
+def test_a_bare_yaml_off_turns_the_check_off():
+    import yaml
+
+    from compactor.passes.quantize import QuantizeConfig
+
+    assert QuantizeConfig(**yaml.safe_load("mixed_scale: off")).mixed_scale == "off"
+    assert QuantizeConfig().mixed_scale == "auto"
+    with pytest.raises(ValueError):
+        QuantizeConfig(mixed_scale="sometimes")
