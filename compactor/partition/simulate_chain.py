@@ -219,6 +219,15 @@ def _pump(recv_link: ShapedLink, out: queue.Queue, work=None) -> None:
         out.put(work(msg) if work else msg)
 
 
+def _relay(recv_link: ShapedLink, send_link: ShapedLink, work=None) -> None:
+    """Receive, transform with ``work`` (None: as it is), send on; an empty message ends."""
+    while True:
+        msg = recv_link.recv()
+        send_link.send(work(msg) if msg and work else msg)
+        if not msg:
+            return
+
+
 def _drain(send_link: ShapedLink, q: queue.Queue) -> None:
     while True:
         msg = q.get()
@@ -263,15 +272,19 @@ def serve(job_path: str) -> int:
         compute_ms.append(dt * slowdown * 1000.0)
         return encode({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)})
 
-    to_up: queue.Queue = queue.Queue()
-    threads = [threading.Thread(target=_drain, args=(up, to_up))]
+    # a hand-off between threads costs a wake-up on a busy host: the last device replies,
+    # and a forwarding one passes on, from the thread that received (its link is the
+    # stream's pace anyway); a computing one sends from another thread, to overlap them
     if down is None:
-        threads.append(threading.Thread(target=_pump, args=(up, to_up, work)))
+        threads = [threading.Thread(target=_relay, args=(up, up, work))]
+    elif sess is None:
+        threads = [threading.Thread(target=_relay, args=(up, down, work)),
+                   threading.Thread(target=_relay, args=(down, up, None))]
     else:
         to_down: queue.Queue = queue.Queue()
-        threads += [threading.Thread(target=_pump, args=(up, to_down, work)),
-                    threading.Thread(target=_drain, args=(down, to_down)),
-                    threading.Thread(target=_pump, args=(down, to_up))]
+        threads = [threading.Thread(target=_pump, args=(up, to_down, work)),
+                   threading.Thread(target=_drain, args=(down, to_down)),
+                   threading.Thread(target=_relay, args=(down, up, None))]
     for t in threads:
         t.start()
     for t in threads:
