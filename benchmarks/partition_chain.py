@@ -104,6 +104,17 @@ def _err(measured: float, predicted: float) -> float:
     return (measured - predicted) / predicted if predicted else float("nan")
 
 
+def host_drift(model: Path, profile: Path, data, planned_ms: float) -> float:
+    """This host's full-model time right after the simulation / the time the plan used: by
+    how much other jobs changed the host's speed between planning and simulating."""
+    from compactor.partition.profile import TimingSettings, time_ms
+    from compactor.profiles import load_profile
+
+    prof = load_profile(str(profile))
+    feeds = {k: v[:1] for k, v in data[0].items()}
+    return time_ms(model, prof, feeds, TimingSettings.of(prof, quick=False)) / planned_ms
+
+
 def chain_rows(models, devices, bandwidths, requests, profiles, tmp) -> list[dict]:
     from compactor.partition.multi import ChainOptions, plan_chain_model
     from compactor.partition.topology import load_topology
@@ -124,6 +135,8 @@ def chain_rows(models, devices, bandwidths, requests, profiles, tmp) -> list[dic
                 one, two = p["best_single_device"], p["best_two_devices"]
                 e_lat = _err(sim["latency_ms"]["p50"], ch["latency_ms"])
                 e_thr = _err(sim["throughput_rps"], ch["throughput_rps"])
+                drift = host_drift(m["path"], profiles["phone"], m["data"],
+                                   p["timing"]["groups"][0]["full_ms"])
                 rows.append({
                     "model": name, "devices": n, "bandwidth": bw,
                     "plan": ch["description"], "computing": ch["devices_computing"],
@@ -138,6 +151,7 @@ def chain_rows(models, devices, bandwidths, requests, profiles, tmp) -> list[dic
                     "compute_ms": {st["name"]: [st["compute_ms"],
                                                 sim["compute_ms_p50"].get(st["name"])]
                                    for st in ch["stages"]},
+                    "host_drift": drift,
                     "passed": abs(e_lat) <= TARGET and abs(e_thr) <= TARGET,
                     "seconds": round(time.time() - t0, 1),
                 })
@@ -196,10 +210,12 @@ def render(r: dict) -> str:
         "and stream throughput for chains; latency for peers)",
         "- speed-ups are predicted (same cost model): best plan vs the best plan on one "
         "device / on at most two devices",
+        "- host drift: the first device's full-model time re-measured right after the "
+        "simulation ÷ the time the plan used (1.00× = the host's speed did not move)",
         "",
         "| model | devices | bandwidth | plan | predicted → simulated ms | error | predicted"
-        " → simulated req/s | error | ×single | ×two | max abs err | target |",
-        "|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---|",
+        " → simulated req/s | error | ×single | ×two | max abs err | host drift | target |",
+        "|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for w in r["chains"]:
         lines.append(
@@ -208,7 +224,7 @@ def render(r: dict) -> str:
             f"{w['predicted_rps']:.1f} → {w['simulated_rps']:.1f} | "
             f"{w['error_throughput']:+.1%} | {w['speedup_vs_single']:.2f}× | "
             f"{w['speedup_vs_two']:.2f}× | {w['verification_max_abs']:.1e} | "
-            f"{'✅' if w['passed'] else '❌'} |")
+            f"{w['host_drift']:.2f}× | {'✅' if w['passed'] else '❌'} |")
     if r["peers"]:
         lines += ["", "| model | peers | bandwidth | plan | predicted → simulated ms | "
                   "error | predicted req/s | ×single | max abs err | target |",
