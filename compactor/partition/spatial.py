@@ -456,7 +456,8 @@ def _plan_dict(graph, topology, options, sides, costs, choice, tl, notes,
                     "input_rows": [t.in0, t.in1], "halo_pads": [list(p) for p in t.pads]}
                    for i, t in enumerate(tl)]
     ch["description"] = (f"{choice.k} tiles of the first {choice.depth} nodes on "
-                         f"{', '.join(names[: choice.k])}; the rest on {names[0]}")
+                         f"{', '.join(names[: choice.k])}; the rest on {names[0]}"
+                         if choice.k > 1 else f"all on {names[0]} (no split pays)")
     return {
         "schema": SPATIAL_SCHEMA,
         "model": {"file": str(model_path), "nodes": graph.n_nodes,
