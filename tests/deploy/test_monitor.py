@@ -68,3 +68,17 @@ def test_prometheus_needs_remeasure(artifact, tmp_path):
     prom = tmp_path / "x.prom"
     assert_clean_error(run_cli("check", artifact, "--prometheus", prom), 2, "--remeasure")
     assert not prom.exists()
+
+
+def test_a_tampered_version_reports_its_integrity_gauge_and_exits_1(artifact, tmp_path):
+    repo = tmp_path / "repo"
+    assert run_cli("package", artifact, "--triton", repo).exit_code == 0
+    with open(repo / "toy" / "1" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    prom = tmp_path / "t.prom"
+    r = run_cli("check", repo / "toy", "--remeasure", "--prometheus", prom)
+    assert_clean_error(r, 1, "modified after compactor wrote it")
+    samples = _samples(prom)
+    assert _value(samples, "compactor_verdict", budget="integrity.model.onnx",
+                  status="fail") == 1
+    assert _value(samples, "compactor_check_passed", model="toy", version="1") == 0
