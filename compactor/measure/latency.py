@@ -338,7 +338,8 @@ def measure_latency(
         quiet=None if quiet is None else {q: list(v) for q, v in quiet.items()},
         blocks=len(runs.blocks.ends),
         quiet_blocks=n_quiet,
-        busy=n_quiet < MIN_QUIET_BLOCKS,
+        # a short timing's few blocks, all quiet, are not a busy host
+        busy=n_quiet < min(MIN_QUIET_BLOCKS, len(runs.blocks.ends)),
         others_cores=(None if host0 is None or host1 is None or seconds <= 0 else
                       max(0.0, (host1 - host0 - (cpu1 - cpu0)) / seconds)),
     )
