@@ -3,6 +3,8 @@ checkpoint and early stopping, step budgets, the LR schedule, Ctrl-C and resume,
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     msg = str(e.value)
     assert "nan" in msg and "epoch 2, step 8" in msg and "last good checkpoint" in msg, msg
     assert load_torch(tmp_path / "last.pt")["state"]["global_step"] == 6
+
+
+def _two_part_task(seed: int = 0) -> TrainTask:
+    """The regression with its loss split in two named terms (as two model outputs give),
+    each reported in training and in evaluation."""
+    task = _regression_task(seed=seed)
+    module, batches = task.module, task.batches
+
+    def parts_of(x, y):
+        out = module(x)
+        return {"a.mse": F.mse_loss(out, y), "b.mse": 0.5 * F.mse_loss(out, 2 * y)}
+
+    def step(batch):
+        parts = parts_of(*batch)
+        return sum(parts.values()), parts, len(batch[0])
+
+    def evaluate():
+        with torch.no_grad():
+            parts = [parts_of(x, y) for x, y in batches]
+        mean = {k: float(sum(p[k] for p in parts) / len(parts)) for k in parts[0]}
+        return EvalResult(value=-sum(mean.values()), loss=sum(mean.values()), parts=mean)
+
+    return TrainTask(module, step, evaluate, batches, "score", True, torch.device("cpu"))
+
+
+def test_each_loss_term_is_in_the_history_and_survives_a_resume(tmp_path):
+    cfg = LoopConfig(epochs=3, lr=0.02, seed=3)
+    whole = train(_two_part_task(), cfg, tmp_path / "a", key="k", progress=RecordingProgress(),
+                  label="distill: train")
+    for entry in whole.history:
+        assert set(entry["train_parts"]) == set(entry["eval_parts"]) == {"a.mse", "b.mse"}
+        assert entry["eval_loss"] == pytest.approx(sum(entry["eval_parts"].values()), abs=1e-5)
+    assert whole.history[-1]["eval_parts"]["a.mse"] < whole.history[0]["eval_parts"]["a.mse"]
+    with pytest.raises(KeyboardInterrupt):
+        train(_two_part_task(), cfg, tmp_path / "b", key="k",
+              progress=RecordingProgress(interrupt_at=8), label="distill: train")
+    resumed = train(_two_part_task(seed=99), cfg, tmp_path / "b", key="k",
+                    progress=RecordingProgress(), resume=True, label="distill: train")
+    assert resumed.resumed_from is not None and resumed.history == whole.history
+    assert EvalResult(**dataclasses.asdict(whole.best)) == whole.best, "checkpointed as values"

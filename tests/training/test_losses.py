@@ -104,3 +104,40 @@ def test_masked_hint_counts_real_positions_only():
     assert torch.allclose(parts["hint0"], 2.0 * want, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
         losses.hint_loss(s, t, mask[:, :4])
+
+
+def test_nmse_is_unit_free_and_one_for_a_constant_predictor():
+    torch.manual_seed(0)
+    t = 100.0 * torch.randn(64, 4)  # pixels
+    var = float(t.var(unbiased=False))
+    mean = t.mean().expand_as(t)
+    assert abs(float(losses.nmse_loss(mean, t, var)) - 1.0) < 1e-5
+    s = t + 10.0 * torch.randn(64, 4)
+    # the same relative error in other units scores the same
+    assert torch.allclose(losses.nmse_loss(s, t, var), losses.nmse_loss(s / 100, t / 100,
+                                                                         var / 1e4))
+    assert float(losses.nmse_loss(t, t, var)) == 0.0
+
+
+def test_distill_loss_over_several_outputs_names_each_term():
+    torch.manual_seed(0)
+    s = (torch.randn(4, 3), 50 * torch.randn(4, 4), torch.rand(4, 5, 2))
+    t = (torch.randn(4, 3), 50 * torch.randn(4, 4), torch.rand(4, 5, 2))
+    y = torch.tensor([0, 1, 2, 0])
+    heads = [*losses.LossWeights(kl=1.0, ce=0.5).heads(2.0, 0, "logits"),
+             losses.HeadLoss(1, "box", "nmse", 2.0, variance=2500.0),
+             losses.HeadLoss(2, "points", "mse", 0.0)]  # weight 0: left out
+    fn = losses.DistillLoss(None, 2.0, heads=heads)
+    total, parts = fn(s, t, y)
+    assert list(parts) == ["logits.kl", "logits.ce", "box.nmse"]
+    assert torch.allclose(parts["logits.kl"], losses.kl_loss(s[0], t[0], 2.0))
+    assert torch.allclose(parts["box.nmse"], 2.0 * F.mse_loss(s[1], t[1]) / 2500.0)
+    assert torch.allclose(total, sum(parts.values()))
+    assert fn.needs_teacher and fn.needs_labels
+    unlabelled = fn.without_labels()
+    assert not unlabelled.needs_labels
+    assert list(unlabelled(s, t, None)[1]) == ["logits.kl", "box.nmse"]
+    with pytest.raises(ValueError, match="unknown loss 'huber'"):
+        losses.HeadLoss(0, "", "huber", 1.0)
+    with pytest.raises(ValueError, match="repeat"):
+        losses.DistillLoss(losses.LossWeights(kl=1.0), heads=[losses.HeadLoss(0, "", "kl", 1)])
