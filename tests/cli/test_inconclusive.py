@@ -151,3 +151,13 @@ def test_bench_judges_latency_on_its_interval(tmp_path):
     assert "quiet-block estimate" in v["detail"]
     assert_clean_error(run_cli("bench", cnn, "--budget", "max_latency_ms.p50=1",
                                "--settle-time", "0.5"), EXIT_USAGE, "--settle-time 0.5")
+
+
+def test_against_with_remeasure_times_both_models_paired(artifact):
+    r = run_cli("check", artifact, "--against", artifact, "--remeasure", "--max-regression",
+                "50%", "--settle-time", "3", "--json")
+    assert r.exit_code == EXIT_OK, r.output
+    regs = {v["budget"]: v for v in json.loads(r.stdout)["regressions"]}
+    lat = regs["regression.latency_p50.fast"]
+    assert lat["status"] == "pass" and "timed paired" in lat["detail"]
+    assert lat["low"] <= lat["measured"] <= lat["high"] < 50  # the same model: no change
