@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import toys
+from toys.triton_config import parse_config
 
 CLOUD_PROFILE = """\
 name: toy-cloud
@@ -85,21 +86,6 @@ def edited(artifact, tmp_path) -> Callable[..., Path]:
         return copy
 
     return make
-
-
-def parse_config(text: str):
-    """``config.pbtxt`` text parsed by Triton's ModelConfig message (tritonclient ships
-    it; loaded by file so the grpc client itself is not needed)."""
-    import importlib.util
-
-    import tritonclient
-    from google.protobuf import text_format
-
-    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
-    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return text_format.Parse(text, mod.ModelConfig())
 
 
 @pytest.fixture

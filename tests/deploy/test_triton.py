@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import parse_config
+from toys.triton_config import parse_config
 
 from compactor.deploy.triton import (
     MIN_THROUGHPUT_GAIN,
