@@ -261,7 +261,10 @@ class SpatialCost:
         return self.latency_ms, self.bottleneck_ms
 
     def to_dict(self, names: Sequence[str]) -> dict:
+        what = (f"{self.k} tiles of the first {self.depth} nodes" if self.k > 1
+                else f"all on {names[0]}")
         return {"depth": self.depth, "peers": self.k, "devices": list(names[: self.k]),
+                "description": what,
                 "tile_ms": [round(x, 4) for x in self.tile_ms],
                 "rest_ms": round(self.rest_ms, 4), "gather_ms": round(self.gather_ms, 4),
                 "bytes_out": list(self.bytes_out), "bytes_back": list(self.bytes_back),
@@ -318,7 +321,8 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
     costs, sides = _measure(graph, wins, heights, topology, sides, samples[0], options,
                             progress)
     limits = [None if d.memory_mb is None else d.memory_mb * MIB for d in topology.devices]
-    choice = choose(costs, limits, options.objective)
+    choice = choose([c for c in costs if options.peers in (None, c.k)], limits,
+                    options.objective)
     if choice is None:
         need = min(max(c.memory) for c in costs)
         raise UsageError(
@@ -375,7 +379,8 @@ def _measure(graph, wins, heights, topology: Topology, sides: list[Side], feeds,
     sides = [calibrated(s, full[id(s.profile)]) for s in sides]
     cut_vals = _prefix_values(graph, len(wins), feeds)
     w_bytes = np.concatenate([[0], np.cumsum(graph.node_weight_bytes())])
-    ks = [options.peers] if options.peers else list(range(1, len(sides) + 1))
+    # one device alone (K = 1) is always costed: the baseline a split is compared with
+    ks = sorted({1, options.peers}) if options.peers else list(range(1, len(sides) + 1))
     costs: list[SpatialCost] = []
     depths = [d for d in range(1, len(wins) + 1) if d < graph.n_nodes]
     with progress.task(f"time tiles for {len(depths)} depths x {len(ks)} peer counts",

@@ -348,7 +348,7 @@ def test_spatial_plan_and_simulation(tmp_path, quick):
     assert r.plan["simulate"]["processes"] == 3 and len(r.plan["simulate"]["runs_ms"]) == 3
     # the planner's own choice considers every K and depth
     alts = r.plan["alternatives"]
-    assert {a["peers"] for a in alts} == {3}
+    assert {a["peers"] for a in alts} == {1, 3}  # one device alone: the baseline
     free = plan_spatial_model(model, topo, SpatialOptions(max_depth=2))
     assert {(a["peers"], a["depth"]) for a in free.plan["alternatives"]} == {
         (k, d) for k in (1, 2, 3) for d in (1, 2)}
@@ -390,3 +390,12 @@ def test_part_model_passes_a_skip_tensor_through(tmp_path):
                         s.run(None, {i.name: vals[i.name] for i in s.get_inputs()}),
                         strict=True))
     assert np.allclose(vals["y"], np.abs(-np.maximum(x, 0)) + np.maximum(x, 0))
+
+
+def test_cli_peers(tmp_path, quick, invoke):
+    model = conv_chain_cnn(tmp_path / "m.onnx", size=8)
+    topo = peers_topology(tmp_path / "p.yaml", quick, 2)
+    r = invoke("partition", model, "--topology", topo, "--peers", "2", "-o", tmp_path / "o")
+    assert r.exit_code == EXIT_OK, r.output
+    assert "best single device: all on p0" in r.stdout and "max abs error" in r.stdout
+    assert (tmp_path / "o" / "tile1-p1.onnx").is_file()
