@@ -141,7 +141,8 @@ def chain_rows(models, devices, bandwidths, requests, profiles, tmp) -> list[dic
                     "model": name, "devices": n, "bandwidth": bw,
                     "plan": ch["description"], "computing": ch["devices_computing"],
                     "predicted_ms": ch["latency_ms"], "simulated_ms": sim["latency_ms"]["p50"],
-                    "error_latency": e_lat, "predicted_rps": ch["throughput_rps"],
+                    "error_latency": e_lat, "simulated_min_ms": sim["latency_ms"]["min"],
+                    "predicted_rps": ch["throughput_rps"],
                     "simulated_rps": sim["throughput_rps"], "error_throughput": e_thr,
                     "speedup_vs_single": one["latency_ms"] / ch["latency_ms"],
                     "speedup_vs_two": two["latency_ms"] / ch["latency_ms"],
@@ -202,6 +203,11 @@ def render(r: dict) -> str:
         f"- date: {r['date']}; host: {mach['cpu']}, {mach['cores']} cores, ISA "
         f"{r['isa']}; 1-min load at end {mach['load_avg_1m']:.2f}"
         + ("; **reduced run (--quick)**" if r["quick"] else ""),
+        *([f"- **a busy host** (1-min load {mach['load_avg_1m']:.1f} on {mach['cores']} "
+           "cores): the simulated processes wait for a core at every wake-up, so the errors "
+           "measure the host's scheduling as much as the planner; rerun "
+           "`python benchmarks/partition_chain.py` on a quiet host"]
+          if (mach["load_avg_1m"] or 0) > (mach["cores"] or 1) else []),
         f"- devices emulated on this host, {r['threads']} intra-op thread(s) each; "
         + "; ".join(f"{k}: {v[1]}" for k, v in SLOWDOWNS.items() if k in r["models"]),
         f"- link RTTs per hop: {', '.join(f'{x:g} ms' for x in RTTS)}; every hop at the "
