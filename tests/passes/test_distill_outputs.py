@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import toys
 from toys import RecordingProgress, assert_clean_error, run_cli, write_recipe
 from toys.multihead import (
@@ -167,3 +168,27 @@ def test_student_output_the_teacher_lacks_names_it(tmp_path):
     stage = baseline.derive("prune", module=build_student())
     with pytest.raises(PassError, match="the student's output 'box' has no teacher output"):
         DistillPass(recipe.pass_list[0][1]).run(stage, ctx)
+
+
+def test_an_onnx_teacher_teaches_every_output(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    teacher = build_teacher()
+    torch.onnx.export(teacher, (torch.randn(2, 16),), str(tmp_path / "teacher.onnx"),
+                      dynamo=False, input_names=["x"], output_names=list(OUTPUTS),
+                      dynamic_axes={"x": {0: "batch"}})
+    before = head_errors(build_student(), teacher)
+    out, _ = _distill(tmp_path, {"teacher": {"onnx": "teacher.onnx"}})
+    after = head_errors(out.module, teacher)
+    assert out.record["teacher"] == "teacher teacher.onnx"
+    for head in OUTPUTS:
+        assert after[head] < 0.5 * before[head], (head, before, after)
+
+
+def test_a_locked_recipe_with_outputs_reloads(tmp_path):
+    from compactor.recipe import parse_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, {"outputs": {
+        "logits": {"loss": "kl", "temperature": 2.0}, "box": {"weight": 0.5}}}))
+    again = parse_recipe(recipe.to_yaml(), base_dir=tmp_path)
+    assert again.pass_list == recipe.pass_list
+    assert again.pass_list[0][1].outputs["box"].loss == "nmse"
