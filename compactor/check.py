@@ -401,14 +401,12 @@ def _judge(manifest: Manifest, prof_name: str, budgets: Budgets, profile: Profil
 def _intervals(latency: Mapping[str, Any] | None) -> dict[str, Interval] | None:
     """Each quantile's noise-robust estimate and interval from a latency record (None for
     records that predate it: their budgets are judged on the plain figure)."""
-    from compactor.measure.latency import quiet_interval
-
     if latency is None:
         return None
     found = {q: iv for q in ("p50", "p90", "p99")
-             if (iv := quiet_interval(latency.get("quiet"), q, latency.get("busy"),
-                                      latency.get("quiet_blocks"), latency.get("blocks"),
-                                      latency.get("others_cores"), latency.get("min")))
+             if (iv := Interval.from_quiet(latency.get("quiet"), q, latency.get("busy"),
+                                           latency.get("quiet_blocks"), latency.get("blocks"),
+                                           latency.get("others_cores"), latency.get("min")))
              is not None}
     return found or None
 

@@ -12,6 +12,7 @@ field (quantize's accuracy budget), and every layer above reads the same type.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -35,6 +36,23 @@ class Interval:
     @classmethod
     def point(cls, value: float) -> Interval:
         return cls(value, value, value)
+
+    @classmethod
+    def from_quiet(cls, quiet: Mapping[str, Sequence[float]] | None, q: str,
+                   busy: bool | None, quiet_blocks: int | None, blocks: int | None,
+                   others_cores: float | None, fastest: float | None = None
+                   ) -> Interval | None:
+        """Quantile ``q`` of a latency's noise-robust estimate (``quiet``: per quantile
+        [estimate, low, high]) as an Interval; None for records from before it."""
+        if not quiet or q not in quiet:
+            return None
+        est, lo, hi = (float(x) for x in quiet[q])
+        note = ""
+        if busy:
+            note = (f"{quiet_blocks or 0} of {blocks or 0} blocks of runs had the cores to "
+                    "themselves" + (f"; other processes took {others_cores:.1f} cores"
+                                    if others_cores else ""))
+        return cls(est, lo, hi, bool(busy), note, fastest)
 
 
 @dataclass(frozen=True)

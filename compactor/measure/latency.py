@@ -89,15 +89,7 @@ def quiet_interval(quiet: Mapping[str, Sequence[float]] | None, q: str, busy: bo
                    others_cores: float | None, fastest: float | None = None
                    ) -> Interval | None:
     """A :class:`Latency`'s (or its manifest record's) estimate of ``q`` as an Interval."""
-    if not quiet or q not in quiet:
-        return None
-    est, lo, hi = (float(x) for x in quiet[q])
-    note = ""
-    if busy:
-        note = (f"{quiet_blocks or 0} of {blocks or 0} blocks of runs had the cores to "
-                "themselves" + (f"; other processes took {others_cores:.1f} cores"
-                                if others_cores else ""))
-    return Interval(est, lo, hi, bool(busy), note, fastest)
+    return Interval.from_quiet(quiet, q, busy, quiet_blocks, blocks, others_cores, fastest)
 
 
 def median_ci(sorted_ms: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
