@@ -35,7 +35,7 @@ MIN_LEVELS = 16.0  # a slice with fewer int8 levels than this is collapsed
 MIN_RATIO = 30.0  # widest slice / narrow slice: orders of magnitude, not noise
 MAX_DEPTH = 8  # nodes walked back from an output
 MAX_SLICES = 4096  # axes longer than this are not checked (they are not channel axes)
-MAX_FEEDS = 32  # calibration feeds run for the check
+MAX_SAMPLES = 64  # calibration samples run for the check (orders of magnitude show early)
 COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention")
 
 
@@ -121,7 +121,7 @@ def detect(src: Path, model, feeds: Sequence[dict], work: Path) -> list[MixedTen
     names = _float_tensors(model, checked_tensors(model))
     if not names or not feeds:
         return []
-    stats = _slice_ranges(src, model, names, feeds[:MAX_FEEDS], work)
+    stats = _slice_ranges(src, model, names, _first_samples(feeds, MAX_SAMPLES), work)
     producers = {o: n for n in model.graph.node for o in n.output}
     found: list[MixedTensor] = []
     for name in names:
@@ -137,6 +137,18 @@ def detect(src: Path, model, feeds: Sequence[dict], work: Path) -> list[MixedTen
             (float(lo[wide]), float(hi[wide])),
             (float(lo[narrow].min()), float(hi[narrow].max())), levels, ratio))
     return found
+
+
+def _first_samples(feeds: Sequence[dict], n: int) -> list[dict]:
+    """The first feeds holding ``n`` samples (a feed's size: its first input's axis 0)."""
+    out, seen = [], 0
+    for f in feeds:
+        if seen >= n:
+            break
+        out.append(f)
+        first = next(iter(f.values()), None)
+        seen += int(first.shape[0]) if getattr(first, "ndim", 0) else 1
+    return out
 
 
 def _float_tensors(model, names: list[str]) -> list[str]:
