@@ -9,7 +9,8 @@ vs simulated latency and throughput, the errors, and the predicted speed-up over
 single device and over the best two-device split (the same cost model, restricted).
 
 Peers: for each model, 3 and 4 peers and each bandwidth, ``plan_spatial_model`` chooses K
-and the depth of the tiled prefix, and the plan is simulated (latency).
+and the depth of the tiled prefix, and the plan is simulated (latency), at LAN bandwidths
+(``--peer-bandwidths``).
 
 Devices are emulated on this host: each is a fixed number of times slower (a sleep of
 (slowdown - 1) x each run), stated per model below; every profile runs one intra-op thread
@@ -21,7 +22,8 @@ Writes the ``partition-chain`` section of benchmarks/RESULTS.md and
 benchmarks/results/partition-chain.json.
 
 Usage: python benchmarks/partition_chain.py [--quick] [--models ...] [--devices 3 4]
-       [--bandwidths 10Mbps 50Mbps 200Mbps] [--requests N] [--threads N] [--no-peers]
+       [--bandwidths 10Mbps 50Mbps 200Mbps] [--peer-bandwidths 100Mbps 500Mbps 1Gbps]
+       [--requests N] [--threads N] [--no-peers]
 Exit code: 0 when every target holds, 1 when one fails (the results are written either way).
 """
 
@@ -39,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 NAME = "partition-chain"
 TARGET = 0.20
 BANDWIDTHS = ("10Mbps", "50Mbps", "200Mbps")
+PEER_BANDWIDTHS = ("100Mbps", "500Mbps", "1Gbps")  # boards on one LAN
 # per model: slowdowns of phone, gateway, edge server, cloud (the 3-device chain drops the
 # edge server); why
 SLOWDOWNS = {
@@ -253,13 +256,14 @@ def main() -> int:
     ap.add_argument("--bandwidths", nargs="+", default=list(BANDWIDTHS))
     ap.add_argument("--requests", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peer-bandwidths", nargs="+", default=list(PEER_BANDWIDTHS))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: digits CNN, 3 devices, one bandwidth, 5 requests")
     args = ap.parse_args()
     if args.quick:
-        args.models, args.devices, args.bandwidths, args.requests = (
-            ["digits-cnn"], [3], ["50Mbps"], 5)
+        args.models, args.devices, args.bandwidths, args.peer_bandwidths, args.requests = (
+            ["digits-cnn"], [3], ["50Mbps"], ["100Mbps"], 5)
     sys.path.insert(0, str(HERE))
     from _results import machine, write_json, write_section
 
@@ -271,8 +275,9 @@ def main() -> int:
         profiles = _profiles(tmp, args.threads)
         chains = chain_rows(models, args.devices, args.bandwidths, args.requests, profiles,
                             tmp)
-        peers = [] if args.no_peers else peer_rows(models, args.devices, args.bandwidths,
-                                                   args.requests, profiles, tmp)
+        peers = [] if args.no_peers else peer_rows(models, args.devices,
+                                                   args.peer_bandwidths, args.requests,
+                                                   profiles, tmp)
     r = {"benchmark": NAME, "date": dt.datetime.now(dt.timezone.utc).isoformat(
         timespec="seconds"), "command": "python benchmarks/partition_chain.py "
          + " ".join(sys.argv[1:]), "quick": args.quick, "threads": args.threads,
