@@ -251,7 +251,8 @@ class DistillPass(Pass):
             if teacher is not None:
                 teacher.attach_hints([h.teacher for h in cfg.hints])
             self._check_and_project(model, teacher, probe, heads, names, cfg, device, record)
-            heads = _with_variances(heads, teacher, batches, cfg, cache, record)
+            heads = _with_variances(heads, teacher, batches, cfg, cache, record,
+                                    ctx.progress)
             model.to(device)
             find_unused = _has_unused_params(model, teacher, probe, heads, cfg, device)
             wrapped = ddp.wrap(model, device, find_unused=find_unused)
@@ -554,8 +555,8 @@ VARIANCE_BATCHES = 8
 
 
 def _with_variances(heads: Sequence[Any], teacher: _Teacher | None, batches: Sequence[Batch],
-                    cfg: DistillConfig, cache: dict[int, Any],
-                    record: dict[str, Any]) -> list[Any]:
+                    cfg: DistillConfig, cache: dict[int, Any], record: dict[str, Any],
+                    progress: Any) -> list[Any]:
     """``nmse`` heads with the teacher's variance of their output over the training batches
     (every batch when the teacher's outputs are cached: the cache is filled here, so the
     teacher still runs once per batch; else the first VARIANCE_BATCHES)."""
@@ -563,14 +564,17 @@ def _with_variances(heads: Sequence[Any], teacher: _Teacher | None, batches: Seq
     if not wanted or teacher is None:
         return list(heads)
     sums = {i: [0.0, 0.0, 0] for i in wanted}
-    for b in batches if cfg.cache_teacher else batches[:VARIANCE_BATCHES]:
-        t_outs, _ = _teacher_outputs(teacher, b, cfg, cache)
-        for i in wanted:
-            t = t_outs[i].detach().double()
-            acc = sums[i]
-            acc[0] += float(t.sum())
-            acc[1] += float(t.square().sum())
-            acc[2] += t.numel()
+    seen = batches if cfg.cache_teacher else batches[:VARIANCE_BATCHES]
+    with progress.task("distill: teacher outputs", total=len(seen)) as bar:
+        for b in seen:
+            t_outs, _ = _teacher_outputs(teacher, b, cfg, cache)
+            for i in wanted:
+                t = t_outs[i].detach().double()
+                acc = sums[i]
+                acc[0] += float(t.sum())
+                acc[1] += float(t.square().sum())
+                acc[2] += t.numel()
+            bar.advance()
     variances = {}
     for i, (s1, s2, n) in sums.items():
         mean = s1 / max(n, 1)
