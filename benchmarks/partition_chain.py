@@ -9,8 +9,8 @@ vs simulated latency and throughput, the errors, and the predicted speed-up over
 single device and over the best two-device split (the same cost model, restricted).
 
 Peers: for each model, 3 and 4 peers and each bandwidth, ``plan_spatial_model`` chooses K
-and the depth of the tiled prefix, and the plan is simulated (latency), at LAN bandwidths
-(``--peer-bandwidths``).
+and the depth of the tiled prefix, and the plan is simulated (latency and a stream), at
+LAN bandwidths (``--peer-bandwidths``).
 
 Devices are emulated on this host: each is a fixed number of times slower (a sleep of
 (slowdown - 1) x each run), stated per model below; every profile runs one intra-op thread
@@ -181,18 +181,21 @@ def peer_rows(models, peers, bandwidths, requests, profiles, tmp) -> list[dict]:
                 p, sim = r.plan, r.plan["simulate"]
                 ch, one = p["choice"], p["best_single_device"]
                 e = _err(sim["latency_ms"]["p50"], ch["latency_ms"])
+                e_thr = _err(sim["throughput_rps"], ch["throughput_rps"])
                 rows.append({
                     "model": name, "peers": k, "bandwidth": bw, "plan": ch["description"],
                     "chosen_k": ch["peers"], "depth": ch["depth"],
                     "predicted_ms": ch["latency_ms"], "simulated_ms": sim["latency_ms"]["p50"],
                     "error_latency": e, "predicted_rps": ch["throughput_rps"],
+                    "simulated_rps": sim["throughput_rps"], "error_throughput": e_thr,
                     "speedup_vs_single": one["latency_ms"] / ch["latency_ms"],
                     "verification_max_abs": p["verification"]["max_abs_error"],
-                    "passed": abs(e) <= TARGET,
+                    "passed": abs(e) <= TARGET and abs(e_thr) <= TARGET,
                 })
                 print(f"{name} {k} peers {bw}: {ch['description']} | "  # noqa: T201 - script
-                      f"{ch['latency_ms']:.1f} → {sim['latency_ms']['p50']:.1f} ms ({e:+.0%})",
-                      flush=True)
+                      f"{ch['latency_ms']:.1f} → {sim['latency_ms']['p50']:.1f} ms ({e:+.0%}), "
+                      f"{ch['throughput_rps']:.1f} → {sim['throughput_rps']:.1f} req/s "
+                      f"({e_thr:+.0%})", flush=True)
     return rows
 
 
@@ -214,9 +217,10 @@ def render(r: dict) -> str:
         f"- devices emulated on this host, {r['threads']} intra-op thread(s) each; "
         + "; ".join(f"{k}: {v[1]}" for k, v in SLOWDOWNS.items() if k in r["models"]),
         f"- link RTTs per hop: {', '.join(f'{x:g} ms' for x in RTTS)}; every hop at the "
-        "row's bandwidth. Peers share one link (RTT " + PEER_RTT + ").",
+        "row's bandwidth. Peers share one link (RTT " + PEER_RTT + "), each board as slow "
+        "as the phone (" + ", ".join(f"{k} {PEER_SLOWDOWN[k]:g}×" for k in r["models"]) + ").",
         f"- target: |simulated − predicted| ≤ {r['target']:.0%} of predicted (latency p50 "
-        "and stream throughput for chains; latency for peers)",
+        "and stream throughput)",
         "- speed-ups are predicted (same cost model): best plan vs the best plan on one "
         "device / on at most two devices",
         "- host drift: the first device's full-model time re-measured right after the "
@@ -236,13 +240,15 @@ def render(r: dict) -> str:
             f"{w['host_drift']:.2f}× | {'✅' if w['passed'] else '❌'} |")
     if r["peers"]:
         lines += ["", "| model | peers | bandwidth | plan | predicted → simulated ms | "
-                  "error | predicted req/s | ×single | max abs err | target |",
-                  "|---|---:|---|---|---|---:|---:|---:|---:|---|"]
+                  "error | predicted → simulated req/s | error | ×single | max abs err | "
+                  "target |",
+                  "|---|---:|---|---|---|---:|---|---:|---:|---:|---|"]
         for w in r["peers"]:
             lines.append(
                 f"| {w['model']} | {w['peers']} | {w['bandwidth']} | {w['plan']} | "
                 f"{w['predicted_ms']:.2f} → {w['simulated_ms']:.2f} | "
-                f"{w['error_latency']:+.1%} | {w['predicted_rps']:.1f} | "
+                f"{w['error_latency']:+.1%} | {w['predicted_rps']:.1f} → "
+                f"{w['simulated_rps']:.1f} | {w['error_throughput']:+.1%} | "
                 f"{w['speedup_vs_single']:.2f}× | {w['verification_max_abs']:.1e} | "
                 f"{'✅' if w['passed'] else '❌'} |")
     return "\n".join(lines) + "\n"

@@ -302,12 +302,12 @@ if __name__ == "__main__":
 
 def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                      feeds: Mapping[str, np.ndarray], requests: int = 10,
-                     warmup: int = 2) -> dict:
-    """Time one request at a time through a spatial split: the first device (this
-    process) sends the peers' tiles over its one shaped interface, computes its own tile,
-    takes the strips back over the same interface, and runs the rest; each peer's tile runs
-    in a process of its own."""
-    from compactor.partition.profile import PAUSE_S, make_session
+                     warmup: int = 2, stream: int | None = None) -> dict:
+    """Time a spatial split: the first device (this process) sends the peers' tiles over
+    its one shaped interface, computes its own tile, takes the strips back over the same
+    interface, and runs the rest; each peer's tile runs in a process of its own. One
+    request at a time (latency), then a stream sent back to back (throughput)."""
+    from compactor.partition.profile import PAUSE_S
 
     for s in sides[: choice.k]:
         if s.slowdown < 1:
@@ -316,39 +316,26 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
             raise UsageError(f"--simulate cannot make peer {s.role!r} faster than this host",
                              "simulate with slowdown factors of 1 or more")
     hop = topology.hops[0]
-    name = graph.input_names[0]
-    cut = graph.crossing(choice.depth)[0]
-    x = feeds[name]
-    own = make_session(tile_models[0], sides[0].profile)
-    rest_s = make_session(rest, sides[0].profile)
-    slow0 = sides[0].slowdown
-    tx, rx = [0.0], [0.0]
+    stream = stream or max(12, 2 * requests)
     with tempfile.TemporaryDirectory(prefix="compactor-peers-") as tmp:
-        procs, links = [], []
+        procs: list[subprocess.Popen] = []
         try:
+            links = []
             for t in range(1, choice.k):
                 p, port = _start_peer(tile_models[t], sides[t], hop, Path(tmp), t)
                 procs.append(p)
-                lk = ShapedLink(socket.create_connection(("127.0.0.1", port), timeout=300),
-                                hop.bps, hop.rtt_ms / 2)
-                lk.tx_shared, lk.rx_shared = tx, rx
-                links.append(lk)
-            msgs = [encode({name: np.ascontiguousarray(x[:, :, tile.in0:tile.in1])})
-                    for tile in tl[1:]]
+                links.append(ShapedLink(socket.create_connection(("127.0.0.1", port),
+                                                                 timeout=300),
+                                        hop.bps, hop.rtt_ms / 2))
+            g = _Gatherer(graph, choice, tl, tile_models[0], rest, sides[0], links, feeds)
             e2e = []
             for i in range(warmup + requests):
                 t0 = time.perf_counter()
-                sender = threading.Thread(
-                    target=lambda: [lk.send(m) for lk, m in zip(links, msgs, strict=True)])
-                sender.start()
-                strips = [_slowed(own, {name: np.ascontiguousarray(
-                    x[:, :, tl[0].in0:tl[0].in1])}, slow0)[0]]
-                strips += [next(iter(decode(lk.recv()).values())) for lk in links]
-                sender.join()
-                _slowed(rest_s, {cut: np.concatenate(strips, axis=2)}, slow0)
+                g.one()
                 if i >= warmup:
                     e2e.append((time.perf_counter() - t0) * 1000.0)
                 time.sleep(PAUSE_S)
+            done = g.stream(stream)
             for lk in links:
                 lk.send(b"")
                 lk.recv()
@@ -361,11 +348,73 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                     p.kill()
                     p.wait()
     a = np.asarray(e2e)
-    return {"processes": choice.k, "requests": requests,
+    span = done[-1] - done[0]
+    return {"processes": choice.k, "requests": requests, "stream_requests": stream,
             "latency_ms": {"p50": float(np.median(a)), "mean": float(a.mean()),
                            "min": float(a.min()), "max": float(a.max())},
             "runs_ms": [round(float(v), 3) for v in a],
+            "throughput_rps": (len(done) - 1) / span if span > 0 else float("inf"),
             "emulated": any(s.slowdown != 1 for s in sides[: choice.k])}
+
+
+class _Gatherer:
+    """The first device of a spatial split: its tile, the scatter and gather over its one
+    interface (a shared clock each way), the rest. Its runs hold one lock: one processor."""
+
+    def __init__(self, graph, choice, tl, own_model, rest, side, links, feeds):
+        from compactor.partition.profile import make_session
+
+        name = graph.input_names[0]
+        x = feeds[name]
+        self.own = make_session(own_model, side.profile)
+        self.rest = make_session(rest, side.profile)
+        self.slowdown = side.slowdown
+        self.own_feeds = {name: np.ascontiguousarray(x[:, :, tl[0].in0:tl[0].in1])}
+        self.cut = graph.crossing(choice.depth)[0]
+        self.links = links
+        tx, rx = [0.0], [0.0]
+        for lk in links:
+            lk.tx_shared, lk.rx_shared = tx, rx
+        self.msgs = [encode({name: np.ascontiguousarray(x[:, :, t.in0:t.in1])})
+                     for t in tl[1:]]
+        self.cpu = threading.Lock()
+
+    def _run(self, sess, feeds) -> list:
+        with self.cpu:
+            return _slowed(sess, feeds, self.slowdown)
+
+    def scatter(self, n: int = 1) -> None:
+        for _ in range(n):
+            for lk, m in zip(self.links, self.msgs, strict=True):
+                lk.send(m)
+
+    def finish(self, own_strip) -> None:
+        strips = [own_strip] + [next(iter(decode(lk.recv()).values())) for lk in self.links]
+        self._run(self.rest, {self.cut: np.concatenate(strips, axis=2)})
+
+    def one(self) -> None:
+        sender = threading.Thread(target=self.scatter)
+        sender.start()
+        own = self._run(self.own, self.own_feeds)[0]
+        self.finish(own)
+        sender.join()
+
+    def stream(self, n: int) -> list[float]:
+        """``n`` requests back to back: scatter, own tiles and gather-and-rest in three
+        threads; returns when each request's rest was done."""
+        q: queue.Queue = queue.Queue()
+        threads = [threading.Thread(target=self.scatter, args=(n,), daemon=True),
+                   threading.Thread(target=lambda: [q.put(self._run(
+                       self.own, self.own_feeds)[0]) for _ in range(n)], daemon=True)]
+        for t in threads:
+            t.start()
+        done = []
+        for _ in range(n):
+            self.finish(q.get())
+            done.append(time.perf_counter())
+        for t in threads:
+            t.join()
+        return done
 
 
 def _slowed(sess, feeds, slowdown: float) -> list:

@@ -347,6 +347,8 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
                                    requests=simulate_requests)
         sim["error_latency"] = (sim["latency_ms"]["p50"] - choice.latency_ms) / \
             choice.latency_ms
+        sim["error_throughput"] = (sim["throughput_rps"] - choice.throughput_rps) / \
+            choice.throughput_rps
         plan["simulate"] = sim
     files: dict[str, Path] = {}
     if out_dir is not None:

@@ -345,7 +345,9 @@ def test_spatial_plan_and_simulation(tmp_path, quick):
     assert r.plan["verification"]["passed"]
     assert r.plan["verification"]["max_abs_error"] < 1e-5
     assert len(list(out.glob("tile*.onnx"))) == 3 and (out / "rest.onnx").is_file()
-    assert r.plan["simulate"]["processes"] == 3 and len(r.plan["simulate"]["runs_ms"]) == 3
+    sim = r.plan["simulate"]
+    assert sim["processes"] == 3 and len(sim["runs_ms"]) == 3
+    assert sim["throughput_rps"] > 0 and math.isfinite(sim["error_throughput"])
     # the planner's own choice considers every K and depth
     alts = r.plan["alternatives"]
     assert {a["peers"] for a in alts} == {1, 3}  # one device alone: the baseline
