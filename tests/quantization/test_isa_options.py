@@ -82,3 +82,40 @@ def test_a_candidate_as_fast_as_a_failing_fastest_one_is_scored_before_repairs(
     assert out.record["accuracy_budget"]["met"], out.record["accuracy_budget"]
     assert out.record["reduce_range"] is False, out.record["search"]["chosen"]
     assert out.record["search"]["repairs"] == [], out.record["search"]["repairs"]
+
+
+def test_avx2_weight_settings_all_build_on_a_fused_transformer(tmp_path, monkeypatch):
+    """uint8 and 8-bit int8 weights build as QAttention too (ORT's transformer fusions), and
+    stay close to float: none is a dead candidate on an AVX2 host."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    import onnxruntime as ort
+    import toys
+    from toys import text_arrays
+
+    from compactor.data import Batch
+    from compactor.exporting import ExportConfig, export_module
+    from compactor.recipe import InputSpec
+
+    def text(n: int, seed: int) -> dict[str, np.ndarray]:
+        return text_arrays(n, 12, seed=seed)
+
+    model = toys.build_tiny_bert()
+    model.bert.set_attn_implementation("eager")
+    arrays = text(4, seed=0)
+    specs = [InputSpec(name=k, shape=("batch", "seq"), dtype="int64") for k in arrays]
+    bert = tmp_path / "bert.onnx"
+    export_module(model, specs, Batch(arrays), bert, ExportConfig(exporter="legacy"),
+                  ["embedding"])
+    monkeypatch.setattr("compactor.measure.host.isa_flags", lambda: AVX2)
+    monkeypatch.setattr("compactor.passes.quantize._timer", fake_timer())
+    recipe = toy_recipe(tmp_path, bert, text, {"mode": "dynamic"}, calibration=False)
+    out = run_pass(tmp_path, recipe, bert, mode="dynamic", transformer_fusion="on",
+                   op_types="all", keep_float="never")
+    cands = out.record["search"]["candidates"]
+    assert len(cands) == 3 and not [c for c in cands if "build failed" in c.get("note", "")]
+    x = text(16, seed=5)
+    ref = ort.InferenceSession(str(bert)).run(None, x)[0]
+    got = ort.InferenceSession(str(out.onnx_path)).run(None, x)[0]
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert float(cos.mean()) > 0.99
