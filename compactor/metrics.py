@@ -253,10 +253,12 @@ def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64).reshape(a.shape[0], -1)
     b = np.asarray(b, dtype=np.float64).reshape(b.shape[0], -1)
     num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    both_zero = den == 0
-    out = np.where(both_zero, 1.0, num / np.where(both_zero, 1.0, den))
-    return out
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    den = na * nb
+    # two zero vectors agree; a zero vector beside a non-zero one (scores collapsed to
+    # 0 by int8) does not
+    both_zero = (na == 0) & (nb == 0)
+    return np.where(den == 0, np.where(both_zero, 1.0, 0.0), num / np.where(den == 0, 1.0, den))
 
 
 # channels whose largest magnitudes differ by this much are in different units

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from compactor.data import PerBatch, feeds_for_batch, latency_shape
+from compactor.data import Outputs, PerBatch, feeds_for_batch, latency_shape
 from compactor.errors import PassError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class _Measure:
         self.ctx, self.metric, self.batches, self.work = ctx, metric, batches, work
         # MACs at the recipe's latency shape (measure.dims; else the eval data's median)
         self.dims = latency_shape(ctx.inputs, batches, dims).dims
-        self.reference: PerBatch | None = None
+        self.reference: Outputs | None = None
         self.baseline_value: float | None = None
         self.baseline_macs: int | None = None
         self.n = 0
@@ -147,11 +147,14 @@ class _Measure:
         names = {i.name for i in sess.get_inputs()}
         outs, tgts = [], []
         for b in self.batches:
-            outs.append(sess.run(None, {k: v for k, v in b.inputs.items() if k in names})[0])
+            outs.append(sess.run(None, {k: v for k, v in b.inputs.items() if k in names}))
             if b.target is not None:
                 tgts.append(b.target)
-        # per batch: batches padded to their own length give outputs of different shapes
-        outputs = PerBatch.of(outs)
+        # every output, per batch (batches padded to their own length give outputs of
+        # different shapes); the metric scores the outputs the recipe names
+        outputs = Outputs.of([o.name for o in sess.get_outputs()], outs)
+        if self.reference is not None and outputs.names != self.reference.names:
+            outputs = Outputs(self.reference.names, outputs.values)
         targets = PerBatch.of(tgts) if tgts and len(tgts) == len(outs) else None
         if self.reference is None:
             self.reference = outputs
