@@ -265,15 +265,31 @@ class Notes(Progress):
 
 
 def test_int8_slower_than_its_float_input_is_said_loudly():
+    """The warning comes from a paired timing of the two models, and only when the int8
+    one is resolvably slower (the interval's upper end under 1); unpaired, nothing."""
+    from compactor.verdict import Interval
+
+    def paired(value: float, low: float, high: float):
+        return lambda before, after, prof: Interval(value, low, high)
+
+    def stages(p50: float):
+        before, after = _stage("export", 1.0), _stage("quantize", p50)
+        before.onnx_path, after.onnx_path = Path("fp32.onnx"), Path("int8.onnx")
+        return before, after
+
     progress = Notes()
-    slow = _stage("quantize", 2.0)
-    warn_if_slower(_stage("export", 1.0), slow, progress)
+    before, slow = stages(2.0)
+    warn_if_slower(before, slow, progress, paired(0.5, 0.45, 0.55))
     (w,) = slow.warnings
     assert "SLOWER than its float input on host" in w and "0.50x" in w, w
     assert progress.notes == [f"quantize: {w}"]
-    fast = _stage("quantize", 0.5)
-    warn_if_slower(_stage("export", 1.0), fast, progress)
-    assert "warnings" not in fast.record
+    for interval in ((2.0, 1.9, 2.1), (0.95, 0.8, 1.1)):  # faster; not resolvably slower
+        before, other = stages(1.0)
+        warn_if_slower(before, other, progress, paired(*interval))
+        assert not other.warnings
+    before, unpaired = stages(2.0)
+    warn_if_slower(before, unpaired, progress)
+    assert not unpaired.warnings
 
 
 def test_the_demo_recipe_shape_still_quantizes_fast_with_the_speed_search(tmp_path):
