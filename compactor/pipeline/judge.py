@@ -111,7 +111,9 @@ def _gate(target: Target, prof: Profile, base: StageResult, final: StageResult,
     gate = Gate(latency=latency, speedup=speedup if pairable else None,
                 cap_s=timer.settle_s)
     first = None
-    if pairable and target.budgets.min_speedup is not None:
+    if base is final:  # no pass ran: the final model is the baseline
+        first = Interval.point(1.0)
+    elif pairable and target.budgets.min_speedup is not None:
         first = gate.spend(speedup, timer.pair_s)
     return gate, first
 
