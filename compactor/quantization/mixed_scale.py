@@ -15,11 +15,15 @@ tensors they read, up to and including the outputs of the compute nodes (Conv, M
 Gemm) that feed them. Hidden layers are not checked: their ranges are the calibration's
 business, and the accuracy search handles what it misses.
 
-A tensor is *mixed* along an axis (any axis but the batch axis 0) when one of its slices
-along that axis is not constant but would get fewer than :data:`MIN_LEVELS` of the 256
-int8 levels under the whole tensor's range, while the widest slice is at least
-:data:`MIN_RATIO` times wider: values of different units or orders of magnitude, not a
-range that calibration merely estimated badly.
+A tensor is *mixed* along an axis when one of its slices along that axis is not constant
+but would get fewer than :data:`MIN_LEVELS` of the 256 int8 levels under the whole tensor's
+range, while the widest slice is at least :data:`MIN_RATIO` times wider: values of
+different units or orders of magnitude, not a range that calibration merely estimated
+badly. The axes: every axis but the batch axis 0 of a tensor of rank 2 or 3 (``[B, C]``,
+``[B, C, N]``, ``[B, N, C]``), the channel axis 1 of a higher-rank one (an ``[N, C, H, W]``
+map's rows and columns are places, not units: a text detector's probability map is near 0
+in rows without text). Softmax outputs are not checked: probabilities share one unit by
+construction, and a rare class's are small, not of another kind.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ MIN_RATIO = 30.0  # widest slice / narrow slice: orders of magnitude, not noise
 MAX_DEPTH = 8  # nodes walked back from an output
 MAX_SLICES = 4096  # axes longer than this are not checked (they are not channel axes)
 MAX_SAMPLES = 64  # calibration samples run for the check (orders of magnitude show early)
+NOT_CHECKED = ("Softmax", "LogSoftmax")  # their outputs share one unit by construction
 COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention")
 
 
@@ -118,11 +123,12 @@ def find_mixed(tensor: str, values: dict[int, tuple[np.ndarray, np.ndarray]]
 def detect(src: Path, model, feeds: Sequence[dict], work: Path) -> list[MixedTensor]:
     """The checked tensors of ``model`` (the float model at ``src``) that one int8 range
     would collapse, from their ranges on the calibration ``feeds``."""
-    names = _float_tensors(model, checked_tensors(model))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    names = [n for n in _float_tensors(model, checked_tensors(model))
+             if producers[n].op_type not in NOT_CHECKED]
     if not names or not feeds:
         return []
     stats = _slice_ranges(src, model, names, _first_samples(feeds, MAX_SAMPLES), work)
-    producers = {o: n for n in model.graph.node for o in n.output}
     found: list[MixedTensor] = []
     for name in names:
         hit = find_mixed(name, stats.get(name, {}))
@@ -195,7 +201,7 @@ def _merge(acc: dict[int, tuple[np.ndarray, np.ndarray]], name: str, v: np.ndarr
            dropped: set[tuple[str, int]]) -> None:
     if not v.size:
         return
-    for axis in range(1, v.ndim):
+    for axis in range(1, v.ndim) if v.ndim <= 3 else (1,):
         if (name, axis) in dropped or not 2 <= v.shape[axis] <= MAX_SLICES:
             continue
         other = tuple(a for a in range(v.ndim) if a != axis)

@@ -103,3 +103,38 @@ def test_a_bare_yaml_off_turns_the_check_off():
     assert QuantizeConfig().mixed_scale == "auto"
     with pytest.raises(ValueError):
         QuantizeConfig(mixed_scale="sometimes")
+
+
+def _graph(tmp_path: Path, op: str, x_shape: list, **attrs) -> Path:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op, ["x"], ["y"], name=f"/head/{op.lower()}", **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_places_and_probabilities_are_not_units(tmp_path):
+    """No false alarms: a probability map near 0 in rows without text (its rows are
+    places), and a softmax whose rare classes get tiny probabilities (one unit)."""
+    from compactor.quantization.mixed_scale import detect
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1, 16, 16)).astype(np.float32) - 12.0
+    x[:, :, 4:6] += 14.0  # two rows of "text"
+    path = _graph(tmp_path, "Sigmoid", [8, 1, 16, 16])
+    assert detect(path, onnx.load(str(path)), [{"x": x}], tmp_path) == []
+    logits = rng.standard_normal((64, 20)).astype(np.float32)
+    logits[:, 0] += 12.0  # class 0 wins, the others are rare
+    path = _graph(tmp_path, "Softmax", [64, 20], axis=1)
+    assert detect(path, onnx.load(str(path)), [{"x": logits}], tmp_path) == []
+    # the same logits as a [B, C] output of another kind are flagged: units differ
+    mixed = np.concatenate([logits[:, :4] * 200.0, logits[:, 4:] * 0.01], axis=1)
+    path = _graph(tmp_path, "Identity", [64, 20])
+    (m,) = detect(path, onnx.load(str(path)), [{"x": mixed}], tmp_path)
+    assert m.axis == 1 and m.narrow == tuple(range(4, 20)), m
