@@ -235,9 +235,12 @@ def _stream_rate(m: _Measured, choice: ChainPlan, ch: dict, progress) -> None:
             ms = 0.0
             if s.end > s.start:
                 side = m.sides[s.device]
+                # an emulated device (slowdown > 1) sleeps (slowdown - 1) x each run after
+                # it: that idle time, not none, is what its runs follow in a stream
+                idle_s = (side.slowdown - 1) * m.host_ms(s.device, s.start, s.end)[0] / 1000
                 ms = time_ms(part_model(m.graph, s.start, s.end), side.profile, m.values,
                              TimingSettings.of(side.profile, quick=False),
-                             pause_s=0.0) * side.slowdown
+                             pause_s=max(idle_s, 0.0)) * side.slowdown
             st["compute_stream_ms"] = round(ms, 4)
             worst = max(worst, ms, s.forward_ms, s.back_ms)
     ch["bottleneck_ms_one_at_a_time"] = ch["bottleneck_ms"]
