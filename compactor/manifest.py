@@ -283,6 +283,8 @@ class StageOutputRecord(_Open):
     mse: float | None = Field(default=None, ge=0)
     constant_mse: float | None = Field(default=None, ge=0)
     broken: bool | None = None
+    ratio_interval: list[float | None] | None = None  # mse / constant_mse, ~95%
+    check: Literal["pass", "fail", "inconclusive"] | None = None
     note: str | None = None
 
 

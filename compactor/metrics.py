@@ -141,7 +141,7 @@ class Metric:
             named = {o for o, _ in self.assigned}
             rest = [n for n in names if n not in named]
             if not self.default.needs_reference:  # labels (or a user fn) describe one output
-                rest = rest[:1] if not self.assigned else []
+                rest = rest[:1]
             plan += [(n, self.default) for n in rest]
         for out, m in plan:
             for shape in (shapes or {}).get(out, ()):
@@ -397,41 +397,76 @@ def mixed_units_note(reference: PerBatch) -> str | None:
 @dataclass(frozen=True)
 class ConstantCheck:
     """A stage's error on one output against the baseline's, next to the error of
-    predicting the baseline's per-element mean over the eval set for every sample."""
+    predicting the baseline's per-element mean over the eval set for every sample, and the
+    ratio's ~95% confidence interval (a bootstrap over the eval samples)."""
 
     mse: float
     constant_mse: float
-
-    @property
-    def broken(self) -> bool:
-        return self.mse > self.constant_mse
+    low: float  # the ratio mse / constant_mse: its interval
+    high: float
 
     @property
     def ratio(self) -> float:
         return self.mse / self.constant_mse if self.constant_mse > 0 else float("inf")
 
+    @property
+    def status(self) -> str:
+        """fail: worse than the constant beyond the eval data's noise; pass: better;
+        inconclusive: the interval straddles 1 (as good as a constant, within noise)."""
+        if self.low > 1.0:
+            return "fail"
+        if self.high <= 1.0:
+            return "pass"
+        return "inconclusive"
 
-def constant_predictor_check(outputs: PerBatch, reference: PerBatch) -> ConstantCheck | None:
-    """None where the check means nothing: a non-numeric output, different shapes, or a
-    baseline output that (nearly) does not vary over the eval set."""
+    @property
+    def broken(self) -> bool:
+        return self.status == "fail"
+
+
+BOOTSTRAP = 1000
+
+
+def _per_sample(outputs: PerBatch, reference: PerBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's mean squared error to the reference, and the reference's mean squared
+    deviation from its per-element mean (a scalar mean where batches differ in shape)."""
+    if reference.uniform and outputs.uniform:
+        ref = reference.joined().astype(np.float64)
+        out = outputs.joined().astype(np.float64)
+        if out.shape != ref.shape:
+            raise ValueError("shapes differ")
+        mean = ref.mean(axis=0, keepdims=True)
+        axes = tuple(range(1, ref.ndim))
+        return (((out - ref) ** 2).mean(axis=axes) if axes else (out - ref) ** 2,
+                ((ref - mean) ** 2).mean(axis=axes) if axes else (ref - mean) ** 2)
+    mean = reference.flat().astype(np.float64).mean()
+    err, dev = [], []
+    for o, r in zip(outputs.parts, reference.parts):
+        o, r = o.astype(np.float64), r.astype(np.float64)
+        if o.shape != r.shape:
+            raise ValueError("shapes differ")
+        err.append(((o - r) ** 2).reshape(len(r), -1).mean(axis=1))
+        dev.append(((r - mean) ** 2).reshape(len(r), -1).mean(axis=1))
+    return np.concatenate(err), np.concatenate(dev)
+
+
+def constant_predictor_check(outputs: PerBatch, reference: PerBatch, seed: int = 0
+                             ) -> ConstantCheck | None:
+    """None where the check means nothing: a non-numeric output, different shapes, fewer
+    than 2 samples, or a baseline output that (nearly) does not vary over the eval set."""
     try:
-        if reference.uniform and outputs.uniform:
-            ref = reference.joined().astype(np.float64)
-            out = outputs.joined().astype(np.float64)
-            mean = ref.mean(axis=0, keepdims=True)
-        else:
-            ref = reference.flat().astype(np.float64)
-            out = outputs.flat().astype(np.float64)
-            mean = ref.mean()
+        err, dev = _per_sample(outputs, reference)
     except (TypeError, ValueError):
         return None
-    if out.shape != ref.shape or ref.size == 0 or len(reference) < 2:
+    n = len(err)
+    magnitude = float(np.mean(reference.flat().astype(np.float64) ** 2)) if n else 0.0
+    constant_mse = float(dev.mean()) if n else 0.0
+    if n < 2 or not np.isfinite(constant_mse) or constant_mse <= 1e-12 * max(magnitude, 1e-30):
         return None
-    constant_mse = float(np.mean((ref - mean) ** 2))
-    magnitude = float(np.mean(ref ** 2))
-    if not np.isfinite(constant_mse) or constant_mse <= 1e-12 * max(magnitude, 1e-30):
-        return None
-    return ConstantCheck(float(np.mean((out - ref) ** 2)), constant_mse)
+    idx = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
+    boot = err[idx].mean(axis=1) / np.maximum(dev[idx].mean(axis=1), 1e-300)
+    low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    return ConstantCheck(float(err.mean()), constant_mse, low, high)
 
 
 # --------------------------------------------------------------------------- task metrics

@@ -31,19 +31,24 @@ class OutputResult:
     mse: float | None = None
     constant_mse: float | None = None
     note: str | None = None  # how the metric treated the output (mixed units...)
+    # mse / constant_mse: its ~95% interval (a bootstrap over the eval samples) and what it
+    # says: pass (better than the constant), fail (worse), inconclusive (within noise)
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    check: str | None = None
 
     @property
     def broken(self) -> bool:
-        """Worse than predicting the baseline's mean for every sample."""
-        return (self.mse is not None and self.constant_mse is not None
-                and self.mse > self.constant_mse)
+        """Worse than predicting the baseline's mean for every sample, beyond noise."""
+        return self.check == "fail"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"shape": list(self.shape)}
         if self.metric is not None:
             d.update(metric=self.metric, value=self.value)
         if self.mse is not None:
-            d.update(mse=self.mse, constant_mse=self.constant_mse, broken=self.broken)
+            d.update(mse=self.mse, constant_mse=self.constant_mse, broken=self.broken,
+                     ratio_interval=[self.ratio_low, self.ratio_high], check=self.check)
         if self.note:
             d["note"] = self.note
         return d

@@ -216,6 +216,10 @@ def test_fidelity_scores_each_unit_group_of_a_detector_output():
     assert groups.groups == ((0, 1, 2, 3), tuple(range(4, 10))), groups
     fid = BUILTIN["fidelity"].compute(bad, None, ref_out)
     assert fid < 0.9, f"fidelity {fid:.4f} on collapsed class scores"
+    zeroed = ref_out.copy()
+    zeroed[:, 4:] = 0.0  # one int8 step over 0..640 rounds every score to 0
+    assert BUILTIN["fidelity"].compute(zeroed, None, ref_out) == pytest.approx(0.0)
+    assert float(cosine_per_sample(np.zeros((2, 3)), np.zeros((2, 3))).min()) == 1.0
     good = ref_out.copy()
     good[:, :4] += 0.5  # half a pixel: a sound int8
     good[:, 4:] += 0.002
@@ -434,3 +438,24 @@ def test_agreement_on_a_probability_head_fails_int8_that_flips_decisions(tmp_pat
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["metric"]["name"] == "agreement(threshold=0.5)[p]"
     assert m["stages"][-1]["outputs"]["p"]["value"] < 0.8
+
+
+def test_the_constant_predictor_check_is_three_valued():
+    from compactor.data import PerBatch
+    from compactor.metrics import constant_predictor_check
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(256, 4))
+    def check(out):
+        return constant_predictor_check(PerBatch.of([out]), PerBatch.of([ref]))
+
+    good = check(ref + 0.1 * rng.normal(size=ref.shape))
+    assert good.status == "pass" and good.ratio < 0.05 and good.high < 1
+    bad = check(-ref)  # the wrong sign: 4x the constant's error
+    assert bad.status == "fail" and bad.low > 1 and bad.broken
+    # an unrelated head of the same spread as the baseline's mean: 1x, within noise
+    edge = check(ref.mean(axis=0) + 0.05 * rng.normal(size=ref.shape))
+    assert edge.status == "inconclusive" and edge.low <= 1 < edge.high, edge
+    assert check(np.zeros((256, 4))) is not None
+    assert constant_predictor_check(PerBatch.of([np.ones((8, 2))]),
+                                    PerBatch.of([np.ones((8, 2))])) is None

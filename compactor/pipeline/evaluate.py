@@ -126,22 +126,30 @@ class Evaluator:
 
     def _output_checks(self, outputs: tuple[OutputResult, ...], stage: Stage
                        ) -> tuple[tuple[Verdict, ...], tuple[str, ...]]:
-        """Every output worse than predicting the baseline's per-element mean for every
-        sample: a failed check (the run exits 1 when the shipped stage has one) and a
-        warning on the stage."""
+        """Every output against predicting the baseline's per-element mean for every
+        sample: worse beyond the eval data's noise is a failed check (the run exits 1 when
+        the shipped stage has one), within noise an inconclusive one; both warn."""
         checks, warnings = [], []
         for o in outputs:
-            if o.mse is None or o.constant_mse is None:
+            if o.mse is None or o.constant_mse is None or o.check is None:
                 continue
-            ratio = o.mse / o.constant_mse if o.constant_mse else float("inf")
+            ratio = o.mse / o.constant_mse
             detail = (f"output '{o.name}' error vs the baseline (MSE {o.mse:.4g}) is "
-                      f"{ratio:.2f}x that of predicting the baseline's mean for every sample "
+                      f"{ratio:.2f}x [{o.ratio_low:.2f}, {o.ratio_high:.2f}] that of "
+                      "predicting the baseline's mean for every sample "
                       f"(MSE {o.constant_mse:.4g})")
-            checks.append(Verdict(f"outputs.{o.name}.constant_predictor", o.constant_mse,
-                                  o.mse, "mse", "fail" if o.broken else "pass", detail))
-            if o.broken:
+            checks.append(Verdict(
+                f"outputs.{o.name}.constant_predictor", o.constant_mse, o.mse, "mse",
+                o.check, detail, low=o.ratio_low * o.constant_mse,
+                high=o.ratio_high * o.constant_mse))
+            if o.check == "fail":
                 warnings.append(f"{detail}: the head is WORSE THAN A CONSTANT predictor")
-                self.ctx.progress.note(f"{stage.name}: {warnings[-1]}")
+            elif o.check == "inconclusive":
+                warnings.append(f"{detail}: the head is NO BETTER THAN A CONSTANT "
+                                "predictor within the eval data's noise")
+            else:
+                continue
+            self.ctx.progress.note(f"{stage.name}: {warnings[-1]}")
         return tuple(checks), tuple(warnings)
 
     def _onnx_form(self, stage: Stage) -> tuple[Path, dict[str, Any] | None]:
@@ -188,7 +196,9 @@ class Evaluator:
             name, tuple(outputs[name].parts[0].shape),
             None if score is None else score.metric, None if score is None else score.value,
             None if check is None else check.mse,
-            None if check is None else check.constant_mse, note)
+            None if check is None else check.constant_mse, note,
+            None if check is None else check.low, None if check is None else check.high,
+            None if check is None else check.status)
 
     def _same_shapes(self, outputs: Outputs, name: str) -> Outputs:
         """``outputs`` under the baseline's names, after checking their shapes."""

@@ -120,13 +120,15 @@ def _gate(target: Target, prof: Profile, base: StageResult, final: StageResult,
 
 def pass_verdicts(stages: Sequence[StageResult]) -> list[Verdict]:
     """Budgets a pass judged on its own stage (quantize's accuracy budget, on eval data it
-    held out from its search), and the final stage's failed output checks (a head worse
-    than predicting the baseline's mean; the passed ones are in the stage's record). They
+    held out from its search), and the final stage's failed or inconclusive output checks
+    (a head worse than predicting the baseline's mean, or within noise of it; the passed
+    ones are in the stage's record). They
     are listed with the first target, so a pass that kept its best candidate but missed its
     budget fails the run (exit 1)."""
     own = [s.verdict for s in stages[1:] if s.verdict is not None]
     # the shipped model's heads: one worse than a constant predictor fails the run
-    return own + [v for v in stages[-1].checks if len(stages) > 1 and not v.passed]
+    return own + [v for v in stages[-1].checks
+                  if len(stages) > 1 and v.status in ("fail", "inconclusive")]
 
 
 def warn_if_slower(before: StageResult, after: StageResult, progress: Progress,

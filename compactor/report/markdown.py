@@ -199,7 +199,11 @@ def _output_lines(manifest: Manifest) -> list[str]:
         if o.mse is not None and o.constant_mse:
             text += (f"; MSE vs baseline {o.mse:.3g} = {o.mse / o.constant_mse:.2f}x a "
                      "constant predictor's" + (" (**worse than a constant**)" if o.broken
+                                               else " (**no better than a constant, within "
+                                               "noise**)" if o.check == "inconclusive"
                                                else ""))
+        if o.note:
+            text += f"; {md_text(o.note)}"
         shape = "×".join(str(d) for d in o.shape)
         out.append(f"- output `{md_text(name)}` ({shape}): {text}")
     return ["Final stage, per output (the metric is the worst scored output):", *out, ""]
