@@ -76,11 +76,13 @@ class Gate:
         return self.cap_s - self._spent[0]
 
     def spend(self, fn: Callable[[float], Any], seconds: float) -> Any:
+        """``fn(seconds)``, counted against the cap as the longer of the time it took and
+        the time it was given (so a measurement that returns early still ends the loop)."""
         t0 = self.clock()
         try:
             return fn(seconds)
         finally:
-            self._spent[0] += self.clock() - t0
+            self._spent[0] += max(self.clock() - t0, seconds)
 
 
 def check_time_cap(cap_s: float, one_measurement_s: float, setting: str) -> None:
@@ -117,7 +119,7 @@ def decide(name: str, limit: float, iv: Interval, unit: str, at_most: bool,
                    iv.low, iv.high)
 
 
-def settle(verdict: Verdict, remeasure: Callable[[float], Interval] | None, gate: Gate,
+def settle(verdict: Verdict, remeasure: Callable[[float], Interval | None] | None, gate: Gate,
            at_most: bool, detail: str = "") -> Verdict:
     """Re-measure an inconclusive ``verdict`` (each time about twice as long, within the
     gate's cap) until it decides; still undecided, it says how long it tried."""
@@ -126,6 +128,8 @@ def settle(verdict: Verdict, remeasure: Callable[[float], Interval] | None, gate
     seconds, tries = FIRST_REMEASURE_S, 0
     while verdict.status == "inconclusive" and gate.left_s > 0:
         iv = gate.spend(remeasure, min(seconds, gate.left_s))
+        if iv is None:  # this host could not measure it again
+            break
         tries += 1
         verdict = decide(verdict.budget, verdict.limit, iv, verdict.unit, at_most, detail)
         seconds *= 2
@@ -217,7 +221,7 @@ def _latency_verdicts(limits: LatencyBudget, latency_ms: Mapping[str, float] | N
             detail = "batch 1; quiet-block estimate"
             v = decide(name, limit, ci[q], "ms", True, detail)
             remeasure = None if gate.latency is None else (
-                lambda s, q=q: gate.latency(s)[q])  # type: ignore[misc] - checked above
+                lambda s, q=q: gate.latency(s).get(q))  # type: ignore[misc] - checked above
             out.append(settle(v, remeasure, gate, True, detail))
             continue
         est = estimate_ms if q == "p50" else None

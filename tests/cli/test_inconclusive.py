@@ -43,11 +43,12 @@ def test_the_default_policy_exits_5_on_an_undecided_gate(artifact, tmp_path):
     junit = tmp_path / "j.xml"
     r = run_cli("check", artifact, "--budget", f"max_latency_ms.p50={limit}", "--junit", junit)
     assert r.exit_code == EXIT_INCONCLUSIVE, r.output
-    assert "inconclusive" in r.stdout and "--remeasure times it again" in r.stdout
+    assert "check inconclusive" in r.stdout
     root = ET.parse(junit).getroot()
     skipped = [c.get("name") for c in root.iter("testcase") if c.find("skipped") is not None]
     assert skipped == ["max_latency_ms.p50"] and root.get("failures") == "0"
-    assert "straddles" in root.find(".//skipped").get("message")
+    message = root.find(".//skipped").get("message")
+    assert "straddles" in message and "--remeasure times it again" in message
 
 
 def test_json_says_inconclusive_and_github_gets_a_warning(artifact, tmp_path):
@@ -161,3 +162,36 @@ def test_against_with_remeasure_times_both_models_paired(artifact):
     lat = regs["regression.latency_p50.fast"]
     assert lat["status"] == "pass" and "timed paired" in lat["detail"]
     assert lat["low"] <= lat["measured"] <= lat["high"] < 50  # the same model: no change
+
+
+@pytest.mark.parametrize(("policy", "code"), [("fail", EXIT_INCONCLUSIVE), ("warn", EXIT_OK)])
+def test_optimize_exits_by_the_policy_when_a_latency_stays_undecided(tmp_path, monkeypatch,
+                                                                     policy, code):
+    from compactor.measure.latency import Latency
+    from compactor.pipeline import run as pipeline_run
+    from compactor.pipeline.judge import Timer
+    from compactor.verdict import Interval
+
+    straddle = Interval(1.0, 0.5, 1.5)
+    monkeypatch.setattr(Latency, "interval", lambda self, q: straddle)
+    asked = []
+
+    def fake_timer(*_args, **_kw):
+        def latency(model, prof, seconds):
+            asked.append(seconds)
+            return {"p50": straddle}
+
+        return Timer(latency, lambda *a: Interval.point(1.0), settle_s=3.0)
+
+    monkeypatch.setattr(pipeline_run, "make_timer", fake_timer)
+    cnn = toys.export_cnn_onnx(tmp_path / "cnn.onnx")
+    write_cnn_npz(tmp_path / "eval.npz", n=32)
+    recipe = toys.write_recipe(tmp_path, budgets={"max_latency_ms": {"p50": 1.0}},
+                               model={"onnx": str(cnn)}, data={"eval": "eval.npz"})
+    r = run_cli("optimize", recipe, "--inconclusive", policy)
+    assert r.exit_code == code, r.output
+    assert asked, "the undecided verdict was re-measured"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (v,) = manifest["targets"][0]["verdicts"]
+    assert v["status"] == "inconclusive" and "straddles" in v["detail"]
+    assert ("budgets inconclusive" in r.stdout) == (policy == "fail")
