@@ -66,9 +66,9 @@ def optimize(recipe: Recipe, progress: Progress | None = None,
     speed-up verdicts (``compactor optimize --settle-time``)."""
     from compactor import artifact
     from compactor.budgets import MIN_SETTLE_S, check_time_cap
+    from compactor.model import load_model, onnx_input_specs
 
     check_time_cap(settle_s, MIN_SETTLE_S, "--settle-time")
-    from compactor.model import load_model, onnx_input_specs
 
     t_start = time.perf_counter()
     progress = progress or Progress()
