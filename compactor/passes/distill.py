@@ -376,8 +376,7 @@ class DistillPass(Pass):
             with torch.no_grad():
                 for i, b in enumerate(eval_batches):
                     s_outs, _ = model(_tensors(b, specs, device))
-                    s_out = s_outs[0]
-                    outs.append(s_out.float().cpu().numpy())
+                    outs.append([o.float().cpu().numpy() for o in s_outs])
                     t_outs = teacher_eval_all[i] if teacher_eval_all is not None else None
                     if eval_loss_fn.heads and (t_outs is not None or not
                                                eval_loss_fn.needs_teacher):
@@ -387,7 +386,7 @@ class DistillPass(Pass):
                         n += b.size
                         for k, v in parts.items():
                             parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * b.size
-            value = metric.score(PerBatch.of(outs), targets, reference)
+            value = metric.score(_scored_outputs(outs, reference), targets, reference)
             parts = {k: v / n for k, v in parts_sum.items()} if n and len(parts_sum) > 1 else {}
             return EvalResult(value=value, loss=total / n if n else 0.0, parts=parts)
 
@@ -695,11 +694,28 @@ def _labels(batch: Batch, device: Any):
     return torch.from_numpy(np.asarray(batch.target, order="C")).to(device)
 
 
+def _scored_outputs(outs: list[list[np.ndarray]], reference: Any):
+    """The student's eval outputs as the metric scores them: every output under the
+    baseline's names when the reference has them all (the pipeline's baseline outputs),
+    else the first output alone."""
+    from compactor.data import Outputs, PerBatch
+
+    if isinstance(reference, Outputs) and outs and len(outs[0]) == len(reference.names):
+        return Outputs.of(reference.names, outs)
+    return PerBatch.of(o[0] for o in outs)
+
+
 def _reference_outputs(ctx: RunContext, batches: Sequence[Batch], teacher_eval):
-    """The baseline's outputs on each eval batch, for metrics measured against it."""
+    """The baseline's outputs on each eval batch, for metrics measured against it: every
+    output as the pipeline evaluated the baseline (so the metric scores every head), else
+    the first output, computed here."""
     import torch
 
-    from compactor.data import PerBatch
+    from compactor.data import Outputs, PerBatch
+
+    known = ctx.reference.outputs
+    if isinstance(known, Outputs) and known.sizes == tuple(b.size for b in batches):
+        return known
     from compactor.exporting import call_module
     from compactor.training.hints import first_tensor
 

@@ -399,7 +399,9 @@ def test_stage_outputs_are_checked_in_onnx_runtime(tmp_path):
                         data=CNN_DATA, metric="fidelity",
                         passes=[{"prune": {"amount": 0.5, "check_export": False}}])
     r = run_cli("optimize", path, "--json")
-    assert r.exit_code == 0, r.output
+    # exit 1: pruned by half with no distillation, the untrained toy's output is further
+    # from the baseline's than the baseline's mean is (the constant-predictor check)
+    assert r.exit_code in (0, 1), r.output
     import json
 
     manifest = json.loads(r.stdout)
