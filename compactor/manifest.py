@@ -285,6 +285,7 @@ class StageOutputRecord(_Open):
     broken: bool | None = None
     ratio_interval: list[float | None] | None = None  # mse / constant_mse, ~95%
     check: Literal["pass", "fail", "inconclusive"] | None = None
+    check_part: str | None = None  # the unit group judged, for an output mixing units
     note: str | None = None
 
 

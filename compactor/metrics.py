@@ -404,6 +404,7 @@ class ConstantCheck:
     constant_mse: float
     low: float  # the ratio mse / constant_mse: its interval
     high: float
+    part: str = ""  # the unit group checked, where the output mixes units
 
     @property
     def ratio(self) -> float:
@@ -453,7 +454,28 @@ def _per_sample(outputs: PerBatch, reference: PerBatch) -> tuple[np.ndarray, np.
 def constant_predictor_check(outputs: PerBatch, reference: PerBatch, seed: int = 0
                              ) -> ConstantCheck | None:
     """None where the check means nothing: a non-numeric output, different shapes, fewer
-    than 2 samples, or a baseline output that (nearly) does not vary over the eval set."""
+    than 2 samples, or a baseline output that (nearly) does not vary over the eval set.
+    An output mixing units (see :func:`mixed_units`) is checked per unit group, the worst
+    group reported: the pixels' error would otherwise hide the scores'."""
+    groups = None
+    try:
+        if reference.uniform and outputs.uniform and len(reference) >= 2:
+            groups = mixed_units(reference.joined())
+    except (TypeError, ValueError):
+        groups = None
+    if groups is not None:
+        checks = [_constant_check(
+            PerBatch.of([np.take(outputs.joined(), g, axis=groups.axis)]),
+            PerBatch.of([np.take(reference.joined(), g, axis=groups.axis)]), seed,
+            f"channels {_span(g)} of axis {groups.axis}")
+            for g in groups.groups]
+        checks = [c for c in checks if c is not None]
+        return max(checks, key=lambda c: (c.low, c.ratio)) if checks else None
+    return _constant_check(outputs, reference, seed)
+
+
+def _constant_check(outputs: PerBatch, reference: PerBatch, seed: int, part: str = ""
+                    ) -> ConstantCheck | None:
     try:
         err, dev = _per_sample(outputs, reference)
     except (TypeError, ValueError):
@@ -466,7 +488,7 @@ def constant_predictor_check(outputs: PerBatch, reference: PerBatch, seed: int =
     idx = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
     boot = err[idx].mean(axis=1) / np.maximum(dev[idx].mean(axis=1), 1e-300)
     low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    return ConstantCheck(float(err.mean()), constant_mse, low, high)
+    return ConstantCheck(float(err.mean()), constant_mse, low, high, part)
 
 
 # --------------------------------------------------------------------------- task metrics

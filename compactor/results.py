@@ -36,6 +36,7 @@ class OutputResult:
     ratio_low: float | None = None
     ratio_high: float | None = None
     check: str | None = None
+    check_part: str = ""  # the unit group the check judged (an output mixing units)
 
     @property
     def broken(self) -> bool:
@@ -49,6 +50,8 @@ class OutputResult:
         if self.mse is not None:
             d.update(mse=self.mse, constant_mse=self.constant_mse, broken=self.broken,
                      ratio_interval=[self.ratio_low, self.ratio_high], check=self.check)
+            if self.check_part:
+                d["check_part"] = self.check_part
         if self.note:
             d["note"] = self.note
         return d

@@ -459,3 +459,23 @@ def test_the_constant_predictor_check_is_three_valued():
     assert check(np.zeros((256, 4))) is not None
     assert constant_predictor_check(PerBatch.of([np.ones((8, 2))]),
                                     PerBatch.of([np.ones((8, 2))])) is None
+
+
+def test_the_constant_predictor_check_sees_scores_beside_pixels():
+    """Over the whole [B, 4+C, N] tensor the pixels' variance hides collapsed scores; the
+    check judges each unit group and reports the worst."""
+    from toys.heads import detector_arrays
+
+    from compactor.data import PerBatch
+    from compactor.metrics import constant_predictor_check
+
+    ref_out, bad = detector_arrays(batch=64)
+    zeroed = ref_out.copy()
+    zeroed[:, 4:] = 0.0
+    for out in (bad, zeroed):
+        c = constant_predictor_check(PerBatch.of([out]), PerBatch.of([ref_out]))
+        assert c.status == "fail" and c.part == "channels 4-9 of axis 1", c
+    fine = ref_out.copy()
+    fine[:, :4] += 0.5
+    assert constant_predictor_check(PerBatch.of([fine]), PerBatch.of([ref_out])).status == \
+        "pass"

@@ -134,7 +134,8 @@ class Evaluator:
             if o.mse is None or o.constant_mse is None or o.check is None:
                 continue
             ratio = o.mse / o.constant_mse
-            detail = (f"output '{o.name}' error vs the baseline (MSE {o.mse:.4g}) is "
+            where = f" ({o.check_part}, the worst unit group)" if o.check_part else ""
+            detail = (f"output '{o.name}'{where} error vs the baseline (MSE {o.mse:.4g}) is "
                       f"{ratio:.2f}x [{o.ratio_low:.2f}, {o.ratio_high:.2f}] that of "
                       "predicting the baseline's mean for every sample "
                       f"(MSE {o.constant_mse:.4g})")
@@ -198,7 +199,7 @@ class Evaluator:
             None if check is None else check.mse,
             None if check is None else check.constant_mse, note,
             None if check is None else check.low, None if check is None else check.high,
-            None if check is None else check.status)
+            None if check is None else check.status, "" if check is None else check.part)
 
     def _same_shapes(self, outputs: Outputs, name: str) -> Outputs:
         """``outputs`` under the baseline's names, after checking their shapes."""
