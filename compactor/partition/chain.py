@@ -23,7 +23,7 @@ fake timings; :mod:`compactor.partition.multi` fills them in by measurement.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from compactor.errors import UsageError
@@ -54,6 +54,7 @@ class ChainCosts:
     mem_limit: Sequence[float | None]
     bps: Sequence[float]
     rtt_ms: Sequence[float]
+    serial_ms: Mapping[int, float] | None = None  # encode + decode of the message at a cut
 
     @property
     def n_devices(self) -> int:
@@ -78,6 +79,13 @@ class ChainCosts:
     def back_ms(self, d: int) -> float:
         return transfer_ms(self.out_bytes, self.bps[d])
 
+    def serialize_ms(self, a: int, b: int) -> float:
+        """A computing device's messaging work: what it sends at ``b`` (the reply at n),
+        encoded there and decoded at the other end, counted once, on its side."""
+        if b <= a or not self.serial_ms:
+            return 0.0
+        return self.serial_ms.get(b, 0.0)
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -90,10 +98,16 @@ class Stage:
     rtt_ms: float = 0.0
     back_ms: float = 0.0
     bytes_forward: int = 0
+    serialize_ms: float = 0.0
+
+    @property
+    def busy_ms(self) -> float:
+        return self.compute_ms + self.serialize_ms
 
     def to_dict(self) -> dict:
         return {"device": self.device, "nodes": [self.start, self.end],
                 "compute_ms": round(self.compute_ms, 4),
+                "serialize_ms": round(self.serialize_ms, 4),
                 "memory_mb": round(self.memory_bytes / MIB, 3),
                 "forward_ms": round(self.forward_ms, 4), "rtt_ms": self.rtt_ms,
                 "back_ms": round(self.back_ms, 4), "bytes_forward": self.bytes_forward}
@@ -106,11 +120,11 @@ class ChainPlan:
 
     @property
     def latency_ms(self) -> float:
-        return sum(s.compute_ms + s.forward_ms + s.rtt_ms + s.back_ms for s in self.stages)
+        return sum(s.busy_ms + s.forward_ms + s.rtt_ms + s.back_ms for s in self.stages)
 
     @property
     def bottleneck_ms(self) -> float:
-        return max(max(s.compute_ms, s.forward_ms, s.back_ms) for s in self.stages)
+        return max(max(s.busy_ms, s.forward_ms, s.back_ms) for s in self.stages)
 
     @property
     def throughput_rps(self) -> float:
@@ -153,7 +167,7 @@ def plan_chain(c: ChainCosts, objective: str = "latency",
 
 
 def _stage_cost(c: ChainCosts, d: int, a: int, b: int, last: bool) -> tuple[float, ...]:
-    comp = c.compute_ms(d, a, b) if b > a else 0.0
+    comp = (c.compute_ms(d, a, b) if b > a else 0.0) + c.serialize_ms(a, b)
     if last:
         return comp, 0.0, 0.0, 0.0
     return comp, c.forward_ms(d, b), c.rtt_ms[d], c.back_ms(d)
@@ -214,8 +228,9 @@ def _rebuild(c: ChainCosts, best: dict, tail: tuple) -> ChainPlan:
     stages = []
     for i, (d, p, q) in enumerate(steps):
         comp, fwd, rtt, bk = _stage_cost(c, d, p, q, i == len(steps) - 1)
-        stages.append(Stage(d, p, q, comp, c.memory(d, p, q), fwd, rtt, bk,
-                            0 if i == len(steps) - 1 else c.send_bytes[q]))
+        ser = c.serialize_ms(p, q)
+        stages.append(Stage(d, p, q, comp - ser, c.memory(d, p, q), fwd, rtt, bk,
+                            0 if i == len(steps) - 1 else c.send_bytes[q], ser))
     return ChainPlan(tuple(s.end for s in stages), tuple(stages))
 
 
@@ -224,7 +239,7 @@ def smallest_memory_needed(c: ChainCosts) -> tuple[float, int]:
     count: what a device would need to hold when none of the assignments fits."""
     unlimited = ChainCosts(c.positions, c.compute_ms, c.send_bytes, c.out_bytes,
                            c.weight_bytes, c.act_bytes, [None] * c.n_devices, c.bps,
-                           c.rtt_ms)
+                           c.rtt_ms)  # no serialization: only memory matters here
     mem = ChainCosts(unlimited.positions, lambda d, a, b: float(unlimited.memory(d, a, b)),
                      c.send_bytes, c.out_bytes, c.weight_bytes, c.act_bytes,
                      unlimited.mem_limit, [math.inf] * c.n_devices, [0.0] * c.n_devices)

@@ -185,8 +185,8 @@ def render_chain_svg(plan, names: Sequence[str], title: str, subtitle: str = "")
     t = 0.0
     back = []
     for s in plan.stages:
-        bars = [(t, s.compute_ms, "compute")]
-        t += s.compute_ms
+        bars = [(t, s.busy_ms, "compute")]  # its part, and encoding what it sends
+        t += s.busy_ms
         if s.forward_ms or s.rtt_ms:
             bars.append((t, s.forward_ms, "forward"))
             t += s.forward_ms

@@ -71,6 +71,7 @@ class _Measured:
     samples: list[dict[str, np.ndarray]]
     out_bytes: int
     direct: dict[tuple[int, int, int], float] = field(default_factory=dict)  # (group, a, b)
+    serial: dict[int, float] = field(default_factory=dict)  # cut -> encode + decode ms
     groups: list[int] = field(default_factory=list)  # device -> settings group
 
     def host_ms(self, d: int, a: int, b: int) -> tuple[float, str]:
@@ -184,7 +185,27 @@ def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, 
     dev_times = [times[g] for g in groups]
     sides = [calibrated(s, t.full_ms) for s, t in zip(sides, dev_times, strict=True)]
     return _Measured(graph, sides, dev_times, positions, values, samples, out_bytes,
-                     groups=groups)
+                     groups=groups, serial=_serial_ms(graph, positions, values))
+
+
+def _serial_ms(graph: PartitionGraph, positions: Sequence[int], values) -> dict[int, float]:
+    """This host's time to encode and decode the message sent at each cut (the reply at
+    n): work a device does for every message, beside its part."""
+    import time
+
+    from compactor.partition.simulate import decode, encode
+
+    out = {}
+    for p in positions[1:]:
+        names = graph.crossing(p) if p < graph.n_nodes else graph.output_names
+        msg = {t: values[t] for t in names}
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            decode(encode(msg))
+            runs.append((time.perf_counter() - t0) * 1000.0)
+        out[p] = float(np.median(runs))
+    return out
 
 
 def _costs(m: _Measured, topology: Topology) -> ChainCosts:
@@ -199,7 +220,7 @@ def _costs(m: _Measured, topology: Topology) -> ChainCosts:
         m.positions,
         lambda d, a, b: m.host_ms(d, a, b)[0] * m.sides[d].slowdown,
         send, m.out_bytes, lambda a, b: int(cum[b] - cum[a]), act, limits,
-        [h.bps for h in topology.hops], [h.rtt_ms for h in topology.hops])
+        [h.bps for h in topology.hops], [h.rtt_ms for h in topology.hops], m.serial)
 
 
 def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -> ChainPlan:
@@ -242,7 +263,7 @@ def _stream_rate(m: _Measured, choice: ChainPlan, ch: dict, progress) -> None:
                              TimingSettings.of(side.profile, quick=False),
                              pause_s=max(idle_s, 0.0)) * side.slowdown
             st["compute_stream_ms"] = round(ms, 4)
-            worst = max(worst, ms, s.forward_ms, s.back_ms)
+            worst = max(worst, ms + s.serialize_ms, s.forward_ms, s.back_ms)
     ch["bottleneck_ms_one_at_a_time"] = ch["bottleneck_ms"]
     ch["bottleneck_ms"] = round(worst, 4)
     ch["throughput_rps"] = round(1000.0 / worst, 4) if worst > 0 else None
@@ -313,9 +334,9 @@ def _plan_dict(m: _Measured, topology: Topology, options: ChainOptions, choice: 
         "choice": ch,
         "best_single_device": single.to_dict(names) if single else None,
         "best_two_devices": two.to_dict(names) if two else None,
-        "cost_model": "latency = sum of compute + per link used: forward bytes / bandwidth + "
-                      "rtt + reply bytes / bandwidth; throughput = 1000 / max(stage compute, "
-                      "link forward, link reply)",
+        "cost_model": "latency = sum of compute + serialize + per link used: forward bytes /"
+                      " bandwidth + rtt + reply bytes / bandwidth; throughput = 1000 / "
+                      "max(stage compute + serialize, link forward, link reply)",
         "timing": {"groups": [t.to_dict() for t in {id(t): t for t in m.times}.values()],
                    "direct_ms": {f"{g}:{a}-{b}": round(v, 4)
                                  for (g, a, b), v in m.direct.items()}},

@@ -244,7 +244,8 @@ def test_chain_plan_writes_exact_parts_and_every_term(tmp_path, quick):
     assert len(ch["devices_computing"]) == 3
     assert ch["throughput_rps"] > 2 * plan["best_single_device"]["throughput_rps"]
     assert ch["latency_ms"] == pytest.approx(sum(
-        s["compute_ms"] + s["forward_ms"] + s["rtt_ms"] + s["back_ms"] for s in ch["stages"]),
+        s["compute_ms"] + s["serialize_ms"] + s["forward_ms"] + s["rtt_ms"] + s["back_ms"]
+        for s in ch["stages"]),
         abs=1e-3)
     assert plan["best_two_devices"]["bottleneck_ms"] >= ch["bottleneck_ms"] - 1e-9
     assert plan["verification"]["passed"] and plan["verification"]["max_abs_error"] < 1e-5
