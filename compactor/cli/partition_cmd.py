@@ -113,6 +113,9 @@ def partition(model: Path, device: str | None, server: str | None, topology: Pat
 
     Writes head.onnx and tail.onnx (the split), plan.json (the choice, every cost term, the
     alternatives) and chart.svg (latency against bandwidth, with the crossovers).
+
+    With --topology, plans across a chain of devices (one part per device) or a spatial
+    split across peer devices (one tile each, the rest on the first).
     """
     from compactor.errors import ModelLoadError
 
