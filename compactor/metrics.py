@@ -176,6 +176,11 @@ class Metric:
             raise ValueError("a Metric scores at least one output")
         return m
 
+    @property
+    def fn(self) -> Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], float]:
+        """:attr:`first`'s function."""
+        return self.first.fn
+
     def compute(self, outputs: np.ndarray, targets: np.ndarray | None,
                 reference: np.ndarray | None) -> float:
         """:meth:`OutputMetric.compute` of :attr:`first` on one output's arrays."""
