@@ -293,14 +293,18 @@ def _span(g: Sequence[int]) -> str:
 
 
 def mixed_units(reference: np.ndarray) -> ChannelGroups | None:
-    """Where one tensor holds values of very different scale along a channel axis (axis 1,
-    else the last: a detector's ``[B, 4+C, N]`` pixels beside scores), its channel groups:
+    """Where a detector-head-like ``[B, C, N]`` / ``[B, N, C]`` tensor holds values of very
+    different scale along its channel axis (the shorter of axes 1 and 2: ``[B, 4+C, N]``
+    pixels beside scores), its channel groups:
     channels sorted by largest magnitude, split where it jumps by more than ``GROUP_GAP``.
     None when every channel has about the same scale (under ``MIXED_UNITS_RATIO`` apart)."""
     ref = np.asarray(reference, dtype=np.float64)
-    if ref.ndim < 2:
+    # Only a detector head's layout, [B, C, N] or [B, N, C] (channels: the shorter axis).
+    # Not [B, F] features nor [B, C, H, W] maps, whose nearly dead ReLU channels would
+    # make groups of noise; not values within ±1 (probabilities, scores): one unit.
+    if ref.ndim != 3 or not ref.size or float(np.abs(ref).max()) <= 1.0:
         return None
-    for axis in dict.fromkeys((1, ref.ndim - 1)):
+    for axis in (1 if ref.shape[1] <= ref.shape[2] else 2,):
         c = ref.shape[axis]
         if not 2 <= c <= MAX_CHANNELS:
             continue

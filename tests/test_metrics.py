@@ -479,3 +479,21 @@ def test_the_constant_predictor_check_sees_scores_beside_pixels():
     fine[:, :4] += 0.5
     assert constant_predictor_check(PerBatch.of([fine]), PerBatch.of([ref_out])).status == \
         "pass"
+
+
+def test_no_unit_groups_where_there_is_one_unit():
+    """Probabilities, [B, F] features with a nearly dead channel and [B, C, H, W] maps
+    with dark columns are one unit: plain cosine, no group of noise to score."""
+    from compactor.metrics import mixed_units
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(1000, 0.01), size=8)
+    feats = np.maximum(rng.normal(size=(8, 64)), 0)
+    feats[:, 0] *= 1e-3
+    maps = rng.normal(size=(4, 8, 16, 16))
+    maps[..., :3] *= 1e-4
+    for a in (probs, feats, maps):
+        assert mixed_units(a) is None, a.shape
+    int8ish = feats.copy()
+    int8ish[:, 0] = 0.0  # the nearly dead channel rounded away
+    assert BUILTIN["fidelity"].compute(int8ish, None, feats) > 0.999
