@@ -32,6 +32,7 @@ from torch import nn
 from compactor.errors import PassError, RecipeError
 from compactor.training import ddp
 from compactor.training.checkpoint import load_torch, save_torch
+from compactor.training.threads import ThreadChooser
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class TrainResult:
     seconds: float = 0.0
     samples_per_s: float = 0.0
     world_size: int = 1
+    threads: dict[str, Any] | None = None  # the thread count the loop chose, and why
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -106,6 +108,7 @@ class TrainResult:
             "train_seconds": round(self.seconds, 2),
             "samples_per_s": round(self.samples_per_s, 1),
             "world_size": self.world_size,
+            **({"threads": self.threads} if self.threads else {}),
         }
 
 
@@ -216,12 +219,15 @@ def train(task: TrainTask, cfg: LoopConfig, checkpoint_dir: Path, *, key: str,
     with progress.task(f"{label}", total=run.total) as bar, graceful_interrupt() as stop:
         if st["global_step"]:
             bar.advance(st["global_step"])
-        while st["epoch"] < run.epochs and not st["stopped_early"]:
-            run.train_epoch(bar, stop)
-            run.end_epoch()
-            (stopping,) = ddp.any_flag([stop.requested], task.device)
-            if stopping:
-                raise KeyboardInterrupt(f"{label}: stopped by {stop.signal_name}")
+        try:
+            while st["epoch"] < run.epochs and not st["stopped_early"]:
+                run.train_epoch(bar, stop)
+                run.end_epoch()
+                (stopping,) = ddp.any_flag([stop.requested], task.device)
+                if stopping:
+                    raise KeyboardInterrupt(f"{label}: stopped by {stop.signal_name}")
+        finally:
+            run.threads.restore()
     if cfg.select_best and run.best_state is not None:
         task.module.load_state_dict(run.best_state)
     return run.result(t_start, t_train)
@@ -263,6 +269,7 @@ class _Run:
         self.parts_ema: dict[str, float] = {}
         self.last_metric: float | None = None
         self.step_time = 0.0
+        self.threads = ThreadChooser(task.device, self.total, distributed=self.world > 1)
 
     def resume(self) -> None:
         st, module = self.st, self.task.module
@@ -322,6 +329,7 @@ class _Run:
         """One optimizer step on ``batch``; whether any rank was asked to stop. A non-finite
         loss or gradient on any rank stops every rank before the weights change."""
         task, st, module = self.task, self.st, self.task.module
+        self.threads.before(self.steps_here)
         t0 = time.perf_counter()
         module.train()
         loss, parts, n = task.step(batch)
@@ -342,6 +350,7 @@ class _Run:
         st["global_step"] += 1
         self.seen += n * self.world
         self.step_time += time.perf_counter() - t0
+        self.threads.after(self.steps_here, time.perf_counter() - t0)
         value = float(loss.detach())
         self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
         if len(parts) > 1:  # a loss of one term says it all in loss_ema
@@ -399,6 +408,7 @@ class _Run:
             seconds=time.perf_counter() - t_start,
             samples_per_s=self.seen / train_s if train_s > 0 and self.seen else 0.0,
             world_size=self.world,
+            threads=self.threads.record(),
         )
 
 
