@@ -65,6 +65,9 @@ class CheckResult:
     name: str
     integrity: list[Verdict]
     targets: list[TargetCheck] = field(default_factory=list)
+    # what the run judged on the model itself, on no host (a pass's own budget, a head worse
+    # than a constant predictor): read from the manifest, the same on every re-check
+    model: list[Verdict] = field(default_factory=list)
     regressions: list[Verdict] = field(default_factory=list)
     against: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -76,6 +79,7 @@ class CheckResult:
 
     def all_verdicts(self) -> list[tuple[str, Verdict]]:
         out = [("integrity", v) for v in self.integrity]
+        out += [("model", v) for v in self.model]
         out += [(t.profile, v) for t in self.targets for v in t.verdicts]
         out += [("regression", v) for v in self.regressions]
         return out
@@ -99,6 +103,7 @@ class CheckResult:
             "inconclusive": len(self.inconclusive),
             "strict": self.strict,
             "integrity": [v.to_dict() for v in self.integrity],
+            "model": [v.to_dict() for v in self.model],
             "targets": [t.to_dict() for t in self.targets],
             "against": self.against,
             "regressions": [v.to_dict() for v in self.regressions],
@@ -196,6 +201,7 @@ def check_artifact(
                          strict=strict)
     if not result.intact:
         return result  # numbers of a model that is not the one measured mean nothing
+    result.model = model_verdicts(manifest)
 
     by_profile = {t.profile: (i, t) for i, t in enumerate(manifest.targets)}
     chosen = list(targets) or list(by_profile)
@@ -227,6 +233,17 @@ def check_artifact(
         _compare(result, old, manifest, current, str(against), max_regression, chosen,
                  pairing)
     return result
+
+
+def model_verdicts(manifest: Manifest) -> list[Verdict]:
+    """The verdicts a run judged on the model rather than on a host, as the run itself
+    counted them (pipeline.judge.pass_verdicts): each pass's own budget (quantize's accuracy
+    budget on held-out data) and the shipped stage's failed or undecided output checks. A
+    re-check cannot re-judge them (the eval data is not in the artifact), and must not drop
+    them: an artifact whose head is worse than a constant predictor never checks green."""
+    from compactor.pipeline.judge import pass_verdicts
+
+    return [Verdict(**v.model_dump()) for v in pass_verdicts(manifest.stages)]
 
 
 @dataclass

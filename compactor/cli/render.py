@@ -220,7 +220,7 @@ def check_report(out: Console, result: dict[str, Any]) -> None:
                   f"{' and '.join(sources) or 'manifest'})", title_justify="left")
     for h in ("group", "check", "limit", "measured", "verdict", "detail"):
         table.add_column(h, overflow="fold")
-    groups = [("integrity", result["integrity"]),
+    groups = [("integrity", result["integrity"]), ("model", result.get("model", [])),
               *((t["profile"], t["verdicts"]) for t in result["targets"]),
               ("regression", result["regressions"])]
     for r in verdict_rows((g, map(_verdict, vs)) for g, vs in groups):

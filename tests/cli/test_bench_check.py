@@ -249,3 +249,23 @@ def test_bench_and_check_work_where_torch_cannot_be_imported(artifact, cnn, tmp_
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                            env=env, timeout=120)
         assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
+
+
+def test_check_keeps_the_verdicts_the_run_judged_on_the_model(artifact, tmp_path):
+    """A head worse than a constant predictor (or a pass's own missed budget) failed the
+    run; a re-check of its artifact must fail too, not re-judge host budgets alone."""
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    path = copy / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["stages"][-1]["checks"] = [
+        {"budget": "outputs.box.constant_predictor", "limit": 1.0, "measured": 2.48,
+         "unit": "x", "status": "fail", "detail": "worse than predicting the mean"}]
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    r = check(copy, "--json")
+    assert r.exit_code == 1, r.output
+    data = json.loads(r.stdout)
+    assert [(v["budget"], v["status"]) for v in data["model"]] == [
+        ("outputs.box.constant_predictor", "fail")]
+    assert "outputs.box.constant_predictor" in check(copy).stdout
+    assert not json.loads(check(artifact, "--json").stdout)["model"]
