@@ -262,3 +262,35 @@ def headline(manifest: Manifest) -> str:
     n = sum(v.status == "inconclusive" for t in manifest.targets for v in t.verdicts)
     return ("all budgets hold" if manifest.passed else "a budget failed") + (
         f" ({n} inconclusive)" if n else "")
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """One output of the final stage, as plain text (each renderer escapes it): the metric
+    scoring it and its error beside a constant predictor's (``broken``: worse than one;
+    ``undecided``: within noise of one)."""
+
+    name: str
+    shape: str
+    score: str
+    error: str
+    note: str
+    broken: bool
+    undecided: bool
+
+
+def output_rows(manifest: Manifest) -> list[OutputRow]:
+    """The final stage's outputs (none for a run of no pass: nothing was compared)."""
+    final = manifest.final
+    if len(manifest.stages) < 2 or not final.outputs:
+        return []
+    rows = []
+    for name, o in final.outputs.items():
+        score = (f"{o.metric} {o.value:.4g}" if o.metric and o.value is not None
+                 else "not scored")
+        error = (f"MSE vs baseline {o.mse:.3g} = {o.mse / o.constant_mse:.2f}x a constant "
+                 "predictor's" if o.mse is not None and o.constant_mse else "")
+        rows.append(OutputRow(name, "×".join(str(d) for d in o.shape), score, error,
+                              o.note or "", bool(o.broken), o.check == "inconclusive"))
+    return rows
+

@@ -24,6 +24,7 @@ from compactor.report.format import (
     fmt_share,
     headline,
     keep_float_text,
+    output_rows,
     stage_notes,
     target_notes,
     verdict_rows,
@@ -157,6 +158,7 @@ def render_html(manifest: Manifest) -> str:
         _summary_cards(manifest),
         "<h2>Stages</h2>",
         _stage_table(manifest),
+        _outputs(manifest),
         "<h2>Targets</h2>",
         _targets(manifest),
         "<h2>Accuracy vs latency</h2>",
@@ -268,6 +270,25 @@ def _stage_table(m: Manifest) -> str:
         notes.append(_note_list(common))
     ids = [f"stage-{i}" for i in range(len(m.stages))]
     return _table(head, rows, raw_head=True, notes=notes, ids=ids)
+
+
+def _outputs(m: Manifest) -> str:
+    """The final stage per output: the stage's metric is the worst scored one, and a head
+    worse than a constant predictor is marked where its figure is."""
+    rows = output_rows(m)
+    if not rows:
+        return ""
+    cells = []
+    for r in rows:
+        flag = (" " + _pill("fail") + " worse than a constant" if r.broken else
+                " " + _pill("inconclusive") + " within noise of a constant" if r.undecided
+                else "")
+        cells.append([f"<code>{_e(r.name)}</code>", _e(r.shape), _e(r.score),
+                      _e(r.error) + flag, _e(r.note)])
+    return ("<h3>Final stage, per output</h3>"
+            '<p class="sub">The stage\'s metric is the worst scored output.</p>'
+            + _table(["output", "shape", "metric", "error vs a constant predictor", "note"],
+                     cells, left={0, 4}))
 
 
 def _note_list(notes: list[Note]) -> str:

@@ -16,6 +16,7 @@ from compactor.report.format import (
     fmt_share,
     headline,
     keep_float_text,
+    output_rows,
     stage_notes,
     target_notes,
     verdict_rows,
@@ -189,23 +190,18 @@ def render_markdown(manifest: Manifest) -> str:
 def _output_lines(manifest: Manifest) -> list[str]:
     """The final stage's outputs, one per line: the metric scoring each (the stage's figure
     is the worst of them) and its error beside a constant predictor's."""
-    final = manifest.final
-    if len(manifest.stages) < 2 or not final.outputs:
-        return []
     out = []
-    for name, o in final.outputs.items():
-        text = (f"{md_text(o.metric)} {o.value:.4g}" if o.metric and o.value is not None
-                else "not scored")
-        if o.mse is not None and o.constant_mse:
-            text += (f"; MSE vs baseline {o.mse:.3g} = {o.mse / o.constant_mse:.2f}x a "
-                     "constant predictor's" + (" (**worse than a constant**)" if o.broken
-                                               else " (**no better than a constant, within "
-                                               "noise**)" if o.check == "inconclusive"
-                                               else ""))
-        if o.note:
-            text += f"; {md_text(o.note)}"
-        shape = "×".join(str(d) for d in o.shape)
-        out.append(f"- output `{md_text(name)}` ({shape}): {text}")
+    for r in output_rows(manifest):
+        text = md_text(r.score)
+        if r.error:
+            text += "; " + md_text(r.error) + (
+                " (**worse than a constant**)" if r.broken else
+                " (**no better than a constant, within noise**)" if r.undecided else "")
+        if r.note:
+            text += f"; {md_text(r.note)}"
+        out.append(f"- output `{md_text(r.name)}` ({r.shape}): {text}")
+    if not out:
+        return []
     return ["Final stage, per output (the metric is the worst scored output):", *out, ""]
 
 

@@ -255,3 +255,23 @@ def test_a_status_this_renderer_does_not_know_reads_as_itself(run):
     html, md = _reports(m)
     assert ">deferred</span>" in html
     assert re.search(r"\| ❔ deferred \| later \|", md), md
+
+
+def test_each_output_of_the_final_stage_is_in_both_reports(run):
+    data = _manifest(run[0])
+    data["stages"][-1]["outputs"] = {
+        "face": {"shape": [1], "metric": "agreement", "value": 0.99, "mse": 0.01,
+                 "constant_mse": 0.2, "broken": False, "check": "pass"},
+        "box": {"shape": [4], "metric": "fidelity", "value": 0.986, "mse": 0.5,
+                "constant_mse": 0.2, "broken": True, "check": "fail",
+                "note": "<b>boxes</b> in pixels"},
+    }
+    m = Manifest.model_validate(data)
+    html, md = _reports(m)
+    section = _between(html, "<h3>Final stage, per output</h3>", "</table>")
+    assert "<code>face</code>" in section and "agreement 0.99" in section
+    box = section[section.index("<code>box</code>"):]
+    assert "2.50x a constant predictor" in box and '<span class="pill bad">' in box
+    assert "&lt;b&gt;boxes&lt;/b&gt; in pixels" in box and "<b>boxes</b>" not in html
+    assert re.search(r"output `box` \(4\): fidelity 0\.986; .*2\.50x.*worse than a constant",
+                     md), md
