@@ -28,8 +28,11 @@ class Evaluator:
     the stage's ONNX form in ONNX Runtime."""
 
     def __init__(self, ctx: RunContext, metric: Metric, profiles: Sequence[Profile],
-                 export: ExportConfig | None = None, dims: dict[str, int] | None = None):
+                 export: ExportConfig | None = None, dims: dict[str, int] | None = None,
+                 passes: int | None = None):
         self.ctx = ctx
+        # how many passes the run has (None: unknown), so a stage knows whether it ships
+        self.passes = passes
         # the recipe's measure.dims; the axes it leaves out take the eval data's median
         self.dims = dict(dims or {})
         self._shape: LatencyShape | None = None
@@ -136,6 +139,10 @@ class Evaluator:
         sample: worse beyond the eval data's noise is a failed check (the run exits 1 when
         the shipped stage has one), within noise an inconclusive one; both warn."""
         checks, warnings = [], []
+        later = (self.passes is not None and len(stage.lineage) - 1 < self.passes
+                 and len(stage.lineage) > 1)
+        repair = ("; a later pass (e.g. distill) may repair it: only the shipped model's "
+                  "heads fail the run" if later else "")
         for o in outputs:
             if o.mse is None or o.constant_mse is None or o.check is None:
                 continue
@@ -150,10 +157,11 @@ class Evaluator:
                 o.check, detail, low=o.ratio_low * o.constant_mse,
                 high=o.ratio_high * o.constant_mse))
             if o.check == "fail":
-                warnings.append(f"{detail}: the head is WORSE THAN A CONSTANT predictor")
+                warnings.append(f"{detail}: the head is WORSE THAN A CONSTANT predictor"
+                                + repair)
             elif o.check == "inconclusive":
                 warnings.append(f"{detail}: the head is NO BETTER THAN A CONSTANT "
-                                "predictor within the eval data's noise")
+                                "predictor within the eval data's noise" + repair)
             else:
                 continue
             self.ctx.progress.note(f"{stage.name}: {warnings[-1]}")

@@ -120,7 +120,7 @@ class _Runner:
         export = next((c for _, c in recipe.pass_list if isinstance(c, ExportConfig)),
                       ExportConfig())
         self.evaluator = Evaluator(ctx, ctx.metric, ctx.profiles, export,
-                                   dims=recipe.measure.dims)
+                                   dims=recipe.measure.dims, passes=len(recipe.pass_list))
         self.stages: list[StageResult] = []
 
     def execute(self, baseline: Stage, source_files: Sequence[Path]) -> RunResult:

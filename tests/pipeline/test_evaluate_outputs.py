@@ -68,3 +68,17 @@ def test_outputs_renamed_by_a_tool_are_the_baseline_outputs(tmp_path):
     r = ev.evaluate(_stage(tmp_path / "renamed.onnx", "baseline", "quantize"))
     assert [o.name for o in r.outputs] == ["face", "box", "landmarks"]
     assert r.metric > 0.999 and all(c.status == "pass" for c in r.checks)
+
+
+def test_a_broken_head_before_the_last_pass_says_a_later_pass_may_repair_it(tmp_path):
+    base = three_heads_onnx(tmp_path / "base.onnx")
+    ev = _evaluator(tmp_path, base)
+    ev.passes = 2
+    ev.evaluate(_stage(base, "baseline"))
+    broken = three_heads_onnx(tmp_path / "broken.onnx", broken="box")
+    early = ev.evaluate(_stage(broken, "baseline", "prune"))
+    (w,) = [w for w in early.warnings if "WORSE THAN A CONSTANT" in w]
+    assert "a later pass (e.g. distill) may repair it" in w
+    shipped = ev.evaluate(_stage(broken, "baseline", "prune", "quantize"))
+    (w,) = [w for w in shipped.warnings if "WORSE THAN A CONSTANT" in w]
+    assert "later pass" not in w
