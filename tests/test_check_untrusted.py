@@ -68,12 +68,7 @@ def hostile(artifact, tmp_path) -> Callable[..., Path]:
     """A copy of the artifact whose manifest ``edit`` changed (in place, on the dict)."""
 
     def make(edit: Callable[[dict], object] | None = None, name: str = "copy") -> Path:
-        copy = Path(shutil.copytree(artifact, tmp_path / name))
-        if edit is not None:
-            m = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
-            edit(m)
-            (copy / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
-        return copy
+        return toys.edited_copy(artifact, tmp_path / name, edit)
 
     return make
 

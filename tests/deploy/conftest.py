@@ -3,8 +3,6 @@ at three batch sizes), copies of it to edit, and Triton's own ModelConfig parser
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,12 +76,7 @@ def edited(artifact, tmp_path) -> Callable[..., Path]:
     """A copy of the artifact whose manifest ``edit`` changed (in place, on the dict)."""
 
     def make(edit: Callable[[dict], object] | None = None, name: str = "copy") -> Path:
-        copy = Path(shutil.copytree(artifact, tmp_path / name))
-        if edit is not None:
-            m = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
-            edit(m)
-            (copy / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
-        return copy
+        return toys.edited_copy(artifact, tmp_path / name, edit)
 
     return make
 

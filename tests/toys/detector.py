@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from toys.onnx_save import save_graph
 
 DET_CLASSES = 18
 DET_SIZE = 32  # input height and width
@@ -53,18 +54,13 @@ def detector_onnx(path: Path, seed: int = 0, classes: int = DET_CLASSES) -> Path
              "px": np.array(IMAGE_PX, dtype=np.float32),
              "box_shape": np.array([0, 4, -1], dtype=np.int64),
              "cls_shape": np.array([0, classes, -1], dtype=np.int64)}
-    graph = helper.make_graph(
-        nodes, "yolo_like_detector",
+    return save_graph(
+        path, nodes, inits,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, DET_SIZE,
                                                                 DET_SIZE])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT,
                                        ["batch", 4 + classes, DET_ANCHORS])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+        name="yolo_like_detector")
 
 
 def detector_images(n: int, seed: int) -> dict[str, np.ndarray]:

@@ -15,23 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from toys.onnx_save import save_graph
 
 HEAD_FEATURES = 8
 HEAD_WIDTH = 32
 HEAD_OUTPUTS = ("face", "box", "landmarks")
-
-
-def _save_many(path: Path, nodes, inits: dict[str, np.ndarray], inputs, outputs) -> Path:
-    import onnx
-
-    graph = helper.make_graph(nodes, "heads", inputs, outputs,
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
 
 
 def head_weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -73,7 +63,7 @@ def three_heads_onnx(path: Path, broken: str | None = None, nudged: str | None =
     outs = [helper.make_tensor_value_info("face", TensorProto.FLOAT, ["batch", 1]),
             helper.make_tensor_value_info("box", TensorProto.FLOAT, ["batch", 4]),
             helper.make_tensor_value_info("landmarks", TensorProto.FLOAT, ["batch", 5, 2])]
-    return _save_many(path, nodes, inits, [x], outs)
+    return save_graph(path, nodes, inits, [x], outs, name="heads")
 
 
 def heads_data(n: int, seed: int) -> dict[str, np.ndarray]:

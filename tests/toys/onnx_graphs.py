@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from toys.factories import CNN_SHAPE, cnn_eval_batches, teacher_cnn
+from toys.onnx_save import save_graph
 
 MLP_WIDTH = 64
 MLP_TOKENS = 8  # per sample
@@ -31,16 +32,6 @@ def export_cnn_onnx(path: Path, opset: int = 17) -> Path:
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=opset,
         )
-    return path
-
-
-def _save(path: Path, nodes, inits: dict[str, np.ndarray], inputs, output, opset: int = 17):
-    graph = helper.make_graph(nodes, "toy", inputs, [output],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
     return path
 
 
@@ -66,7 +57,7 @@ def mlp_onnx(path: Path, outlier: float = 1.0, opset: int = 17, seed: int = 0,
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", MLP_TOKENS, d])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", MLP_TOKENS, 16])
-    return _save(path, nodes, {"A": a, "B": b, "C": c}, [x], y, opset)
+    return save_graph(path, nodes, {"A": a, "B": b, "C": c}, [x], y, opset)
 
 
 def cnn_onnx(path: Path, opset: int = 17, seed: int = 0) -> Path:
@@ -87,7 +78,7 @@ def cnn_onnx(path: Path, opset: int = 17, seed: int = 0) -> Path:
     ]
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    return _save(path, nodes, {"W1": w1, "W2": w2, "FC": fc}, [x], y, opset)
+    return save_graph(path, nodes, {"W1": w1, "W2": w2, "FC": fc}, [x], y, opset)
 
 
 def two_input_onnx(path: Path) -> Path:
@@ -99,7 +90,7 @@ def two_input_onnx(path: Path) -> Path:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16]),
               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["m", 16])]
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])
-    return _save(path, nodes, {"W": w}, inputs, y)
+    return save_graph(path, nodes, {"W": w}, inputs, y)
 
 
 def mlp_data(n: int, seed: int) -> dict[str, np.ndarray]:

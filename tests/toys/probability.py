@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
-from toys.onnx_graphs import _save
+from toys.onnx_save import save_graph
 
 PROB_FEATURES = 8
 
@@ -27,7 +27,7 @@ def probability_onnx(path: Path) -> Path:
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", PROB_FEATURES])
     p = helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 1])
-    return _save(path, nodes, {"W": w, "T": np.array(10.0, dtype=np.float32)}, [x], p)
+    return save_graph(path, nodes, {"W": w, "T": np.array(10.0, dtype=np.float32)}, [x], p)
 
 
 def probability_data(n: int, seed: int) -> dict[str, np.ndarray]:

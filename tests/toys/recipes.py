@@ -113,3 +113,17 @@ def run_context(recipe, work: Path, inputs=None, progress=None, baseline=None):
 
 def manifest(folder: Path) -> dict:
     return json.loads((folder / "out" / "manifest.json").read_text(encoding="utf-8"))
+
+
+def edited_copy(artifact: Path, dest: Path, edit=None) -> Path:
+    """A copy of ``artifact`` at ``dest`` whose manifest ``edit`` changed (in place, on the
+    dict; None: an unchanged copy)."""
+    import shutil
+
+    copy = Path(shutil.copytree(artifact, dest))
+    if edit is not None:
+        m = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
+        edit(m)
+        (copy / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    return copy
+
