@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .accuracy import AccuracyJudge, Score
-from .candidates import COMPUTE_OP_TYPES, Calibration, Candidate, build
+from .candidates import COMPUTE_OP_TYPES, SMOOTH_MUL_SUFFIX, Calibration, Candidate, build
 from .modes import IntType, QuantFormat, QuantMode
 from .prepare import first_line
 from .sensitivity import NodeSensitivity
@@ -162,6 +162,7 @@ class Search:
         self.failed: list[Attempt] = []  # candidates that could not be built
         self.ranks: dict[str, tuple[int, NodeSensitivity]] = {}  # the fallback's ranking
         self.smooth_info: dict[Path, dict[str, Any]] = {}  # smoothed model -> what was done
+        self.scales: dict[tuple, list] = {}  # SmoothQuant's scales per (source, settings)
         self.float_p50: float | None = None
         self.warnings: list[str] = []  # what the user must hear (stage warnings)
         self.phases = {"build": 0.0, "timing": 0.0, "accuracy": 0.0}  # seconds in each
@@ -268,12 +269,20 @@ class Search:
             repaired = self._repair(start)
         others = [a for a in plain if a is not start]
         if repaired is not None:
-            # Only plain candidates faster than the repaired one can still win: time
+            # The repair that made this candidate pass is tried on the other kinds of
+            # candidate too (another op set, the fused source): the repair start is the
+            # most accurate, not necessarily the fastest once repaired.
+            passing = [repaired, *self._repair_others(plain, start, repaired)]
+            # Only plain candidates faster than the repaired ones can still win: time
             # them together, in one run, and score just those. Those already scored and
             # failing cannot win and are not timed again (the fastest plain one is: the
             # repair's cost is measured against it).
             contenders = [a for a in plain if a is plain[0] or a.search is None]
-            self.time([*contenders, repaired], "repaired candidate vs plain ones")
+            self.time([*contenders, *passing], "repaired candidate(s) vs plain ones")
+            repaired = _fastest_first(passing)[0]
+            for a in passing:
+                if a is not repaired:
+                    a.note = "repaired; slower than the chosen candidate"
             timed = {id(a) for a in contenders}
             others = [a for a in others if id(a) in timed and a.p50_ms < repaired.p50_ms]
             others.sort(key=lambda a: a.p50_ms)
@@ -283,6 +292,33 @@ class Search:
         if repaired is not None:
             repaired.note = "slower than a plain candidate that passed"
         return chosen
+
+    def _repair_others(self, plain: list[Attempt], start: Attempt, repaired: Attempt
+                       ) -> list[Attempt]:
+        """The cheap repair that made ``start`` pass (SmoothQuant, another calibration
+        method), applied to the fastest plain candidate of every other (source, op set):
+        the repair starts from the most accurate candidate, which is not always the fastest
+        once repaired (the transformer-fused source with every op quantized, say). Those
+        that pass compete with ``repaired`` on speed. A float fallback is not carried over:
+        its nodes were ranked on ``start``'s graph."""
+        rc, sc = repaired.candidate, start.candidate
+        method = rc.calibration_method
+        fell_back = {n for n in rc.exclude if not n.endswith(SMOOTH_MUL_SUFFIX)} - set(sc.exclude)
+        if fell_back or (rc.smoothquant is None and method == sc.calibration_method):
+            return []
+        count = len(self.smooth_info.get(rc.source, {}).get("groups", ())) or None
+        seen = {(sc.source, sc.op_types)}
+        out = []
+        for a in plain:
+            if (a.candidate.source, a.candidate.op_types) in seen or self.out_of_time():
+                continue
+            seen.add((a.candidate.source, a.candidate.op_types))
+            c = a.candidate.replace(calibration_method=method)
+            got = (self._smoothquant(c, count) if rc.smoothquant is not None
+                   else self._try(c, f"calibration: {method}"))
+            if got is not None and got.passed:
+                out.append(got)
+        return out
 
     def _repair_start(self, plain: list[Attempt]) -> tuple[Attempt, bool]:
         """The fastest plain candidate failed. Those as fast as it (within timing noise:
@@ -418,7 +454,7 @@ class Search:
                 if a is not None:
                     yield a
         elif fix == "smoothquant":
-            a = self._smoothquant(best)
+            a = self._smoothquant(best.candidate)
             if a is not None:
                 yield a
 
@@ -431,17 +467,12 @@ class Search:
         self.repairs_log.append({"repair": what, "attempt": a})
         return a
 
-    def _smoothquant(self, best: Attempt) -> Attempt | None:
+    def _smoothquant(self, c: Candidate, count: int | None = None) -> Attempt | None:
         """Smooth every activation where it helps; when that holds the budget, keep only
-        as many (largest gain first) as still hold it: each costs a ``Mul`` at run time."""
-        from .smoothing import choose_scales
-
-        c = best.candidate
-        self.env.on_step("SmoothQuant: choosing scales")
+        as many (largest gain first) as still hold it: each costs a ``Mul`` at run time.
+        ``count``: as many as another candidate kept (tried first, then all; no search)."""
         try:
-            scales = choose_scales(c.source, self.env.analysis_feeds, c.mode, c.per_channel,
-                                   c.reduce_range, c.activation_type == IntType.INT8,
-                                   self.space.smoothquant_alpha, deadline=self.deadline)
+            scales = self._scales(c)
         except Exception as e:  # noqa: BLE001 - an analysis failure skips this repair
             self.repairs_log.append({"repair": "smoothquant", "error": first_line(e, 200)})
             return None
@@ -449,8 +480,12 @@ class Search:
             self.repairs_log.append({"repair": "smoothquant",
                                      "skipped": "no MatMul/Gemm input it would help"})
             return None
+        if count is not None and count < len(scales):
+            a = self._smoothed(c, scales[:count])
+            if a is not None and a.passed:
+                return a
         full = self._smoothed(c, scales)
-        if full is None or not full.passed:
+        if count is not None or full is None or not full.passed:
             return full
         lo, hi, kept = 0, len(scales), full  # the unsmoothed one fails; all of them hold
         while hi - lo > 1 and not self.out_of_time():
@@ -461,6 +496,20 @@ class Search:
             else:
                 lo = mid
         return kept
+
+    def _scales(self, c: Candidate):
+        """SmoothQuant's scales for ``c``'s source and int8 settings (chosen once: other
+        op sets of the same source share them)."""
+        from .smoothing import choose_scales
+
+        key = (c.source, c.mode, c.per_channel, c.reduce_range, c.activation_type)
+        if key not in self.scales:
+            self.env.on_step("SmoothQuant: choosing scales")
+            self.scales[key] = choose_scales(
+                c.source, self.env.analysis_feeds, c.mode, c.per_channel, c.reduce_range,
+                c.activation_type == IntType.INT8, self.space.smoothquant_alpha,
+                deadline=self.deadline)
+        return self.scales[key]
 
     def _smoothed(self, c: Candidate, scales) -> Attempt | None:
         from .smoothing import apply_scales
