@@ -305,7 +305,7 @@ def _markdown(s: dict) -> str:
     m = s["machine"]
     lines = [f"## Triton batching ({NAME}.py)", "",
              f"{m['cpu']}, {m['cores']} cores, int8 path {s['isa']}, {s['threads']} threads; "
-             f"load {m['load_avg_1m']}.", ""]
+             f"1-min load {m['load_avg_1m']:.2f}.", ""]
     for r in s["models"].values():
         b = r["batching"]
         lines += [f"### {r['model']}", "",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from compactor.cli.options import dim_option, inconclusive_option, settle_option
+from compactor.cli.options import dim_option, gate_line, inconclusive_option, settle_option
 
 if TYPE_CHECKING:
     from compactor.check import CheckResult
@@ -96,22 +96,10 @@ def check(artifact: Path, targets: tuple[str, ...], budget_pairs: tuple[str, ...
     _refuse_tampered(result)
     undecided = len(result.inconclusive)
     if not as_json:
-        console().print(_last_line(result.passed, undecided, inconclusive))
+        console().print(gate_line(result.passed, undecided, inconclusive, "checks"))
     elif undecided and inconclusive == "warn":
         err.print(f"[yellow]warning[/] {undecided} verdict(s) inconclusive (--inconclusive warn)")
     return gate_exit(result.passed, undecided, inconclusive)
-
-
-def _last_line(passed: bool, undecided: int, policy: str) -> str:
-    if not passed:
-        return "[bold red]check failed[/]"
-    if not undecided:
-        return "[green]all checks hold[/]"
-    what = {"fail": "[bold yellow]check inconclusive[/] (exit 5: re-run it on a quieter host, "
-                    "or raise --settle-time)",
-            "warn": "[yellow]warning[/]: passed, but undecided (--inconclusive warn)",
-            "pass": "[green]all decided checks hold[/] (--inconclusive pass)"}[policy]
-    return f"{what}; {undecided} verdict(s) inconclusive"
 
 
 def _ci_outputs(result: CheckResult, junit: Path | None, as_json: bool) -> None:

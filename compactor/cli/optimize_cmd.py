@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from compactor.cli.options import gate_exit, inconclusive_option, settle_option
+from compactor.cli.options import gate_exit, gate_line, inconclusive_option, settle_option
 from compactor.errors import EXIT_OK
 
 
@@ -77,23 +77,11 @@ def optimize(recipe: Path | None, output: Path | None, as_json: bool, resume: bo
         for t in manifest.targets:
             for note in t.notes:
                 out.print(f"[yellow]note[/] {t.profile}: {note}")
-        out.print(f"{_last_line(result.passed, undecided, inconclusive)}; artifact: "
+        out.print(f"{gate_line(result.passed, undecided, inconclusive, 'budgets')}; artifact: "
                   f"{result.artifact} ({result.seconds:.0f} s)")
     if as_json and undecided and inconclusive == "warn":
         err.print(f"[yellow]warning[/] {undecided} verdict(s) inconclusive (--inconclusive warn)")
     return gate_exit(result.passed, undecided, inconclusive)
-
-
-def _last_line(passed: bool, undecided: int, policy: str) -> str:
-    if not passed:
-        return "[bold red]budget failed[/]"
-    if not undecided:
-        return "[green]all budgets hold[/]"
-    what = {"fail": "[bold yellow]budgets inconclusive[/] (exit 5: re-run on a quieter host, "
-                    "or raise --settle-time)",
-            "warn": "[yellow]warning[/]: budgets undecided (--inconclusive warn)",
-            "pass": "[green]all decided budgets hold[/] (--inconclusive pass)"}[policy]
-    return f"{what}; {undecided} verdict(s) inconclusive"
 
 
 def _worker_rank() -> bool:

@@ -92,3 +92,18 @@ def gate_exit(passed: bool, undecided: int, policy: str) -> int:
     if undecided and policy == "fail":
         return EXIT_INCONCLUSIVE
     return EXIT_OK
+
+
+def gate_line(passed: bool, undecided: int, policy: str, noun: str = "budgets") -> str:
+    """A gate's last line (rich markup) for ``noun`` ("budgets", "checks"), matching
+    :func:`gate_exit`'s code."""
+    if not passed:
+        return f"[bold red]{noun.removesuffix('s')} failed[/]"
+    if not undecided:
+        return f"[green]all {noun} hold[/]"
+    what = {"fail": f"[bold yellow]{noun} inconclusive[/] (exit 5: re-run on a quieter host, "
+                    "or raise --settle-time)",
+            "warn": f"[yellow]warning[/]: {noun} undecided (--inconclusive warn)",
+            "pass": f"[green]all decided {noun} hold[/] (--inconclusive pass)"}[policy]
+    return f"{what}; {undecided} verdict(s) inconclusive"
+

@@ -43,7 +43,7 @@ def test_the_default_policy_exits_5_on_an_undecided_gate(artifact, tmp_path):
     junit = tmp_path / "j.xml"
     r = run_cli("check", artifact, "--budget", f"max_latency_ms.p50={limit}", "--junit", junit)
     assert r.exit_code == EXIT_INCONCLUSIVE, r.output
-    assert "check inconclusive" in r.stdout
+    assert "checks inconclusive" in r.stdout
     root = ET.parse(junit).getroot()
     skipped = [c.get("name") for c in root.iter("testcase") if c.find("skipped") is not None]
     assert skipped == ["max_latency_ms.p50"] and root.get("failures") == "0"
