@@ -16,6 +16,7 @@ outcome into the stage record.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -408,9 +409,13 @@ class QuantizePass(Pass):
         # One feed per run as served: a dynamic range spans one run's whole tensor.
         axes = {s.name: s.batch_axis for s in ctx.inputs}
         analysis = _per_run(_cap_samples(analysis, 64, axes), run_batch, axes)
-        return SearchEnv(work=work, judge=judge, timer=_timer(ctx, cfg), calibration=calibration,
+        timer = _timer(ctx, cfg)
+        in_processes = getattr(timer, "in_processes", None)  # a test's fake timer has none
+        return SearchEnv(work=work, judge=judge, timer=timer, calibration=calibration,
                          analysis_feeds=analysis, run_batch=run_batch,
-                         time_budget_s=cfg.time_budget_s)
+                         time_budget_s=cfg.time_budget_s,
+                         process_timer=(functools.partial(in_processes, folder=work)
+                                        if in_processes else None))
 
     # ------------------------------------------------------------------ the record
 
@@ -632,9 +637,11 @@ def _budget_resolver(cfg: QuantizeConfig, ctx: RunContext, metric):
 
 
 def _timer(ctx: RunContext, cfg: QuantizeConfig):
-    """Interleaved timing on the first target's profile, at batch 1 when it measures it."""
+    """Interleaved timing on the first target's profile, at batch 1 when it measures it;
+    its ``in_processes`` attribute times each model alone in a fresh process instead (the
+    final choice between passing candidates; the worker's job files go in ``folder``)."""
     from compactor.profiles import load_profile
-    from compactor.quantization.timing import compare_latency
+    from compactor.quantization.timing import compare_in_processes, compare_latency
 
     profile = ctx.profiles[0] if ctx.profiles else load_profile("host-cpu", ctx.base_dir)
     bs = 1 if 1 in profile.batch_sizes else profile.batch_sizes[0]
@@ -644,6 +651,10 @@ def _timer(ctx: RunContext, cfg: QuantizeConfig):
     def timer(models):
         feeds = ctx.latency_feeds(bs)
         return compare_latency(models, profile, feeds, bs, max_seconds=seconds)
+
+    def in_processes(models, folder: Path):
+        return compare_in_processes(models, profile, ctx.latency_feeds(bs), bs, folder)
+    timer.in_processes = in_processes
     return timer
 
 
