@@ -225,7 +225,9 @@ def _costs(m: _Measured, topology: Topology) -> ChainCosts:
 
 def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -> ChainPlan:
     """Time the chosen plan's parts directly, re-plan, until the plan's parts are all
-    direct measurements (a segment sum can flatter a range)."""
+    direct measurements of this call (a segment sum can flatter a range; the whole model's
+    time from the segment timing, maybe shared through ``timing_cache``, was taken first
+    in the process and perhaps minutes ago: it is re-timed too)."""
     choice = None
     with progress.task("re-time the chosen parts as real models"):
         for _ in range(4):
@@ -233,7 +235,7 @@ def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -
             if choice is None:
                 raise no_fit_error(_costs(m, topology), [d.name for d in topology.devices])
             todo = [s for s in choice.stages if s.end > s.start
-                    and m.host_ms(s.device, s.start, s.end)[1] == "segment sum"]
+                    and (m.groups[s.device], s.start, s.end) not in m.direct]
             if not todo:
                 break
             for s in todo:

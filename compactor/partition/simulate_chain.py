@@ -327,7 +327,7 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                 links.append(ShapedLink(socket.create_connection(("127.0.0.1", port),
                                                                  timeout=300),
                                         hop.bps, hop.rtt_ms / 2))
-            g = _Gatherer(graph, choice, tl, tile_models[0], rest, sides[0], links, feeds)
+            g = _gatherer(graph, choice, tl, tile_models[0], rest, sides[0], links, feeds)
             e2e = []
             for i in range(warmup + requests):
                 t0 = time.perf_counter()
@@ -340,8 +340,7 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                 lk.send(b"")
                 lk.recv()
                 lk.sock.close()
-            for p in procs:
-                _finish(p)
+            peer_compute = [_finish(p) for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -354,34 +353,47 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                            "min": float(a.min()), "max": float(a.max())},
             "runs_ms": [round(float(v), 3) for v in a],
             "throughput_rps": (len(done) - 1) / span if span > 0 else float("inf"),
+            "compute_ms_p50": {"tile0": _p50(g.compute["tile"], warmup),
+                               "rest": _p50(g.compute["rest"], warmup),
+                               **{f"tile{t}": _p50(c, warmup)
+                                  for t, c in enumerate(peer_compute, start=1)}},
             "emulated": any(s.slowdown != 1 for s in sides[: choice.k])}
+
+
+def _p50(runs: Sequence[float], skip: int) -> float | None:
+    return float(np.median(runs[skip:])) if len(runs) > skip else None
+
+
+def _gatherer(graph, choice, tl, own_model, rest, side, links, feeds) -> _Gatherer:
+    from compactor.partition.profile import make_session
+
+    name = graph.input_names[0]
+    x = feeds[name]
+    return _Gatherer(make_session(own_model, side.profile), make_session(rest, side.profile),
+                     side.slowdown, {name: np.ascontiguousarray(x[:, :, tl[0].in0:tl[0].in1])},
+                     graph.crossing(choice.depth)[0], links,
+                     [encode({name: np.ascontiguousarray(x[:, :, t.in0:t.in1])})
+                      for t in tl[1:]])
 
 
 class _Gatherer:
     """The first device of a spatial split: its tile, the scatter and gather over its one
     interface (a shared clock each way), the rest. Its runs hold one lock: one processor."""
 
-    def __init__(self, graph, choice, tl, own_model, rest, side, links, feeds):
-        from compactor.partition.profile import make_session
-
-        name = graph.input_names[0]
-        x = feeds[name]
-        self.own = make_session(own_model, side.profile)
-        self.rest = make_session(rest, side.profile)
-        self.slowdown = side.slowdown
-        self.own_feeds = {name: np.ascontiguousarray(x[:, :, tl[0].in0:tl[0].in1])}
-        self.cut = graph.crossing(choice.depth)[0]
-        self.links = links
+    def __init__(self, own, rest, slowdown: float, own_feeds, cut: str, links, msgs):
+        self.own, self.rest, self.slowdown = own, rest, slowdown
+        self.own_feeds, self.cut, self.links, self.msgs = own_feeds, cut, links, msgs
         tx, rx = [0.0], [0.0]
         for lk in links:
             lk.tx_shared, lk.rx_shared = tx, rx
-        self.msgs = [encode({name: np.ascontiguousarray(x[:, :, t.in0:t.in1])})
-                     for t in tl[1:]]
         self.cpu = threading.Lock()
+        self.compute: dict[str, list[float]] = {"tile": [], "rest": []}
 
-    def _run(self, sess, feeds) -> list:
+    def _run(self, what: str, sess, feeds) -> list:
         with self.cpu:
-            return _slowed(sess, feeds, self.slowdown)
+            out, ms = _slowed(sess, feeds, self.slowdown)
+        self.compute[what].append(ms)
+        return out
 
     def scatter(self, n: int = 1) -> None:
         for _ in range(n):
@@ -390,39 +402,44 @@ class _Gatherer:
 
     def finish(self, own_strip) -> None:
         strips = [own_strip] + [next(iter(decode(lk.recv()).values())) for lk in self.links]
-        self._run(self.rest, {self.cut: np.concatenate(strips, axis=2)})
+        self._run("rest", self.rest, {self.cut: np.concatenate(strips, axis=2)})
 
     def one(self) -> None:
         sender = threading.Thread(target=self.scatter)
         sender.start()
-        own = self._run(self.own, self.own_feeds)[0]
+        own = self._run("tile", self.own, self.own_feeds)[0]
         self.finish(own)
         sender.join()
 
     def stream(self, n: int) -> list[float]:
-        """``n`` requests back to back: scatter, own tiles and gather-and-rest in three
-        threads; returns when each request's rest was done."""
-        q: queue.Queue = queue.Queue()
-        threads = [threading.Thread(target=self.scatter, args=(n,), daemon=True),
-                   threading.Thread(target=lambda: [q.put(self._run(
-                       self.own, self.own_feeds)[0]) for _ in range(n)], daemon=True)]
-        for t in threads:
-            t.start()
+        """``n`` requests back to back; returns when each request's rest was done. The
+        link sends the peers' tiles in a thread of its own; the processor works in the order
+        a device would: the next request's own tile while this one's strips travel, then
+        this one's rest (at most one tile ahead; a queue of tiles could run ahead of the
+        rests, and the replies' spacing then miss those tiles' time). The last cycle, too,
+        runs a tile (unused): every gap between two replies holds one tile and one rest."""
+        sender = threading.Thread(target=self.scatter, args=(n,), daemon=True)
+        sender.start()
+        own = self._run("tile", self.own, self.own_feeds)[0]
         done = []
         for _ in range(n):
-            self.finish(q.get())
+            nxt = self._run("tile", self.own, self.own_feeds)[0]
+            self.finish(own)
             done.append(time.perf_counter())
-        for t in threads:
-            t.join()
+            own = nxt
+        sender.join()
         return done
 
 
-def _slowed(sess, feeds, slowdown: float) -> list:
+def _slowed(sess, feeds, slowdown: float) -> tuple[list, float]:
+    """``sess`` run on ``feeds`` as the emulated device would (a sleep of slowdown - 1 times
+    the run after it); the outputs and the device's ms."""
     t0 = time.perf_counter()
     out = sess.run(None, feeds)
+    dt = time.perf_counter() - t0
     if slowdown > 1:
-        time.sleep((slowdown - 1) * (time.perf_counter() - t0))
-    return out
+        time.sleep((slowdown - 1) * dt)
+    return out, dt * max(slowdown, 1.0) * 1000.0
 
 
 def _start_peer(model, side, hop, tmp: Path, t: int) -> tuple[subprocess.Popen, int]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +336,7 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
     tms = [tile_model(graph, choice.depth, t) for t in tl]
     rest = graph.tail(graph.cut(choice.depth))
     plan = _plan_dict(graph, topology, options, sides, costs, choice, tl, notes, model_path)
+    _stream_rate(graph, choice, tl, tms, rest, sides, samples[0], plan["choice"], progress)
     plan["verification"] = _verify(graph, choice.depth, tl, tms, rest, samples[:4])
     if not plan["verification"]["passed"]:
         raise PassError(f"the tiled prefix differs from the model by "
@@ -349,8 +350,8 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
                                    requests=simulate_requests)
         sim["error_latency"] = (sim["latency_ms"]["p50"] - choice.latency_ms) / \
             choice.latency_ms
-        sim["error_throughput"] = (sim["throughput_rps"] - choice.throughput_rps) / \
-            choice.throughput_rps
+        rate = plan["choice"]["throughput_rps"]
+        sim["error_throughput"] = (sim["throughput_rps"] - rate) / rate
         plan["simulate"] = sim
     files: dict[str, Path] = {}
     if out_dir is not None:
@@ -424,6 +425,47 @@ def _option(graph, depth, k, tl, sides, x, name, cut_val, rest_ms, w_bytes, topo
     hop = topology.hops[0]
     return SpatialCost(depth, k, tuple(tile_ms), rest_ms, tuple(b_out), tuple(b_back),
                        hop.bps, hop.rtt_ms, tuple(mem))
+
+
+def in_stream(cost: SpatialCost, tile_ms: Sequence[float], rest_ms: float) -> SpatialCost:
+    """``cost`` with its devices' times as they run in a stream (each run after the idle
+    time its emulated device sleeps, not after a request's pause): its bottleneck and
+    throughput are the stream's; the links are unchanged."""
+    if len(tile_ms) != cost.k:
+        raise ValueError(f"{len(tile_ms)} tile times for {cost.k} tiles")
+    return replace(cost, tile_ms=tuple(tile_ms), rest_ms=rest_ms)
+
+
+def _stream_rate(graph, choice: SpatialCost, tl, tms, rest, sides, feeds, ch: dict,
+                 progress) -> None:
+    """The chosen plan's stream throughput from its tiles and rest re-timed as they run in
+    a stream (as the chain planner does, ``compute_stream_ms``): each run after the idle
+    time its emulated device sleeps (slowdown - 1 times its run), with the full warm-up."""
+    name = graph.input_names[0]
+    x = feeds[name]
+    cut = graph.crossing(choice.depth)[0]
+    sess = plain_session(graph.with_outputs([cut]))
+    cut_val = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}),
+                       strict=True))[cut]
+
+    def stream_ms(model, side: Side, f, planned_ms: float) -> float:
+        idle_s = max(side.slowdown - 1, 0.0) * planned_ms / side.slowdown / 1000.0
+        return time_ms(model, side.profile, f, TimingSettings.of(side.profile, quick=False),
+                       pause_s=idle_s) * side.slowdown
+
+    with progress.task("time the chosen tiles and rest back to back (a stream)"):
+        tile_ms = [stream_ms(m, sides[t], {name: np.ascontiguousarray(
+            x[:, :, tile.in0:tile.in1])}, choice.tile_ms[t])
+            for t, (m, tile) in enumerate(zip(tms, tl, strict=True))]
+        rest_ms = stream_ms(rest, sides[0], {cut: cut_val}, choice.rest_ms)
+    s = in_stream(choice, tile_ms, rest_ms)
+    ch["tile_stream_ms"] = [round(v, 4) for v in tile_ms]
+    ch["rest_stream_ms"] = round(rest_ms, 4)
+    ch["bottleneck_ms_one_at_a_time"] = ch["bottleneck_ms"]
+    ch["bottleneck_ms"] = round(s.bottleneck_ms, 4)
+    ch["throughput_rps"] = round(s.throughput_rps, 4)
+    ch["throughput_basis"] = "tiles and rest timed back to back, as in a stream"
 
 
 def _prefix_values(graph, depth: int, feeds) -> dict[str, np.ndarray]:

@@ -349,6 +349,15 @@ def test_spatial_plan_and_simulation(tmp_path, quick):
     sim = r.plan["simulate"]
     assert sim["processes"] == 3 and len(sim["runs_ms"]) == 3
     assert sim["throughput_rps"] > 0 and math.isfinite(sim["error_throughput"])
+    # the stream's rate from the tiles and rest re-timed back to back; the error against it
+    assert len(ch["tile_stream_ms"]) == 3 and ch["rest_stream_ms"] > 0
+    assert ch["bottleneck_ms"] == pytest.approx(max(
+        ch["tile_stream_ms"][0] + ch["rest_stream_ms"], *ch["tile_stream_ms"][1:],
+        sum(transfer_ms(b, ch["uplink_bps"]) for b in ch["bytes_out"]),
+        sum(transfer_ms(b, ch["uplink_bps"]) for b in ch["bytes_back"])), abs=1e-3)
+    assert sim["error_throughput"] == pytest.approx(
+        sim["throughput_rps"] / ch["throughput_rps"] - 1, rel=1e-3)
+    assert set(sim["compute_ms_p50"]) == {"tile0", "rest", "tile1", "tile2"}
     # the planner's own choice considers every K and depth
     alts = r.plan["alternatives"]
     assert {a["peers"] for a in alts} == {1, 3}  # one device alone: the baseline

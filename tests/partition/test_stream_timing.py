@@ -1,0 +1,171 @@
+"""How the multi-device planners time what they predict, on fake timings: the peers'
+stream figures (the chosen tiles and rest re-timed as in a stream), the first peer's
+order of work in the simulated stream, the warm-up that lasts the profile's warm-up
+time, and the chain plan's whole-model stage re-timed in the call that plans it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from toys.partition_chain import chain_topology, conv_chain_cnn, quick_profile
+
+from compactor.partition import profile as profile_mod
+from compactor.partition.cost import transfer_ms
+from compactor.partition.graph import PartitionGraph
+from compactor.partition.multi import ChainOptions, _side, plan_chain_model
+from compactor.partition.profile import HostTimes, TimingSettings, time_ms
+from compactor.partition.simulate import ShapedLink, encode
+from compactor.partition.simulate_chain import _Gatherer
+from compactor.partition.spatial import SpatialCost, in_stream
+from compactor.partition.topology import load_topology
+from compactor.profiles import load_profile
+
+# --------------------------------------------------------------------------- peers' cost
+
+
+def _cost(tile_ms=(10.0, 12.0, 11.0), rest_ms=20.0, bps=100e6) -> SpatialCost:
+    return SpatialCost(depth=3, k=len(tile_ms), tile_ms=tuple(tile_ms), rest_ms=rest_ms,
+                       bytes_out=(0, 5000, 5000), bytes_back=(0, 3000, 3000), bps=bps,
+                       rtt_ms=2.0, memory=(1, 1, 1))
+
+
+def test_stream_times_set_the_stream_bottleneck_and_keep_the_links():
+    one = _cost()
+    assert one.bottleneck_ms == pytest.approx(30.0)  # first peer: its tile + the rest
+    s = in_stream(one, (7.0, 9.0, 8.5), 15.0)  # back to back: faster than after a pause
+    assert s.bottleneck_ms == pytest.approx(22.0) and s.throughput_rps == pytest.approx(
+        1000 / 22.0)
+    assert (s.bytes_out, s.bytes_back, s.bps, s.rtt_ms) == (one.bytes_out, one.bytes_back,
+                                                            one.bps, one.rtt_ms)
+    # a peer's tile slower than the first peer's tile + rest bounds the stream
+    assert in_stream(one, (1.0, 30.0, 2.0), 3.0).bottleneck_ms == pytest.approx(30.0)
+    # a slow link bounds it: 2 x 5000 bytes out at 1 Mbps
+    slow = in_stream(_cost(bps=1e6), (1.0, 1.0, 1.0), 1.0)
+    assert slow.bottleneck_ms == pytest.approx(2 * transfer_ms(5000, 1e6))
+    with pytest.raises(ValueError, match="2 tile times for 3 tiles"):
+        in_stream(one, (1.0, 2.0), 3.0)
+
+
+# --------------------------------------------------------------------------- the simulation
+
+
+class _Sleeper:
+    """A fake session: each run takes ``ms`` (a sleep: no CPU)."""
+
+    def __init__(self, ms: float):
+        self.ms, self.runs = ms, 0
+
+    def run(self, _outputs, _feeds):
+        self.runs += 1
+        time.sleep(self.ms / 1000.0)
+        return [np.zeros((1, 1, 2, 2), np.float32)]
+
+
+def _loopback() -> tuple[socket.socket, socket.socket]:
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    a = socket.create_connection(ls.getsockname())
+    b, _ = ls.accept()
+    ls.close()
+    return a, b
+
+
+def _peer(sock: socket.socket, ms: float) -> None:
+    """A peer that takes ``ms`` per tile and sends back a strip."""
+    lk = ShapedLink(sock, 1e9, 0.5)
+    while True:
+        msg = lk.recv()
+        if not msg:
+            lk.send(b"")
+            return
+        time.sleep(ms / 1000.0)
+        lk.send(encode({"c": np.zeros((1, 1, 2, 2), np.float32)}))
+
+
+def test_first_peer_streams_one_tile_and_one_rest_per_reply():
+    a, b = _loopback()
+    threading.Thread(target=_peer, args=(b, 3.0), daemon=True).start()
+    link = ShapedLink(a, 1e9, 0.5)
+    own, rest = _Sleeper(4.0), _Sleeper(8.0)
+    g = _Gatherer(own, rest, 1.0, {"x": np.zeros(1)}, "c", [link],
+                  [encode({"x": np.zeros((1, 1, 2, 2), np.float32)})])
+    n = 12
+    done = g.stream(n)
+    link.send(b"")
+    link.recv()
+    a.close()
+    assert len(done) == n and rest.runs == n
+    assert own.runs == n + 1  # one tile ahead: every gap between replies holds a tile
+    rate = (n - 1) / (done[-1] - done[0])
+    # the device's rate is one tile + one rest per request (sleeps only overshoot)
+    assert rate <= 1000.0 / 12.0 * 1.05
+    assert len(g.compute["tile"]) == n + 1 and min(g.compute["tile"]) >= 4.0 * 0.9
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+class _Counter:
+    def __init__(self, ms: float):
+        self.ms, self.runs = ms, 0
+
+    def get_inputs(self):
+        return []
+
+    def run(self, _outputs, _feeds):
+        self.runs += 1
+        time.sleep(self.ms / 1000.0)
+
+
+def test_time_ms_warms_up_for_the_warmup_time(monkeypatch):
+    fake = _Counter(2.0)
+    monkeypatch.setattr(profile_mod, "make_session", lambda *_a, **_k: fake)
+    prof = load_profile("host-cpu")
+    t = TimingSettings(warmup=1, min_runs=5, min_time_s=0.0, max_time_s=3.0, warmup_s=0.05)
+    time_ms(None, prof, {}, t, pause_s=0.0)
+    # >= 50 ms of 2 ms runs warming up (a sleep may overshoot), then 5 timed; a count
+    # alone warmed up once
+    assert fake.runs >= 15 + 5
+    # a warm-up time beyond a third of the time cap stops at the cap
+    fake.runs = 0
+    t0 = time.perf_counter()
+    time_ms(None, prof, {}, TimingSettings(1, 5, 0.0, 0.15, warmup_s=10.0), pause_s=0.0)
+    assert time.perf_counter() - t0 < 0.5 and fake.runs < 60
+    # the full settings carry the profile's warm-up time, at most a tenth of its time cap
+    full = TimingSettings.of(prof, quick=False)
+    assert full.warmup_s == pytest.approx(min(prof.timing.warmup_s,
+                                              prof.timing.max_time_s / 10))
+    assert TimingSettings.of(prof, quick=True).warmup_s == 0.0
+
+
+# --------------------------------------------------------------------------- chain refine
+
+
+def test_chain_refine_retimes_a_whole_model_stage(tmp_path: Path):
+    """A plan on one device used the segment timing's whole-model figure (taken first in
+    the process, maybe shared by a timing cache): refine now times it directly."""
+    quick = quick_profile(tmp_path / "q.yaml")
+    model = conv_chain_cnn(tmp_path / "m.onnx")
+    # links so slow that nothing but the first device pays
+    topo = load_topology(chain_topology(tmp_path / "t.yaml", quick, 3, "10kbps", "50ms"))
+    g = PartitionGraph.load(model, 1)
+    pos = [0, *g.candidates(4)[0], g.n_nodes]
+    segs = [50.0 * (b - a) for a, b in zip(pos[:-1], pos[1:], strict=True)]  # fake: slow
+    key = _side(topo.devices[0]).settings_key()
+    cache = {(str(model.resolve()), 1, tuple(pos), key): HostTimes(pos, sum(segs), segs, 0.0)}
+    out = tmp_path / "o"
+    r = plan_chain_model(model, topo, ChainOptions(), out_dir=out, timing_cache=cache)
+    plan = json.loads((out / "plan.json").read_text())
+    assert r.choice.computing == [0]
+    assert plan["timing"]["direct_ms"].keys() == {f"0:0-{g.n_nodes}"}
+    direct = plan["timing"]["direct_ms"][f"0:0-{g.n_nodes}"]
+    assert direct < sum(segs) / 10  # the toy's real time, not the stale fake figure
+    assert plan["choice"]["stages"][0]["compute_source"] == "measured"
+    assert plan["choice"]["stages"][0]["compute_ms"] == pytest.approx(direct, rel=1e-3)
