@@ -289,7 +289,8 @@ def render(r: dict) -> str:
         "in the progress) and the distill pass. On a shared 2-core host whose other core is "
         "taken, 2 torch threads wait for each other at every small op and train several "
         "times slower than on an idle host; the demo's own teacher training times 1 thread "
-        "against all and takes the faster, the distill pass uses torch's default threads. "
+        "against all and takes the faster, and so does the training loop of the distill pass "
+        "(on its own first steps). "
         "Read a wall time above 3 minutes next to the load average of its run.",
     ]
     notes = sorted({n for x in runs for n in x["notes"]})
