@@ -30,7 +30,7 @@ The speed-up target depends on the CPU's int8 path (``compactor.quantization.isa
 with VNNI or AMX (AVX-512 VNNI, AVX-VNNI, AMX), >= 1.35x without (AVX2 only); every table
 names the ISA it was measured on.
 
-Usage: python benchmarks/quant_minilm.py [--results-dir DIR] [--quick]
+Usage: python benchmarks/quant_minilm.py [--results-dir DIR] [--quick] [--idle-wait S]
 ``--quick``: a smoke run (fewer sentences, one timing repeat, no waiting for an idle host):
 it checks the script end to end, its numbers are not results.
 Exit code: 0 when every target holds, 1 when one fails (results are written either way).
@@ -413,13 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", type=Path, default=HERE)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: fewer sentences, one timing repeat, no idle wait")
+    ap.add_argument("--idle-wait", type=float, default=IDLE_WAIT_S, metavar="S",
+                    help=f"wait up to S seconds for an idle host before each timing "
+                         f"(default {IDLE_WAIT_S})")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from _results import machine, wait_for_idle, write_json, write_section
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_all = time.perf_counter()
-    wait_s = 0 if args.quick else IDLE_WAIT_S
+    wait_s = 0 if args.quick else args.idle_wait
     isa, vnni = int8_path()
     targets = {**TARGETS, "speedup": SPEEDUP_BY_ISA["vnni" if vnni else "no_vnni"]}
     sents = splits(sizes=QUICK_SIZES if args.quick else SIZES)
@@ -510,6 +513,19 @@ def _phases(s: dict) -> str:
     return ", ".join(f"{k} {v:.0f} s" for k, v in ph.items())
 
 
+def _search_ranking(s: dict) -> str:
+    """The pass's own ranking: each candidate and repair it timed, its speed-up over the
+    fp32 input in the pass's last timing of it, and why it lost."""
+    search = s.get("search") or {}
+    rows = [r for r in [*search.get("candidates", []), *search.get("repairs", [])]
+            if "speedup_vs_float" in r]
+    last = (search.get("timings") or [{}])[-1]
+    how = last.get("method", "interleaved in one process")
+    return (f"(the last timing: {how}) " + "; ".join(
+        f"{r['label']} {r['speedup_vs_float']:.2f}×" + (f" ({r['note']})" if r.get("note") else "")
+        for r in rows)) if rows else "not recorded"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.0f}%"
 
@@ -566,6 +582,7 @@ and eval {s['sentences']['eval']} sentences come from other documents).
   mode `auto` → {s['mode']} ({s['mode_reason']}).
 - int8 path of this CPU: {s['isa']}; {s['int8_choice']['reason']}.
 - transformer fusion before int8: {_fusion(s)}.
+- the pass's candidates and repairs as it timed them: {_search_ranking(s)}.
 - SmoothQuant-style scale migration: {sq}.
 - nodes returned to float by the accuracy fallback: {len(fl)}
   {"(" + ", ".join(f["node"] for f in fl) + ")" if fl else ""}.

@@ -149,7 +149,7 @@ def _block_p50(sess, feed: dict, n: int) -> float:
     return float(np.median(kept))
 
 
-PROCESS_RUN_S = 1.0  # runs per model per fresh process (after the warm-up)
+PROCESS_RUN_S = 0.75  # seconds of runs per model per fresh process (after warm-up)
 
 
 def compare_in_processes(models: Mapping[str, Path], profile: Profile,
