@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 # Op types quantized under "compute" (the heavy ones); "all" is every op ORT can quantize.
 COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# On a transformer-fused graph, ORT's Attention op holds the QKV projection: a compute op
+# (without it, "compute ops fused" left every attention block float: 1.52x fp32 on MiniLM
+# where "all ops fused" ran 1.93x)
+FUSED_COMPUTE_OP_TYPES = (*COMPUTE_OP_TYPES, "Attention")
 SMOOTH_MUL_SUFFIX = "/SmoothQuantMul"  # the scale Muls smoothing inserts: float by design
 
 
@@ -65,7 +69,7 @@ class Candidate:
     def ops_label(self) -> str:
         if self.op_types is None:
             return "all ops"
-        if set(self.op_types) <= set(COMPUTE_OP_TYPES):
+        if set(self.op_types) <= set(FUSED_COMPUTE_OP_TYPES):
             return "compute ops"
         return "ops " + "/".join(self.op_types)
 

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .accuracy import AccuracyJudge, Score
-from .candidates import COMPUTE_OP_TYPES, SMOOTH_MUL_SUFFIX, Calibration, Candidate, build
+from .candidates import (
+    COMPUTE_OP_TYPES,
+    FUSED_COMPUTE_OP_TYPES,
+    SMOOTH_MUL_SUFFIX,
+    Calibration,
+    Candidate,
+    build,
+)
 from .modes import IntType, QuantFormat, QuantMode
 from .prepare import first_line
 from .sensitivity import NodeSensitivity
@@ -62,7 +69,8 @@ class SearchSpace:
             sources = [] if self.fused_only and self.fused else [b]
             if self.fused is not None:
                 sources.append(b.replace(source=self.fused, fused=True))
-            out = [s.replace(op_types=ops) for s in sources for ops in self.op_type_options]
+            out = [s.replace(op_types=_on_source(ops, s.fused)) for s in sources
+                   for ops in self.op_type_options]
         else:
             out = [b.replace(format=f, activation_type=a, op_types=ops)
                    for ops in self.op_type_options for f in self.formats
@@ -688,6 +696,14 @@ def _tied(plain: Sequence[Attempt]) -> list[Attempt]:
     if first is None:
         return []
     return [a for a in plain[1:] if a.p50_ms is not None and a.p50_ms <= first * (1 + TIE)]
+
+
+def _on_source(ops: tuple[str, ...] | None, fused: bool) -> tuple[str, ...] | None:
+    """The op set on a transformer-fused source: "compute ops" includes ORT's Attention
+    (its QKV projection is the block's main MatMul)."""
+    if fused and ops == COMPUTE_OP_TYPES:
+        return FUSED_COMPUTE_OP_TYPES
+    return ops
 
 
 def _fastest_first(attempts: Sequence[Attempt]) -> list[Attempt]:
