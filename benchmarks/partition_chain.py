@@ -29,7 +29,7 @@ devices pays; speed-ups there are in the stream's bottleneck.
 Usage: python benchmarks/partition_chain.py [--quick] [--models ...] [--devices 3 4]
        [--bandwidths 10Mbps 50Mbps 200Mbps] [--peer-bandwidths 100Mbps 500Mbps 1Gbps]
        [--line-bandwidths 50Mbps 200Mbps 1Gbps] [--requests N] [--threads N] [--no-peers]
-       [--no-line]
+       [--chains latency throughput] [--results-dir DIR]
 Exit code: 0 when every target holds, 1 when one fails (the results are written either way).
 """
 
@@ -331,7 +331,10 @@ def main() -> int:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--line-bandwidths", nargs="+", default=list(LINE_BANDWIDTHS),
                     help="links of the throughput rows (a line of identical boards)")
-    ap.add_argument("--no-line", action="store_true", help="no throughput rows")
+    ap.add_argument("--chains", nargs="*", choices=("latency", "throughput"),
+                    default=["latency", "throughput"],
+                    help="which chain rows: latency (phone → ... → cloud), throughput (a line "
+                    "of identical boards); none: peers only")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: digits CNN, 3 devices, one bandwidth, 5 requests")
     args = ap.parse_args()
@@ -348,9 +351,9 @@ def main() -> int:
         tmp = Path(tmp_s)
         models = _bench_partition().build_models(tmp, args.models)
         profiles = _profiles(tmp, args.threads)
-        scenarios = [("latency", args.bandwidths, False)]
-        if not args.no_line:
-            scenarios.append(("throughput", args.line_bandwidths, True))
+        scenarios = ([("latency", args.bandwidths, False)] if "latency" in args.chains
+                     else []) + ([("throughput", args.line_bandwidths, True)]
+                                 if "throughput" in args.chains else [])
         chains = chain_rows(models, args.devices, scenarios, args.requests, profiles, tmp)
         peers = [] if args.no_peers else peer_rows(models, args.devices,
                                                    args.peer_bandwidths, args.requests,
@@ -360,7 +363,7 @@ def main() -> int:
          + " ".join(sys.argv[1:]), "quick": args.quick, "threads": args.threads,
          "isa": detect().path,
          "models": args.models, "target": TARGET, "chains": chains, "peers": peers,
-         "line_bandwidths": [] if args.no_line else args.line_bandwidths,
+         "line_bandwidths": args.line_bandwidths if "throughput" in args.chains else [],
          "machine": machine(),
          "passed": all(x["passed"] for x in chains + peers)}
     write_json(NAME, r, args.results_dir)
