@@ -256,6 +256,22 @@ def _latency_note(chains: list[dict]) -> str:
     return f"{len(lat) - single} of {len(lat)} rows split the model"
 
 
+def _miss_notes(rows: list[dict]) -> list[str]:
+    """Per row that misses the target: the simulated compute ÷ the planned (stream) one,
+    median over its computing devices: where the error comes from."""
+    out = []
+    for w in rows:
+        if w["passed"]:
+            continue
+        ratios = sorted(v[2] / (v[1] or v[0]) for v in w.get("compute_ms", {}).values()
+                        if v[2] and (v[1] or v[0]))
+        what = (f"simulated compute {ratios[len(ratios) // 2]:.2f}× the planned"
+                if ratios else "no per-device figures")
+        out.append(f"{w['model']} {w.get('devices', w.get('peers'))} "
+                   f"{w.get('objective', 'peers')} {w['bandwidth']}: {what}")
+    return out
+
+
 def render(r: dict) -> str:
     mach = r["machine"]
     lines = [
@@ -288,6 +304,10 @@ def render(r: dict) -> str:
         "best plan on one device / on at most two devices",
         "- host drift: the first device's full-model time re-measured right after the "
         "simulation ÷ the time the plan used (1.00× = the host's speed did not move)",
+        *(["- rows missing the target (simulated compute ÷ planned, median over the "
+            "devices; below 1: the devices ran faster in the simulation than timed alone): "
+            + "; ".join(_miss_notes(r["chains"] + r["peers"]))]
+          if _miss_notes(r["chains"] + r["peers"]) else []),
         "",
         "| model | devices | objective | bandwidth | plan | predicted → simulated ms | "
         "error | predicted → simulated req/s | error | ×single | ×two | max abs err | "
