@@ -157,21 +157,7 @@ def _start(parts, plan, topology, sides, tmp: Path) -> list[tuple[subprocess.Pop
         last = i == len(plan.stages) - 1
         hop = None if last else topology.hops[st.device]
         up = topology.hops[st.device - 1]
-        job = tmp / f"job{i}.json"
-        side = sides[st.device]
-        job.write_text(json.dumps({
-            "model": model, "profile": side.profile.model_dump(mode="json", by_alias=True),
-            "slowdown": side.slowdown, "last": last,
-            "bps": hop.bps if hop else None, "one_way_ms": hop.rtt_ms / 2 if hop else None,
-            "up_bps": up.bps, "up_one_way_ms": up.rtt_ms / 2,
-        }), encoding="utf-8")
-        p = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate_chain",
-                              str(job)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        line = p.stdout.readline() if p.stdout else ""
-        if not line:
-            raise _failed(p)
-        procs.append((p, json.loads(line)["port"]))
+        procs.append(_spawn(tmp / f"job{i}.json", model, sides[st.device], last, hop, up))
     for i, (p, _) in enumerate(procs):
         down = procs[i + 1][1] if i + 1 < len(procs) else 0
         assert p.stdin is not None
@@ -445,18 +431,27 @@ def _slowed(sess, feeds, slowdown: float) -> tuple[list, float]:
 def _start_peer(model, side, hop, tmp: Path, t: int) -> tuple[subprocess.Popen, int]:
     path = tmp / f"tile{t}.onnx"
     path.write_bytes(model.SerializeToString())
-    job = tmp / f"peer{t}.json"
+    p, port = _spawn(tmp / f"peer{t}.json", str(path), side, True, None, hop)
+    assert p.stdin is not None
+    p.stdin.write("0\n")
+    p.stdin.flush()
+    return p, port
+
+
+def _spawn(job: Path, model: str | None, side, last: bool, hop, up
+           ) -> tuple[subprocess.Popen, int]:
+    """One device's process (its part ``model``, or None to forward), sending on ``hop``
+    (None: it replies) and receiving on ``up``; it answers with the port it listens on."""
     job.write_text(json.dumps({
-        "model": str(path), "profile": side.profile.model_dump(mode="json", by_alias=True),
-        "slowdown": side.slowdown, "last": True, "bps": None, "one_way_ms": None,
-        "up_bps": hop.bps, "up_one_way_ms": hop.rtt_ms / 2}), encoding="utf-8")
+        "model": model, "profile": side.profile.model_dump(mode="json", by_alias=True),
+        "slowdown": side.slowdown, "last": last,
+        "bps": hop.bps if hop else None, "one_way_ms": hop.rtt_ms / 2 if hop else None,
+        "up_bps": up.bps, "up_one_way_ms": up.rtt_ms / 2,
+    }), encoding="utf-8")
     p = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate_chain",
                           str(job)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline() if p.stdout else ""
     if not line:
         raise _failed(p)
-    assert p.stdin is not None
-    p.stdin.write("0\n")
-    p.stdin.flush()
     return p, json.loads(line)["port"]
