@@ -159,13 +159,7 @@ def gemm_to_matmul(src: Path, dst: Path, record: dict[str, Any]) -> Path:
         return src
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    onnx.save(model, str(dst))
-    record["gemm_as_matmul"] = changed
-    return dst
+    return _save_rewritten(model, dst, record, "gemm_as_matmul", changed)
 
 
 def gemm_bias_as_vector(src: Path, dst: Path, record: dict[str, Any]) -> Path:
@@ -179,8 +173,6 @@ def gemm_bias_as_vector(src: Path, dst: Path, record: dict[str, Any]) -> Path:
     did this). A vector bias quantizes per channel as it should."""
     import onnx
     from onnx import helper, numpy_helper
-
-    from compactor.measure.macs import all_graphs
 
     model = onnx.load(str(src))
     inits = {t.name: t for t in model.graph.initializer}
@@ -207,13 +199,24 @@ def gemm_bias_as_vector(src: Path, dst: Path, record: dict[str, Any]) -> Path:
         changed += 1
     if not changed:
         return src
+    return _save_rewritten(model, dst, record, "gemm_bias_as_vector", changed)
+
+
+def _save_rewritten(model, dst: Path, record: dict[str, Any], key: str, changed: int) -> Path:
+    """Save a rewritten graph without the initializers nothing reads any more (read by a
+    node of any graph, subgraphs included, or named as a graph input or output), and record
+    how many nodes the rewrite changed under ``key``."""
+    import onnx
+
+    from compactor.measure.macs import all_graphs
+
     used = {i for g in all_graphs(model.graph) for node in g.node for i in node.input}
     used |= {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     onnx.save(model, str(dst))
-    record["gemm_bias_as_vector"] = changed
+    record[key] = changed
     return dst
 
 
