@@ -23,6 +23,7 @@ from toys import (
     run_cli,
     write_recipe,
 )
+from toys.progress import count_teacher_calls
 
 from compactor.errors import PassError, RecipeError
 from compactor.model import load_model
@@ -132,23 +133,8 @@ def test_feature_hints_train_through_a_projection_that_is_dropped(tmp_path):
     assert any("hint0" in s or "loss" in s for s in ctx.progress.statuses)
 
 
-def _count_teacher_calls(monkeypatch) -> dict[str, int]:
-    """``calls["n"]`` counts the teacher's forward passes from here on."""
-    from compactor.passes import distill
-
-    calls = {"n": 0}
-    real = distill._Teacher.__call__
-
-    def counting(self, batch):
-        calls["n"] += 1
-        return real(self, batch)
-
-    monkeypatch.setattr(distill._Teacher, "__call__", counting)
-    return calls
-
-
 def test_frozen_parameters_stay_and_the_teacher_runs_once_per_batch(tmp_path, monkeypatch):
-    calls = _count_teacher_calls(monkeypatch)
+    calls = count_teacher_calls(monkeypatch)
     ctx, baseline = _context(
         tmp_path,
         model={"factory": ref("build_cnn"), "inputs": [CNN_INPUT]},
@@ -170,7 +156,7 @@ def test_frozen_parameters_stay_and_the_teacher_runs_once_per_batch(tmp_path, mo
 
 def test_hidden_state_hints_with_a_padding_mask_and_a_cached_teacher(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    calls = _count_teacher_calls(monkeypatch)
+    calls = count_teacher_calls(monkeypatch)
     hints = [{"student": "bert.encoder.layer.0", "teacher": "bert.encoder.layer.1"},
              {"student": "bert.encoder.layer.1", "teacher": "bert.encoder.layer.3",
               "weight": 2.0}]

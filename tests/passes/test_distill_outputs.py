@@ -18,6 +18,7 @@ from toys.multihead import (
     head_errors,
     ref_multihead,
 )
+from toys.progress import count_teacher_calls
 
 from compactor.errors import PassError, RecipeError
 from compactor.model import load_model
@@ -85,16 +86,7 @@ def test_every_head_learns_by_default_and_reports_its_loss(tmp_path):
 
 
 def test_per_output_losses_weights_and_a_dict_returning_student(tmp_path, monkeypatch):
-    from compactor.passes import distill
-
-    calls = {"n": 0}
-    real = distill._Teacher.__call__
-
-    def counting(self, batch):
-        calls["n"] += 1
-        return real(self, batch)
-
-    monkeypatch.setattr(distill._Teacher, "__call__", counting)
+    calls = count_teacher_calls(monkeypatch)
     out, _ = _distill(tmp_path, {
         "epochs": 2,
         "outputs": {"logits": {"loss": "kl", "temperature": 2.0},

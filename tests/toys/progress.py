@@ -57,3 +57,19 @@ def ctrl_c_at_training_step(monkeypatch, step: int) -> None:
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(losses.DistillLoss, "__call__", pressing)
+
+
+def count_teacher_calls(monkeypatch) -> dict[str, int]:
+    """``calls["n"]`` counts the distill teacher's forward passes from here on."""
+    from compactor.passes import distill
+
+    calls = {"n": 0}
+    real = distill._Teacher.__call__
+
+    def counting(self, batch):
+        calls["n"] += 1
+        return real(self, batch)
+
+    monkeypatch.setattr(distill._Teacher, "__call__", counting)
+    return calls
+
