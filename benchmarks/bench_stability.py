@@ -115,24 +115,31 @@ def bench_runs(model: Path, runs: int, profile: str, max_wait_s: float) -> list[
     return out
 
 
-def make_artifact(model: Path, work: Path) -> Path:
+def make_artifact(model: Path, work: Path, name: str = "stability-cnn", samples: int = 64,
+                  target: str | None = None) -> Path:
+    """An artifact of ``model`` (fidelity on random images) for one target: by default a
+    fast-timing profile with size/latency/memory budgets; ``target`` replaces that target's
+    YAML (e.g. ``"profile: host-cpu"``)."""
     import numpy as np
 
     rng = np.random.default_rng(1)
-    np.savez(work / "eval.npz", image=rng.standard_normal((64, 3, 64, 64)).astype(np.float32))
+    np.savez(work / "eval.npz",
+             image=rng.standard_normal((samples, 3, 64, 64)).astype(np.float32))
+    if target is None:
+        target = ("profile: fast.yaml\n"
+                  "    budgets: {max_size_mb: 1, max_latency_ms: {p90: 50}, max_memory_mb: 1024}")
+        (work / "fast.yaml").write_text(
+            "name: fast\nclass: host\nbatch_sizes: [1]\n"
+            "timing: {warmup: 2, min_runs: 10, min_time_s: 0.1, max_time_s: 0.5}\n",
+            encoding="utf-8")
     recipe = work / "recipe.yaml"
     recipe.write_text(
-        "version: 1\nname: stability-cnn\n"
+        f"version: 1\nname: {name}\n"
         f"model: {{onnx: {model.name}}}\n"
         "data: {eval: eval.npz, batch_size: 32}\n"
         "metric: fidelity\n"
-        "targets:\n  - profile: fast.yaml\n"
-        "    budgets: {max_size_mb: 1, max_latency_ms: {p90: 50}, max_memory_mb: 1024}\n"
+        f"targets:\n  - {target}\n"
         "output: artifact\n", encoding="utf-8")
-    (work / "fast.yaml").write_text(
-        "name: fast\nclass: host\nbatch_sizes: [1]\n"
-        "timing: {warmup: 2, min_runs: 10, min_time_s: 0.1, max_time_s: 0.5}\n",
-        encoding="utf-8")
     proc, _ = compactor("optimize", str(recipe))
     if proc.returncode != 0:
         raise SystemExit(f"compactor optimize failed:\n{proc.stderr}")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import HERE, machine, wait_for_idle, write_json, write_section  # noqa: E402
-from bench_stability import build_model, compactor  # noqa: E402
+from bench_stability import build_model, compactor, make_artifact  # noqa: E402
 
 NAME = "calibration"
 PROFILE = "host-cpu"
@@ -76,25 +76,6 @@ class Load:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-
-
-def make_artifact(model: Path, work: Path) -> Path:
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    np.savez(work / "eval.npz", image=rng.standard_normal((32, 3, 64, 64)).astype(np.float32))
-    recipe = work / "recipe.yaml"
-    recipe.write_text(
-        "version: 1\nname: calibration-cnn\n"
-        f"model: {{onnx: {model.name}}}\n"
-        "data: {eval: eval.npz, batch_size: 32}\n"
-        "metric: fidelity\n"
-        f"targets:\n  - profile: {PROFILE}\n"
-        "output: artifact\n", encoding="utf-8")
-    proc, _ = compactor("optimize", str(recipe))
-    if proc.returncode != 0:
-        raise SystemExit(f"compactor optimize failed:\n{proc.stderr}")
-    return work / "artifact"
 
 
 def truth(model: Path, seconds: float, repeats: int, max_wait_s: float) -> dict:
@@ -219,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         build_model(model)
         print(f"benchmark {NAME}: truth on {PROFILE}", file=sys.stderr)
         t = truth(model, args.truth_s, args.truth_repeats, args.max_wait)
-        artifact = make_artifact(model, work)
+        artifact = make_artifact(model, work, name="calibration-cnn", samples=32,
+                                 target=f"profile: {PROFILE}")
         cells = run_cells(artifact, t["p50_ms"], args.runs, args.settle_s, args.load_cap,
                           args.max_wait)
     verdicts = sum(len(c["results"]) for c in cells)
