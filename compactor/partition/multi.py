@@ -167,7 +167,7 @@ def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, 
     times: list[HostTimes] = []
     groups: list[int] = []
     for s in sides:
-        key = s.settings_key()
+        key = s.timing_key()
         if key not in keys:
             keys.append(key)
             ck = (str(Path(model_path).resolve()), batch, tuple(positions), key)
@@ -177,7 +177,8 @@ def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, 
                 with progress.task(f"time {len(positions) - 1} segments on "
                                    f"{s.profile.name}", total=len(positions)) as task:
                     t = profile_segments(graph, positions, s.profile, values,
-                                         on_step=lambda: task.advance())
+                                         on_step=lambda: task.advance(),
+                                         pause_s=s.pause_s)
                 if timing_cache is not None:
                     timing_cache[ck] = t
             times.append(t)
@@ -242,28 +243,26 @@ def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -
                 part = part_model(m.graph, s.start, s.end)
                 t = TimingSettings.of(m.sides[s.device].profile, quick=False)
                 m.direct[(m.groups[s.device], s.start, s.end)] = time_ms(
-                    part, m.sides[s.device].profile, m.values, t)
+                    part, m.sides[s.device].profile, m.values, t, m.sides[s.device].pause_s)
     assert choice is not None
     return choice
 
 
 def _stream_rate(m: _Measured, choice: ChainPlan, ch: dict, progress) -> None:
     """The chosen plan's stream throughput from its parts timed back to back, as they run
-    in a stream (the plan's own timings pause before each run, as a part does when requests
-    come one at a time and it waits for the network; it then runs colder):
-    ``compute_stream_ms`` per stage, and the bottleneck and throughput from them."""
+    in a stream (a device that is this host was timed after a request's pause, as a part
+    runs when requests come one at a time; in a stream it runs warmer; an emulated device's
+    figure is already its steady time): ``compute_stream_ms`` per stage, and the bottleneck
+    and throughput from them."""
     with progress.task("time the chosen parts back to back (a stream)"):
         worst = 0.0
         for s, st in zip(choice.stages, ch["stages"], strict=True):
             ms = 0.0
             if s.end > s.start:
                 side = m.sides[s.device]
-                # an emulated device (slowdown > 1) sleeps (slowdown - 1) x each run after
-                # it: that idle time, not none, is what its runs follow in a stream
-                idle_s = (side.slowdown - 1) * m.host_ms(s.device, s.start, s.end)[0] / 1000
                 ms = time_ms(part_model(m.graph, s.start, s.end), side.profile, m.values,
                              TimingSettings.of(side.profile, quick=False),
-                             pause_s=max(idle_s, 0.0)) * side.slowdown
+                             pause_s=0.0) * side.slowdown
             st["compute_stream_ms"] = round(ms, 4)
             worst = max(worst, ms + s.serialize_ms, s.forward_ms, s.back_ms)
     ch["bottleneck_ms_one_at_a_time"] = ch["bottleneck_ms"]

@@ -18,6 +18,14 @@ share this host's cores, and a spinning thread pool would steal them from the ot
 Every timed run follows an idle pause (``PAUSE_S``), because that is how a part runs in a
 request: after waiting for the network. Back-to-back runs find warm caches and a busy CPU
 and read up to half faster on small models than the same run after a pause.
+
+An emulated device (a slowdown, or a latency measured on the real device) is the one
+exception: it is defined as its slowdown times this host's *steady* time for the work, its
+runs timed back to back (``Side.pause_s`` is 0). How warm this host happens to be after an
+idle pause is a property of this host, not of the device, and multiplied by a slowdown of
+25 it would be most of the figure (the digits CNN: 1.4 ms after a 20 ms pause, 0.77 ms back
+to back, on a 2-core Xeon). ``--simulate`` holds each emulated run to exactly that figure
+(:class:`compactor.partition.simulate_chain.Emulated`).
 """
 
 from __future__ import annotations
@@ -68,6 +76,21 @@ class Side:
         threads, _ = p.threads_on_host()
         return (threads, p.inter_op_threads, p.graph_optimization_level,
                 tuple(p.execution_providers))
+
+    @property
+    def emulated(self) -> bool:
+        """True when the device is not this host: its time is this host's x a factor."""
+        return self.slowdown != 1.0 or self.latency_ms is not None
+
+    @property
+    def pause_s(self) -> float:
+        """The idle time before each of its timed runs: none for an emulated device (its
+        figure is this host's steady time x its slowdown), a request's pause otherwise."""
+        return 0.0 if self.emulated else PAUSE_S
+
+    def timing_key(self) -> tuple:
+        """Sides with equal keys share their timings: same settings, same pause."""
+        return (*self.settings_key(), self.pause_s)
 
     def label(self) -> str:
         how = ("measured on this host" if not self.estimate else
@@ -165,7 +188,12 @@ def time_ms(model, profile: Profile, feeds: Mapping[str, np.ndarray],
             timing: TimingSettings, pause_s: float = PAUSE_S) -> float:
     """Median milliseconds per run of ``model`` on ``feeds`` under ``profile``, each run
     after an idle pause of ``pause_s``."""
-    sess = make_session(model, profile)
+    return time_session(make_session(model, profile), feeds, timing, pause_s)
+
+
+def time_session(sess, feeds: Mapping[str, np.ndarray], timing: TimingSettings,
+                 pause_s: float = PAUSE_S) -> float:
+    """:func:`time_ms` on an open session."""
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
     # warm up for ``warmup`` runs and ``warmup_s`` of run time (pauses not counted), but
@@ -177,7 +205,8 @@ def time_ms(model, profile: Profile, feeds: Mapping[str, np.ndarray],
         sess.run(None, feeds)
         warm += time.perf_counter() - t0
         n += 1
-        time.sleep(pause_s)
+        if pause_s:
+            time.sleep(pause_s)
     times: list[float] = []
     start = time.perf_counter()
     while True:
@@ -188,7 +217,8 @@ def time_ms(model, profile: Profile, feeds: Mapping[str, np.ndarray],
         if len(times) >= 5 and (busy >= timing.max_time_s or (
                 len(times) >= timing.min_runs and busy >= timing.min_time_s)):
             break
-        time.sleep(pause_s)
+        if pause_s:
+            time.sleep(pause_s)
     return float(np.median(times))
 
 
@@ -258,23 +288,25 @@ class HostTimes:
 
 def profile_segments(graph, positions: Sequence[int], profile: Profile,
                      values: Mapping[str, np.ndarray],
-                     on_step: Callable[[], None] | None = None) -> HostTimes:
+                     on_step: Callable[[], None] | None = None,
+                     pause_s: float = PAUSE_S) -> HostTimes:
     """Time the full model, each segment between consecutive ``positions`` and the run
-    overhead, under ``profile``. ``values`` holds the model inputs and every tensor that
-    crosses a cut at ``positions`` (from one run of the model)."""
+    overhead, under ``profile``, each run after ``pause_s`` idle. ``values`` holds the model
+    inputs and every tensor that crosses a cut at ``positions`` (from one run of the
+    model)."""
     quick = TimingSettings.of(profile, quick=True)
     full_t = TimingSettings.of(profile, quick=False)
-    before = time_ms(graph.model, profile, values, full_t)
-    over = time_ms(overhead_model(), profile, {"x": np.zeros(1, np.float32)}, quick)
+    before = time_ms(graph.model, profile, values, full_t, pause_s)
+    over = time_ms(overhead_model(), profile, {"x": np.zeros(1, np.float32)}, quick, pause_s)
     segs = []
     cuts = [graph.cut(p) for p in positions]
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         model, _ = graph.segment(a, b)
-        segs.append(time_ms(model, profile, values, quick))
+        segs.append(time_ms(model, profile, values, quick, pause_s))
         if on_step:
             on_step()
     # timed before and after the segments: on a shared host the speed drifts meanwhile
-    after = time_ms(graph.model, profile, values, full_t)
+    after = time_ms(graph.model, profile, values, full_t, pause_s)
     if on_step:
         on_step()
     return HostTimes(list(positions), (before + after) / 2, segs, over)

@@ -4,9 +4,9 @@ processes joined in a line by loopback TCP links shaped to each hop's bandwidth 
 
 The calling process is the first device: the source of the requests, it runs the first
 part and sends on to the second device's process. Each other device's process has four
-threads: one receives from upstream and runs its part (followed, where
-the device is slower than this host, by a sleep of (slowdown - 1) x its run: an emulation),
-one sends downstream, one receives replies from downstream, one sends them upstream; so a
+threads: one receives from upstream and runs its part (an emulated device, one slower
+than this host, then sleeps out the rest of its time: :class:`Emulated`), one sends
+downstream, one receives replies from downstream, one sends them upstream; so a
 device computes the next request while its link sends the last one, as a pipelined
 deployment would. The last device sends its outputs back up the line.
 
@@ -54,7 +54,7 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
     stream = stream or max(12, 2 * requests)
     stream = max(4, min(stream, int(max_seconds * 500 / max(plan.bottleneck_ms, 1e-3))))
     first = _First(make_session(parts[0], sides[0].profile) if parts[0] is not None else None,
-                   sides[0].slowdown, dict(feeds))
+                   sides[0], dict(feeds))
     with tempfile.TemporaryDirectory(prefix="compactor-chain-") as tmp:
         procs = _start(parts, plan, topology, sides, Path(tmp)) if len(parts) > 1 else []
         try:
@@ -79,7 +79,10 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
                 link.send(b"")
                 link.recv()
                 link.sock.close()
-            compute = [first.compute_ms] + [_finish(p) for p, _ in procs]
+            finished = [_finish(p) for p, _ in procs]
+            compute = [first.compute_ms] + [f.get("compute_ms", []) for f in finished]
+            emulation = [first.dev.summary() if first.dev else None] + [
+                f.get("emulation") for f in finished]
         finally:
             for p, _ in procs:
                 if p.poll() is None:
@@ -96,27 +99,72 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
         "compute_ms_p50": {topology.devices[st.device].name:
                            (float(np.median(c[warmup:])) if len(c) > warmup else 0.0)
                            for st, c in zip(plan.stages, compute, strict=True)},
+        "emulation": {topology.devices[st.device].name: e
+                      for st, e in zip(plan.stages, emulation, strict=True) if e},
         "emulated": any(sides[st.device].slowdown != 1 for st in plan.stages),
     }
+
+
+class Emulated:
+    """One device's part as the simulation runs it.
+
+    A device slower than this host (``slowdown`` > 1) is emulated as the planner defines it:
+    each run takes ``slowdown`` x this host's steady time for the part. That time is
+    measured here, in the device's own process, back to back (as the planner times an
+    emulated device) on the first request's inputs before that request runs; each run then
+    computes the part and sleeps until its time is up. Scaling each run's own time instead
+    would multiply how cold this host is after the sleep (1.8x on a small CNN) by the
+    slowdown. A run that overruns its time (a busy host) keeps its own length, counted in
+    ``overruns``. A device at slowdown 1 is this host: its runs are simply timed."""
+
+    def __init__(self, sess, slowdown: float, profile, emulate: bool | None = None):
+        self.sess, self.slowdown, self.profile = sess, slowdown, profile
+        self.emulate = slowdown != 1 if emulate is None else emulate
+        self.host_ms: float | None = None  # this host's steady time, once measured
+        self.compute_ms: list[float] = []
+        self.overruns = 0
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list:
+        from compactor.partition.profile import TimingSettings, time_session
+
+        feeds = {i.name: feeds[i.name] for i in self.sess.get_inputs()}
+        if self.emulate and self.host_ms is None:
+            self.host_ms = time_session(self.sess, feeds,
+                                        TimingSettings.of(self.profile, quick=False), 0.0)
+        t0 = time.perf_counter()
+        outs = self.sess.run(None, feeds)
+        if self.host_ms is not None:
+            left = t0 + self.slowdown * self.host_ms / 1000.0 - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+            else:
+                self.overruns += 1
+        self.compute_ms.append((time.perf_counter() - t0) * 1000.0)
+        return outs
+
+    def summary(self) -> dict:
+        return {"slowdown": self.slowdown, "host_ms": self.host_ms,
+                "runs": len(self.compute_ms), "overruns": self.overruns}
 
 
 class _First:
     """The first device's part, run here (the request's source is on that device)."""
 
-    def __init__(self, sess, slowdown: float, feeds: dict):
-        self.sess, self.slowdown, self.feeds = sess, slowdown, feeds
-        self.compute_ms: list[float] = []
+    def __init__(self, sess, side, feeds: dict):
+        self.dev = (Emulated(sess, side.slowdown, side.profile, side.emulated)
+                    if sess is not None else None)
+        self.feeds = feeds
+
+    @property
+    def compute_ms(self) -> list[float]:
+        return self.dev.compute_ms if self.dev is not None else []
 
     def run(self) -> bytes:
-        if self.sess is None:
+        if self.dev is None:
             return encode(self.feeds)
-        t0 = time.perf_counter()
-        outs = self.sess.run(None, {i.name: self.feeds[i.name] for i in self.sess.get_inputs()})
-        dt = time.perf_counter() - t0
-        if self.slowdown > 1:
-            time.sleep((self.slowdown - 1) * dt)
-        self.compute_ms.append(dt * self.slowdown * 1000.0)
-        return encode({o.name: v for o, v in zip(self.sess.get_outputs(), outs, strict=True)})
+        outs = self.dev.run(self.feeds)
+        return encode({o.name: v for o, v in zip(self.dev.sess.get_outputs(), outs,
+                                                 strict=True)})
 
 
 def _stream(link: ShapedLink | None, first: _First, n: int) -> list[float]:
@@ -166,14 +214,15 @@ def _start(parts, plan, topology, sides, tmp: Path) -> list[tuple[subprocess.Pop
     return procs
 
 
-def _finish(p: subprocess.Popen) -> list[float]:
+def _finish(p: subprocess.Popen) -> dict:
+    """A device process's last word: its compute times and its emulation's figures."""
     out, err = p.communicate(timeout=120)
     if p.returncode != 0:
         raise _failed(p, err)
-    for ln in out.splitlines():
+    for ln in reversed(out.splitlines()):
         if ln.startswith("{"):
-            return json.loads(ln).get("compute_ms", [])
-    return []
+            return json.loads(ln)
+    return {}
 
 
 def _failed(p: subprocess.Popen, err: str | None = None):
@@ -228,10 +277,11 @@ def serve(job_path: str) -> int:
     from compactor.profiles import Profile
 
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    sess = None
+    dev = None
     if job["model"]:
-        sess = make_session(job["model"], Profile.model_validate(job["profile"]))
-    slowdown = float(job["slowdown"])
+        profile = Profile.model_validate(job["profile"])
+        dev = Emulated(make_session(job["model"], profile), float(job["slowdown"]), profile,
+                       bool(job["emulated"]))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -244,26 +294,19 @@ def serve(job_path: str) -> int:
     listener.settimeout(300)
     conn, _ = listener.accept()
     up = ShapedLink(conn, float(job["up_bps"]), float(job["up_one_way_ms"]))
-    compute_ms: list[float] = []
 
     def work(msg: bytes) -> bytes:
-        if sess is None:
+        if dev is None:
             return msg
-        feeds = decode(msg)
-        t0 = time.perf_counter()
-        outs = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
-        dt = time.perf_counter() - t0
-        if slowdown > 1:
-            time.sleep((slowdown - 1) * dt)
-        compute_ms.append(dt * slowdown * 1000.0)
-        return encode({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)})
+        outs = dev.run(decode(msg))
+        return encode({o.name: v for o, v in zip(dev.sess.get_outputs(), outs, strict=True)})
 
     # a hand-off between threads costs a wake-up on a busy host: the last device replies,
     # and a forwarding one passes on, from the thread that received (its link is the
     # stream's pace anyway); a computing one sends from another thread, to overlap them
     if down is None:
         threads = [threading.Thread(target=_relay, args=(up, up, work))]
-    elif sess is None:
+    elif dev is None:
         threads = [threading.Thread(target=_relay, args=(up, down, work)),
                    threading.Thread(target=_relay, args=(down, up, None))]
     else:
@@ -275,7 +318,8 @@ def serve(job_path: str) -> int:
         t.start()
     for t in threads:
         t.join()
-    print(json.dumps({"compute_ms": compute_ms}), flush=True)  # noqa: T201 - to the parent
+    print(json.dumps({"compute_ms": dev.compute_ms if dev else [],  # noqa: T201 - to parent
+                      "emulation": dev.summary() if dev else None}), flush=True)
     return 0
 
 
@@ -314,6 +358,7 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                                                                  timeout=300),
                                         hop.bps, hop.rtt_ms / 2))
             g = _gatherer(graph, choice, tl, tile_models[0], rest, sides[0], links, feeds)
+            g.calibrate()
             e2e = []
             for i in range(warmup + requests):
                 t0 = time.perf_counter()
@@ -326,7 +371,8 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                 lk.send(b"")
                 lk.recv()
                 lk.sock.close()
-            peer_compute = [_finish(p) for p in procs]
+            finished = [_finish(p) for p in procs]
+            peer_compute = [f.get("compute_ms", []) for f in finished]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -339,10 +385,14 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                            "min": float(a.min()), "max": float(a.max())},
             "runs_ms": [round(float(v), 3) for v in a],
             "throughput_rps": (len(done) - 1) / span if span > 0 else float("inf"),
-            "compute_ms_p50": {"tile0": _p50(g.compute["tile"], warmup),
-                               "rest": _p50(g.compute["rest"], warmup),
-                               **{f"tile{t}": _p50(c, warmup)
+            # the calibrating request is one more run to leave out
+            "compute_ms_p50": {"tile0": _p50(g.compute["tile"], warmup + 1),
+                               "rest": _p50(g.compute["rest"], warmup + 1),
+                               **{f"tile{t}": _p50(c, warmup + 1)
                                   for t, c in enumerate(peer_compute, start=1)}},
+            "emulation": {"tile0": g.own.summary(), "rest": g.rest.summary(),
+                          **{f"tile{t}": f.get("emulation")
+                             for t, f in enumerate(finished, start=1)}},
             "emulated": any(s.slowdown != 1 for s in sides[: choice.k])}
 
 
@@ -355,8 +405,11 @@ def _gatherer(graph, choice, tl, own_model, rest, side, links, feeds) -> _Gather
 
     name = graph.input_names[0]
     x = feeds[name]
-    return _Gatherer(make_session(own_model, side.profile), make_session(rest, side.profile),
-                     side.slowdown, {name: np.ascontiguousarray(x[:, :, tl[0].in0:tl[0].in1])},
+    return _Gatherer(Emulated(make_session(own_model, side.profile), side.slowdown,
+                              side.profile, side.emulated),
+                     Emulated(make_session(rest, side.profile), side.slowdown, side.profile,
+                              side.emulated),
+                     {name: np.ascontiguousarray(x[:, :, tl[0].in0:tl[0].in1])},
                      graph.crossing(choice.depth)[0], links,
                      [encode({name: np.ascontiguousarray(x[:, :, t.in0:t.in1])})
                       for t in tl[1:]])
@@ -366,8 +419,8 @@ class _Gatherer:
     """The first device of a spatial split: its tile, the scatter and gather over its one
     interface (a shared clock each way), the rest. Its runs hold one lock: one processor."""
 
-    def __init__(self, own, rest, slowdown: float, own_feeds, cut: str, links, msgs):
-        self.own, self.rest, self.slowdown = own, rest, slowdown
+    def __init__(self, own: Emulated, rest: Emulated, own_feeds, cut: str, links, msgs):
+        self.own, self.rest = own, rest
         self.own_feeds, self.cut, self.links, self.msgs = own_feeds, cut, links, msgs
         tx, rx = [0.0], [0.0]
         for lk in links:
@@ -375,10 +428,10 @@ class _Gatherer:
         self.cpu = threading.Lock()
         self.compute: dict[str, list[float]] = {"tile": [], "rest": []}
 
-    def _run(self, what: str, sess, feeds) -> list:
+    def _run(self, what: str, dev: Emulated, feeds) -> list:
         with self.cpu:
-            out, ms = _slowed(sess, feeds, self.slowdown)
-        self.compute[what].append(ms)
+            out = dev.run(feeds)
+        self.compute[what].append(dev.compute_ms[-1])
         return out
 
     def scatter(self, n: int = 1) -> None:
@@ -389,6 +442,17 @@ class _Gatherer:
     def finish(self, own_strip) -> None:
         strips = [own_strip] + [next(iter(decode(lk.recv()).values())) for lk in self.links]
         self._run("rest", self.rest, {self.cut: np.concatenate(strips, axis=2)})
+
+    def calibrate(self) -> None:
+        """One request with no overlap: each peer, then this device's tile, then the rest,
+        alone on the host, so each emulated device measures its steady time undisturbed
+        (:class:`Emulated`)."""
+        strips = []
+        for lk, m in zip(self.links, self.msgs, strict=True):
+            lk.send(m)
+            strips.append(next(iter(decode(lk.recv()).values())))
+        own = self._run("tile", self.own, self.own_feeds)[0]
+        self._run("rest", self.rest, {self.cut: np.concatenate([own, *strips], axis=2)})
 
     def one(self) -> None:
         sender = threading.Thread(target=self.scatter)
@@ -417,17 +481,6 @@ class _Gatherer:
         return done
 
 
-def _slowed(sess, feeds, slowdown: float) -> tuple[list, float]:
-    """``sess`` run on ``feeds`` as the emulated device would (a sleep of slowdown - 1 times
-    the run after it); the outputs and the device's ms."""
-    t0 = time.perf_counter()
-    out = sess.run(None, feeds)
-    dt = time.perf_counter() - t0
-    if slowdown > 1:
-        time.sleep((slowdown - 1) * dt)
-    return out, dt * max(slowdown, 1.0) * 1000.0
-
-
 def _start_peer(model, side, hop, tmp: Path, t: int) -> tuple[subprocess.Popen, int]:
     path = tmp / f"tile{t}.onnx"
     path.write_bytes(model.SerializeToString())
@@ -444,7 +497,7 @@ def _spawn(job: Path, model: str | None, side, last: bool, hop, up
     (None: it replies) and receiving on ``up``; it answers with the port it listens on."""
     job.write_text(json.dumps({
         "model": model, "profile": side.profile.model_dump(mode="json", by_alias=True),
-        "slowdown": side.slowdown, "last": last,
+        "slowdown": side.slowdown, "emulated": side.emulated, "last": last,
         "bps": hop.bps if hop else None, "one_way_ms": hop.rtt_ms / 2 if hop else None,
         "up_bps": up.bps, "up_one_way_ms": up.rtt_ms / 2,
     }), encoding="utf-8")

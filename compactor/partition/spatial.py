@@ -374,14 +374,14 @@ def _measure(graph, wins, heights, topology: Topology, sides: list[Side], feeds,
     x = feeds[name]
     memo: dict[tuple, float] = {}
 
-    def timed(key: tuple, model, profile, f) -> float:
+    def timed(key: tuple, model, side: Side, f) -> float:
+        key = (*key, side.timing_key())
         if key not in memo:
-            memo[key] = time_ms(model, profile, f, TimingSettings.of(profile, quick=True))
+            memo[key] = time_ms(model, side.profile, f,
+                                TimingSettings.of(side.profile, quick=True), side.pause_s)
         return memo[key]
 
-    full = {id(s.profile): timed(("full", s.settings_key()), graph.model, s.profile, feeds)
-            for s in sides}
-    sides = [calibrated(s, full[id(s.profile)]) for s in sides]
+    sides = [calibrated(s, timed(("full",), graph.model, s, feeds)) for s in sides]
     cut_vals = _prefix_values(graph, len(wins), feeds)
     w_bytes = np.concatenate([[0], np.cumsum(graph.node_weight_bytes())])
     # one device alone (K = 1) is always costed: the baseline a split is compared with
@@ -394,8 +394,7 @@ def _measure(graph, wins, heights, topology: Topology, sides: list[Side], feeds,
             cut = graph.crossing(depth)[0]
             s0 = sides[0]
             rest = graph.tail(graph.cut(depth))
-            rest_ms = timed(("rest", depth, s0.settings_key()), rest, s0.profile,
-                            {cut: cut_vals[cut]}) * s0.slowdown
+            rest_ms = timed(("rest", depth), rest, s0, {cut: cut_vals[cut]}) * s0.slowdown
             for k in ks:
                 if k > heights[depth]:
                     continue
@@ -414,8 +413,8 @@ def _option(graph, depth, k, tl, sides, x, name, cut_val, rest_ms, w_bytes, topo
         xin = np.ascontiguousarray(x[:, :, tile.in0:tile.in1])
         rows = tile.out1 - tile.out0
         strip = cut_val[:, :, tile.out0:tile.out1]
-        key = ("tile", depth, k, tile.in1 - tile.in0, rows, tile.pads, side.settings_key())
-        tm = timed(key, tile_model(graph, depth, tile), side.profile, {name: xin})
+        key = ("tile", depth, k, tile.in1 - tile.in0, rows, tile.pads)
+        tm = timed(key, tile_model(graph, depth, tile), side, {name: xin})
         tile_ms.append(tm * side.slowdown)
         b_out.append(0 if t == 0 else message_bytes([(name, x.dtype.name, xin.shape)]))
         b_back.append(0 if t == 0 else message_bytes([(graph.crossing(depth)[0],
@@ -428,9 +427,9 @@ def _option(graph, depth, k, tl, sides, x, name, cut_val, rest_ms, w_bytes, topo
 
 
 def in_stream(cost: SpatialCost, tile_ms: Sequence[float], rest_ms: float) -> SpatialCost:
-    """``cost`` with its devices' times as they run in a stream (each run after the idle
-    time its emulated device sleeps, not after a request's pause): its bottleneck and
-    throughput are the stream's; the links are unchanged."""
+    """``cost`` with its devices' times as they run in a stream (back to back, not after a
+    request's pause): its bottleneck and throughput are the stream's; the links are
+    unchanged."""
     if len(tile_ms) != cost.k:
         raise ValueError(f"{len(tile_ms)} tile times for {cost.k} tiles")
     return replace(cost, tile_ms=tuple(tile_ms), rest_ms=rest_ms)
@@ -439,8 +438,8 @@ def in_stream(cost: SpatialCost, tile_ms: Sequence[float], rest_ms: float) -> Sp
 def _stream_rate(graph, choice: SpatialCost, tl, tms, rest, sides, feeds, ch: dict,
                  progress) -> None:
     """The chosen plan's stream throughput from its tiles and rest re-timed as they run in
-    a stream (as the chain planner does, ``compute_stream_ms``): each run after the idle
-    time its emulated device sleeps (slowdown - 1 times its run), with the full warm-up."""
+    a stream (as the chain planner does, ``compute_stream_ms``): back to back, with the full
+    warm-up (an emulated device's figure is this host's steady time x its slowdown)."""
     name = graph.input_names[0]
     x = feeds[name]
     cut = graph.crossing(choice.depth)[0]
@@ -449,16 +448,15 @@ def _stream_rate(graph, choice: SpatialCost, tl, tms, rest, sides, feeds, ch: di
                        sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}),
                        strict=True))[cut]
 
-    def stream_ms(model, side: Side, f, planned_ms: float) -> float:
-        idle_s = max(side.slowdown - 1, 0.0) * planned_ms / side.slowdown / 1000.0
+    def stream_ms(model, side: Side, f) -> float:
         return time_ms(model, side.profile, f, TimingSettings.of(side.profile, quick=False),
-                       pause_s=idle_s) * side.slowdown
+                       pause_s=0.0) * side.slowdown
 
     with progress.task("time the chosen tiles and rest back to back (a stream)"):
         tile_ms = [stream_ms(m, sides[t], {name: np.ascontiguousarray(
-            x[:, :, tile.in0:tile.in1])}, choice.tile_ms[t])
+            x[:, :, tile.in0:tile.in1])})
             for t, (m, tile) in enumerate(zip(tms, tl, strict=True))]
-        rest_ms = stream_ms(rest, sides[0], {cut: cut_val}, choice.rest_ms)
+        rest_ms = stream_ms(rest, sides[0], {cut: cut_val})
     s = in_stream(choice, tile_ms, rest_ms)
     ch["tile_stream_ms"] = [round(v, 4) for v in tile_ms]
     ch["rest_stream_ms"] = round(rest_ms, 4)

@@ -228,7 +228,7 @@ def _cache(model: Path, topo, batch: int = 1, per_node_ms: float = 1.0) -> dict:
     pos = [0, *g.candidates(4)[0], g.n_nodes]
     from compactor.partition.multi import _side
 
-    key = _side(topo.devices[0]).settings_key()
+    key = _side(topo.devices[0]).timing_key()
     return {(str(model.resolve()), batch, tuple(pos), key): fake_times(g, pos, per_node_ms)}
 
 

@@ -21,7 +21,7 @@ from compactor.partition.graph import PartitionGraph
 from compactor.partition.multi import ChainOptions, _side, plan_chain_model
 from compactor.partition.profile import HostTimes, TimingSettings, time_ms
 from compactor.partition.simulate import ShapedLink, encode
-from compactor.partition.simulate_chain import _Gatherer
+from compactor.partition.simulate_chain import Emulated, _Gatherer
 from compactor.partition.spatial import SpatialCost, in_stream
 from compactor.partition.topology import load_topology
 from compactor.profiles import load_profile
@@ -61,6 +61,9 @@ class _Sleeper:
     def __init__(self, ms: float):
         self.ms, self.runs = ms, 0
 
+    def get_inputs(self):
+        return []
+
     def run(self, _outputs, _feeds):
         self.runs += 1
         time.sleep(self.ms / 1000.0)
@@ -94,7 +97,9 @@ def test_first_peer_streams_one_tile_and_one_rest_per_reply():
     threading.Thread(target=_peer, args=(b, 3.0), daemon=True).start()
     link = ShapedLink(a, 1e9, 0.5)
     own, rest = _Sleeper(4.0), _Sleeper(8.0)
-    g = _Gatherer(own, rest, 1.0, {"x": np.zeros(1)}, "c", [link],
+    prof = load_profile("host-cpu")
+    g = _Gatherer(Emulated(own, 1.0, prof), Emulated(rest, 1.0, prof), {"x": np.zeros(1)},
+                  "c", [link],
                   [encode({"x": np.zeros((1, 1, 2, 2), np.float32)})])
     n = 12
     done = g.stream(n)
@@ -107,6 +112,90 @@ def test_first_peer_streams_one_tile_and_one_rest_per_reply():
     # the device's rate is one tile + one rest per request (sleeps only overshoot)
     assert rate <= 1000.0 / 12.0 * 1.05
     assert len(g.compute["tile"]) == n + 1 and min(g.compute["tile"]) >= 4.0 * 0.9
+
+
+# --------------------------------------------------------------------------- emulation
+
+
+class _ColdAfterIdle:
+    """A fake session like a small CNN on a real host: ``hot`` ms when it ran less than a
+    millisecond ago, ``cold`` ms after an idle gap (a sleep: no CPU)."""
+
+    def __init__(self, hot: float, cold: float, spike_every: int = 0):
+        self.hot, self.cold, self.spike_every = hot, cold, spike_every
+        self.last, self.runs = 0.0, 0
+
+    def get_inputs(self):
+        return []
+
+    def run(self, _outputs, _feeds):
+        self.runs += 1
+        ms = self.hot if time.perf_counter() - self.last < 1e-3 else self.cold
+        if self.spike_every and self.runs % self.spike_every == 0:
+            ms = 200.0  # the host stalled
+        time.sleep(ms / 1000.0)
+        self.last = time.perf_counter()
+        return []
+
+
+def _quick():
+    return load_profile("host-cpu").model_copy(update={"timing": load_profile(
+        "host-cpu").timing.model_copy(update={"warmup": 2, "min_runs": 10, "min_time_s": 0.0,
+                                              "max_time_s": 0.5, "warmup_s": 0.0})})
+
+
+def test_emulated_device_takes_its_slowdown_times_the_steady_time_however_cold():
+    """Each run takes slowdown x this host's back-to-back time, measured in the device's
+    process first: not slowdown x the run's own time, which after the emulation's sleep is
+    the cold one (here 2.5x the steady time)."""
+    dev = Emulated(_ColdAfterIdle(hot=2.0, cold=5.0), 10.0, _quick())
+    for _ in range(6):
+        dev.run({})
+        time.sleep(0.005)  # idle between requests: every emulated run starts cold
+    assert dev.host_ms == pytest.approx(2.0, rel=0.5)  # steady, not cold
+    expect = 10.0 * dev.host_ms
+    assert all(expect * 0.98 <= ms <= expect + 5.0 for ms in dev.compute_ms)
+    assert dev.overruns == 0
+    assert dev.summary()["runs"] == 6
+
+
+def test_emulated_overrun_keeps_its_own_length_and_this_host_is_only_timed():
+    dev = Emulated(_ColdAfterIdle(hot=1.0, cold=1.0, spike_every=3), 4.0, _quick())
+    for _ in range(6):
+        dev.run({})
+    assert dev.overruns >= 1 and max(dev.compute_ms) >= 200.0
+    plain = Emulated(_ColdAfterIdle(hot=1.0, cold=6.0), 1.0, _quick())
+    for _ in range(3):
+        plain.run({})
+        time.sleep(0.005)
+    assert plain.host_ms is None and min(plain.compute_ms) >= 6.0 * 0.9  # as it ran
+
+
+def test_an_emulated_device_is_planned_on_its_steady_time(tmp_path: Path, monkeypatch):
+    """The planner times the segments of an emulated device back to back and those of a
+    device that is this host after a request's pause, in two timing groups."""
+    from compactor.partition import multi
+
+    seen = []
+    real = multi.profile_segments
+
+    def spy(*a, pause_s, **k):
+        seen.append(pause_s)
+        return real(*a, pause_s=pause_s, **k)
+
+    monkeypatch.setattr(multi, "profile_segments", spy)
+    quick = quick_profile(tmp_path / "q.yaml")
+    model = conv_chain_cnn(tmp_path / "m.onnx")
+    topo = load_topology(chain_topology(tmp_path / "t.yaml", quick, 3, "100Mbps", "1ms",
+                                        slowdowns=[1, 4, 4]))
+    r = plan_chain_model(model, topo, ChainOptions(refine=False))
+    assert sorted(seen) == [0.0, profile_mod.PAUSE_S]
+    assert [s.pause_s for s in _sides(topo)] == [profile_mod.PAUSE_S, 0.0, 0.0]
+    assert len(r.plan["timing"]["groups"]) == 2
+
+
+def _sides(topo):
+    return [_side(d) for d in topo.devices]
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -158,7 +247,7 @@ def test_chain_refine_retimes_a_whole_model_stage(tmp_path: Path):
     g = PartitionGraph.load(model, 1)
     pos = [0, *g.candidates(4)[0], g.n_nodes]
     segs = [50.0 * (b - a) for a, b in zip(pos[:-1], pos[1:], strict=True)]  # fake: slow
-    key = _side(topo.devices[0]).settings_key()
+    key = _side(topo.devices[0]).timing_key()
     cache = {(str(model.resolve()), 1, tuple(pos), key): HostTimes(pos, sum(segs), segs, 0.0)}
     out = tmp_path / "o"
     r = plan_chain_model(model, topo, ChainOptions(), out_dir=out, timing_cache=cache)
