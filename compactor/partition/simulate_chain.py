@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from compactor.partition.simulate import ShapedLink, decode, encode
+from compactor.partition.simulate import Emulated, ShapedLink, decode, encode
 
 
 def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[str, np.ndarray],
@@ -103,48 +103,6 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
                       for st, e in zip(plan.stages, emulation, strict=True) if e},
         "emulated": any(sides[st.device].slowdown != 1 for st in plan.stages),
     }
-
-
-class Emulated:
-    """One device's part as the simulation runs it.
-
-    A device slower than this host (``slowdown`` > 1) is emulated as the planner defines it:
-    each run takes ``slowdown`` x this host's steady time for the part. That time is
-    measured here, in the device's own process, back to back (as the planner times an
-    emulated device) on the first request's inputs before that request runs; each run then
-    computes the part and sleeps until its time is up. Scaling each run's own time instead
-    would multiply how cold this host is after the sleep (1.8x on a small CNN) by the
-    slowdown. A run that overruns its time (a busy host) keeps its own length, counted in
-    ``overruns``. A device at slowdown 1 is this host: its runs are simply timed."""
-
-    def __init__(self, sess, slowdown: float, profile, emulate: bool | None = None):
-        self.sess, self.slowdown, self.profile = sess, slowdown, profile
-        self.emulate = slowdown != 1 if emulate is None else emulate
-        self.host_ms: float | None = None  # this host's steady time, once measured
-        self.compute_ms: list[float] = []
-        self.overruns = 0
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list:
-        from compactor.partition.profile import TimingSettings, time_session
-
-        feeds = {i.name: feeds[i.name] for i in self.sess.get_inputs()}
-        if self.emulate and self.host_ms is None:
-            self.host_ms = time_session(self.sess, feeds,
-                                        TimingSettings.of(self.profile, quick=False), 0.0)
-        t0 = time.perf_counter()
-        outs = self.sess.run(None, feeds)
-        if self.host_ms is not None:
-            left = t0 + self.slowdown * self.host_ms / 1000.0 - time.perf_counter()
-            if left > 0:
-                time.sleep(left)
-            else:
-                self.overruns += 1
-        self.compute_ms.append((time.perf_counter() - t0) * 1000.0)
-        return outs
-
-    def summary(self) -> dict:
-        return {"slowdown": self.slowdown, "host_ms": self.host_ms,
-                "runs": len(self.compute_ms), "overruns": self.overruns}
 
 
 class _First:
