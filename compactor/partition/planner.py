@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ from compactor.partition.profile import (
 )
 from compactor.partition.simulate import message_bytes
 from compactor.partition.units import fmt_bandwidth, parse_bandwidth, parse_duration_ms
+from compactor.partition.wire import MODE as WIRE_MODE
+from compactor.partition.wire import output_effect
 from compactor.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ def _time_parts(p: _Planning, timing_cache: dict | None, progress) -> None:
     keys = {}
     all_pos = p.all_positions
     for side in (p.device, p.server):
-        key = side.settings_key()
+        key = side.timing_key()
         keys[side.role] = key
         if key in groups:
             p.notes.append(f"device and server run with the same ONNX Runtime settings here; "
@@ -243,7 +244,8 @@ def _time_parts(p: _Planning, timing_cache: dict | None, progress) -> None:
         with progress.task(f"time {len(all_pos) - 1} segments on {side.profile.name}",
                            total=len(all_pos)) as task:
             groups[key] = profile_segments(p.graph, all_pos, side.profile, p.values,
-                                           on_step=lambda: task.advance())
+                                           on_step=lambda: task.advance(),
+                                           pause_s=side.pause_s)
         if timing_cache is not None:
             timing_cache[cache_key] = groups[key]
     p.dev_t, p.srv_t = groups[keys["device"]], groups[keys["server"]]
@@ -267,10 +269,8 @@ def _refine(p: _Planning, costs: list[Cost], progress) -> list[Cost]:
                 break
             for c in todo:
                 cut = _cut_of(p.cuts, c)
-                time_direct(p.graph, cut, p.dev_t, p.device.profile, "device", p.values,
-                            p.compress, p.scales)
-                time_direct(p.graph, cut, p.srv_t, p.server.profile, "server", p.values,
-                            p.compress, p.scales)
+                time_direct(p.graph, cut, p.dev_t, p.device, p.values, p.compress, p.scales)
+                time_direct(p.graph, cut, p.srv_t, p.server, p.values, p.compress, p.scales)
             costs = p.options()
     return costs
 
@@ -516,10 +516,8 @@ def _accuracy_effect(graph, head, tail, batches, targets, cut: Cut, calibrated_o
         refs.append(full.run(None, _feeds(full, b))[0])
         gots.append(_run_pair(hs, ts, b)[0])
     ref, got = np.concatenate(refs), np.concatenate(gots)
-    noise = float(np.mean((ref.astype(np.float64) - got) ** 2))
-    signal = float(np.mean(ref.astype(np.float64) ** 2))
     out: dict[str, Any] = {
-        "mode": "int8 (uint8 affine, per tensor) on the wire",
+        "mode": WIRE_MODE,
         "cut": cut.id,
         "bytes_float": sum(t.nbytes for t in cut.tensors),
         "bytes_int8": cut.wire_bytes("int8"),
@@ -528,17 +526,8 @@ def _accuracy_effect(graph, head, tail, batches, targets, cut: Cut, calibrated_o
         "evaluated_samples": int(len(ref)),
         "evaluated_on": "batches not used for the scales" if target_offset
         else "the calibration batches (too little data to hold some out)",
-        "max_abs_error": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
-        "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else math.inf,
     }
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        out["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
-        if targets is not None:
-            t = np.asarray(targets)[target_offset: target_offset + len(ref)]
-            if len(t) == len(ref):
-                out["accuracy_float"] = float(np.mean(ref.argmax(1) == t))
-                out["accuracy_int8_transfer"] = float(np.mean(got.argmax(1) == t))
-                out["accuracy_drop"] = out["accuracy_float"] - out["accuracy_int8_transfer"]
+    out.update(output_effect(ref, got, targets, target_offset))
     return out
 
 
@@ -569,7 +558,7 @@ def _simulate(graph, cuts, choice: Cost, best_split: Cost | None, head, tail, de
         measured = r["measured_ms"]["p50"]
         r.update({"option": c.option, "predicted_ms": c.total_ms,
                   "error": (measured - c.total_ms) / c.total_ms if c.total_ms > 0 else None,
-                  "emulated": device.slowdown != 1 or server.slowdown != 1})
+                  "emulated": device.emulated or server.emulated})
         out.append(r)
     return out
 

@@ -312,16 +312,17 @@ def profile_segments(graph, positions: Sequence[int], profile: Profile,
     return HostTimes(list(positions), (before + after) / 2, segs, over)
 
 
-def time_direct(graph, cut, times: HostTimes, profile: Profile, role: str,
-                values: Mapping[str, np.ndarray], compress: str | None,
-                scales: Mapping[str, tuple[float, int]]) -> None:
-    """Time ``cut``'s head (device) or tail (server) as a real model and record it."""
-    t = TimingSettings.of(profile, quick=False)
-    if role == "device":
+def time_direct(graph, cut, times: HostTimes, side: Side, values: Mapping[str, np.ndarray],
+                compress: str | None, scales: Mapping[str, tuple[float, int]]) -> None:
+    """Time ``cut``'s head (on the device side) or tail (the server side) as a real model
+    and record it."""
+    t = TimingSettings.of(side.profile, quick=False)
+    if side.role == "device":
         if (cut.position, compress) in times.head_ms or cut.kind != "split":
             return
         m = graph.head(cut, compress, scales)
-        times.head_ms[(cut.position, compress)] = time_ms(m, profile, values, t)
+        times.head_ms[(cut.position, compress)] = time_ms(m, side.profile, values, t,
+                                                          side.pause_s)
     else:
         if (cut.position, compress) in times.tail_ms or cut.kind != "split":
             return
@@ -329,7 +330,8 @@ def time_direct(graph, cut, times: HostTimes, profile: Profile, role: str,
         feeds = dict(values)
         if compress == "int8":
             feeds.update(quantized_feeds(cut, values, scales))
-        times.tail_ms[(cut.position, compress)] = time_ms(m, profile, feeds, t)
+        times.tail_ms[(cut.position, compress)] = time_ms(m, side.profile, feeds, t,
+                                                          side.pause_s)
 
 
 def quantized_feeds(cut, values: Mapping[str, np.ndarray],

@@ -16,8 +16,8 @@ The link is shaped in userspace on both ends of one TCP connection over 127.0.0.
 The device side runs in the calling process, the server side in a child process
 (``python -m compactor.partition.simulate JOB.json``), each with its profile's ONNX
 Runtime settings. Where a profile stands for a slower machine (slowdown factor above 1),
-each part's run is followed by a sleep of (factor - 1) times its measured time, so the
-request takes as long as it would there: an emulation, labelled as one. A factor below 1
+each part's run takes the factor times this host's steady time for it, as the planner
+defines that machine (:class:`Emulated`): an emulation, labelled as one. A factor below 1
 (a faster server than this host) cannot be emulated and is refused.
 """
 
@@ -202,8 +202,8 @@ def serve(job_path: str) -> int:
 
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     profile = Profile.model_validate(job["profile"])
-    sess = make_session(job["model"], profile)
-    slowdown = float(job["slowdown"])
+    dev = Emulated(make_session(job["model"], profile), float(job["slowdown"]), profile,
+                   bool(job["emulated"]))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -211,8 +211,6 @@ def serve(job_path: str) -> int:
     listener.settimeout(60)
     conn, _ = listener.accept()
     link = ShapedLink(conn, float(job["bps"]), float(job["one_way_ms"]))
-    names = [i.name for i in sess.get_inputs()]
-    server_ms = []
     while True:
         try:
             payload = link.recv()
@@ -220,16 +218,12 @@ def serve(job_path: str) -> int:
             break
         if not payload:
             break
-        feeds = decode(payload)
-        t0 = time.perf_counter()
-        outs = sess.run(None, {k: feeds[k] for k in names})
-        dt = time.perf_counter() - t0
-        if slowdown > 1:
-            time.sleep((slowdown - 1) * dt)
-        server_ms.append(dt * slowdown * 1000.0)
-        link.send(encode({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}))
+        outs = dev.run(decode(payload))
+        link.send(encode({o.name: v for o, v in zip(dev.sess.get_outputs(), outs,
+                                                    strict=True)}))
     conn.close()
-    print(json.dumps({"server_ms": server_ms}), flush=True)  # noqa: T201 - to the parent
+    print(json.dumps({"server_ms": dev.compute_ms,  # noqa: T201 - to the parent
+                      "emulation": dev.summary()}), flush=True)
     return 0
 
 
@@ -260,13 +254,16 @@ def simulate(head, tail, device, server, bps: float, rtt_ms: float,
     head_sess = make_session(head, device.profile) if head is not None else None
     run = _Requests(head_sess, device, feeds, warmup, requests)
     server_ms: list[float] = []
+    emulation = {}
     if tail is None:
         for i in range(warmup + requests):
             t0 = time.perf_counter()
-            _, dt = run.head(t0)
-            run.done(i, t0, dt)
+            _, ms = run.head()
+            run.done(i, t0, ms)
     else:
-        server_ms = _run_with_server(run, tail, server, bps, rtt_ms)
+        server_ms, emulation["server"] = _run_with_server(run, tail, server, bps, rtt_ms)
+    if run.dev is not None:
+        emulation["device"] = run.dev.summary()
     a = np.asarray(run.e2e)
     return {
         "requests": requests, "warmup": warmup, "uplink_bps": bps, "rtt_ms": rtt_ms,
@@ -275,13 +272,14 @@ def simulate(head, tail, device, server, bps: float, rtt_ms: float,
         "runs_ms": [round(float(x), 3) for x in a],
         "device_ms_p50": float(np.median(run.dev_ms)) if run.dev_ms else 0.0,
         "server_ms_p50": float(np.median(server_ms)) if server_ms else 0.0,
+        "emulation": {k: v for k, v in emulation.items() if v and v["host_ms"] is not None},
     }
 
 
 @dataclass
 class _Requests:
-    """The device's side of the requests: runs the head (slowed down to the device's
-    speed) and keeps the times after the warm-up."""
+    """The device's side of the requests: runs the head (as fast as the device,
+    :class:`Emulated`) and keeps the times after the warm-up."""
 
     head_sess: Any
     device: Any
@@ -292,32 +290,31 @@ class _Requests:
     dev_ms: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        sess = self.head_sess
-        self._in = [i.name for i in sess.get_inputs()] if sess is not None else []
+        d, sess = self.device, self.head_sess
+        self.dev = (Emulated(sess, d.slowdown, d.profile, d.emulated) if sess is not None
+                    else None)
         self._out = [o.name for o in sess.get_outputs()] if sess is not None else []
 
-    def head(self, t0: float) -> tuple[dict[str, np.ndarray], float]:
-        """What the device sends, and its compute seconds on this host."""
-        if self.head_sess is None:
+    def head(self) -> tuple[dict[str, np.ndarray], float]:
+        """What the device sends, and its compute ms (the device's, when emulated)."""
+        if self.dev is None:
             return dict(self.feeds), 0.0
-        vals = self.head_sess.run(None, {k: self.feeds[k] for k in self._in})
-        dt = time.perf_counter() - t0
-        if self.device.slowdown > 1:
-            time.sleep((self.device.slowdown - 1) * dt)
-        return dict(zip(self._out, vals, strict=True)), dt
+        vals = self.dev.run(self.feeds)
+        return dict(zip(self._out, vals, strict=True)), self.dev.compute_ms[-1]
 
-    def done(self, i: int, t0: float, dt: float) -> None:
+    def done(self, i: int, t0: float, ms: float) -> None:
         from compactor.partition.profile import PAUSE_S
 
         if i >= self.warmup:
             self.e2e.append((time.perf_counter() - t0) * 1000.0)
-            self.dev_ms.append(dt * self.device.slowdown * 1000.0)
+            self.dev_ms.append(ms)
         time.sleep(PAUSE_S)
 
 
-def _run_with_server(run: _Requests, tail, server, bps: float, rtt_ms: float) -> list[float]:
+def _run_with_server(run: _Requests, tail, server, bps: float, rtt_ms: float
+                     ) -> tuple[list[float], dict | None]:
     """The requests with the tail in a server process over a shaped loopback link; returns
-    the server's compute milliseconds after the warm-up."""
+    the server's compute milliseconds after the warm-up, and its emulation's figures."""
     with tempfile.TemporaryDirectory(prefix="compactor-simulate-") as tmp:
         tail_path = Path(tmp) / "tail.onnx"
         tail_path.write_bytes(tail.SerializeToString())
@@ -325,7 +322,8 @@ def _run_with_server(run: _Requests, tail, server, bps: float, rtt_ms: float) ->
         job.write_text(json.dumps({
             "model": str(tail_path),
             "profile": server.profile.model_dump(mode="json", by_alias=True),
-            "slowdown": server.slowdown, "bps": bps, "one_way_ms": rtt_ms / 2.0,
+            "slowdown": server.slowdown, "emulated": server.emulated, "bps": bps,
+            "one_way_ms": rtt_ms / 2.0,
         }), encoding="utf-8")
         proc = subprocess.Popen([sys.executable, "-m", "compactor.partition.simulate",
                                  str(job)], stdout=subprocess.PIPE,
@@ -339,10 +337,10 @@ def _run_with_server(run: _Requests, tail, server, bps: float, rtt_ms: float) ->
             link = ShapedLink(sock, bps, rtt_ms / 2.0)
             for i in range(run.warmup + run.requests):
                 t0 = time.perf_counter()
-                sent, dt = run.head(t0)
+                sent, ms = run.head()
                 link.send(encode(sent))
                 decode(link.recv())
-                run.done(i, t0, dt)
+                run.done(i, t0, ms)
             link.send(b"")
             sock.close()
             return _server_times(proc, run.warmup)
@@ -352,15 +350,15 @@ def _run_with_server(run: _Requests, tail, server, bps: float, rtt_ms: float) ->
                 proc.wait()
 
 
-def _server_times(proc: subprocess.Popen, warmup: int) -> list[float]:
+def _server_times(proc: subprocess.Popen, warmup: int) -> tuple[list[float], dict | None]:
     rest, err = proc.communicate(timeout=60)
     if proc.returncode != 0:
         raise _server_failed(proc, err)
-    server_ms: list[float] = []
-    for ln in rest.splitlines():
+    for ln in reversed(rest.splitlines()):
         if ln.startswith("{"):
-            server_ms = json.loads(ln).get("server_ms", [])[warmup:]
-    return server_ms
+            last = json.loads(ln)
+            return last.get("server_ms", [])[warmup:], last.get("emulation")
+    return [], None
 
 
 def _server_failed(proc: subprocess.Popen, err: str | None = None):

@@ -258,3 +258,34 @@ def test_chain_refine_retimes_a_whole_model_stage(tmp_path: Path):
     assert direct < sum(segs) / 10  # the toy's real time, not the stale fake figure
     assert plan["choice"]["stages"][0]["compute_source"] == "measured"
     assert plan["choice"]["stages"][0]["compute_ms"] == pytest.approx(direct, rel=1e-3)
+
+
+def test_two_device_planner_times_an_emulated_device_back_to_back(tmp_path: Path,
+                                                                   monkeypatch):
+    """The two-device planner uses the same definition: an emulated device's segments are
+    timed back to back, this host's after a request's pause; the simulation reports each
+    emulated side's steady time."""
+    from compactor.partition import planner
+    from compactor.partition.config import PartitionSpec
+    from compactor.partition.planner import plan_partition
+
+    seen = []
+    real = planner.profile_segments
+
+    def spy(*a, pause_s, **k):
+        seen.append(pause_s)
+        return real(*a, pause_s=pause_s, **k)
+
+    monkeypatch.setattr(planner, "profile_segments", spy)
+    quick = str(quick_profile(tmp_path / "q.yaml"))
+    model = conv_chain_cnn(tmp_path / "m.onnx")
+    r = plan_partition(model, PartitionSpec(device=quick, server=quick, device_slowdown=3,
+                                            uplink="100Mbps", rtt="1ms", refine=1),
+                       simulate=True, simulate_requests=3)
+    assert sorted(seen) == [0.0, profile_mod.PAUSE_S]
+    for sim in r.plan["simulate"]:
+        emu = sim["emulation"]
+        assert "server" not in emu  # the server is this host: its runs are only timed
+        if sim["device_ms_p50"] > 0:  # the device computed: emulated at 3x its steady time
+            assert emu["device"]["slowdown"] == 3 and emu["device"]["host_ms"] > 0
+            assert sim["device_ms_p50"] >= 3 * emu["device"]["host_ms"] * 0.98
