@@ -74,7 +74,8 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
                 if i >= warmup:
                     e2e.append((time.perf_counter() - t0) * 1000.0)
                 time.sleep(PAUSE_S)
-            done = _stream(link, first, stream)
+            with _HostLoad() as load:
+                done = _stream(link, first, stream)
             if link is not None:
                 link.send(b"")
                 link.recv()
@@ -96,6 +97,7 @@ def simulate_chain(parts: Sequence[Any], plan, topology, sides, feeds: Mapping[s
                        "min": float(a.min()), "max": float(a.max())},
         "runs_ms": [round(float(x), 3) for x in a],
         "throughput_rps": (len(done) - 1) / span if span > 0 else float("inf"),
+        **load.figures(),
         "compute_ms_p50": {topology.devices[st.device].name:
                            (float(np.median(c[warmup:])) if len(c) > warmup else 0.0)
                            for st, c in zip(plan.stages, compute, strict=True)},
@@ -123,6 +125,39 @@ class _First:
         outs = self.dev.run(self.feeds)
         return encode({o.name: v for o, v in zip(self.dev.sess.get_outputs(), outs,
                                                  strict=True)})
+
+
+class _HostLoad:
+    """How busy this host's cores were during the stream (every process: the simulated
+    devices and anything else): near 1, the stream's rate is this host's, not the plan's."""
+
+    BOUND = 0.9
+
+    def __enter__(self) -> _HostLoad:
+        from compactor.measure.host import host_busy_seconds
+
+        self.busy0, self.t0 = host_busy_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from compactor.measure.host import host_busy_seconds
+
+        self.busy1, self.t1 = host_busy_seconds(), time.perf_counter()
+
+    def figures(self) -> dict:
+        import os
+
+        cores = os.cpu_count() or 1
+        wall = self.t1 - self.t0
+        if self.busy0 is None or self.busy1 is None or wall <= 0:
+            return {"stream_host_busy": None, "host_bound": None}
+        busy = (self.busy1 - self.busy0) / (wall * cores)
+        out: dict = {"stream_host_busy": round(busy, 3), "host_bound": busy >= self.BOUND}
+        if busy >= self.BOUND:
+            out["note"] = (f"this host's {cores} cores were {busy:.0%} busy during the "
+                           "stream: its rate is bounded by this host (every simulated "
+                           "device's process shares them), not only by the plan")
+        return out
 
 
 def _stream(link: ShapedLink | None, first: _First, n: int) -> list[float]:
@@ -324,7 +359,8 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                 if i >= warmup:
                     e2e.append((time.perf_counter() - t0) * 1000.0)
                 time.sleep(PAUSE_S)
-            done = g.stream(stream)
+            with _HostLoad() as load:
+                done = g.stream(stream)
             for lk in links:
                 lk.send(b"")
                 lk.recv()
@@ -343,6 +379,7 @@ def simulate_spatial(graph, choice, tl, tile_models, rest, topology, sides,
                            "min": float(a.min()), "max": float(a.max())},
             "runs_ms": [round(float(v), 3) for v in a],
             "throughput_rps": (len(done) - 1) / span if span > 0 else float("inf"),
+            **load.figures(),
             # the calibrating request is one more run to leave out
             "compute_ms_p50": {"tile0": _p50(g.compute["tile"], warmup + 1),
                                "rest": _p50(g.compute["rest"], warmup + 1),

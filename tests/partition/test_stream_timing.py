@@ -289,3 +289,22 @@ def test_two_device_planner_times_an_emulated_device_back_to_back(tmp_path: Path
         if sim["device_ms_p50"] > 0:  # the device computed: emulated at 3x its steady time
             assert emu["device"]["slowdown"] == 3 and emu["device"]["host_ms"] > 0
             assert sim["device_ms_p50"] >= 3 * emu["device"]["host_ms"] * 0.98
+
+
+def test_a_stream_on_a_saturated_host_says_the_host_bounds_it(monkeypatch):
+    import os
+
+    from compactor.partition.simulate_chain import _HostLoad
+
+    cores = os.cpu_count() or 1
+    load = _HostLoad()
+    load.t0, load.t1 = 10.0, 12.0  # 2 s of stream
+    load.busy0, load.busy1 = 100.0, 100.0 + 2.0 * cores * 0.95
+    f = load.figures()
+    assert f["host_bound"] is True and f["stream_host_busy"] == pytest.approx(0.95)
+    assert f"{cores} cores were 95% busy" in f["note"]
+    load.busy1 = 100.0 + 2.0 * cores * 0.5
+    f = load.figures()
+    assert f["host_bound"] is False and "note" not in f
+    load.busy1 = None  # /proc/stat unreadable: no figure, no claim
+    assert load.figures() == {"stream_host_busy": None, "host_bound": None}
