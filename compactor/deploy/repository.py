@@ -46,7 +46,15 @@ from compactor.errors import (
     CompactorError,
     UsageError,
 )
-from compactor.manifest import MANIFEST, Manifest, inside, load_manifest, visible
+from compactor.manifest import (
+    MANIFEST,
+    FileSize,
+    Manifest,
+    Sha256,
+    inside,
+    load_manifest,
+    visible,
+)
 
 REPO_MARKER = ".compactor-repository.json"
 REPO_LOCK = ".compactor-repository.lock"
@@ -77,8 +85,8 @@ class VersionRecord(_Strict):
 
     published: str
     artifact: str
-    sha256: str
-    size_bytes: int = Field(ge=0)
+    sha256: Sha256
+    size_bytes: FileSize
     metric: str
     metric_value: float | None = None
     profile: str

@@ -7,6 +7,7 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 from toys import assert_clean_error, run_cli
 
 from compactor.deploy.repository import REPO_MARKER, list_versions, locked
@@ -222,6 +223,21 @@ def test_a_marker_naming_a_path_out_of_the_repository_is_refused(artifact, tmp_p
                  ("check", repo)):
         assert_clean_error(run_cli(*args), 2, "is damaged", "cannot be a triton model name")
     assert tree(repo) == before and not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize("field,value", [("sha256", "not-a-digest"), ("size_bytes", -1),
+                                         ("size_bytes", 10**15)])
+def test_a_marker_with_a_malformed_version_record_is_refused(artifact, tmp_path, field,
+                                                              value):
+    """A version record's digest and size are checked as a manifest's are."""
+    repo = tmp_path / "repo"
+    assert run_cli("publish", artifact, "--repo", repo).exit_code == 0
+    marker = json.loads((repo / REPO_MARKER).read_text())
+    marker["models"]["toy"]["versions"]["1"][field] = value
+    (repo / REPO_MARKER).write_text(json.dumps(marker))
+    before = tree(repo)
+    assert_clean_error(run_cli("versions", repo), 2, "is damaged")
+    assert tree(repo) == before
 
 
 def test_rollback_refuses_a_version_modified_after_it_was_published(artifact, tmp_path):
