@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from compactor.budgets import SizeFloor
-    from compactor.data import Batch, DataSource, PerBatch, RunData
+    from compactor.data import Batch, DataSource, Outputs, RunData
     from compactor.metrics import Metric
     from compactor.profiles import Profile
     from compactor.spec import DataSpec, InputSpec, ModelSpec, Target
@@ -36,7 +36,7 @@ class Reference:
     """What a pass judging its own accuracy compares against: the baseline's eval outputs
     and metric value (None before the baseline is evaluated, or outside a pipeline)."""
 
-    outputs: PerBatch | None = None  # one array per eval batch
+    outputs: Outputs | None = None  # every output by name, one array per eval batch
     value: float | None = None
 
 
@@ -50,7 +50,7 @@ class Step:
     key: str = ""
     checkpoint_dir: Path | None = None
     resume: bool = False
-    input_outputs: PerBatch | None = None
+    input_outputs: Outputs | None = None
 
 
 @dataclass(frozen=True)

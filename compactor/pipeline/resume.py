@@ -12,7 +12,7 @@ from compactor.passes import Step, get_pass
 from compactor.progress import Progress
 
 if TYPE_CHECKING:
-    from compactor.data import PerBatch
+    from compactor.data import Outputs
     from compactor.recipe import Recipe
     from compactor.stage import Stage
 
@@ -134,7 +134,7 @@ class ResumableRun:
                                f"({type(e).__name__}: {str(e)[:120]}); making it again")
         return None
 
-    def enter(self, index: int, input_outputs: PerBatch | None = None) -> Step:
+    def enter(self, index: int, input_outputs: Outputs | None = None) -> Step:
         """Pass ``index`` is about to run: its key, checkpoint folder, whether it resumes
         from a checkpoint, and the eval outputs of the stage it is given."""
         name = self.parts[index]["pass"]
