@@ -1,16 +1,27 @@
 """Split a CNN's convolutional prefix across K peer devices by rows of its feature map
 (fused tile partitioning, as in DeepThings and MoDNN), run the rest on the first device.
 
-The first device holds the input. For a prefix of depth ``p`` (the first ``p`` nodes, a
-chain of convolutions, pools and element-wise activations) and K tiles, the prefix's
-output rows are split into K strips; each strip's input rows, with the halo the fused
-layers need, follow from walking the receptive field back through the prefix: a layer with
+The first device holds the input. The tileable prefix is the model's first nodes (in
+topological order) while each is a windowed op (convolution, pool) or an element-wise one
+(activation, batch norm; with opset >= 10 also a join: ``Add``, ``Mul``, ``Sum``, ... of
+branches with the same shape) on 4-D tensors made inside the prefix: a DAG, where one
+tensor may feed several nodes (the skip of a residual block) and branches join. A depth
+``p`` (the first ``p`` nodes) may end the prefix where the one tensor crossing the cut is
+the output of node ``p − 1`` (not inside a residual block, where the skip crosses too).
+
+For K tiles, the prefix's output rows are split into K strips; each strip's rows of every
+tensor follow from walking back from the output through the DAG: a windowed node with
 kernel ``k``, stride ``s``, dilation ``d`` and top padding ``pt`` needs input rows
-``[a·s − pt, (b−1)·s − pt + d·(k−1) + 1)`` for output rows ``[a, b)``. Rows outside the
-feature map are the layer's own padding, so each tile's model is the prefix with that
-layer's top/bottom padding set to what falls outside the map on its side (zero on an inner
-edge): the tiles compute exactly the rows of the unsplit prefix, and their concatenation
-is the unsplit prefix's output (verified: max abs error in plan.json).
+``[a·s − pt, (b−1)·s − pt + d·(k−1) + 1)`` for output rows ``[a, b)``; an element-wise
+node needs the same rows of each input; a tensor read by several nodes is computed over
+the hull of what they need, and a reader that needs fewer rows (the skip branch of a
+residual block, beside the halo-hungry convolution branch) gets them through a ``Slice``
+along the rows. Rows outside the feature map are the layer's own padding, so each tile's
+model is the prefix with each windowed layer's top/bottom padding set to what falls
+outside the map on its side (zero on an inner edge): the tiles compute exactly the rows of
+the unsplit prefix, and their concatenation is the unsplit prefix's output (verified: max
+abs error in plan.json). Before opset 10 (``Slice`` takes its rows as inputs from 10 on)
+the prefix stays a chain and ends at the first tensor read twice.
 
 Cost of one request (ms), matched by ``--simulate``: the first device sends the tiles of
 peers 1..K−1 one after another over its link (``bytes / bandwidth`` each), and computes
@@ -54,6 +65,9 @@ TOLERANCE = 1e-4
 ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
                "Identity", "BatchNormalization", "Elu", "Selu", "PRelu", "Softplus"}
 WINDOWED = {"Conv", "MaxPool", "AveragePool"}
+# element-wise joins of branches (numpy broadcasting): each input needs the output's rows
+JOINS = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean"}
+SLICE_OPSET = 10  # Slice takes starts/ends as inputs from here on (a crop per tile)
 
 
 @dataclass(frozen=True)
@@ -67,25 +81,61 @@ class SpatialOptions:
 
 @dataclass(frozen=True)
 class Window:
-    """One prefix node along the rows: kernel, stride, dilation, its top/bottom padding."""
+    """One prefix node along the rows: kernel, stride, dilation, its top/bottom padding
+    (an element-wise node: the identity window); ``src``: the positions of the nodes that
+    make its 4-D inputs (−1: the model's input), read at input ``slots``; ``cut``: whether
+    the prefix may end after it (its output is then the one tensor that crosses)."""
 
     k: int = 1
     s: int = 1
     d: int = 1
     pt: int = 0
     pb: int = 0
+    src: tuple[int, ...] = ()  # () : the node before it (a chain)
+    slots: tuple[int, ...] = (0,)
+    cut: bool = True
+
+    def sources(self, position: int) -> tuple[int, ...]:
+        return self.src or (position - 1,)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Node ``node`` reads rows ``[lo, hi)`` at input ``slot`` of the tensor that node
+    ``src`` makes (−1: the input), which this tile computes over more rows: a ``Slice``."""
+
+    node: int
+    slot: int
+    src: int
+    lo: int
+    hi: int
 
 
 @dataclass(frozen=True)
 class Tile:
     """Output rows ``[out0, out1)`` of the prefix, from input rows ``[in0, in1)``; ``pads``:
-    per prefix node, its (top, bottom) padding in this tile."""
+    per prefix node, its (top, bottom) padding in this tile; ``rows``: per prefix node, the
+    rows of its output this tile computes (the hull of what its readers need); ``crops``:
+    where a reader needs fewer rows than that."""
 
     out0: int
     out1: int
     in0: int
     in1: int
     pads: tuple[tuple[int, int], ...]
+    rows: tuple[tuple[int, int], ...] = ()
+    crops: tuple[Crop, ...] = ()
+
+    def computed(self, position: int) -> tuple[int, int]:
+        """Rows of the tensor made at ``position`` (−1: the input) that this tile holds."""
+        return (self.in0, self.in1) if position < 0 else self.rows[position]
+
+    def key(self) -> tuple:
+        """The tile's geometry up to a shift of its rows: equal keys, equal models."""
+        return (self.in1 - self.in0, self.out1 - self.out0, self.pads,
+                tuple(b - a for a, b in self.rows),
+                tuple((c.node, c.slot, c.lo - self.computed(c.src)[0], c.hi - c.lo)
+                      for c in self.crops))
 
 
 @dataclass
@@ -106,81 +156,188 @@ def _attr(node, name: str, default):
 
 
 def windows(graph: PartitionGraph) -> list[Window]:
-    """The tileable prefix: per node a Window, up to the first node that is not a
-    windowed or element-wise op on the one 4-D tensor the previous node made."""
+    """The tileable prefix: per node a Window, from the first node while each is a windowed
+    or element-wise op on 4-D tensors made inside the prefix (see the module doc), up to
+    the last node after which the prefix may end (``Window.cut``)."""
     if len(graph.input_names) != 1 or len(graph.input_shapes[graph.input_names[0]]) != 4:
         return []
+    joins = _opset(graph.model) >= SLICE_OPSET
     src = graph.model.graph.node
-    prev = graph.input_names[0]
+    made = {graph.input_names[0]: -1}  # tensor -> position of its maker in the prefix
+    heights = {-1: graph.input_shapes[graph.input_names[0]][2]}
     out: list[Window] = []
     for pos in range(graph.n_nodes):
         node = src[graph._nodes[pos].index]
-        dyn = [x for x in graph._nodes[pos].inputs if x in graph._produced_at]
-        if node.op_type not in WINDOWED | ELEMENTWISE or dyn != [prev] or \
-                len(node.output) < 1 or graph.crossing(pos + 1) != [node.output[0]]:
+        w = _window(graph, node, pos, made, heights, joins)
+        if w is None:
             break
-        if node.op_type in WINDOWED:
-            if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or \
-                    _attr(node, "ceil_mode", 0):
-                break
-            k = _attr(node, "kernel_shape", None)
-            if k is None:  # Conv may leave it to the weight's shape
-                w = next((t for t in graph.model.graph.initializer if t.name == node.input[1]),
-                         None)
-                if w is None:
-                    break
-                k = list(w.dims[2:])
-            if len(k) != 2:
-                break
-            pads = _attr(node, "pads", [0, 0, 0, 0])
-            out.append(Window(k[0], _attr(node, "strides", [1, 1])[0],
-                              _attr(node, "dilations", [1, 1])[0], pads[0], pads[2]))
-        else:
-            out.append(Window())
-        prev = node.output[0]
-    return out
+        out.append(w)
+        made[node.output[0]] = pos
+        heights[pos] = _rows_out(heights[w.sources(pos)[0]], w)
+    return _ending(out)
+
+
+def _window(graph: PartitionGraph, node, pos: int, made: Mapping[str, int],
+            heights: Mapping[int, int], joins: bool) -> Window | None:
+    """``node``'s Window, or None where the prefix cannot take it."""
+    ops = WINDOWED | ELEMENTWISE | (JOINS if joins else set())
+    if node.op_type not in ops or not node.output or not node.output[0]:
+        return None
+    if node.output[0] not in graph._last_use or any(
+            o in graph._last_use for o in node.output[1:] if o):
+        return None  # an unread output, or a second output read (MaxPool's indices)
+    slots = tuple(i for i, x in enumerate(node.input) if x in graph._produced_at)
+    if not slots or any(node.input[i] not in made for i in slots):
+        return None
+    srcs = tuple(made[node.input[i]] for i in slots)
+    crosses = graph.crossing(pos + 1) == [node.output[0]]
+    if not joins and (srcs != (pos - 1,) or not crosses):
+        return None  # a chain, cut anywhere: no crop is ever needed
+    if node.op_type in JOINS:
+        if len({heights[p] for p in srcs}) != 1 or not _same_shapes(
+                graph, [node.input[i] for i in slots]):
+            return None
+    elif slots != (0,):
+        return None
+    if node.op_type not in WINDOWED:  # its constant operands: weights of no rows
+        if not all(_row_free(graph, x) for i, x in enumerate(node.input)
+                   if x and i not in slots):
+            return None
+        return Window(src=srcs, slots=slots, cut=crosses)
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or \
+            _attr(node, "ceil_mode", 0):
+        return None
+    k = _attr(node, "kernel_shape", None)
+    if k is None:  # Conv may leave it to the weight's shape
+        w = next((t for t in graph.model.graph.initializer if t.name == node.input[1]), None)
+        if w is None:
+            return None
+        k = list(w.dims[2:])
+    if len(k) != 2:
+        return None
+    pads = _attr(node, "pads", [0, 0, 0, 0])
+    return Window(k[0], _attr(node, "strides", [1, 1])[0], _attr(node, "dilations", [1, 1])[0],
+                  pads[0], pads[2], srcs, slots, crosses)
+
+
+def _shape(graph: PartitionGraph, name: str) -> tuple[int, ...] | None:
+    init = next((t for t in graph.model.graph.initializer if t.name == name), None)
+    if init is not None:
+        return tuple(init.dims)
+    return graph._inferred.get(name, (None, None))[0]
+
+
+def _same_shapes(graph: PartitionGraph, names: Sequence[str]) -> bool:
+    """Inputs of a join, all 4-D and of one shape where shape inference sized them (the
+    rows were checked by the formula): no broadcasting along the rows or the width."""
+    shapes = {_shape(graph, x) for x in names} - {None}
+    return len(shapes) <= 1 and all(len(sh) == 4 for sh in shapes)
+
+
+def _row_free(graph: PartitionGraph, name: str) -> bool:
+    """A constant operand broadcast along the rows (one row, or fewer than 2 axes): each
+    tile may use it whole."""
+    shape = _shape(graph, name)
+    if shape is None:
+        return name not in graph._static_producer  # an operand shape inference left out
+    return len(shape) <= 4 and (len(shape) < 2 or shape[-2] == 1)
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _rows_out(rows_in: int, w: Window) -> int:
+    return (rows_in + w.pt + w.pb - w.d * (w.k - 1) - 1) // w.s + 1
+
+
+def cut_depths(graph: PartitionGraph, wins: Sequence[Window]) -> list[int]:
+    """The depths the prefix may end at, short of the whole model."""
+    return [d for d in range(1, len(wins) + 1) if d < graph.n_nodes and wins[d - 1].cut]
+
+
+def _ending(wins: Sequence[Window]) -> list[Window]:
+    """``wins`` up to the last node the prefix may end after."""
+    last = max((j for j, w in enumerate(wins) if w.cut), default=-1)
+    return list(wins[: last + 1])
 
 
 def prefix_heights(graph: PartitionGraph, wins: Sequence[Window]) -> list[int]:
-    """Rows of each prefix node's output (index 0: the input)."""
+    """Rows of each prefix node's output (index 0: the input; ``j + 1``: node ``j``)."""
     h = [graph.input_shapes[graph.input_names[0]][2]]
-    for w in wins:
-        h.append((h[-1] + w.pt + w.pb - w.d * (w.k - 1) - 1) // w.s + 1)
+    for j, w in enumerate(wins):
+        h.append(_rows_out(h[w.sources(j)[0] + 1], w))
     return h
 
 
 def tiles(heights: Sequence[int], wins: Sequence[Window], depth: int, k: int) -> list[Tile]:
-    """K strips of the depth-``depth`` prefix's output rows, each with its input rows and
-    per-node padding. Raises a UsageError when there are fewer rows than tiles."""
+    """K strips of the depth-``depth`` prefix's output rows, each with the rows of every
+    prefix tensor it computes, its input rows, per-node padding and crops. Raises a
+    UsageError when there are fewer rows than tiles."""
     rows = heights[depth]
     if k > rows:
         raise UsageError(
             f"{k} tiles cannot split a feature map of {rows} rows (after {depth} layers)",
             f"use at most {rows} peers (--peers {rows}), or a shallower prefix")
+    if not wins[depth - 1].cut:
+        raise ValueError(f"the prefix cannot end after node {depth - 1}: more than its "
+                         "output crosses there")
     bounds = [round(i * rows / k) for i in range(k + 1)]
-    out = []
-    for t in range(k):
-        a, b = bounds[t], bounds[t + 1]
-        pads: list[tuple[int, int]] = []
-        for j in range(depth - 1, -1, -1):
-            w, h_in = wins[j], heights[j]
-            lo, hi = a * w.s - w.pt, (b - 1) * w.s - w.pt + w.d * (w.k - 1) + 1
-            pads.append((max(0, -lo), max(0, hi - h_in)))
-            a, b = max(lo, 0), min(hi, h_in)
-        out.append(Tile(bounds[t], bounds[t + 1], a, b, tuple(reversed(pads))))
-    return out
+    return [_tile(heights, wins, depth, bounds[t], bounds[t + 1]) for t in range(k)]
+
+
+def _tile(heights: Sequence[int], wins: Sequence[Window], depth: int, a: int, b: int
+          ) -> Tile:
+    """Walk back from output rows [a, b): each tensor's rows (the hull of its readers'),
+    each windowed node's padding, and the reads that need a crop."""
+    need: dict[int, tuple[int, int]] = {depth - 1: (a, b)}
+    pads = [(0, 0)] * depth
+    reads: list[tuple[int, int, int, int, int]] = []
+    for j in range(depth - 1, -1, -1):
+        w, (lo, hi) = wins[j], need[j]
+        srcs = w.sources(j)
+        h_in = heights[srcs[0] + 1]
+        ilo, ihi = lo * w.s - w.pt, (hi - 1) * w.s - w.pt + w.d * (w.k - 1) + 1
+        pads[j] = (max(0, -ilo), max(0, ihi - h_in))
+        ilo, ihi = max(ilo, 0), min(ihi, h_in)
+        for slot, p in zip(w.slots, srcs, strict=True):
+            reads.append((j, slot, p, ilo, ihi))
+            old = need.get(p, (ilo, ihi))
+            need[p] = (min(old[0], ilo), max(old[1], ihi))
+    crops = tuple(sorted((Crop(j, slot, p, lo, hi) for j, slot, p, lo, hi in reads
+                          if (lo, hi) != need[p]), key=lambda c: (c.node, c.slot)))
+    return Tile(a, b, *need[-1], tuple(pads), tuple(need[j] for j in range(depth)), crops)
 
 
 def tile_model(graph: PartitionGraph, depth: int, tile: Tile):
-    """The prefix as a model over ``tile``'s input rows, padded as the tile needs."""
-    from onnx import helper
+    """The prefix as a model over ``tile``'s input rows, padded and cropped as the tile
+    needs."""
+    from onnx import helper, numpy_helper
 
     cut = graph.crossing(depth)[0]
     m = graph.part(0, depth, graph.input_names, [cut], "tile")
     by_out = {graph.model.graph.node[graph._nodes[j].index].output[0]: j
               for j in range(depth)}
+    crops: dict[int, list[Crop]] = {}
+    for c in tile.crops:
+        crops.setdefault(c.node, []).append(c)
+    nodes, sliced = [], {}
     for node in m.graph.node:
         j = by_out.get(node.output[0] if node.output else "")
+        for c in crops.get(j, []) if j is not None else []:
+            x, c0 = node.input[c.slot], tile.computed(c.src)[0]
+            name = f"{x}.rows{c.lo}-{c.hi}"
+            if name not in sliced:
+                consts = [numpy_helper.from_array(np.asarray([v], dtype=np.int64),
+                                                  f"{name}.{what}")
+                          for what, v in (("starts", c.lo - c0), ("ends", c.hi - c0),
+                                          ("axes", 2))]
+                m.graph.initializer.extend(consts)
+                nodes.append(helper.make_node("Slice", [x, *(t.name for t in consts)],
+                                              [name], name=f"crop {name}"))
+                sliced[name] = True
+            node.input[c.slot] = name
+        nodes.append(node)
         if j is None or node.op_type not in WINDOWED:
             continue
         top, bottom = tile.pads[j]
@@ -189,6 +346,11 @@ def tile_model(graph: PartitionGraph, depth: int, tile: Tile):
             if a.name in ("pads", "auto_pad"):
                 node.attribute.remove(a)
         node.attribute.append(helper.make_attribute("pads", [top, old[1], bottom, old[3]]))
+    copies = [type(n)() for n in nodes]
+    for dst, n in zip(copies, nodes, strict=True):
+        dst.CopyFrom(n)
+    del m.graph.node[:]
+    m.graph.node.extend(copies)
     # static row counts: ONNX Runtime plans a fixed shape better, and each tile has its own
     for vi, rows in ((m.graph.input[0], tile.in1 - tile.in0),
                      (m.graph.output[0], tile.out1 - tile.out0)):
@@ -304,7 +466,7 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
     graph = PartitionGraph.load(Path(model_path), batch, options.dims)
     wins = windows(graph)
     if options.max_depth is not None:
-        wins = wins[: options.max_depth]
+        wins = _ending(wins[: options.max_depth])
     if not wins:
         raise UsageError(f"{Path(model_path).name} has no convolutional prefix to tile (its "
                          "first node is not a convolution, pool or activation on one 4-D "
@@ -376,18 +538,19 @@ def _measure(graph, wins, heights, topology: Topology, sides: list[Side], feeds,
 
     def timed(key: tuple, model, side: Side, f) -> float:
         key = (*key, side.timing_key())
-        if key not in memo:
+        if key not in memo:  # a tile's model is built only when it is timed
+            model = model() if callable(model) else model
             memo[key] = time_ms(model, side.profile, f,
                                 TimingSettings.of(side.profile, quick=True), side.pause_s)
         return memo[key]
 
     sides = [calibrated(s, timed(("full",), graph.model, s, feeds)) for s in sides]
-    cut_vals = _prefix_values(graph, len(wins), feeds)
+    cut_vals = _prefix_values(graph, wins, feeds)
     w_bytes = np.concatenate([[0], np.cumsum(graph.node_weight_bytes())])
     # one device alone (K = 1) is always costed: the baseline a split is compared with
     ks = sorted({1, options.peers}) if options.peers else list(range(1, len(sides) + 1))
     costs: list[SpatialCost] = []
-    depths = [d for d in range(1, len(wins) + 1) if d < graph.n_nodes]
+    depths = cut_depths(graph, wins)
     with progress.task(f"time tiles for {len(depths)} depths x {len(ks)} peer counts",
                        total=len(depths)) as task:
         for depth in depths:
@@ -411,10 +574,9 @@ def _option(graph, depth, k, tl, sides, x, name, cut_val, rest_ms, w_bytes, topo
     for t, tile in enumerate(tl):
         side = sides[t]
         xin = np.ascontiguousarray(x[:, :, tile.in0:tile.in1])
-        rows = tile.out1 - tile.out0
         strip = cut_val[:, :, tile.out0:tile.out1]
-        key = ("tile", depth, k, tile.in1 - tile.in0, rows, tile.pads)
-        tm = timed(key, tile_model(graph, depth, tile), side, {name: xin})
+        key = ("tile", depth, k, tile.key())
+        tm = timed(key, lambda tile=tile: tile_model(graph, depth, tile), side, {name: xin})
         tile_ms.append(tm * side.slowdown)
         b_out.append(0 if t == 0 else message_bytes([(name, x.dtype.name, xin.shape)]))
         b_back.append(0 if t == 0 else message_bytes([(graph.crossing(depth)[0],
@@ -466,8 +628,8 @@ def _stream_rate(graph, choice: SpatialCost, tl, tms, rest, sides, feeds, ch: di
     ch["throughput_basis"] = "tiles and rest timed back to back, as in a stream"
 
 
-def _prefix_values(graph, depth: int, feeds) -> dict[str, np.ndarray]:
-    names = [graph.crossing(d)[0] for d in range(1, depth + 1) if d < graph.n_nodes]
+def _prefix_values(graph, wins, feeds) -> dict[str, np.ndarray]:
+    names = [graph.crossing(d)[0] for d in cut_depths(graph, wins)]
     sess = plain_session(graph.with_outputs(names))
     outs = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
     return dict(zip([o.name for o in sess.get_outputs()], outs, strict=True))
@@ -498,7 +660,8 @@ def _plan_dict(graph, topology, options, sides, costs, choice, tl, notes,
     best1 = min(single, key=lambda c: c.value(options.objective)) if single else None
     ch = choice.to_dict(names)
     ch["tiles"] = [{"device": names[i], "output_rows": [t.out0, t.out1],
-                    "input_rows": [t.in0, t.in1], "halo_pads": [list(p) for p in t.pads]}
+                    "input_rows": [t.in0, t.in1], "halo_pads": [list(p) for p in t.pads],
+                    **_tile_rows(graph, t)}
                    for i, t in enumerate(tl)]
     ch["description"] = (f"{choice.k} tiles of the first {choice.depth} nodes on "
                          f"{', '.join(names[: choice.k])}; the rest on {names[0]}"
@@ -518,6 +681,16 @@ def _plan_dict(graph, topology, options, sides, costs, choice, tl, notes,
         "cost_model": "see docs/partition.md, 'Peer devices'",
         "notes": notes,
     }
+
+
+def _tile_rows(graph, tile: Tile) -> dict[str, Any]:
+    """A tile's rows of each prefix tensor (by node) and the crops (Slices) it reads."""
+    src = graph.model.graph.node
+    label = [graph._nodes[j].label for j in range(len(tile.rows))]
+    return {"node_rows": {label[j]: list(r) for j, r in enumerate(tile.rows)},
+            "crops": [{"node": label[c.node], "tensor": src[graph._nodes[c.node].index]
+                       .input[c.slot], "rows": [c.lo, c.hi],
+                       "of_rows": list(tile.computed(c.src))} for c in tile.crops]}
 
 
 def _write(out_dir: Path, plan, tms, rest, names, choice) -> dict[str, Path]:
