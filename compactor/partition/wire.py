@@ -1,0 +1,45 @@
+"""int8 on the wire, shared by the two-device planner and the chain planner: what
+quantizing the tensors sent between parts does to the model's outputs.
+
+Both planners run the float model and their int8 parts on batches not used for the scales
+and report the same figures for an output: the largest absolute difference, the SQNR
+(signal to quantization noise, dB) against the float model, and, for a 2-D output of
+several classes, top-1 agreement and, where labels are known, accuracy with and without
+int8 on the wire.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+MODE = "int8 (uint8 affine, per tensor) on the wire"
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal to noise of ``got`` against ``ref``, in dB (inf when they are equal)."""
+    noise = float(np.mean((ref.astype(np.float64) - got) ** 2)) if ref.size else 0.0
+    signal = float(np.mean(ref.astype(np.float64) ** 2)) if ref.size else 0.0
+    return 10 * math.log10(signal / noise) if noise > 0 else math.inf
+
+
+def output_effect(ref: np.ndarray, got: np.ndarray, targets, target_offset: int
+                  ) -> dict[str, Any]:
+    """One output, float (``ref``) against int8 on the wire (``got``), samples along axis
+    0; ``targets``: labels of the whole data (or None), this output's first sample being
+    at ``target_offset``."""
+    out: dict[str, Any] = {
+        "max_abs_error": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
+        "sqnr_db": sqnr_db(ref, got),
+    }
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        out["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+        if targets is not None:
+            t = np.asarray(targets)[target_offset: target_offset + len(ref)]
+            if len(t) == len(ref):
+                out["accuracy_float"] = float(np.mean(ref.argmax(1) == t))
+                out["accuracy_int8_transfer"] = float(np.mean(got.argmax(1) == t))
+                out["accuracy_drop"] = out["accuracy_float"] - out["accuracy_int8_transfer"]
+    return out
