@@ -71,7 +71,8 @@ def _rename_single_input(batches: list[dict], model: Path) -> list[dict]:
               help="Never send the raw input (privacy): only on-device or a split.")
 @click.option("--compress-transfer", type=click.Choice(["none", "int8"]), default="none",
               show_default=True, help="int8: quantize the tensors sent at the cut (4x fewer "
-                                      "bytes) and report the accuracy effect.")
+                                      "bytes) and report the accuracy effect; with a chain "
+                                      "--topology, at every inner cut.")
 @click.option("--device-slowdown", type=float, metavar="X",
               help="Device time = this host's time x X (an estimate).")
 @click.option("--device-latency-ms", type=float, metavar="MS",
@@ -121,7 +122,8 @@ def partition(model: Path, device: str | None, server: str | None, topology: Pat
 
     if topology is not None or peers is not None:
         _multi(model, topology, peers, device, server, objective, batch_size, dims, data,
-               max_cut_tensors, refine, simulate, requests, output, as_json)
+               max_cut_tensors, refine, simulate, requests, output, as_json,
+               compress_transfer)
         return
     if device is None or server is None or objective == "throughput":
         from compactor.errors import UsageError
@@ -271,7 +273,8 @@ def _render_checks(c, plan: dict) -> None:
 
 def _multi(model: Path, topology: Path | None, peers: int | None, device, server,
            objective: str, batch_size, dims, data, max_cut_tensors: int, refine: int,
-           simulate: bool, requests: int, output: Path | None, as_json: bool) -> None:
+           simulate: bool, requests: int, output: Path | None, as_json: bool,
+           compress_transfer: str = "none") -> None:
     """``--topology``: a chain of devices, or a spatial split across peers."""
     from compactor.errors import ModelLoadError, UsageError
     from compactor.partition.topology import load_topology
@@ -289,11 +292,16 @@ def _multi(model: Path, topology: Path | None, peers: int | None, device, server
     if peers is not None and topo.kind != "peers":
         raise UsageError(f"--peers needs a peers topology; {topology.name} is a chain",
                          "set kind: peers in the topology, or leave --peers out")
+    if topo.kind == "peers" and compress_transfer != "none":
+        raise UsageError(f"--compress-transfer {compress_transfer} is for a chain of devices; "
+                         f"{topology.name} is a peers topology, whose tiles and strips are "
+                         "sent in float32 (a spatial split must match the model exactly)",
+                         "leave --compress-transfer out, or plan a chain (kind: chain)")
     if not model.is_file():
         raise ModelLoadError(f"model file not found: {model}", "check the path")
-    batches = None
+    batches, targets = None, None
     if data is not None:
-        batches, _ = _load_npz(data)
+        batches, targets = _load_npz(data)
         batches = _rename_single_input(batches, model)
     out_dir = output or Path("out") / f"{model.stem}-partition"
 
@@ -314,13 +322,38 @@ def _multi(model: Path, topology: Path | None, peers: int | None, device, server
             result = plan_chain_model(
                 model, topo, ChainOptions(objective=objective, batch_size=batch_size,
                                           dims=dims, max_cut_tensors=max_cut_tensors,
-                                          refine=refine > 0),
-                data=batches, out_dir=out_dir, simulate=simulate,
+                                          refine=refine > 0,
+                                          compress_transfer=compress_transfer),
+                data=batches, targets=targets, out_dir=out_dir, simulate=simulate,
                 simulate_requests=requests, progress=progress)
     if as_json:
         click.echo(json.dumps(result.plan, indent=2, default=str))
         return
     _render_multi(result.plan, out_dir)
+
+
+def _render_chain_compression(c, comp: dict | None) -> None:
+    """int8 on the wire across a chain: the bytes at each inner cut, the effect on the
+    outputs (measured in ONNX Runtime on batches not used for the scales)."""
+    from compactor.report.format import fmt_bytes
+
+    if not comp:
+        return
+    if not comp["cuts"]:
+        c.print(f"int8 transfer: {comp['note']}")
+        return
+    cuts = ", ".join(f"{fmt_bytes(x['bytes_float'])} → {fmt_bytes(x['bytes_int8'])} at "
+                     f"node {x['position']}" for x in comp["cuts"])
+    acc = ""
+    if "accuracy_float" in comp:
+        acc = f", accuracy {comp['accuracy_float']:.4f} → {comp['accuracy_int8_transfer']:.4f}"
+    elif "top1_agreement" in comp:
+        acc = f", top-1 agreement {comp['top1_agreement']:.4f}"
+    others = "".join(f"; {o} {e['sqnr_db']:.1f} dB" for o, e in
+                     list(comp["outputs"].items())[1:])
+    c.print(f"int8 transfer: {cuts} ({comp['bytes_ratio']:.2f}x fewer); SQNR "
+            f"{comp['sqnr_db']:.1f} dB{others}{acc} on {comp['evaluated_samples']} samples "
+            f"({comp['evaluated_on']})")
 
 
 def _render_multi(plan: dict, out_dir: Path) -> None:
@@ -329,7 +362,8 @@ def _render_multi(plan: dict, out_dir: Path) -> None:
     c = console()
     est = " [yellow](estimate)[/]" if plan["estimate"] else ""
     ch = plan["choice"]
-    c.print(f"[bold]plan ({plan['objective']}): {ch['description']}[/]")
+    wire = ", int8 on the wire" if plan.get("compress_transfer") == "int8" else ""
+    c.print(f"[bold]plan ({plan['objective']}{wire}): {ch['description']}[/]")
     c.print(f"  predicted {ch['latency_ms']:.2f} ms per request, {ch['throughput_rps']:.1f} "
             f"requests/s pipelined (bottleneck {ch['bottleneck_ms']:.2f} ms){est}")
     for st in ch.get("stages", []):
@@ -347,6 +381,7 @@ def _render_multi(plan: dict, out_dir: Path) -> None:
         ok = "[green]ok[/]" if v["passed"] else "[red]FAILED[/]"
         c.print(f"verification ({v['samples']} samples): parts vs model max abs error "
                 f"{v['max_abs_error']:.3g} (relative {v['max_rel_error']:.3g}) {ok}")
+    _render_chain_compression(c, plan.get("compression"))
     s = plan.get("simulate")
     if s:
         emu = " (device speeds emulated)" if s["emulated"] else ""

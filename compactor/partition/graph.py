@@ -608,6 +608,7 @@ def _quantize_outputs(model, tensors: Sequence[TensorInfo],
 
     _check_qdq_opset(model)
     g = model.graph
+    received = {vi.name: vi for vi in g.input}
     outs = list(g.output)
     del g.output[:]
     for vi in outs:
@@ -615,8 +616,11 @@ def _quantize_outputs(model, tensors: Sequence[TensorInfo],
         if t is None or not t.compressible:
             g.output.append(vi)
             continue
-        s, z = _qdq_constants(g, t, scales)
         q = t.name + QUANT_SUFFIX
+        if q in received:  # came in as uint8 (a chain part it crosses whole): passed on as is
+            g.output.append(received[q])
+            continue
+        s, z = _qdq_constants(g, t, scales)
         g.node.append(helper.make_node("QuantizeLinear", [t.name, s, z], [q],
                                        name=f"quantize {t.name}"))
         g.output.append(_wire_value_info(vi, q))

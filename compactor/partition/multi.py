@@ -6,6 +6,13 @@ programme of :mod:`compactor.partition.chain` (latency or pipelined throughput, 
 device's memory), re-time the chosen parts directly, verify that the parts in sequence
 compute the model, and write one ONNX part per device, ``plan.json`` and ``chart.svg``.
 A ``peers`` topology goes to :mod:`compactor.partition.spatial` instead.
+
+With int8 on the wire (``compress_transfer="int8"``), every inner cut's float32 tensors
+travel as uint8 (one scale and zero point per tensor, calibrated once from the data's first
+batches, as for two devices): the part before a cut ends in ``QuantizeLinear``, the part
+after it starts with ``DequantizeLinear``, and a device that only forwards passes the
+uint8 message on untouched. A cut at 0 (the first devices forward the input) sends the raw
+input. The effect on the outputs is measured on the other batches (``compression``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ import numpy as np
 
 from compactor.errors import PassError, UsageError
 from compactor.partition.chain import MIB, ChainCosts, ChainPlan, no_fit_error, plan_chain
-from compactor.partition.graph import PartitionGraph
+from compactor.partition.graph import (
+    QUANT_SUFFIX,
+    PartitionGraph,
+    _check_qdq_opset,
+    _dequantize_inputs,
+    _quantize_outputs,
+)
 from compactor.partition.profile import (
     HostTimes,
     Side,
@@ -29,11 +42,14 @@ from compactor.partition.profile import (
     calibrated,
     plain_session,
     profile_segments,
+    quantized_feeds,
     time_ms,
 )
 from compactor.partition.simulate import message_bytes
 from compactor.partition.topology import Topology
 from compactor.partition.units import fmt_bandwidth
+from compactor.partition.wire import MODE as WIRE_MODE
+from compactor.partition.wire import output_effect
 from compactor.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -49,6 +65,16 @@ class ChainOptions:
     dims: Mapping[str, int] = field(default_factory=dict)
     max_cut_tensors: int = 4
     refine: bool = True
+    compress_transfer: str = "none"  # or "int8": the inner cuts' float32 tensors as uint8
+
+    def __post_init__(self) -> None:
+        if self.compress_transfer not in ("none", "int8"):
+            raise UsageError(f"unknown compress_transfer {self.compress_transfer!r}",
+                             "use none or int8")
+
+    @property
+    def compress(self) -> str | None:
+        return None if self.compress_transfer == "none" else self.compress_transfer
 
 
 @dataclass
@@ -73,6 +99,25 @@ class _Measured:
     direct: dict[tuple[int, int, int], float] = field(default_factory=dict)  # (group, a, b)
     serial: dict[int, float] = field(default_factory=dict)  # cut -> encode + decode ms
     groups: list[int] = field(default_factory=list)  # device -> settings group
+    compress: str | None = None
+    scales: dict[str, tuple[float, int]] = field(default_factory=dict)
+    calib: list = field(default_factory=list)  # the batches the scales came from
+    evals: list = field(default_factory=list)  # the others: the int8 effect is measured on
+
+    def wire(self, p: int) -> str | None:
+        """How the tensors at cut ``p`` travel: int8 at an inner cut, else as they are."""
+        return self.compress if 0 < p < self.graph.n_nodes else None
+
+    def part(self, a: int, b: int):
+        """Nodes ``[a, b)`` as the part a device runs (with int8 on the wire, Q/DQ)."""
+        return part_model(self.graph, a, b, self.compress, self.scales)
+
+    def feeds(self, a: int) -> dict[str, np.ndarray]:
+        """What a part starting at ``a`` receives: the tensors there, quantized at an inner
+        cut with int8 on the wire."""
+        if self.wire(a) is None:
+            return self.values
+        return {**self.values, **quantized_feeds(self.graph.cut(a), self.values, self.scales)}
 
     def host_ms(self, d: int, a: int, b: int) -> tuple[float, str]:
         t = self.times[d]
@@ -86,10 +131,12 @@ class _Measured:
 
 def plan_chain_model(model_path: Path, topology: Topology, options: ChainOptions, *,
                      data: Sequence[Mapping[str, np.ndarray]] | None = None,
+                     targets: np.ndarray | None = None,
                      out_dir: Path | None = None, simulate: bool = False,
                      simulate_requests: int = 10, progress: Any = None,
                      timing_cache: dict | None = None) -> ChainResult:
-    """Plan ``model_path`` across ``topology``'s chain of devices (see module doc)."""
+    """Plan ``model_path`` across ``topology``'s chain of devices (see module doc).
+    ``targets``: labels of ``data``, one per sample, if known (the int8 accuracy effect)."""
     if topology.kind != "chain":
         raise UsageError("a peers topology plans a spatial split",
                          "use kind: chain for a chain of devices")
@@ -106,14 +153,18 @@ def plan_chain_model(model_path: Path, topology: Topology, options: ChainOptions
     plan = _plan_dict(m, topology, options, choice, notes, model_path)
     if options.refine:
         _stream_rate(m, choice, plan["choice"], progress)
-    parts = chain_parts(m.graph, choice)
     with progress.task("verify the parts in sequence against the model"):
-        plan["verification"] = verify_parts(m.graph, parts, m.samples[:4])
+        plan["verification"] = verify_parts(m.graph, chain_parts(m.graph, choice),
+                                            m.samples[:4])
     if not plan["verification"]["passed"]:
         v = plan["verification"]
         raise PassError(f"the chained parts differ from the model by {v['max_abs_error']:.3g}"
                         f" (relative {v['max_rel_error']:.3g})",
                         "report this model: a chain of parts should compute the same outputs")
+    parts = chain_parts(m.graph, choice, m.compress, m.scales)
+    if m.compress:
+        with progress.task("measure int8 on the wire against the float model"):
+            plan["compression"] = compression_effect(m, choice, parts, topology, targets)
     if simulate:
         from compactor.partition.simulate_chain import simulate_chain
 
@@ -142,13 +193,15 @@ def _side(d) -> Side:
 
 def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, notes,
              progress, timing_cache) -> _Measured:
-    from compactor.partition.planner import _feeds, _samples
+    from compactor.partition.planner import _calibrate, _feeds, _samples, _split_calibration
 
     sides = [_side(d) for d in topology.devices]
     batch = options.batch_size or topology.devices[0].profile.batch_sizes[0]
     with progress.task("read the graph and find its cuts"):
         graph = PartitionGraph.load(model_path, batch, options.dims)
         inner, _ = graph.candidates(options.max_cut_tensors)
+    if options.compress == "int8":
+        _check_qdq_opset(graph.model)  # before any timing: QuantizeLinear needs opset 10
     notes.extend(graph.notes)
     positions = [0, *inner, graph.n_nodes]
     samples, note = _samples(graph, data)
@@ -163,6 +216,11 @@ def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, 
     graph.observe({k: v for k, v in values.items() if k in exposed})
     out_bytes = message_bytes([(o, values[o].dtype.name, values[o].shape)
                                for o in graph.output_names])
+    calib, evals = _split_calibration(samples)
+    scales = {}
+    if options.compress == "int8":
+        scales = _calibrate(sess, [o.name for o in sess.get_outputs()], calib or samples,
+                            [graph.cut(p) for p in inner])
     keys: list[tuple] = []
     times: list[HostTimes] = []
     groups: list[int] = []
@@ -186,12 +244,17 @@ def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, 
     dev_times = [times[g] for g in groups]
     sides = [calibrated(s, t.full_ms) for s, t in zip(sides, dev_times, strict=True)]
     return _Measured(graph, sides, dev_times, positions, values, samples, out_bytes,
-                     groups=groups, serial=_serial_ms(graph, positions, values))
+                     groups=groups, compress=options.compress, scales=scales, calib=calib,
+                     evals=evals,
+                     serial=_serial_ms(graph, positions, values, options.compress, scales))
 
 
-def _serial_ms(graph: PartitionGraph, positions: Sequence[int], values) -> dict[int, float]:
+def _serial_ms(graph: PartitionGraph, positions: Sequence[int], values,
+               compress: str | None = None,
+               scales: Mapping[str, tuple[float, int]] | None = None) -> dict[int, float]:
     """This host's time to encode and decode the message sent at each cut (the reply at
-    n): work a device does for every message, beside its part."""
+    n), as it is sent (uint8 at an inner cut with int8 on the wire): work a device does for
+    every message, beside its part."""
     import time
 
     from compactor.partition.simulate import decode, encode
@@ -200,6 +263,10 @@ def _serial_ms(graph: PartitionGraph, positions: Sequence[int], values) -> dict[
     for p in positions[1:]:
         names = graph.crossing(p) if p < graph.n_nodes else graph.output_names
         msg = {t: values[t] for t in names}
+        if compress == "int8" and p < graph.n_nodes:
+            q = quantized_feeds(graph.cut(p), values, scales or {})
+            msg = {(t + QUANT_SUFFIX if t + QUANT_SUFFIX in q else t):
+                   q.get(t + QUANT_SUFFIX, v) for t, v in msg.items()}
         runs = []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -213,7 +280,8 @@ def _costs(m: _Measured, topology: Topology) -> ChainCosts:
     g = m.graph
     w = m.graph.node_weight_bytes()
     cum = np.concatenate([[0], np.cumsum(w)])
-    send = {p: message_bytes(g.cut(p).wire_tensors()) for p in m.positions[:-1]}
+    send = {p: message_bytes(g.cut(p).wire_tensors(m.wire(p))) for p in m.positions[:-1]}
+    # a device holds what it receives dequantized (float), so memory counts float bytes
     act = {p: sum(t.nbytes for t in g.cut(p).tensors) for p in m.positions[:-1]}
     act[g.n_nodes] = m.out_bytes
     limits = [None if d.memory_mb is None else d.memory_mb * MIB for d in topology.devices]
@@ -228,7 +296,10 @@ def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -
     """Time the chosen plan's parts directly, re-plan, until the plan's parts are all
     direct measurements of this call (a segment sum can flatter a range; the whole model's
     time from the segment timing, maybe shared through ``timing_cache``, was taken first
-    in the process and perhaps minutes ago: it is re-timed too)."""
+    in the process and perhaps minutes ago: it is re-timed too). With int8 on the wire the
+    parts are timed as they run, Q/DQ included; the segment sums the other ranges are
+    costed from stay float (segments are timed once, shared across plans; a Q/DQ pair is
+    small beside a part, and the chosen ranges are re-timed for real)."""
     choice = None
     with progress.task("re-time the chosen parts as real models"):
         for _ in range(4):
@@ -240,10 +311,10 @@ def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -
             if not todo:
                 break
             for s in todo:
-                part = part_model(m.graph, s.start, s.end)
                 t = TimingSettings.of(m.sides[s.device].profile, quick=False)
                 m.direct[(m.groups[s.device], s.start, s.end)] = time_ms(
-                    part, m.sides[s.device].profile, m.values, t, m.sides[s.device].pause_s)
+                    m.part(s.start, s.end), m.sides[s.device].profile, m.feeds(s.start), t,
+                    m.sides[s.device].pause_s)
     assert choice is not None
     return choice
 
@@ -260,7 +331,7 @@ def _stream_rate(m: _Measured, choice: ChainPlan, ch: dict, progress) -> None:
             ms = 0.0
             if s.end > s.start:
                 side = m.sides[s.device]
-                ms = time_ms(part_model(m.graph, s.start, s.end), side.profile, m.values,
+                ms = time_ms(m.part(s.start, s.end), side.profile, m.feeds(s.start),
                              TimingSettings.of(side.profile, quick=False),
                              pause_s=0.0) * side.slowdown
             st["compute_stream_ms"] = round(ms, 4)
@@ -271,17 +342,27 @@ def _stream_rate(m: _Measured, choice: ChainPlan, ch: dict, progress) -> None:
     ch["throughput_basis"] = "each part timed back to back, as in a stream"
 
 
-def part_model(graph: PartitionGraph, a: int, b: int):
+def part_model(graph: PartitionGraph, a: int, b: int, compress: str | None = None,
+               scales: Mapping[str, tuple[float, int]] | None = None):
     """Nodes ``[a, b)`` as a model: from the tensors crossing ``a`` to those crossing ``b``
-    (or the model's outputs); a tensor crossing both passes through."""
+    (or the model's outputs); a tensor crossing both passes through. With ``int8``, the
+    float32 tensors of an inner cut arrive as uint8 (``DequantizeLinear`` first) and leave
+    as uint8 (``QuantizeLinear`` last); one that passes through stays uint8 untouched."""
     ins = graph.crossing(a)
     outs = graph.crossing(b) if b < graph.n_nodes else graph.output_names
-    return graph.part(a, b, ins, outs, f"part{a}-{b}")
+    m = graph.part(a, b, ins, outs, f"part{a}-{b}")
+    if compress == "int8":
+        if a > 0:
+            _dequantize_inputs(m, graph.cut(a).tensors, scales or {})
+        if b < graph.n_nodes:
+            _quantize_outputs(m, graph.cut(b).tensors, scales or {})
+    return m
 
 
-def chain_parts(graph: PartitionGraph, plan: ChainPlan) -> list[Any]:
+def chain_parts(graph: PartitionGraph, plan: ChainPlan, compress: str | None = None,
+                scales: Mapping[str, tuple[float, int]] | None = None) -> list[Any]:
     """One model per used device (None where the device only forwards)."""
-    return [part_model(graph, s.start, s.end) if s.end > s.start else None
+    return [part_model(graph, s.start, s.end, compress, scales) if s.end > s.start else None
             for s in plan.stages]
 
 
@@ -312,6 +393,55 @@ def verify_parts(graph: PartitionGraph, parts: Sequence[Any], samples) -> dict[s
             "passed": worst_rel <= TOLERANCE}
 
 
+def compression_effect(m: _Measured, choice: ChainPlan, parts: Sequence[Any],
+                       topology: Topology, targets) -> dict[str, Any]:
+    """What int8 on the wire does to the chosen plan: per link the bytes in float and as
+    sent; per output, the int8 ``parts`` in sequence against the float model, on the
+    batches not used for the scales (as for two devices: :mod:`compactor.partition.wire`)."""
+    from compactor.partition.planner import _feeds
+
+    g, names = m.graph, [d.name for d in topology.devices]
+    links, cuts = [], {}
+    for s, nxt in zip(choice.stages, choice.stages[1:], strict=False):
+        cut, wire = g.cut(s.end), m.wire(s.end)
+        links.append({"from": names[s.device], "to": names[nxt.device], "position": s.end,
+                      "int8": wire is not None, "bytes_float": cut.wire_bytes(),
+                      "bytes_sent": cut.wire_bytes(wire)})
+        if wire is not None:
+            cuts[s.end] = {"position": s.end, "after": cut.after,
+                           "tensors": [t.name for t in cut.tensors],
+                           "bytes_float": cut.wire_bytes(), "bytes_int8": cut.wire_bytes(wire),
+                           "bytes_ratio": cut.wire_bytes() / max(cut.wire_bytes(wire), 1)}
+    out: dict[str, Any] = {"mode": WIRE_MODE, "cuts": list(cuts.values()), "links": links,
+                           "calibration_batches": len(m.calib)}
+    if not cuts:
+        out["note"] = ("the plan sends no inner cut, so nothing travels as int8 (a cut at 0 "
+                       "sends the raw input)")
+        return out
+    out["bytes_float"] = sum(c["bytes_float"] for c in cuts.values())
+    out["bytes_int8"] = sum(c["bytes_int8"] for c in cuts.values())
+    out["bytes_ratio"] = out["bytes_float"] / max(out["bytes_int8"], 1)
+    batches = m.evals or m.samples
+    offset = len(m.calib) * g.batch_size if m.evals else 0
+    full = plain_session(g.model)
+    sess = [plain_session(p) if p is not None else None for p in parts]
+    refs: dict[str, list] = {o: [] for o in g.output_names}
+    gots: dict[str, list] = {o: [] for o in g.output_names}
+    for b in batches:
+        got = run_parts(sess, b)
+        for o, r in zip(g.output_names, full.run(None, _feeds(full, b)), strict=True):
+            refs[o].append(r)
+            gots[o].append(got[o])
+    per = {o: output_effect(np.concatenate(refs[o]), np.concatenate(gots[o]),
+                            targets if i == 0 else None, offset)
+           for i, o in enumerate(g.output_names)}
+    out.update({"evaluated_samples": int(sum(len(r) for r in refs[g.output_names[0]])),
+                "evaluated_on": "batches not used for the scales" if m.evals
+                else "the calibration batches (too little data to hold some out)",
+                **per[g.output_names[0]], "outputs": per})
+    return out
+
+
 def _plan_dict(m: _Measured, topology: Topology, options: ChainOptions, choice: ChainPlan,
                notes: list[str], model_path: Path) -> dict[str, Any]:
     names = [d.name for d in topology.devices]
@@ -321,14 +451,17 @@ def _plan_dict(m: _Measured, topology: Topology, options: ChainOptions, choice: 
     ch = choice.to_dict(names)
     for st in ch["stages"]:
         st["compute_source"] = m.host_ms(st["device"], *st["nodes"])[1]
-        st["tensors_forward"] = ([t.to_dict() for t in m.graph.cut(st["nodes"][1]).tensors]
-                                 if st["nodes"][1] < m.graph.n_nodes else [])
+        end = st["nodes"][1]
+        st["tensors_forward"] = ([t.to_dict() for t in m.graph.cut(end).tensors]
+                                 if end < m.graph.n_nodes else [])
+        st["sent_as"] = "int8" if m.wire(end) else "as computed"
     return {
         "schema": CHAIN_SCHEMA,
         "model": {"file": str(model_path), "nodes": m.graph.n_nodes,
                   "batch_size": m.graph.batch_size, "outputs": m.graph.output_names,
                   "output_bytes": m.out_bytes},
         "objective": options.objective,
+        "compress_transfer": options.compress_transfer,
         "topology": topology.to_dict(),
         "devices": [s.to_dict() for s in m.sides],
         "estimate": any(s.estimate for s in m.sides),
@@ -337,7 +470,10 @@ def _plan_dict(m: _Measured, topology: Topology, options: ChainOptions, choice: 
         "best_two_devices": two.to_dict(names) if two else None,
         "cost_model": "latency = sum of compute + serialize + per link used: forward bytes /"
                       " bandwidth + rtt + reply bytes / bandwidth; throughput = 1000 / "
-                      "max(stage compute + serialize, link forward, link reply)",
+                      "max(stage compute + serialize, link forward, link reply)"
+                      + ("; int8 on the wire: an inner cut's float32 tensors are sent as "
+                         "uint8 (1 byte an element), a cut at 0 sends the raw input"
+                         if m.compress else ""),
         "timing": {"groups": [t.to_dict() for t in {id(t): t for t in m.times}.values()],
                    "direct_ms": {f"{g}:{a}-{b}": round(v, 4)
                                  for (g, a, b), v in m.direct.items()}},

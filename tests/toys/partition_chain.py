@@ -12,9 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def conv_chain_cnn(path: Path, size: int = 16, channels: int = 8, depth: int = 4,
-                   pool: bool = True) -> Path:
+                   pool: bool = True, opset: int = 17) -> Path:
     """``depth`` × (conv 3×3 → relu), a max-pool after the second, then global pool →
-    flatten → gemm: a chain whose convolutional prefix can be tiled."""
+    flatten → gemm: a chain whose convolutional prefix can be tiled. ``opset`` as low as
+    9 (below 10 there is no QuantizeLinear: no int8 on the wire)."""
     rng = np.random.default_rng(0)
     nodes, inits, x, cin = [], [], "image", 1
     for i in range(depth):
@@ -32,17 +33,37 @@ def conv_chain_cnn(path: Path, size: int = 16, channels: int = 8, depth: int = 4
             x = "pool"
     w = (rng.standard_normal((channels, 10)) / math.sqrt(channels)).astype(np.float32)
     inits.append(numpy_helper.from_array(w, "fc.w"))
+    fc = ["flat", "fc.w"]
+    if opset < 11:  # Gemm's bias is optional from opset 11
+        inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"))
+        fc.append("fc.b")
     nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
               helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-              helper.make_node("Gemm", ["flat", "fc.w"], ["logits"], name="fc")]
+              helper.make_node("Gemm", fc, ["logits"], name="fc")]
     g = helper.make_graph(
         nodes, "chain",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+def skip_chain_onnx(path: Path) -> Path:
+    """relu → neg → abs → add(·, relu): the relu's output ``a`` skips over the middle, so a
+    chain part holding only ``abs`` (positions 2..3) passes ``a`` through whole."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r0"),
+             helper.make_node("Neg", ["a"], ["b"], name="n1"),
+             helper.make_node("Abs", ["b"], ["c"], name="n2"),
+             helper.make_node("Add", ["c", "a"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "skip",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
     onnx.save(m, str(path))
     return path
 
