@@ -26,10 +26,18 @@ the phone) on LAN links (``--line-bandwidths``), planned with ``--objective thro
 the pipelined stream, where each board takes a slice of the model, is where a chain of
 devices pays; speed-ups there are in the stream's bottleneck.
 
+int8 on the wire (``--compress-transfer int8``): the chain rows are planned and simulated
+with every inner cut's float32 tensors sent as uint8 (the parts quantize and dequantize at
+their cuts; a cut at 0 still sends the raw input), each row labelled ``int8`` with the
+measured SQNR of the output (and the accuracy with and without, on the digits' labels);
+peers are not compressed, so their rows are left out. These results go to their own
+section, ``partition-chain-int8`` (and results/partition-chain-int8.json), beside the
+float run's.
+
 Usage: python benchmarks/partition_chain.py [--quick] [--models ...] [--devices 3 4]
        [--bandwidths 10Mbps 50Mbps 200Mbps] [--peer-bandwidths 100Mbps 500Mbps 1Gbps]
        [--line-bandwidths 50Mbps 200Mbps 1Gbps] [--requests N] [--threads N] [--no-peers]
-       [--chains latency throughput] [--results-dir DIR]
+       [--chains latency throughput] [--compress-transfer none|int8] [--results-dir DIR]
 Exit code: 0 when every target holds, 1 when one fails (the results are written either way).
 """
 
@@ -141,8 +149,10 @@ def _full_ms(plan: dict) -> float:
     return direct if direct is not None else plan["timing"]["groups"][0]["full_ms"]
 
 
-def chain_rows(models, devices, scenarios, requests, profiles, tmp) -> list[dict]:
-    """``scenarios``: (objective, bandwidths, line) per kind of row."""
+def chain_rows(models, devices, scenarios, requests, profiles, tmp,
+               compress: str = "none") -> list[dict]:
+    """``scenarios``: (objective, bandwidths, line) per kind of row; ``compress``: int8 on
+    the wire or none."""
     from compactor.partition.multi import ChainOptions, plan_chain_model
     from compactor.partition.topology import load_topology
 
@@ -154,17 +164,20 @@ def chain_rows(models, devices, scenarios, requests, profiles, tmp) -> list[dict
                 for bw in bandwidths:
                     rows.append(_chain_row(name, m, n, bw, objective, line, requests,
                                            profiles, tmp, cache, plan_chain_model,
-                                           ChainOptions, load_topology))
+                                           ChainOptions, load_topology, compress))
     return rows
 
 
 def _chain_row(name, m, n, bw, objective, line, requests, profiles, tmp, cache,
-               plan_chain_model, ChainOptions, load_topology) -> dict:  # noqa: N803 - classes
+               plan_chain_model, ChainOptions, load_topology,  # noqa: N803 - classes
+               compress: str = "none") -> dict:
     topo = load_topology(chain_topology(tmp, profiles, n, bw, SLOWDOWNS[name][0], line))
     t0 = time.time()
-    r = plan_chain_model(m["path"], topo, ChainOptions(objective=objective), data=m["data"],
-                         out_dir=tmp / f"{name}-{n}-{bw}-{objective}", simulate=True,
-                         simulate_requests=requests, timing_cache=cache)
+    r = plan_chain_model(m["path"], topo, ChainOptions(objective=objective,
+                                                       compress_transfer=compress),
+                         data=m["data"], targets=m.get("targets"),
+                         out_dir=tmp / f"{name}-{n}-{bw}-{objective}-{compress}",
+                         simulate=True, simulate_requests=requests, timing_cache=cache)
     p, sim = r.plan, r.plan["simulate"]
     ch = p["choice"]
     one, two = p["best_single_device"], p["best_two_devices"]
@@ -195,14 +208,43 @@ def _chain_row(name, m, n, bw, objective, line, requests, profiles, tmp, cache,
                                     sim["compute_ms_p50"].get(st["name"])]
                        for st in ch["stages"]},
         "host_drift": drift,
+        "wire": "int8" if compress == "int8" else "fp32",
+        "compression": _wire_summary(p.get("compression")),
         "passed": abs(e_lat) <= TARGET and abs(e_thr) <= TARGET,
         "seconds": round(time.time() - t0, 1),
     }
-    print(f"{name} {n} dev {bw} {objective}{' line' if line else ''}: "  # noqa: T201 - script
+    print(f"{name} {n} dev {bw} {objective}{' line' if line else ''} {row['wire']}: "  # noqa: T201 - script
           f"{ch['description']} | {ch['latency_ms']:.1f} → {sim['latency_ms']['p50']:.1f} ms "
           f"({e_lat:+.0%}), {ch['throughput_rps']:.1f} → {sim['throughput_rps']:.1f} req/s "
           f"({e_thr:+.0%}), x{x1:.2f} single, x{x2:.2f} two", flush=True)
     return row
+
+
+def _wire_summary(comp: dict | None) -> dict | None:
+    """plan.json's ``compression`` in short: the inner cuts sent as int8 and, where one is,
+    the output's SQNR against float (and accuracy with and without, on labels)."""
+    if comp is None:
+        return None
+    out = {"int8_cuts": [c["position"] for c in comp["cuts"]],
+           "bytes_float": comp.get("bytes_float"), "bytes_int8": comp.get("bytes_int8")}
+    for k in ("sqnr_db", "top1_agreement", "accuracy_float", "accuracy_int8_transfer",
+              "evaluated_samples"):
+        if k in comp:
+            out[k] = comp[k]
+    return out
+
+
+def _wire_cell(w: dict) -> str:
+    """The row's wire: fp32, or int8 with the measured SQNR (— when no inner cut is sent:
+    nothing was quantized)."""
+    c = w.get("compression")
+    if w.get("wire", "fp32") == "fp32" or c is None:
+        return "fp32"
+    if not c["int8_cuts"]:
+        return "int8 (no inner cut sent)"
+    acc = (f", acc {c['accuracy_float']:.3f}→{c['accuracy_int8_transfer']:.3f}"
+           if "accuracy_float" in c else "")
+    return f"int8 at {', '.join(map(str, c['int8_cuts']))} ({c['sqnr_db']:.1f} dB{acc})"
 
 
 def peer_rows(models, peers, bandwidths, requests, profiles, tmp) -> list[dict]:
@@ -275,7 +317,9 @@ def _miss_notes(rows: list[dict]) -> list[str]:
 def render(r: dict) -> str:
     mach = r["machine"]
     lines = [
-        "## Partition across several devices (chains and peers)",
+        "## Partition across several devices (chains and peers)"
+        if r.get("compress_transfer", "none") == "none" else
+        f"## Partition across a chain of devices, {r['compress_transfer']} on the wire",
         "",
         f"`{r['command']}`",
         "",
@@ -308,16 +352,24 @@ def render(r: dict) -> str:
             "devices; below 1: the devices ran faster in the simulation than timed alone): "
             + "; ".join(_miss_notes(r["chains"] + r["peers"]))]
           if _miss_notes(r["chains"] + r["peers"]) else []),
+        *(["- int8 on the wire (`--compress-transfer int8`): every inner cut's float32 "
+           "tensors sent as uint8 (scales from the data's first batches), a cut at 0 sends "
+           "the raw input; the wire column gives the cuts sent as int8 (node positions) and "
+           "the output's SQNR against float (and the digits' accuracy, float → int8 on the "
+           "wire) on batches not used for the scales; ×single and ×two compare with the best "
+           "one- and two-device plans with int8 on the wire too. Peers are not compressed "
+           "(left out)"]
+          if r.get("compress_transfer") == "int8" else []),
         "",
-        "| model | devices | objective | bandwidth | plan | predicted → simulated ms | "
+        "| model | devices | objective | bandwidth | wire | plan | predicted → simulated ms | "
         "error | predicted → simulated req/s | error | ×single | ×two | max abs err | "
         "host drift | target |",
-        "|---|---:|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for w in r["chains"]:
         lines.append(
             f"| {w['model']} | {w['devices']} | {w.get('objective', 'latency')} | "
-            f"{w['bandwidth']} | {w['plan']} | "
+            f"{w['bandwidth']} | {_wire_cell(w)} | {w['plan']} | "
             f"{w['predicted_ms']:.2f} → {w['simulated_ms']:.2f} | {w['error_latency']:+.1%} | "
             f"{w['predicted_rps']:.1f} → {w['simulated_rps']:.1f} | "
             f"{w['error_throughput']:+.1%} | {w['speedup_vs_single']:.2f}× | "
@@ -355,6 +407,9 @@ def main() -> int:
                     default=["latency", "throughput"],
                     help="which chain rows: latency (phone → ... → cloud), throughput (a line "
                     "of identical boards); none: peers only")
+    ap.add_argument("--compress-transfer", choices=("none", "int8"), default="none",
+                    help="int8: the chain rows with int8 on the wire (their own results "
+                    "section, partition-chain-int8; peers left out: they are not compressed)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: digits CNN, 3 devices, one bandwidth, 5 requests")
     args = ap.parse_args()
@@ -374,20 +429,23 @@ def main() -> int:
         scenarios = ([("latency", args.bandwidths, False)] if "latency" in args.chains
                      else []) + ([("throughput", args.line_bandwidths, True)]
                                  if "throughput" in args.chains else [])
-        chains = chain_rows(models, args.devices, scenarios, args.requests, profiles, tmp)
-        peers = [] if args.no_peers else peer_rows(models, args.devices,
-                                                   args.peer_bandwidths, args.requests,
-                                                   profiles, tmp)
-    r = {"benchmark": NAME, "date": dt.datetime.now(dt.timezone.utc).isoformat(
-        timespec="seconds"), "command": "python benchmarks/partition_chain.py "
-         + " ".join(sys.argv[1:]), "quick": args.quick, "threads": args.threads,
+        chains = chain_rows(models, args.devices, scenarios, args.requests, profiles, tmp,
+                            args.compress_transfer)
+        no_peers = args.no_peers or args.compress_transfer != "none"
+        peers = [] if no_peers else peer_rows(models, args.devices, args.peer_bandwidths,
+                                              args.requests, profiles, tmp)
+    name = NAME if args.compress_transfer == "none" else f"{NAME}-{args.compress_transfer}"
+    r = {"benchmark": name, "compress_transfer": args.compress_transfer,
+         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+         "command": "python benchmarks/partition_chain.py " + " ".join(sys.argv[1:]),
+         "quick": args.quick, "threads": args.threads,
          "isa": detect().path,
          "models": args.models, "target": TARGET, "chains": chains, "peers": peers,
          "line_bandwidths": args.line_bandwidths if "throughput" in args.chains else [],
          "machine": machine(),
          "passed": all(x["passed"] for x in chains + peers)}
-    write_json(NAME, r, args.results_dir)
-    write_section(NAME, render(r), args.results_dir)
+    write_json(name, r, args.results_dir)
+    write_section(name, render(r), args.results_dir)
     return 0 if r["passed"] else 1
 
 
