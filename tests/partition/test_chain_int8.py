@@ -276,3 +276,21 @@ def test_int8_needs_opset_10(tmp_path, quick, invoke):
 def test_chain_options_refuse_an_unknown_compression():
     with pytest.raises(UsageError, match="unknown compress_transfer 'fp8'"):
         ChainOptions(compress_transfer="fp8")
+
+
+def test_refine_times_the_chosen_int8_parts_as_they_run(tmp_path, quick):
+    model = conv_chain_cnn(tmp_path / "m.onnx", size=32)
+    topo = load_topology(chain_topology(tmp_path / "t.yaml", quick, 3, "1Gbps", "1ms"))
+    r = plan_chain_model(model, topo, ChainOptions(objective="throughput",
+                                                   compress_transfer="int8"),
+                         timing_cache=fake_cache(model, topo, per_node_ms=5.0))
+    ch = r.plan["choice"]
+    computing = [st for st in ch["stages"] if st["nodes"][1] > st["nodes"][0]]
+    assert len(computing) >= 2, ch["description"]
+    direct = r.plan["timing"]["direct_ms"]
+    for st in computing:
+        # each chosen part timed for real (Q/DQ included), far below the fake 5 ms a node
+        assert st["compute_source"] == "measured"
+        assert f"0:{st['nodes'][0]}-{st['nodes'][1]}" in direct
+        assert 0 < st["compute_ms"] < 5.0 * (st["nodes"][1] - st["nodes"][0])
+        assert st["compute_stream_ms"] > 0
