@@ -259,10 +259,12 @@ def build_manifest(
     seconds: float,
     deployables: Sequence[Mapping[str, Any]] = (),
     partition: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> Manifest:
     """The run's manifest, validated against the schema ``check`` reads it with, so what
     is written is what can be read back. ``deployables`` describe files beyond model.onnx
-    (``exporting.ort_format.deployables``); ``partition`` is the partition plan's summary."""
+    (``exporting.ort_format.deployables``); ``partition`` is the partition plan's summary;
+    ``notes`` what the run said of itself (a reused stage, a recovered artifact)."""
     from compactor.manifest import SCHEMA_VERSION, Manifest
     from compactor.measure.host import describe_host
     from compactor.version import __version__
@@ -272,6 +274,8 @@ def build_manifest(
         optional["deployables"] = list(deployables)
     if partition is not None:
         optional["partition"] = partition
+    if notes:
+        optional["notes"] = list(notes)
     return Manifest.model_validate({
         "schema_version": SCHEMA_VERSION,
         "compactor_version": __version__,

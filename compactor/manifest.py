@@ -403,6 +403,9 @@ class Manifest(_Open):
     seconds: float = 0.0
     deployables: list[Deployable] | None = None
     partition: PartitionRecord | None = None
+    # the run's own notes: a stage reused from an interrupted run, an earlier artifact
+    # recovered, an interrupted run replaced (what the terminal said of the run itself)
+    notes: list[str] = Field(default_factory=list)
 
     @property
     def baseline(self) -> StageRecord:

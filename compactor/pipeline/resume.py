@@ -49,6 +49,8 @@ class ResumableRun:
 
         self.recipe = recipe
         self.out_dir = out_dir
+        self.progress = progress
+        self.notes: list[str] = []  # what the run says of itself, kept in the manifest
         self.path = work_folder_for(out_dir)
         self.writes = ddp.is_main()
         self.launched = ddp.launched()
@@ -57,7 +59,7 @@ class ResumableRun:
             self.lock = WorkLock.claim(self.path, out_dir)
             try:
                 for note in artifact.recover(out_dir):
-                    progress.note(note)
+                    self.note(note)
                 artifact.check_replaceable(out_dir)
                 folder = RunFolder.open(self.path, self.writes) if resume else None
             except BaseException:
@@ -66,17 +68,16 @@ class ResumableRun:
         else:
             folder = RunFolder.open(self.path, self.writes) if resume else None
         if resume and folder is None:
-            progress.note(f"nothing to resume in {self.path}: starting a fresh run")
+            self.note(f"nothing to resume in {self.path}: starting a fresh run")
         elif not resume and self.writes and RunFolder.holds_work(self.path):
-            progress.note(f"replacing the interrupted run in {self.path} (--resume continues "
-                          "an interrupted run)")
+            self.note(f"replacing the interrupted run in {self.path} (--resume continues "
+                      "an interrupted run)")
         if folder is None and self.lock is not None:
             self.lock.clear()
         self.folder = folder or RunFolder.fresh(self.path, self.writes)
         self.work_dir = self.path if self.writes else Path(
             tempfile.mkdtemp(prefix=f"compactor-{recipe.name}-rank{ddp.rank()}-")
         )
-        self.progress = progress
         self.keys: list[str] = []
         self.parts: list[dict[str, Any]] = []
         self.last_distributed = max(
@@ -116,6 +117,11 @@ class ResumableRun:
                       for n, c in self.recipe.pass_list]
         self.keys = self.folder.begin(self.recipe.name, root, self.parts)
 
+    def note(self, text: str) -> None:
+        """Say ``text`` now and keep it for the manifest's ``notes``."""
+        self.progress.note(text)
+        self.notes.append(text)
+
     def finished_stage(self, index: int, previous: Stage) -> Stage | None:
         """The saved stage of pass ``index`` when it can be reused: its file matches the
         signed record written with it, and it loads without running code (a torch stage
@@ -127,11 +133,11 @@ class ResumableRun:
         try:
             return self.folder.load_stage(index, previous)
         except Refused as e:
-            self.progress.note(f"the saved stage of passes[{index}] is not reused: {e}; "
-                               "making it again")
+            self.note(f"the saved stage of passes[{index}] is not reused: {e}; making it "
+                      "again")
         except Exception as e:  # noqa: BLE001 - an unreadable saved stage is made again
-            self.progress.note(f"the saved stage of passes[{index}] cannot be read "
-                               f"({type(e).__name__}: {str(e)[:120]}); making it again")
+            self.note(f"the saved stage of passes[{index}] cannot be read "
+                      f"({type(e).__name__}: {str(e)[:120]}); making it again")
         return None
 
     def enter(self, index: int, input_outputs: Outputs | None = None) -> Step:

@@ -156,6 +156,8 @@ class _Runner:
                 current = _run_pass(p, current, self.ctx.for_step(step))
             else:
                 current = reused
+                self.run.notes.append(f"passes[{i}] ({p.name}): the stage finished by the "
+                                      "interrupted run was reused (--resume)")
         if not reused:
             current = dataclasses.replace(current, seconds=round(time.perf_counter() - t0, 3))
             self.run.save_stage(i, current)
@@ -182,7 +184,7 @@ class _Runner:
         manifest = artifact.build_manifest(
             recipe, ctx.inputs, ctx.eval_batches, ctx.metric, self.stages, targets,
             source_files, time.perf_counter() - self.t_start,
-            deployables=deployable_records, partition=partition,
+            deployables=deployable_records, partition=partition, notes=self.run.notes,
         )
         with self.progress.task("write artifact"):
             artifact.write_artifact(self.run.out_dir, recipe, final.onnx_path, manifest,

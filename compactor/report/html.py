@@ -177,6 +177,9 @@ def render_html(manifest: Manifest) -> str:
                       _quantization(st.record)]
     if manifest.deployables:
         parts += ["<h2>Deployables</h2>", _deployables(manifest.deployables)]
+    if manifest.notes:
+        parts += ["<h2>Run notes</h2>", '<ul class="notes">'
+                  + "".join(f"<li>{_e(n)}</li>" for n in manifest.notes) + "</ul>"]
     if manifest.partition is not None:
         part = manifest.partition
         parts += ["<h2>Partition</h2>",

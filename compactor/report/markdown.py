@@ -180,6 +180,8 @@ def render_markdown(manifest: Manifest) -> str:
     for s in manifest.stages:
         if isinstance(s.record.get("search"), dict):  # an int8 search ran for this stage
             lines += quantize_section(s.record)
+    if manifest.notes:
+        lines += ["## Run notes", "", *[f"- note: {md_text(n)}" for n in manifest.notes], ""]
     if manifest.partition is not None:
         part = manifest.partition
         lines += ["## Partition", "", f"Files: {md_text(', '.join(part.files) or 'none')}.",

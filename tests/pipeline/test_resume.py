@@ -107,6 +107,10 @@ def test_resume_reuses_finished_stages_and_matches_an_uninterrupted_run(runs):
     manifest = json.loads((runs["folder"] / "out" / "manifest.json").read_text())
     second = manifest["stages"][2]["record"]
     assert second["resumed_from"] == {"epoch": 0, "step": 5}
+    # the artifact says so too, not only the terminal
+    assert any("passes[0] (distill)" in n and "reused" in n for n in manifest["notes"])
+    report = (runs["folder"] / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Run notes" in report and "interrupted run was reused" in report
     assert second["steps"] == EPOCHS_2 * STEPS_PER_EPOCH
     assert not (runs["folder"] / ".out.compactor-work").exists(), \
         "a finished run removes its work folder"

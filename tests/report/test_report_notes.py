@@ -81,6 +81,7 @@ def manifest_texts(m: dict) -> list[str]:
         out += [c.get("note", "") for c in (rec.get("search") or {}).get("candidates", [])]
     for t in m["targets"]:
         out += t["notes"] + [v["detail"] for v in t["verdicts"]]
+    out += m.get("notes", [])
     return [t for t in out if t]
 
 
@@ -121,13 +122,14 @@ def test_a_new_note_anywhere_is_rendered_and_escaped(run):
                                    "reason": f"future float reason {HOSTILE}"}]
             rec["repairs_not_applied"] = [{"repair": "fallback",
                                            "reason": f"future repair reason {HOSTILE}"}]
+    raw["notes"] = [f"future run note {HOSTILE}"]
     for t in raw["targets"]:
         t["notes"].append(f"future target note {HOSTILE}")
         for v in t["verdicts"]:
             v["detail"] = f"future detail of {v['budget']} {HOSTILE}"
     html, md = _reports(Manifest.model_validate(raw))
     texts = manifest_texts(raw)
-    assert sum("future" in t for t in texts) >= 15
+    assert sum("future" in t for t in texts) >= 16
     for t in texts:
         assert _in_html(t, html) and _in_md(t, md), t
     assert "<script>" not in html and "\x1b" not in html
@@ -142,7 +144,7 @@ def test_no_text_field_of_the_manifest_is_left_unrendered():
     from pydantic import BaseModel
 
     rendered = {"StageRecord.warnings", "StageRecord.latency_notes", "TargetRecord.notes",
-                "PartitionRecord.notes"}
+                "PartitionRecord.notes", "Manifest.notes"}
     not_prose = {"StageRecord.lineage", "Deployable.profiles", "HostRecord.isa",
                  "HostRecord.available_providers", "PartitionRecord.files",
                  "BatchingHint.measured_batch_sizes", "LatencyShapeRecord.source",
