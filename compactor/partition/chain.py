@@ -39,7 +39,9 @@ class ChainCosts:
 
     ``positions``: the valid cut positions, sorted, first 0 and last ``n``.
     ``compute_ms(d, a, b)``: device ``d``'s time for the nodes ``[a, b)`` (0 when a == b).
-    ``send_bytes[p]``: the message sent at cut ``p`` (< n). ``out_bytes``: the reply.
+    ``send_bytes[p]``: the message sent at cut ``p`` (< n), as it goes on the wire (with
+    int8 on the wire, an inner cut's float32 tensors at one byte an element; the raw input
+    at 0). ``out_bytes``: the reply.
     ``weight_bytes(a, b)`` and ``act_bytes[p]`` (raw bytes crossing ``p``; ``act_bytes[n]``
     is the outputs) size each device's memory; ``mem_limit[d]`` is in bytes or None.
     ``bps``/``rtt_ms``: link ``d`` joins device ``d`` to ``d + 1``.

@@ -516,7 +516,8 @@ def _sim_sub(plan: dict) -> str:
          f"{ch['throughput_rps']:.1f} req/s pipelined{est}")
     links = ", ".join(f"{fmt_bandwidth(x['uplink_bps'])}/{x['rtt_ms']:g} ms"
                       for x in plan["topology"]["links"])
-    return f"{s}; links {links}"
+    wire = ", int8 on the wire" if plan.get("compress_transfer") == "int8" else ""
+    return f"{s}; links {links}{wire}"
 
 
 def _safe(name: str) -> str:
