@@ -389,6 +389,8 @@ def _render_multi(plan: dict, out_dir: Path) -> None:
                 f"{s['latency_ms']['p50']:.2f} ms ({s['error_latency'] * 100:+.1f}% vs "
                 f"predicted), stream {s['throughput_rps']:.1f} requests/s "
                 f"({s['error_throughput'] * 100:+.1f}%){emu}")
+        if s.get("note"):
+            c.print(f"[yellow]note[/] {s['note']}")
     for n in plan["notes"]:
         c.print(f"[yellow]note[/] {n}")
     c.print(f"wrote {out_dir}: {', '.join(plan.get('files', {}).values())}")
