@@ -208,6 +208,7 @@ def _chain_row(name, m, n, bw, objective, line, requests, profiles, tmp, cache,
                                     sim["compute_ms_p50"].get(st["name"])]
                        for st in ch["stages"]},
         "host_drift": drift,
+        "stream_host_busy": sim.get("stream_host_busy"),
         "wire": "int8" if compress == "int8" else "fp32",
         "compression": _wire_summary(p.get("compression")),
         "passed": abs(e_lat) <= TARGET and abs(e_thr) <= TARGET,
@@ -279,6 +280,7 @@ def peer_rows(models, peers, bandwidths, requests, profiles, tmp) -> list[dict]:
                         "rest": [ch["rest_ms"], ch["rest_stream_ms"],
                                  sim["compute_ms_p50"].get("rest")]},
                     "bottleneck_ms_one_at_a_time": ch["bottleneck_ms_one_at_a_time"],
+                    "stream_host_busy": sim.get("stream_host_busy"),
                     "passed": abs(e) <= TARGET and abs(e_thr) <= TARGET,
                 })
                 print(f"{name} {k} peers {bw}: {ch['description']} | "  # noqa: T201 - script
@@ -309,6 +311,9 @@ def _miss_notes(rows: list[dict]) -> list[str]:
                         if v[2] and (v[1] or v[0]))
         what = (f"simulated compute {ratios[len(ratios) // 2]:.2f}× the planned"
                 if ratios else "no per-device figures")
+        if (w.get("stream_host_busy") or 0) >= 0.9:
+            what += (f"; this host's cores {w['stream_host_busy']:.0%} busy in the stream "
+                     "(the host, not the plan, bounded it)")
         out.append(f"{w['model']} {w.get('devices', w.get('peers'))} "
                    f"{w.get('objective', 'peers')} {w['bandwidth']}: {what}")
     return out
