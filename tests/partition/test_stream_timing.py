@@ -171,19 +171,25 @@ def test_emulated_overrun_keeps_its_own_length_and_this_host_is_only_timed():
     assert plain.host_ms is None and min(plain.compute_ms) >= 6.0 * 0.9  # as it ran
 
 
-def test_an_emulated_device_is_planned_on_its_steady_time(tmp_path: Path, monkeypatch):
-    """The planner times the segments of an emulated device back to back and those of a
-    device that is this host after a request's pause, in two timing groups."""
-    from compactor.partition import multi
-
-    seen = []
-    real = multi.profile_segments
+def _pauses(monkeypatch, module) -> list[float]:
+    """The pauses ``module``'s profile_segments calls are given, as they happen."""
+    seen: list[float] = []
+    real = module.profile_segments
 
     def spy(*a, pause_s, **k):
         seen.append(pause_s)
         return real(*a, pause_s=pause_s, **k)
 
-    monkeypatch.setattr(multi, "profile_segments", spy)
+    monkeypatch.setattr(module, "profile_segments", spy)
+    return seen
+
+
+def test_an_emulated_device_is_planned_on_its_steady_time(tmp_path: Path, monkeypatch):
+    """The planner times the segments of an emulated device back to back and those of a
+    device that is this host after a request's pause, in two timing groups."""
+    from compactor.partition import multi
+
+    seen = _pauses(monkeypatch, multi)
     quick = quick_profile(tmp_path / "q.yaml")
     model = conv_chain_cnn(tmp_path / "m.onnx")
     topo = load_topology(chain_topology(tmp_path / "t.yaml", quick, 3, "100Mbps", "1ms",
@@ -269,14 +275,7 @@ def test_two_device_planner_times_an_emulated_device_back_to_back(tmp_path: Path
     from compactor.partition.config import PartitionSpec
     from compactor.partition.planner import plan_partition
 
-    seen = []
-    real = planner.profile_segments
-
-    def spy(*a, pause_s, **k):
-        seen.append(pause_s)
-        return real(*a, pause_s=pause_s, **k)
-
-    monkeypatch.setattr(planner, "profile_segments", spy)
+    seen = _pauses(monkeypatch, planner)
     quick = str(quick_profile(tmp_path / "q.yaml"))
     model = conv_chain_cnn(tmp_path / "m.onnx")
     r = plan_partition(model, PartitionSpec(device=quick, server=quick, device_slowdown=3,
