@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from toys.partition_chain import chain_topology, conv_chain_cnn, peers_topology, quick_profile
+from toys.partition_chain import (
+    chain_topology,
+    conv_chain_cnn,
+    peers_topology,
+    quick_profile,
+    skip_chain_onnx,
+)
 
 from compactor.errors import EXIT_OK, EXIT_USAGE, RecipeError, UsageError
 from compactor.partition.chain import MIB, ChainCosts, no_fit_error, plan_chain
@@ -377,20 +383,7 @@ def test_a_model_without_a_conv_prefix_is_refused(tmp_path, quick, invoke):
 
 def test_part_model_passes_a_skip_tensor_through(tmp_path):
     """A chain stage that a residual skip crosses whole forwards the skip tensor."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r0"),
-             helper.make_node("Neg", ["a"], ["b"], name="n1"),
-             helper.make_node("Abs", ["b"], ["c"], name="n2"),
-             helper.make_node("Add", ["c", "a"], ["y"], name="add")]
-    g = helper.make_graph(nodes, "skip",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(tmp_path / "s.onnx"))
-    pg = PartitionGraph.load(tmp_path / "s.onnx", 2)
+    pg = PartitionGraph.load(skip_chain_onnx(tmp_path / "s.onnx"), 2)
     mid = part_model(pg, 2, 3)  # Abs only; 'a' crosses both ends
     assert {i.name for i in mid.graph.input} == {"b", "a"}
     assert {o.name for o in mid.graph.output} == {"c", "a"}
