@@ -471,6 +471,11 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
         raise UsageError(f"{Path(model_path).name} has no convolutional prefix to tile (its "
                          "first node is not a convolution, pool or activation on one 4-D "
                          "input)", "plan it as a chain (kind: chain) instead")
+    if not cut_depths(graph, wins):  # the split gathers the strips into a rest
+        raise UsageError(f"{Path(model_path).name} is all convolutional prefix: a spatial "
+                         "split tiles a prefix and runs the rest of the model on the first "
+                         "device, and no node is left after it",
+                         "plan it as a chain (kind: chain), or add the model's head")
     heights = prefix_heights(graph, wins)
     kmax = len(topology.devices)
     if options.peers is not None:

@@ -188,3 +188,20 @@ def test_plan_reports_the_crops_of_its_tiles(tmp_path):
                               "rows": [t.out0, t.out1], "of_rows": [t.out0 - 1, t.out1]}]
     assert rows["node_rows"]["b1.dw"] == [t.out0, t.out1]
     assert rows["node_rows"]["b1.expand"] == [t.out0 - 1, t.out1]
+
+
+def test_a_model_that_is_all_prefix_is_a_usage_error(tmp_path, quick, invoke):
+    """One convolution and nothing after it: no rest to gather the strips into."""
+    from compactor.errors import EXIT_USAGE
+
+    w = numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], [w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "c.onnx"))
+    r = invoke("partition", tmp_path / "c.onnx", "--topology",
+               peers_topology(tmp_path / "p.yaml", quick, 2))
+    assert r.exit_code == EXIT_USAGE and "all convolutional prefix" in r.stderr, r.output
