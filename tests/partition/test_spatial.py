@@ -205,3 +205,35 @@ def test_a_model_that_is_all_prefix_is_a_usage_error(tmp_path, quick, invoke):
     r = invoke("partition", tmp_path / "c.onnx", "--topology",
                peers_topology(tmp_path / "p.yaml", quick, 2))
     assert r.exit_code == EXIT_USAGE and "all convolutional prefix" in r.stderr, r.output
+
+
+def test_the_model_input_read_twice_is_cropped_too(tmp_path):
+    """``Add(image, conv5x5(image))`` → relu → conv: each tile's input carries the 5x5 halo,
+    and the Add reads the input cropped to the rows the conv made."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], pads=[2, 2, 2, 2], name="c5"),
+             helper.make_node("Add", ["image", "c"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w"], ["y"], pads=[2, 2, 2, 2], name="c5b")]
+    w = numpy_helper.from_array(rng.standard_normal((1, 1, 5, 5)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        nodes, "skip-input",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, 12, 12])], [w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "s.onnx"))
+    g = PartitionGraph.load(tmp_path / "s.onnx", 1)
+    wins = windows(g)
+    assert cut_depths(g, wins) == [2, 3]
+    heights = prefix_heights(g, wins)
+    x = rng.standard_normal((1, 1, 12, 12)).astype(np.float32)
+    want = _prefix_value(g, 3, x)
+    for k in (2, 3, 4):
+        tl = tiles(heights, wins, 3, k)
+        inner = tl[1]
+        assert (inner.in0, inner.in1) == (inner.out0 - 2, min(inner.out1 + 2, 12))
+        assert [(c.node, c.slot, c.src) for c in inner.crops] == [(1, 0, -1)]
+        strips = [plain_session(tile_model(g, 3, t)).run(
+            None, {"image": x[:, :, t.in0:t.in1]})[0] for t in tl]
+        assert np.max(np.abs(np.concatenate(strips, axis=2) - want)) < 1e-5, k
