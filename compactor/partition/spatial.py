@@ -199,7 +199,7 @@ def _window(graph: PartitionGraph, node, pos: int, made: Mapping[str, int],
             return None
     elif slots != (0,):
         return None
-    if node.op_type not in WINDOWED:  # its constant operands: weights of no rows
+    if node.op_type not in WINDOWED:  # its constants must be alike on every row
         if not all(_row_free(graph, x) for i, x in enumerate(node.input)
                    if x and i not in slots):
             return None
