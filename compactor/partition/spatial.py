@@ -278,7 +278,7 @@ def tiles(heights: Sequence[int], wins: Sequence[Window], depth: int, k: int) ->
     if k > rows:
         raise UsageError(
             f"{k} tiles cannot split a feature map of {rows} rows (after {depth} layers)",
-            f"use at most {rows} peers (--peers {rows}), or a shallower prefix")
+            f"use at most {rows} peers (--peers {rows})")
     if not wins[depth - 1].cut:
         raise ValueError(f"the prefix cannot end after node {depth - 1}: more than its "
                          "output crosses there")
@@ -482,7 +482,9 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
         if options.peers > kmax:
             raise UsageError(f"--peers {options.peers}: the topology has {kmax} devices",
                              f"use at most --peers {kmax}, or add devices")
-        tiles(heights, wins, len(wins), options.peers)  # refuse K beyond the map now
+        # refuse K now when no prefix has that many rows (the shallowest has the most);
+        # deeper prefixes with fewer rows than K are simply not considered
+        tiles(heights, wins, min(cut_depths(graph, wins)), options.peers)
     samples, note = _samples(graph, data)
     if note:
         notes.append(note)

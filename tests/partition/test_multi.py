@@ -27,6 +27,7 @@ from compactor.partition.multi import ChainOptions, part_model, plan_chain_model
 from compactor.partition.profile import HostTimes, plain_session
 from compactor.partition.spatial import (
     SpatialOptions,
+    cut_depths,
     plan_spatial_model,
     prefix_heights,
     run_tiled,
@@ -335,10 +336,12 @@ def test_more_tiles_than_rows_is_a_usage_error(tmp_path, quick, invoke):
     heights = prefix_heights(g, wins)
     with pytest.raises(UsageError, match="cannot split a feature map of"):
         tiles(heights, wins, len(wins), heights[len(wins)] + 1)
-    topo = peers_topology(tmp_path / "p.yaml", quick, 6)
-    r = invoke("partition", model, "--topology", topo, "--peers", "6")
+    # --peers K is refused only when no prefix has K rows: the shallowest has the most
+    most = max(heights[d] for d in cut_depths(g, wins))
+    topo = peers_topology(tmp_path / "p.yaml", quick, most + 1)
+    r = invoke("partition", model, "--topology", topo, "--peers", str(most + 1))
     assert r.exit_code == EXIT_USAGE and "cannot split a feature map" in r.stderr, r.output
-    assert f"at most {heights[len(wins)]} peers" in r.stderr
+    assert f"at most {most} peers" in r.stderr
 
 
 def test_spatial_plan_and_simulation(tmp_path, quick):
@@ -404,3 +407,20 @@ def test_cli_peers(tmp_path, quick, invoke):
     assert r.exit_code == EXIT_OK, r.output
     assert "best single device: all on p0" in r.stdout and "max abs error" in r.stdout
     assert (tmp_path / "o" / "tile1-p1.onnx").is_file()
+
+
+def test_peers_k_beyond_the_deepest_prefix_plans_a_shallower_one(tmp_path, quick):
+    """--peers K with more peers than the deepest prefix's rows plans the depths that have K
+    rows, not an error."""
+    model = conv_chain_cnn(tmp_path / "m.onnx", size=16)
+    g = PartitionGraph.load(model, 1)
+    wins = windows(g)
+    heights = prefix_heights(g, wins)
+    depths = cut_depths(g, wins)
+    k = heights[depths[-1]] + 1
+    assert k <= heights[depths[0]], "the toy needs a shallow prefix with more rows"
+    topo = load_topology(peers_topology(tmp_path / "p.yaml", quick, k))
+    r = plan_spatial_model(model, topo, SpatialOptions(peers=k))
+    ch = r.plan["choice"]
+    assert ch["peers"] in (1, k) and heights[ch["depth"]] >= ch["peers"]
+    assert any(c["peers"] == k for c in r.plan["alternatives"]), "K was planned somewhere"
