@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 CHAIN_SCHEMA = "compactor.partition.chain/1"
 TOLERANCE = 1e-4
+REFINE_ROUNDS = 8  # re-plan and re-time at most this often
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def plan_chain_model(model_path: Path, topology: Topology, options: ChainOptions
     if choice is None:
         raise no_fit_error(costs, names)
     if options.refine:
-        choice = _refine(m, topology, options, progress)
+        choice = _refine(m, topology, options, progress, notes)
     plan = _plan_dict(m, topology, options, choice, notes, model_path)
     if options.refine:
         _stream_rate(m, choice, plan["choice"], progress)
@@ -292,7 +293,8 @@ def _costs(m: _Measured, topology: Topology) -> ChainCosts:
         [h.bps for h in topology.hops], [h.rtt_ms for h in topology.hops], m.serial)
 
 
-def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -> ChainPlan:
+def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress,
+            notes: list[str]) -> ChainPlan:
     """Time the chosen plan's parts directly, re-plan, until the plan's parts are all
     direct measurements of this call (a segment sum can flatter a range; the whole model's
     time from the segment timing, maybe shared through ``timing_cache``, was taken first
@@ -302,21 +304,33 @@ def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress) -
     small beside a part, and the chosen ranges are re-timed for real)."""
     choice = None
     with progress.task("re-time the chosen parts as real models"):
-        for _ in range(4):
+        for _ in range(REFINE_ROUNDS):
             choice = plan_chain(_costs(m, topology), options.objective)
             if choice is None:
                 raise no_fit_error(_costs(m, topology), [d.name for d in topology.devices])
-            todo = [s for s in choice.stages if s.end > s.start
-                    and (m.groups[s.device], s.start, s.end) not in m.direct]
+            todo = _unmeasured(m, choice)
             if not todo:
-                break
+                return choice
             for s in todo:
                 t = TimingSettings.of(m.sides[s.device].profile, quick=False)
                 m.direct[(m.groups[s.device], s.start, s.end)] = time_ms(
                     m.part(s.start, s.end), m.sides[s.device].profile, m.feeds(s.start), t,
                     m.sides[s.device].pause_s)
+    # out of rounds: the best plan on everything measured (the last round's choice was
+    # made before its parts were timed, and would report their segment sums)
+    choice = plan_chain(_costs(m, topology), options.objective)
     assert choice is not None
+    names = [topology.devices[s.device].name for s in _unmeasured(m, choice)]
+    if names:
+        notes.append(f"re-timing stopped after {REFINE_ROUNDS} rounds: the parts on "
+                     f"{', '.join(names)} are costed from their segments' sums (each "
+                     "plan.json stage says its compute_source)")
     return choice
+
+
+def _unmeasured(m: _Measured, choice: ChainPlan) -> list:
+    return [s for s in choice.stages if s.end > s.start
+            and (m.groups[s.device], s.start, s.end) not in m.direct]
 
 
 def _stream_rate(m: _Measured, choice: ChainPlan, ch: dict, progress) -> None:

@@ -307,3 +307,37 @@ def test_a_stream_on_a_saturated_host_says_the_host_bounds_it(monkeypatch):
     assert f["host_bound"] is False and "note" not in f
     load.busy1 = None  # /proc/stat unreadable: no figure, no claim
     assert load.figures() == {"stream_host_busy": None, "host_bound": None}
+
+
+def test_refine_out_of_rounds_reports_every_stage_as_it_was_costed(tmp_path: Path,
+                                                                    monkeypatch):
+    """When re-timing runs out of rounds, the plan is made again on everything measured:
+    no stage says "measured" while carrying its segments' sum, and the stages still costed
+    from segments are named in a note."""
+    from compactor.partition import multi
+
+    monkeypatch.setattr(multi, "REFINE_ROUNDS", 1)
+    quick = quick_profile(tmp_path / "q.yaml")
+    model = conv_chain_cnn(tmp_path / "m.onnx")
+    topo = load_topology(chain_topology(tmp_path / "t.yaml", quick, 3, "1Gbps", "1ms"))
+    g = PartitionGraph.load(model, 1)
+    pos = [0, *g.candidates(4)[0], g.n_nodes]
+    segs = [1e-4 * (b - a) for a, b in zip(pos[:-1], pos[1:], strict=True)]  # flattering
+    key = _side(topo.devices[0]).timing_key()
+    cache = {(str(model.resolve()), 1, tuple(pos), key): HostTimes(pos, 1.0, segs, 0.0)}
+    r = plan_chain_model(model, topo, ChainOptions(objective="throughput"),
+                         timing_cache=cache)
+    direct = r.plan["timing"]["direct_ms"]
+    assert direct, "round 1 timed the parts it chose"
+    segment_costed = []
+    for st in r.plan["choice"]["stages"]:
+        a, b = st["nodes"]
+        if b == a:
+            continue
+        if st["compute_source"] == "measured" and f"0:{a}-{b}" in direct:
+            assert st["compute_ms"] == pytest.approx(direct[f"0:{a}-{b}"], rel=1e-3)
+        elif st["compute_source"] == "segment sum":
+            segment_costed.append(st["name"])
+    if segment_costed:
+        assert any("re-timing stopped after 1 rounds" in n and segment_costed[0] in n
+                   for n in r.notes), r.notes
