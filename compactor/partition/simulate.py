@@ -41,9 +41,15 @@ _LEN = struct.Struct("!Q")
 _STAMP = struct.Struct("!d")
 
 
+SPIN_S = 0.0003  # a sleep wakes ~0.1 ms late here: the last of each wait is spun
+
+
 def _sleep_until(t: float) -> None:
-    """One sleep (each wake-up can run late on a busy host), then a short spin."""
-    left = t - time.monotonic()
+    """Wait until ``t`` (time.monotonic): one sleep to within ``SPIN_S`` of it, then a spin
+    (a sleep's wake-up runs ~0.1 ms late on a quiet host, more on a busy one, and a request
+    waits several times on its way: the emulation would add that to every link and
+    device)."""
+    left = t - time.monotonic() - SPIN_S
     if left > 0:
         time.sleep(left)
     while time.monotonic() < t:
@@ -175,15 +181,15 @@ class Emulated:
         if self.emulate and self.host_ms is None:
             self.host_ms = time_session(self.sess, feeds,
                                         TimingSettings.of(self.profile, quick=False), 0.0)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         outs = self.sess.run(None, feeds)
         if self.host_ms is not None:
-            left = t0 + self.slowdown * self.host_ms / 1000.0 - time.perf_counter()
-            if left > 0:
-                time.sleep(left)
+            end = t0 + self.slowdown * self.host_ms / 1000.0
+            if time.monotonic() < end:
+                _sleep_until(end)
             else:
                 self.overruns += 1
-        self.compute_ms.append((time.perf_counter() - t0) * 1000.0)
+        self.compute_ms.append((time.monotonic() - t0) * 1000.0)
         return outs
 
     def summary(self) -> dict:
