@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from toys.partition_chain import peers_topology, quick_profile
+from toys.partition_chain import conv_chain_cnn, peers_topology, quick_profile
 from toys.partition_residual import residual_cnn
 
 from compactor.partition.graph import PartitionGraph
@@ -237,3 +237,22 @@ def test_the_model_input_read_twice_is_cropped_too(tmp_path):
         strips = [plain_session(tile_model(g, 3, t)).run(
             None, {"image": x[:, :, t.in0:t.in1]})[0] for t in tl]
         assert np.max(np.abs(np.concatenate(strips, axis=2) - want)) < 1e-5, k
+
+
+def test_the_choice_is_made_among_options_re_timed_with_the_full_settings(tmp_path):
+    """Every option is timed quickly; the best few (and the best on one board) are timed
+    again with the full settings, and the plan is one of those."""
+    from compactor.partition import spatial
+
+    quick = quick_profile(tmp_path / "q.yaml")
+    model = conv_chain_cnn(tmp_path / "m.onnx", size=32)
+    topo = load_topology(peers_topology(tmp_path / "p.yaml", quick, 3, "1Gbps"))
+    r = plan_spatial_model(model, topo, SpatialOptions())
+    plan = r.plan
+    assert plan["choice"]["timing"] == "full"
+    assert plan["best_single_device"]["timing"] == "full"
+    full = [c for c in plan["alternatives"] if c["timing"] == "full"]
+    assert 1 <= len(full) <= spatial.REFINE + 1
+    assert len(plan["alternatives"]) > len(full), "the others keep their quick figures"
+    best_full = min(full, key=lambda c: c["latency_ms"])
+    assert plan["choice"]["latency_ms"] == pytest.approx(best_full["latency_ms"])
