@@ -336,8 +336,25 @@ def test_refine_out_of_rounds_reports_every_stage_as_it_was_costed(tmp_path: Pat
             continue
         if st["compute_source"] == "measured" and f"0:{a}-{b}" in direct:
             assert st["compute_ms"] == pytest.approx(direct[f"0:{a}-{b}"], rel=1e-3)
-        elif st["compute_source"] == "segment sum":
+        elif st["compute_source"].startswith("segment sum"):
             segment_costed.append(st["name"])
     if segment_costed:
         assert any("re-timing stopped after 1 rounds" in n and segment_costed[0] in n
                    for n in r.notes), r.notes
+
+
+def test_a_segment_sum_is_scaled_by_the_measured_part_that_overlaps_it_most():
+    """A range not timed directly takes its segments' sum times measured / sum of the part
+    covering at least half of it; ranges no part covers that much keep the plain sum."""
+    from compactor.partition.multi import _Measured
+
+    t = HostTimes([0, 1, 2, 3, 4], 4.0, [1.0, 1.0, 1.0, 1.0], 0.0)
+    m = _Measured(None, [], [t], [0, 1, 2, 3, 4], {}, [], 0, groups=[0])
+    m.direct[(0, 1, 4)] = 6.0  # the part ran 2x its segments' sum
+    assert m.host_ms(0, 1, 4) == (6.0, "measured")
+    assert m.host_ms(0, 2, 4) == (pytest.approx(4.0), "segment sum, scaled by a measured part")
+    assert m.host_ms(0, 0, 2) == (pytest.approx(4.0), "segment sum, scaled by a measured part")
+    assert m.host_ms(0, 0, 1) == (pytest.approx(1.0), "segment sum")  # no overlap
+    assert m.host_ms(0, 0, 4) == (4.0, "measured")  # the whole model: its own figure
+    m.direct[(1, 0, 1)] = 9.0  # another settings group's measurement does not count
+    assert m.host_ms(0, 0, 1) == (pytest.approx(1.0), "segment sum")
