@@ -252,7 +252,13 @@ def run(requests: int, results_dir: Path, threads: int | None, n_trials: int = 1
         timespec="seconds"), "device_profile": DEVICE, "server_profile": SERVER,
             "threads": threads, "rtt": RTT,
             "target": TARGET, "models": models, "rows": rows,
-            "passed": all(r["passed"] for r in rows), "machine": machine()}
+            "passed": all(r["passed"] for r in rows), "machine": machine(), "isa": _isa()}
+
+
+def _isa() -> str:
+    from compactor.quantization.isa import detect
+
+    return detect().path
 
 
 def render(r: dict) -> str:
@@ -283,7 +289,8 @@ def render(r: dict) -> str:
                      f"data: {m['data']}")
     lines += [
         "",
-        f"- date: {r['date']}; host: {mach['cpu']}, {mach['cores']} cores; 1-min load "
+        f"- date: {r['date']}; host: {mach['cpu']}, {mach['cores']} cores"
+        + (f", ISA {r['isa']}" if r.get("isa") else "") + "; 1-min load "
         f"average at end {mach['load_avg_1m']:.2f}; run at niceness {r['niceness']}"
         + (" (above other jobs on this shared host)" if r["niceness"] < 0 else ""),
         f"- target: |measured p50 − predicted| ≤ {r['target']:.0%} of predicted, for the "
