@@ -490,11 +490,12 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
     if note:
         notes.append(note)
     sides = [_side(d) for d in topology.devices]
-    costs, sides = _measure(graph, wins, heights, topology, sides, samples[0], options,
+    # the inputs and every tensor a prefix may end at, from one run
+    values = {**samples[0], **_prefix_values(graph, wins, samples[0])}
+    costs, sides = _measure(graph, wins, heights, topology, sides, values, options,
                             progress)
     limits = [None if d.memory_mb is None else d.memory_mb * MIB for d in topology.devices]
-    costs = _refine(graph, heights, wins, costs, sides, samples[0], options, limits,
-                    progress)
+    costs = _refine(graph, heights, wins, costs, sides, values, options, limits, progress)
     choice = choose([c for c in costs if options.peers in (None, c.k)
                      and c.timing == "full"], limits, options.objective)
     if choice is None:
@@ -508,7 +509,7 @@ def plan_spatial_model(model_path: Path, topology: Topology, options: SpatialOpt
     tms = [tile_model(graph, choice.depth, t) for t in tl]
     rest = graph.tail(graph.cut(choice.depth))
     plan = _plan_dict(graph, topology, options, sides, costs, choice, tl, notes, model_path)
-    _stream_rate(graph, heights, wins, choice, sides, samples[0], plan["choice"], progress)
+    _stream_rate(graph, heights, wins, choice, sides, values, plan["choice"], progress)
     plan["verification"] = _verify(graph, choice.depth, tl, tms, rest, samples[:4])
     if not plan["verification"]["passed"]:
         raise PassError(f"the tiled prefix differs from the model by "
@@ -555,7 +556,7 @@ def _measure(graph, wins, heights, topology: Topology, sides: list[Side], feeds,
         return memo[key]
 
     sides = [calibrated(s, timed(("full",), graph.model, s, feeds)) for s in sides]
-    cut_vals = _prefix_values(graph, wins, feeds)
+    cut_vals = feeds  # the prefixes' outputs are among them
     w_bytes = np.concatenate([[0], np.cumsum(graph.node_weight_bytes())])
     # one device alone (K = 1) is always costed: the baseline a split is compared with
     ks = sorted({1, options.peers}) if options.peers else list(range(1, len(sides) + 1))
@@ -635,17 +636,14 @@ def _refine(graph, heights, wins, costs: list[SpatialCost], sides, feeds, option
     return [done.get(id(c), c) for c in costs]
 
 
-def _retime(graph, heights, wins, c: SpatialCost, sides, feeds, pause_of
+def _retime(graph, heights, wins, c: SpatialCost, sides, values, pause_of
             ) -> tuple[list[float], float]:
     """Option ``c``'s tiles and rest timed with the full settings (warm-up included), each
-    run after ``pause_of(side)`` idle: per tile its device's ms, and the rest's."""
+    run after ``pause_of(side)`` idle: per tile its device's ms, and the rest's.
+    ``values``: the inputs and the prefixes' outputs."""
     name = graph.input_names[0]
-    x = feeds[name]
+    x = values[name]
     cut = graph.crossing(c.depth)[0]
-    sess = plain_session(graph.with_outputs([cut]))
-    cut_val = dict(zip([o.name for o in sess.get_outputs()],
-                       sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}),
-                       strict=True))[cut]
 
     def ms(model, side: Side, f) -> float:
         return time_ms(model, side.profile, f, TimingSettings.of(side.profile, quick=False),
@@ -654,7 +652,7 @@ def _retime(graph, heights, wins, c: SpatialCost, sides, feeds, pause_of
     tile_ms = [ms(tile_model(graph, c.depth, t), sides[i],
                   {name: np.ascontiguousarray(x[:, :, t.in0:t.in1])})
                for i, t in enumerate(tiles(heights, wins, c.depth, c.k))]
-    return tile_ms, ms(graph.tail(graph.cut(c.depth)), sides[0], {cut: cut_val})
+    return tile_ms, ms(graph.tail(graph.cut(c.depth)), sides[0], {cut: values[cut]})
 
 
 def _stream_rate(graph, heights, wins, choice: SpatialCost, sides, feeds, ch: dict,

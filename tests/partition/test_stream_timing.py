@@ -207,20 +207,8 @@ def _sides(topo):
 # --------------------------------------------------------------------------- warm-up
 
 
-class _Counter:
-    def __init__(self, ms: float):
-        self.ms, self.runs = ms, 0
-
-    def get_inputs(self):
-        return []
-
-    def run(self, _outputs, _feeds):
-        self.runs += 1
-        time.sleep(self.ms / 1000.0)
-
-
 def test_time_ms_warms_up_for_the_warmup_time(monkeypatch):
-    fake = _Counter(2.0)
+    fake = _Sleeper(2.0)
     monkeypatch.setattr(profile_mod, "make_session", lambda *_a, **_k: fake)
     prof = load_profile("host-cpu")
     t = TimingSettings(warmup=1, min_runs=5, min_time_s=0.0, max_time_s=3.0, warmup_s=0.05)
