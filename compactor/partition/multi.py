@@ -18,6 +18,7 @@ input. The effect on the outputs is measured on the other batches (``compression
 from __future__ import annotations
 
 import json
+import math
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -295,7 +296,9 @@ def _serial_ms(graph: PartitionGraph, positions: Sequence[int], values,
     return out
 
 
-def _costs(m: _Measured, topology: Topology) -> ChainCosts:
+def _costs(m: _Measured, topology: Topology, measured_only: bool = False) -> ChainCosts:
+    """The chain's costs from what ``m`` holds; with ``measured_only``, a range not timed
+    directly (nor the whole model) is ruled out (costs infinity)."""
     g = m.graph
     w = m.graph.node_weight_bytes()
     cum = np.concatenate([[0], np.cumsum(w)])
@@ -306,9 +309,16 @@ def _costs(m: _Measured, topology: Topology) -> ChainCosts:
     limits = [None if d.memory_mb is None else d.memory_mb * MIB for d in topology.devices]
     return ChainCosts(
         m.positions,
-        lambda d, a, b: m.host_ms(d, a, b)[0] * m.sides[d].slowdown,
+        lambda d, a, b: _compute_ms(m, d, a, b, measured_only),
         send, m.out_bytes, lambda a, b: int(cum[b] - cum[a]), act, limits,
         [h.bps for h in topology.hops], [h.rtt_ms for h in topology.hops], m.serial)
+
+
+def _compute_ms(m: _Measured, d: int, a: int, b: int, measured_only: bool) -> float:
+    ms, source = m.host_ms(d, a, b)
+    if measured_only and source != "measured":
+        return math.inf
+    return ms * m.sides[d].slowdown
 
 
 def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress,
@@ -335,14 +345,23 @@ def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress,
                     m.part(s.start, s.end), m.sides[s.device].profile, m.feeds(s.start), t,
                     m.sides[s.device].pause_s)
     # out of rounds: the best plan on everything measured (the last round's choice was
-    # made before its parts were timed, and would report their segment sums)
+    # made before its parts were timed); if that one still leans on a range costed from
+    # its segments, the plan is the best of the ranges timed directly (every earlier
+    # round's choice is among them), so no stage reports an estimate
     choice = plan_chain(_costs(m, topology), options.objective)
     assert choice is not None
-    names = [topology.devices[s.device].name for s in _unmeasured(m, choice)]
-    if names:
-        notes.append(f"re-timing stopped after {REFINE_ROUNDS} rounds: the parts on "
-                     f"{', '.join(names)} are costed from their segments' sums (each "
-                     "plan.json stage says its compute_source)")
+    if _unmeasured(m, choice):
+        names = [topology.devices[d].name for d in choice.computing]
+        guess = choice
+        choice = plan_chain(_costs(m, topology, measured_only=True), options.objective)
+        assert choice is not None and not _unmeasured(m, choice)
+        what = (f"{guess.latency_ms:.3f} ms latency" if options.objective == "latency"
+                else f"{guess.bottleneck_ms:.3f} ms bottleneck")
+        notes.append(
+            f"re-timing did not settle in {REFINE_ROUNDS} rounds: the plan is the best "
+            f"whose parts were all timed directly ({len(m.direct)} ranges timed); a plan "
+            f"on {', '.join(names)} costed from segment sums ({what}) was not timed and "
+            "not chosen")
     return choice
 
 
