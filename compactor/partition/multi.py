@@ -18,8 +18,8 @@ input. The effect on the outputs is measured on the other batches (``compression
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

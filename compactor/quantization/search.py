@@ -415,8 +415,8 @@ class Search:
         out.warnings = list(self.warnings)
         out.seconds = time.monotonic() - self.t0
         other = out.seconds - sum(self.phases.values())
-        out.log["phases"] = {**{k: round(v, 2) for k, v in self.phases.items()},
-                             "analysis_and_other": round(max(other, 0.0), 2)}
+        out.log["phases"] = {**{k: round(v, 3) for k, v in self.phases.items()},
+                             "analysis_and_other": round(max(other, 0.0), 3)}
         return out
 
     def _speed_candidates(self) -> list[Attempt]:

@@ -76,10 +76,14 @@ def initialized() -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one: every rank waits for the
+    others first (a rank tearing its group down while a peer was still in its last
+    collective aborted the peer, SIGABRT "terminate called without an active exception",
+    seen in a full test run on a 2-core host)."""
     if initialized():
         import torch.distributed as dist
 
+        dist.barrier()
         dist.destroy_process_group()
 
 
