@@ -261,9 +261,11 @@ def _render_checks(c, plan: dict) -> None:
                    f"{comp['accuracy_int8_transfer']:.4f}")
         elif "top1_agreement" in comp:
             acc = f", top-1 agreement {comp['top1_agreement']:.4f}"
+        acc += _cosine(comp)
         c.print(f"int8 transfer at {comp['cut']}: {fmt_bytes(comp['bytes_float'])} → "
-                f"{fmt_bytes(comp['bytes_int8'])} ({comp['bytes_ratio']:.2f}x fewer), SQNR "
-                f"{comp['sqnr_db']:.1f} dB{acc} on {comp['evaluated_samples']} samples")
+                f"{fmt_bytes(comp['bytes_int8'])} ({comp['bytes_ratio']:.2f}x fewer"
+                f"{_per_channel([comp])}), SQNR {comp['sqnr_db']:.1f} dB{acc} on "
+                f"{comp['evaluated_samples']} samples")
     for s in plan.get("simulate", []):
         emu = " (device/server speed emulated)" if s["emulated"] else ""
         c.print(f"simulate {s['option']}: measured p50 {s['measured_ms']['p50']:.2f} ms over "
@@ -332,6 +334,19 @@ def _multi(model: Path, topology: Path | None, peers: int | None, device, server
     _render_multi(result.plan, out_dir)
 
 
+def _cosine(comp: dict) -> str:
+    return f", cosine ≥ {comp['cosine_min']:.4f}" if "cosine_min" in comp else ""
+
+
+def _per_channel(cuts: list[dict]) -> str:
+    """', per channel: 2 of 3 tensors' when any tensor sent has a scale per channel."""
+    from compactor.partition.wire import per_channel_count
+
+    n, total = (sum(x) for x in zip(*(per_channel_count(c.get("quantization", {}))
+                                      for c in cuts), strict=True)) if cuts else (0, 0)
+    return f", a scale per channel on {n} of {total} tensors" if n else ""
+
+
 def _render_chain_compression(c, comp: dict | None) -> None:
     """int8 on the wire across a chain: the bytes at each inner cut, the effect on the
     outputs (measured in ONNX Runtime on batches not used for the scales)."""
@@ -349,9 +364,11 @@ def _render_chain_compression(c, comp: dict | None) -> None:
         acc = f", accuracy {comp['accuracy_float']:.4f} → {comp['accuracy_int8_transfer']:.4f}"
     elif "top1_agreement" in comp:
         acc = f", top-1 agreement {comp['top1_agreement']:.4f}"
+    acc += _cosine(comp)
     others = "".join(f"; {o} {e['sqnr_db']:.1f} dB" for o, e in
                      list(comp["outputs"].items())[1:])
-    c.print(f"int8 transfer: {cuts} ({comp['bytes_ratio']:.2f}x fewer); SQNR "
+    c.print(f"int8 transfer: {cuts} ({comp['bytes_ratio']:.2f}x fewer"
+            f"{_per_channel(comp['cuts'])}); SQNR "
             f"{comp['sqnr_db']:.1f} dB{others}{acc} on {comp['evaluated_samples']} samples "
             f"({comp['evaluated_on']})")
 

@@ -433,7 +433,7 @@ class PartitionGraph:
         return m
 
     def head(self, cut: Cut, compress: str | None = None,
-             scales: Mapping[str, tuple[float, int]] | None = None):
+             scales: Mapping[str, WireQuant] | None = None):
         """The device part: model inputs to the cut's tensors (quantized with ``int8``)."""
         if cut.kind == "offload":
             return None
@@ -448,7 +448,7 @@ class PartitionGraph:
         return m
 
     def tail(self, cut: Cut, compress: str | None = None,
-             scales: Mapping[str, tuple[float, int]] | None = None):
+             scales: Mapping[str, WireQuant] | None = None):
         """The server part: the cut's tensors to the model outputs."""
         if cut.kind == "on-device":
             return None
@@ -558,34 +558,171 @@ def _topological(nodes: list[_Node]) -> list[_Node]:
     return order
 
 
-def quant_params(values: Iterable[np.ndarray]) -> tuple[float, int]:
-    """Asymmetric uint8 scale and zero point covering ``values`` (and 0)."""
-    lo, hi = 0.0, 0.0
-    for v in values:
-        if v.size:
-            lo, hi = min(lo, float(np.min(v))), max(hi, float(np.max(v)))
-    scale = (hi - lo) / 255.0 or 1.0
-    zp = int(np.clip(round(-lo / scale), 0, 255))
+PER_AXIS_OPSET = 13  # QuantizeLinear/DequantizeLinear take an axis from opset 13
+PER_AXIS_GAIN_DB = 3.0  # a scale per channel is kept when it gains this much on calibration
+
+
+@dataclass(frozen=True)
+class WireQuant:
+    """How one float tensor travels as uint8: ``q = clip(round(x / scale) + zero_point)``
+    with one scale and zero point for the whole tensor (``axis`` None) or one per slice
+    along ``axis`` (per channel: a CNN's feature maps on axis 1, a transformer's hidden
+    size on its last axis, where a few outlier channels would take a single scale's whole
+    range). The scales are constants in both parts; only the uint8 travels."""
+
+    scale: np.ndarray  # float64: a scalar, or one per slice along axis
+    zero_point: np.ndarray  # uint8, shaped as scale
+    axis: int | None = None
+    calibration_sqnr_db: float | None = None  # this choice, on the calibration data
+    per_tensor_sqnr_db: float | None = None  # one scale for the tensor, on the same data
+    channel_gain_db: float | None = None  # the channels' mean SQNR, this over one scale
+
+    @staticmethod
+    def unit() -> WireQuant:
+        return WireQuant(np.asarray(1.0), np.asarray(0, dtype=np.uint8))
+
+    def _shaped(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.axis is None:
+            return self.scale, self.zero_point.astype(np.float64)
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return self.scale.reshape(shape), self.zero_point.astype(np.float64).reshape(shape)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        s, z = self._shaped(x.ndim)
+        return np.clip(np.rint(x / s) + z, 0, 255).astype(np.uint8)
+
+    def dequantize(self, q: np.ndarray, dtype=np.float32) -> np.ndarray:
+        s, z = self._shaped(q.ndim)
+        return ((q.astype(np.float64) - z) * s).astype(dtype)
+
+    def to_dict(self) -> dict:
+        return {"granularity": "per tensor" if self.axis is None else "per channel",
+                "axis": self.axis, "channels": None if self.axis is None
+                else int(self.scale.size),
+                "calibration_sqnr_db": _finite(self.calibration_sqnr_db),
+                "per_tensor_sqnr_db": _finite(self.per_tensor_sqnr_db),
+                "channel_gain_db": self.channel_gain_db}
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 2)
+
+
+def _affine(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric uint8 scale and zero point covering [lo, hi] and 0, element-wise."""
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    scale = (hi - lo) / 255.0
+    scale = np.where(scale > 0, scale, 1.0)
+    zp = np.clip(np.rint(-lo / scale), 0, 255).astype(np.uint8)
     return scale, zp
 
 
-def _opset(model) -> int:
+def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    noise = float(np.mean((ref - got) ** 2)) if ref.size else 0.0
+    signal = float(np.mean(ref ** 2)) if ref.size else 0.0
+    return 10 * np.log10(signal / noise) if noise > 0 else np.inf
+
+
+def _fit(data: np.ndarray, axis: int | None) -> WireQuant:
+    if axis is None:
+        s, z = _affine(np.asarray(float(np.min(data))), np.asarray(float(np.max(data))))
+    else:
+        rest = tuple(i for i in range(data.ndim) if i != axis)
+        s, z = _affine(data.min(axis=rest), data.max(axis=rest))
+    return WireQuant(s, z, axis)
+
+
+SLICE_SQNR_CAP_DB = 80.0  # a slice quantized without error counts as this
+
+
+def _held_out(data: np.ndarray, axis: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(samples, their round trip) with parameters fitted on the other half of ``data``,
+    both ways: ranges per channel fitted on few samples can be too tight for new ones,
+    and that shows here, not on the samples they were fitted on."""
+    half = len(data) // 2
+    out = []
+    for fit, test in ((data[:half], data[half:]), (data[half:], data[:half])):
+        w = _fit(fit, axis)
+        out.append((test, w.dequantize(w.quantize(test), np.float64)))
+    return out
+
+
+def _whole_db(pairs) -> float:
+    return float(np.mean([_sqnr_db(t, r) for t, r in pairs]))
+
+
+def _channel_db(pairs, axis: int) -> float:
+    """The mean over the channels along ``axis`` of each channel's own SQNR: a channel
+    whose values one scale rounds away counts, though its share of the tensor's energy
+    (all a whole-tensor SQNR sees) is small; it may carry what the next layer uses."""
+    dbs = []
+    for t, r in pairs:
+        rest = tuple(i for i in range(t.ndim) if i != axis)
+        sig, noise = np.mean(t ** 2, axis=rest), np.mean((t - r) ** 2, axis=rest)
+        keep = sig > 0
+        with np.errstate(divide="ignore"):
+            db = 10 * np.log10(sig[keep] / noise[keep])
+        dbs.append(np.minimum(db, SLICE_SQNR_CAP_DB))
+    every = np.concatenate(dbs)
+    return float(np.mean(every)) if every.size else SLICE_SQNR_CAP_DB
+
+
+def quant_params(values: Iterable[np.ndarray], opset: int = 0) -> WireQuant:
+    """uint8 parameters for a tensor from calibration ``values`` (batches along axis 0):
+    one scale for the tensor, or, from ``PER_AXIS_OPSET``, one per channel along the axis
+    (not the batch's) where that raises the channels' mean SQNR most, when it raises it by
+    at least ``PER_AXIS_GAIN_DB``. The choice is scored on samples the parameters were not
+    fitted on (fitted on one half of the calibration samples, scored on the other); the
+    parameters kept are fitted on all of them."""
+    vals = [np.asarray(v, dtype=np.float64) for v in values if np.size(v)]
+    if not vals:
+        return WireQuant.unit()
+    lo = min(float(np.min(v)) for v in vals)
+    hi = max(float(np.max(v)) for v in vals)
+    scale, zp = _affine(np.asarray(lo), np.asarray(hi))
+    data = np.concatenate(vals) if len({v.shape[1:] for v in vals}) == 1 else None
+    if data is None or data.ndim < 2 or len(data) < 2:
+        return WireQuant(scale, zp)
+    one = _held_out(data, None)
+    best = WireQuant(scale, zp, None, _whole_db(one), _whole_db(one))
+    if opset < PER_AXIS_OPSET:
+        return best
+    gain = PER_AXIS_GAIN_DB
+    for axis in range(1, data.ndim):
+        if data.shape[axis] < 2:
+            continue
+        per = _held_out(data, axis)
+        g = _channel_db(per, axis) - _channel_db(one, axis)
+        if g >= gain:
+            w = _fit(data, axis)
+            best = WireQuant(w.scale, w.zero_point, axis, _whole_db(per), _whole_db(one),
+                             round(g, 2))
+            gain = g
+    return best
+
+
+def opset_of(model) -> int:
+    """The model's default-domain opset (0 when it names none)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _qdq_constants(graph, t: TensorInfo, scales: Mapping[str, tuple[float, int]]):
+def _qdq_constants(graph, t: TensorInfo, scales: Mapping[str, WireQuant]):
+    """The scale and zero point initializers of ``t``'s Q/DQ pair, and the axis
+    attribute (empty for one scale per tensor)."""
     from onnx import numpy_helper
 
-    scale, zp = scales.get(t.name, (1.0, 0))
+    wq = scales.get(t.name) or WireQuant.unit()
     s_name, z_name = f"{t.name}{QUANT_SUFFIX}.scale", f"{t.name}{QUANT_SUFFIX}.zero_point"
     graph.initializer.append(numpy_helper.from_array(
-        np.asarray(scale, dtype=np.dtype(t.dtype)), s_name))
-    graph.initializer.append(numpy_helper.from_array(np.asarray(zp, dtype=np.uint8), z_name))
-    return s_name, z_name
+        np.asarray(wq.scale, dtype=np.dtype(t.dtype)), s_name))
+    graph.initializer.append(numpy_helper.from_array(
+        np.asarray(wq.zero_point, dtype=np.uint8), z_name))
+    return s_name, z_name, ({} if wq.axis is None else {"axis": wq.axis})
 
 
 def _check_qdq_opset(model) -> None:
-    op = _opset(model)
+    op = opset_of(model)
     if op < 10:
         raise UsageError(f"--compress-transfer int8 needs ONNX opset 10 or later (the model "
                          f"has opset {op})", "re-export the model at a newer opset")
@@ -603,7 +740,7 @@ def _wire_value_info(vi, name: str):
 
 
 def _quantize_outputs(model, tensors: Sequence[TensorInfo],
-                      scales: Mapping[str, tuple[float, int]]) -> None:
+                      scales: Mapping[str, WireQuant]) -> None:
     from onnx import helper
 
     _check_qdq_opset(model)
@@ -620,14 +757,14 @@ def _quantize_outputs(model, tensors: Sequence[TensorInfo],
         if q in received:  # came in as uint8 (a chain part it crosses whole): passed on as is
             g.output.append(received[q])
             continue
-        s, z = _qdq_constants(g, t, scales)
+        s, z, axis = _qdq_constants(g, t, scales)
         g.node.append(helper.make_node("QuantizeLinear", [t.name, s, z], [q],
-                                       name=f"quantize {t.name}"))
+                                       name=f"quantize {t.name}", **axis))
         g.output.append(_wire_value_info(vi, q))
 
 
 def _dequantize_inputs(model, tensors: Sequence[TensorInfo],
-                       scales: Mapping[str, tuple[float, int]]) -> None:
+                       scales: Mapping[str, WireQuant]) -> None:
     from onnx import helper
 
     _check_qdq_opset(model)
@@ -640,11 +777,11 @@ def _dequantize_inputs(model, tensors: Sequence[TensorInfo],
         if t is None or not t.compressible:
             g.input.append(vi)
             continue
-        s, z = _qdq_constants(g, t, scales)
+        s, z, axis = _qdq_constants(g, t, scales)
         q = t.name + QUANT_SUFFIX
         g.input.append(_wire_value_info(vi, q))
         front.append(helper.make_node("DequantizeLinear", [q, s, z], [t.name],
-                                      name=f"dequantize {t.name}"))
+                                      name=f"dequantize {t.name}", **axis))
     nodes = list(g.node)
     del g.node[:]
     g.node.extend(front + nodes)

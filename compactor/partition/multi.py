@@ -32,9 +32,11 @@ from compactor.partition.chain import MIB, ChainCosts, ChainPlan, no_fit_error, 
 from compactor.partition.graph import (
     QUANT_SUFFIX,
     PartitionGraph,
+    WireQuant,
     _check_qdq_opset,
     _dequantize_inputs,
     _quantize_outputs,
+    opset_of,
 )
 from compactor.partition.profile import (
     HostTimes,
@@ -50,7 +52,7 @@ from compactor.partition.simulate import message_bytes
 from compactor.partition.topology import Topology
 from compactor.partition.units import fmt_bandwidth
 from compactor.partition.wire import MODE as WIRE_MODE
-from compactor.partition.wire import output_effect
+from compactor.partition.wire import output_effect, quantization_of
 from compactor.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class _Measured:
     serial: dict[int, float] = field(default_factory=dict)  # cut -> encode + decode ms
     groups: list[int] = field(default_factory=list)  # device -> settings group
     compress: str | None = None
-    scales: dict[str, tuple[float, int]] = field(default_factory=dict)
+    scales: dict[str, WireQuant] = field(default_factory=dict)
     calib: list = field(default_factory=list)  # the batches the scales came from
     evals: list = field(default_factory=list)  # the others: the int8 effect is measured on
 
@@ -240,7 +242,7 @@ def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, 
     scales = {}
     if options.compress == "int8":
         scales = _calibrate(sess, [o.name for o in sess.get_outputs()], calib or samples,
-                            [graph.cut(p) for p in inner])
+                            [graph.cut(p) for p in inner], opset_of(graph.model))
     keys: list[tuple] = []
     times: list[HostTimes] = []
     groups: list[int] = []
@@ -271,7 +273,7 @@ def _measure(model_path: Path, topology: Topology, options: ChainOptions, data, 
 
 def _serial_ms(graph: PartitionGraph, positions: Sequence[int], values,
                compress: str | None = None,
-               scales: Mapping[str, tuple[float, int]] | None = None) -> dict[int, float]:
+               scales: Mapping[str, WireQuant] | None = None) -> dict[int, float]:
     """This host's time to encode and decode the message sent at each cut (the reply at
     n), as it is sent (uint8 at an inner cut with int8 on the wire): work a device does for
     every message, beside its part."""
@@ -394,7 +396,7 @@ def _stream_rate(m: _Measured, choice: ChainPlan, ch: dict, progress) -> None:
 
 
 def part_model(graph: PartitionGraph, a: int, b: int, compress: str | None = None,
-               scales: Mapping[str, tuple[float, int]] | None = None):
+               scales: Mapping[str, WireQuant] | None = None):
     """Nodes ``[a, b)`` as a model: from the tensors crossing ``a`` to those crossing ``b``
     (or the model's outputs); a tensor crossing both passes through. With ``int8``, the
     float32 tensors of an inner cut arrive as uint8 (``DequantizeLinear`` first) and leave
@@ -411,7 +413,7 @@ def part_model(graph: PartitionGraph, a: int, b: int, compress: str | None = Non
 
 
 def chain_parts(graph: PartitionGraph, plan: ChainPlan, compress: str | None = None,
-                scales: Mapping[str, tuple[float, int]] | None = None) -> list[Any]:
+                scales: Mapping[str, WireQuant] | None = None) -> list[Any]:
     """One model per used device (None where the device only forwards)."""
     return [part_model(graph, s.start, s.end, compress, scales) if s.end > s.start else None
             for s in plan.stages]
@@ -462,7 +464,8 @@ def compression_effect(m: _Measured, choice: ChainPlan, parts: Sequence[Any],
             cuts[s.end] = {"position": s.end, "after": cut.after,
                            "tensors": [t.name for t in cut.tensors],
                            "bytes_float": cut.wire_bytes(), "bytes_int8": cut.wire_bytes(wire),
-                           "bytes_ratio": cut.wire_bytes() / max(cut.wire_bytes(wire), 1)}
+                           "bytes_ratio": cut.wire_bytes() / max(cut.wire_bytes(wire), 1),
+                           "quantization": quantization_of(cut.tensors, m.scales)}
     out: dict[str, Any] = {"mode": WIRE_MODE, "cuts": list(cuts.values()), "links": links,
                            "calibration_batches": len(m.calib)}
     if not cuts:

@@ -21,7 +21,7 @@ import numpy as np
 from compactor.errors import DataError, PassError, UsageError
 from compactor.partition.config import PartitionSpec
 from compactor.partition.cost import Cost, Link, Power, best, crossovers, make_cost
-from compactor.partition.graph import Cut, PartitionGraph, quant_params
+from compactor.partition.graph import Cut, PartitionGraph, WireQuant, opset_of, quant_params
 from compactor.partition.profile import (
     HostTimes,
     Side,
@@ -33,7 +33,7 @@ from compactor.partition.profile import (
 from compactor.partition.simulate import message_bytes
 from compactor.partition.units import fmt_bandwidth, parse_bandwidth, parse_duration_ms
 from compactor.partition.wire import MODE as WIRE_MODE
-from compactor.partition.wire import output_effect
+from compactor.partition.wire import output_effect, quantization_of
 from compactor.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class _Planning:
     notes: list[str]
     values: dict[str, np.ndarray] = field(default_factory=dict)
     cuts: dict[int, Cut] = field(default_factory=dict)
-    scales: dict[str, tuple[float, int]] = field(default_factory=dict)
+    scales: dict[str, WireQuant] = field(default_factory=dict)
     out_bytes: int = 0  # the reply: the model's outputs
     dev_t: HostTimes | None = None
     srv_t: HostTimes | None = None
@@ -221,7 +221,8 @@ def _observe(p: _Planning, progress) -> None:
                                  for o in graph.output_names])
     p.cuts = {pos: graph.cut(pos) for pos in all_pos}
     if p.compress == "int8":
-        p.scales = _calibrate(ref_sess, out_names, p.calib or p.samples, p.cuts.values())
+        p.scales = _calibrate(ref_sess, out_names, p.calib or p.samples, p.cuts.values(),
+                              opset_of(graph.model))
 
 
 def _time_parts(p: _Planning, timing_cache: dict | None, progress) -> None:
@@ -329,7 +330,7 @@ def _verified_parts(p: _Planning, plan: dict[str, Any], cut: Cut, targets,
             plan["compression"] = _accuracy_effect(
                 p.graph, head, tail, p.evals or p.samples, targets, cut,
                 calibrated_on=len(p.calib),
-                target_offset=len(p.calib) * p.batch if p.evals else 0)
+                target_offset=len(p.calib) * p.batch if p.evals else 0, scales=p.scales)
     return head, tail
 
 
@@ -467,7 +468,10 @@ def _feeds(sess, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {i.name: batch[i.name] for i in sess.get_inputs()}
 
 
-def _calibrate(sess, out_names: list[str], batches, cut_list) -> dict[str, tuple[float, int]]:
+def _calibrate(sess, out_names: list[str], batches, cut_list,
+               opset: int) -> dict[str, WireQuant]:
+    """uint8 parameters for every float tensor the cuts send, from the calibration
+    ``batches`` (per channel where that quantizes them much better: ``quant_params``)."""
     want = {t.name for c in cut_list for t in c.tensors if t.compressible}
     seen: dict[str, list[np.ndarray]] = {t: [] for t in want}
     for b in batches:
@@ -476,7 +480,7 @@ def _calibrate(sess, out_names: list[str], batches, cut_list) -> dict[str, tuple
         for t in want:
             if t in vals:
                 seen[t].append(vals[t])
-    return {t: quant_params(v) for t, v in seen.items()}
+    return {t: quant_params(v, opset) for t, v in seen.items()}
 
 
 # --------------------------------------------------------------------------- checks
@@ -507,7 +511,7 @@ def _verify(graph: PartitionGraph, cut: Cut, samples) -> dict[str, Any]:
 
 
 def _accuracy_effect(graph, head, tail, batches, targets, cut: Cut, calibrated_on: int,
-                     target_offset: int) -> dict[str, Any]:
+                     target_offset: int, scales: dict[str, WireQuant]) -> dict[str, Any]:
     """How int8 on the wire changes the model's output, on batches not used for scales."""
     full = plain_session(graph.model)
     hs, ts = plain_session(head), plain_session(tail)
@@ -522,6 +526,7 @@ def _accuracy_effect(graph, head, tail, batches, targets, cut: Cut, calibrated_o
         "bytes_float": sum(t.nbytes for t in cut.tensors),
         "bytes_int8": cut.wire_bytes("int8"),
         "bytes_ratio": (sum(t.nbytes for t in cut.tensors) / max(cut.wire_bytes("int8"), 1)),
+        "quantization": quantization_of(cut.tensors, scales),
         "calibration_batches": calibrated_on,
         "evaluated_samples": int(len(ref)),
         "evaluated_on": "batches not used for the scales" if target_offset

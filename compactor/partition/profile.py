@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compactor.errors import PassError, UsageError
+from compactor.partition.graph import QUANT_SUFFIX, WireQuant
 from compactor.profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ def profile_segments(graph, positions: Sequence[int], profile: Profile,
 
 
 def time_direct(graph, cut, times: HostTimes, side: Side, values: Mapping[str, np.ndarray],
-                compress: str | None, scales: Mapping[str, tuple[float, int]]) -> None:
+                compress: str | None, scales: Mapping[str, WireQuant]) -> None:
     """Time ``cut``'s head (on the device side) or tail (the server side) as a real model
     and record it."""
     t = TimingSettings.of(side.profile, quick=False)
@@ -335,13 +336,10 @@ def time_direct(graph, cut, times: HostTimes, side: Side, values: Mapping[str, n
 
 
 def quantized_feeds(cut, values: Mapping[str, np.ndarray],
-                    scales: Mapping[str, tuple[float, int]]) -> dict[str, np.ndarray]:
-    from compactor.partition.graph import QUANT_SUFFIX
-
+                    scales: Mapping[str, WireQuant]) -> dict[str, np.ndarray]:
     out = {}
     for t in cut.tensors:
         if t.compressible and t.name in values:
-            s, z = scales.get(t.name, (1.0, 0))
-            q = np.clip(np.rint(values[t.name] / s) + z, 0, 255).astype(np.uint8)
-            out[t.name + QUANT_SUFFIX] = q
+            wq = scales.get(t.name) or WireQuant.unit()
+            out[t.name + QUANT_SUFFIX] = wq.quantize(values[t.name])
     return out

@@ -46,7 +46,7 @@ import numpy as np
 from compactor.errors import PassError, UsageError
 from compactor.partition.chain import MIB
 from compactor.partition.cost import transfer_ms
-from compactor.partition.graph import PartitionGraph
+from compactor.partition.graph import PartitionGraph, opset_of
 from compactor.partition.profile import (
     Side,
     TimingSettings,
@@ -161,7 +161,7 @@ def windows(graph: PartitionGraph) -> list[Window]:
     the last node after which the prefix may end (``Window.cut``)."""
     if len(graph.input_names) != 1 or len(graph.input_shapes[graph.input_names[0]]) != 4:
         return []
-    joins = _opset(graph.model) >= SLICE_OPSET
+    joins = opset_of(graph.model) >= SLICE_OPSET
     src = graph.model.graph.node
     made = {graph.input_names[0]: -1}  # tensor -> position of its maker in the prefix
     heights = {-1: graph.input_shapes[graph.input_names[0]][2]}
@@ -241,10 +241,6 @@ def _row_free(graph: PartitionGraph, name: str) -> bool:
     if shape is None:
         return name not in graph._static_producer  # an operand shape inference left out
     return len(shape) <= 4 and (len(shape) < 2 or shape[-2] == 1)
-
-
-def _opset(model) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _rows_out(rows_in: int, w: Window) -> int:

@@ -13,6 +13,7 @@ import pytest
 from toys.partition_chain import (
     chain_topology,
     conv_chain_cnn,
+    fake_cache,
     peers_topology,
     quick_profile,
     skip_chain_onnx,
@@ -22,12 +23,11 @@ from compactor.errors import EXIT_OK, EXIT_USAGE, UsageError
 from compactor.partition.graph import QUANT_SUFFIX, PartitionGraph, quant_params
 from compactor.partition.multi import (
     ChainOptions,
-    _side,
     part_model,
     plan_chain_model,
     run_parts,
 )
-from compactor.partition.profile import HostTimes, plain_session
+from compactor.partition.profile import plain_session
 from compactor.partition.simulate import message_bytes
 from compactor.partition.topology import load_topology
 from compactor.partition.wire import sqnr_db
@@ -36,16 +36,6 @@ from compactor.partition.wire import sqnr_db
 @pytest.fixture
 def quick(tmp_path: Path) -> Path:
     return quick_profile(tmp_path / "quick.yaml")
-
-
-def fake_cache(model: Path, topo, per_node_ms: float = 1.0) -> dict:
-    """Fake host times (``per_node_ms`` a node) for every timing group of ``topo``'s
-    devices (an emulated device and this host time apart), so known numbers decide."""
-    g = PartitionGraph.load(model, 1)
-    pos = [0, *g.candidates(4)[0], g.n_nodes]
-    segs = [per_node_ms * (b - a) for a, b in zip(pos[:-1], pos[1:], strict=True)]
-    return {(str(model.resolve()), 1, tuple(pos), _side(d).timing_key()):
-            HostTimes(pos, sum(segs), segs, 0.0) for d in topo.devices}
 
 
 def _ops(m) -> list[str]:

@@ -105,3 +105,17 @@ def peers_topology(path: Path, profile: Path, n: int = 3, bandwidth: str = "100M
     lines.append(f"link: {{bandwidth: {bandwidth}, rtt: {rtt}}}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def fake_cache(model: Path, topo, per_node_ms: float = 1.0) -> dict:
+    """Fake host times (``per_node_ms`` a node) for every timing group of ``topo``'s
+    devices (an emulated device and this host time apart), so known numbers decide."""
+    from compactor.partition.graph import PartitionGraph
+    from compactor.partition.multi import _side
+    from compactor.partition.profile import HostTimes
+
+    g = PartitionGraph.load(model, 1)
+    pos = [0, *g.candidates(4)[0], g.n_nodes]
+    segs = [per_node_ms * (b - a) for a, b in zip(pos[:-1], pos[1:], strict=True)]
+    return {(str(model.resolve()), 1, tuple(pos), _side(d).timing_key()):
+            HostTimes(pos, sum(segs), segs, 0.0) for d in topo.devices}
