@@ -309,6 +309,10 @@ def test_int8_transfer_cuts_bytes_and_reports_accuracy(tmp_path, fast):
     assert comp["accuracy_float"] == 1.0  # labels are the float model's predictions
     assert comp["accuracy_drop"] <= 0.1 and comp["sqnr_db"] > 20, comp
     assert comp["bytes_int8"] * 4 == comp["bytes_float"]
+    assert 0.9 < comp["cosine_min"] <= 1.0 + 1e-9, comp
+    # each tensor sent says how it travels (one scale, or one per channel where that pays)
+    assert comp["quantization"] and all(
+        q["granularity"] in ("per tensor", "per channel") for q in comp["quantization"].values())
     head = onnx.load(str(tmp_path / "out" / "head.onnx"))
     assert head.graph.output[0].type.tensor_type.elem_type == TensorProto.UINT8
     tail = onnx.load(str(tmp_path / "out" / "tail.onnx"))

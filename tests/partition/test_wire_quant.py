@@ -127,3 +127,13 @@ def test_plan_json_says_how_each_tensor_travels(tmp_path, monkeypatch, per_axis)
     assert q["per_tensor_sqnr_db"] is not None
     if per_axis:
         assert q["channel_gain_db"] >= PER_AXIS_GAIN_DB
+
+
+def test_cosine_min_is_the_worst_sample():
+    from compactor.partition.wire import cosine_min
+
+    ref = np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    assert cosine_min(ref, ref) == pytest.approx(1.0)  # a zero row equal to zero counts 1
+    got = np.array([[1.0, 1.0], [0.0, 2.0], [0.0, 0.0]])
+    assert cosine_min(ref, got) == pytest.approx(np.sqrt(0.5))
+    assert cosine_min(ref, -ref + np.array([[0, 0], [0, 0], [1, 0]])) == pytest.approx(-1.0)
