@@ -335,7 +335,12 @@ def _multi(model: Path, topology: Path | None, peers: int | None, device, server
 
 
 def _cosine(comp: dict) -> str:
-    return f", cosine ≥ {comp['cosine_min']:.4f}" if "cosine_min" in comp else ""
+    """', cosine ≥ 0.9988' (the least over the samples); 1 − 3e-07 where four places
+    would round it to 1."""
+    c = comp.get("cosine_min")
+    if c is None:
+        return ""
+    return f", cosine ≥ {c:.4f}" if c < 0.9999 or c >= 1.0 else f", cosine ≥ 1 − {1 - c:.1e}"
 
 
 def _per_channel(cuts: list[dict]) -> str:

@@ -137,3 +137,15 @@ def test_cosine_min_is_the_worst_sample():
     got = np.array([[1.0, 1.0], [0.0, 2.0], [0.0, 0.0]])
     assert cosine_min(ref, got) == pytest.approx(np.sqrt(0.5))
     assert cosine_min(ref, -ref + np.array([[0, 0], [0, 0], [1, 0]])) == pytest.approx(-1.0)
+
+
+def test_the_terminal_line_names_cosine_and_scales_per_channel():
+    from compactor.cli.partition_cmd import _cosine, _per_channel
+
+    assert _cosine({"cosine_min": 0.99876}) == ", cosine ≥ 0.9988"
+    assert _cosine({"cosine_min": 0.999985}) == ", cosine ≥ 1 − 1.5e-05"  # not "1.0000"
+    assert _cosine({}) == ""
+    cuts = [{"quantization": {"a": {"axis": 2}, "b": {"axis": None}}},
+            {"quantization": {"c": {"axis": 1}}}]
+    assert _per_channel(cuts) == ", a scale per channel on 2 of 3 tensors"
+    assert _per_channel([{"quantization": {"a": {"axis": None}}}]) == ""
