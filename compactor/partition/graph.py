@@ -668,21 +668,32 @@ def _channel_db(pairs, axis: int) -> float:
     return float(np.mean(every)) if every.size else SLICE_SQNR_CAP_DB
 
 
+SCORE_SAMPLES = 64  # at most this many samples score the choice (the planners calibrate on <= 64)
+
+
 def quant_params(values: Iterable[np.ndarray], opset: int = 0) -> WireQuant:
     """uint8 parameters for a tensor from calibration ``values`` (batches along axis 0):
     one scale for the tensor, or, from ``PER_AXIS_OPSET``, one per channel along the axis
     (not the batch's) where that raises the channels' mean SQNR most, when it raises it by
     at least ``PER_AXIS_GAIN_DB``. The choice is scored on samples the parameters were not
-    fitted on (fitted on one half of the calibration samples, scored on the other); the
-    parameters kept are fitted on all of them."""
-    vals = [np.asarray(v, dtype=np.float64) for v in values if np.size(v)]
+    fitted on (fitted on one half of the first ``SCORE_SAMPLES`` calibration samples,
+    scored on the other); the ranges kept cover every calibration sample."""
+    vals = [np.asarray(v) for v in values if np.size(v)]
     if not vals:
         return WireQuant.unit()
     lo = min(float(np.min(v)) for v in vals)
     hi = max(float(np.max(v)) for v in vals)
     scale, zp = _affine(np.asarray(lo), np.asarray(hi))
-    data = np.concatenate(vals) if len({v.shape[1:] for v in vals}) == 1 else None
-    if data is None or data.ndim < 2 or len(data) < 2:
+    if len({v.shape[1:] for v in vals}) != 1 or vals[0].ndim < 2:
+        return WireQuant(scale, zp)
+    first, n = [], 0
+    for v in vals:  # the first SCORE_SAMPLES samples, not a copy of them all
+        first.append(v[: SCORE_SAMPLES - n])
+        n += len(first[-1])
+        if n >= SCORE_SAMPLES:
+            break
+    data = np.concatenate(first).astype(np.float64)
+    if len(data) < 2:
         return WireQuant(scale, zp)
     one = _held_out(data, None)
     best = WireQuant(scale, zp, None, _whole_db(one), _whole_db(one))
@@ -695,9 +706,10 @@ def quant_params(values: Iterable[np.ndarray], opset: int = 0) -> WireQuant:
         per = _held_out(data, axis)
         g = _channel_db(per, axis) - _channel_db(one, axis)
         if g >= gain:
-            w = _fit(data, axis)
-            best = WireQuant(w.scale, w.zero_point, axis, _whole_db(per), _whole_db(one),
-                             round(g, 2))
+            rest = tuple(i for i in range(data.ndim) if i != axis)
+            s_, z_ = _affine(np.min([v.min(axis=rest) for v in vals], axis=0).astype(float),
+                             np.max([v.max(axis=rest) for v in vals], axis=0).astype(float))
+            best = WireQuant(s_, z_, axis, _whole_db(per), _whole_db(one), round(g, 2))
             gain = g
     return best
 

@@ -149,3 +149,14 @@ def test_the_terminal_line_names_cosine_and_scales_per_channel():
             {"quantization": {"c": {"axis": 1}}}]
     assert _per_channel(cuts) == ", a scale per channel on 2 of 3 tensors"
     assert _per_channel([{"quantization": {"a": {"axis": None}}}]) == ""
+
+
+def test_the_ranges_kept_cover_samples_beyond_those_scored():
+    from compactor.partition.graph import SCORE_SAMPLES
+
+    x = _outlier_rows(n=SCORE_SAMPLES + 8)
+    x[-1, 0, 3] = 40.0  # past the scored samples, in a small channel
+    wq = quant_params([x[i:i + 1] for i in range(len(x))], opset=13)
+    assert wq.axis == 2
+    back = wq.dequantize(wq.quantize(x[-1:]))
+    assert back[0, 0, 3] == pytest.approx(40.0, rel=0.01)
