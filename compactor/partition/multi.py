@@ -299,8 +299,8 @@ def _serial_ms(graph: PartitionGraph, positions: Sequence[int], values,
 
 
 def _costs(m: _Measured, topology: Topology, measured_only: bool = False) -> ChainCosts:
-    """The chain's costs from what ``m`` holds; with ``measured_only``, a range not timed
-    directly (nor the whole model) is ruled out (costs infinity)."""
+    """The chain's costs from what ``m`` holds; with ``measured_only``, a range this call
+    did not time directly is ruled out (costs infinity)."""
     g = m.graph
     w = m.graph.node_weight_bytes()
     cum = np.concatenate([[0], np.cumsum(w)])
@@ -317,10 +317,13 @@ def _costs(m: _Measured, topology: Topology, measured_only: bool = False) -> Cha
 
 
 def _compute_ms(m: _Measured, d: int, a: int, b: int, measured_only: bool) -> float:
-    ms, source = m.host_ms(d, a, b)
-    if measured_only and source != "measured":
-        return math.inf
-    return ms * m.sides[d].slowdown
+    """Device ``d``'s time for nodes ``[a, b)``; with ``measured_only``, only a range this
+    call timed directly counts (as ``_unmeasured`` sees it: the whole model's time from the
+    segment timing is not one)."""
+    if measured_only:
+        ms = m.direct.get((m.groups[d], a, b))
+        return math.inf if ms is None else ms * m.sides[d].slowdown
+    return m.host_ms(d, a, b)[0] * m.sides[d].slowdown
 
 
 def _refine(m: _Measured, topology: Topology, options: ChainOptions, progress,
