@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,8 @@ def plan_chain_model(model_path: Path, topology: Topology, options: ChainOptions
     if m.compress:
         with progress.task("measure int8 on the wire against the float model"):
             plan["compression"] = compression_effect(m, choice, parts, topology, targets)
+        if options.refine:
+            _against_float(m, topology, options, choice, plan, progress)
     if simulate:
         from compactor.partition.simulate_chain import simulate_chain
 
@@ -202,6 +204,38 @@ def plan_chain_model(model_path: Path, topology: Topology, options: ChainOptions
     if out_dir is not None:
         files = _write(Path(out_dir), plan, parts, choice, topology)
     return ChainResult(plan, choice, files, notes)
+
+
+FLOAT_BETTER = 0.05  # int8 on the wire is called slower when float's plan wins by this
+
+
+def _against_float(m: _Measured, topology: Topology, options: ChainOptions,
+                   choice: ChainPlan, plan: dict, progress) -> None:
+    """The best plan with float32 on the wire, its parts timed as the int8 plan's were
+    (the same segment timing, each chosen part re-timed as a real model): int8 on the wire
+    pays where the links bound a plan; elsewhere its Q/DQ cost compute and save nothing.
+    ``compression.float_plan`` gives it, and a note says so when it beats the int8 plan."""
+    flt = replace(m, compress=None, direct={}, serial=_serial_ms(m.graph, m.positions,
+                                                                   m.values))
+    with progress.task("plan with float32 on the wire too, to compare"):
+        alt = _refine(flt, topology, options, progress, [])
+    names = [d.name for d in topology.devices]
+    plan["compression"]["float_plan"] = {
+        k: v for k, v in alt.to_dict(names).items()
+        if k in ("description", "latency_ms", "bottleneck_ms", "throughput_rps")}
+    if options.objective == "throughput":
+        mine, theirs = choice.bottleneck_ms, alt.bottleneck_ms
+        fig = (f"{1000.0 / theirs:.1f} requests/s in float, {1000.0 / mine:.1f} with int8"
+               if mine > 0 and theirs > 0 else "")
+    else:
+        mine, theirs = choice.latency_ms, alt.latency_ms
+        fig = f"{theirs:.2f} ms in float, {mine:.2f} ms with int8"
+    if theirs < mine * (1 - FLOAT_BETTER) and fig:
+        plan["notes"].append(
+            f"int8 on the wire does not pay here: the best plan with float32 on the wire "
+            f"({alt.describe(names)}) is predicted faster ({fig}; both with their parts "
+            f"timed): the links do not bound this plan, and the parts' Q/DQ cost compute; "
+            f"leave --compress-transfer out")
 
 
 def _side(d) -> Side:

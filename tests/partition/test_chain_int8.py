@@ -284,3 +284,39 @@ def test_refine_times_the_chosen_int8_parts_as_they_run(tmp_path, quick):
         assert f"0:{st['nodes'][0]}-{st['nodes'][1]}" in direct
         assert 0 < st["compute_ms"] < 5.0 * (st["nodes"][1] - st["nodes"][0])
         assert st["compute_stream_ms"] > 0
+
+
+def _fake_part_time(qdq_ms: float):
+    """A part's "measured" time: 1 ms a node, ``qdq_ms`` a QuantizeLinear/DequantizeLinear
+    (the segment sums of ``fake_cache`` are 1 ms a node too)."""
+    def time_ms(model, *_a, **_k):
+        ops = [n.op_type for n in model.graph.node]
+        qdq = sum(op in ("QuantizeLinear", "DequantizeLinear") for op in ops)
+        return (len(ops) - qdq) * 1.0 + qdq * qdq_ms
+    return time_ms
+
+
+@pytest.mark.parametrize("bandwidth, qdq_ms, slower", [("1Gbps", 3.0, True),
+                                                       ("64kbps", 0.0, False)])
+def test_int8_is_compared_with_float_on_the_wire(tmp_path, quick, monkeypatch, bandwidth,
+                                                 qdq_ms, slower):
+    """A fast link with costly Q/DQ: the float plan wins and a note says int8 does not pay;
+    a slow link: int8 wins, no note. Both plans' parts are timed alike (here, faked)."""
+    from compactor.partition import multi
+
+    monkeypatch.setattr(multi, "time_ms", _fake_part_time(qdq_ms))
+    model = conv_chain_cnn(tmp_path / "m.onnx")
+    topo = load_topology(chain_topology(tmp_path / "t.yaml", quick, 2, bandwidth, "1ms"))
+    r = plan_chain_model(model, topo, ChainOptions(objective="throughput",
+                                                   compress_transfer="int8"),
+                         timing_cache=fake_cache(model, topo))
+    fp = r.plan["compression"]["float_plan"]
+    assert set(fp) == {"description", "latency_ms", "bottleneck_ms", "throughput_rps"}
+    notes = [n for n in r.plan["notes"] if "int8 on the wire does not pay" in n]
+    if slower:
+        assert fp["bottleneck_ms"] < r.plan["choice"]["bottleneck_ms"], (fp, r.plan["choice"])
+        assert notes and "leave --compress-transfer out" in notes[0], r.plan["notes"]
+        assert notes[0] in r.notes
+    else:
+        assert fp["bottleneck_ms"] >= r.plan["choice"]["bottleneck_ms"] * 0.95, fp
+        assert not notes, notes
