@@ -51,8 +51,8 @@ from compactor.partition.profile import (
 from compactor.partition.simulate import message_bytes
 from compactor.partition.topology import Topology
 from compactor.partition.units import fmt_bandwidth
+from compactor.partition.wire import FLOAT_BETTER, output_effect, quantization_of
 from compactor.partition.wire import MODE as WIRE_MODE
-from compactor.partition.wire import output_effect, quantization_of
 from compactor.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -204,9 +204,6 @@ def plan_chain_model(model_path: Path, topology: Topology, options: ChainOptions
     if out_dir is not None:
         files = _write(Path(out_dir), plan, parts, choice, topology)
     return ChainResult(plan, choice, files, notes)
-
-
-FLOAT_BETTER = 0.05  # int8 on the wire is called slower when float's plan wins by this
 
 
 def _against_float(m: _Measured, topology: Topology, options: ChainOptions,

@@ -32,8 +32,8 @@ from compactor.partition.profile import (
 )
 from compactor.partition.simulate import message_bytes
 from compactor.partition.units import fmt_bandwidth, parse_bandwidth, parse_duration_ms
+from compactor.partition.wire import FLOAT_BETTER, output_effect, quantization_of
 from compactor.partition.wire import MODE as WIRE_MODE
-from compactor.partition.wire import output_effect, quantization_of
 from compactor.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def plan_partition(
     head = tail = None
     if best_split is not None:
         head, tail = _verified_parts(p, plan, _cut_of(p.cuts, best_split), targets, progress)
+        if p.compress and "compression" in plan:
+            _against_float(p, choice, plan, progress)
         if choice.kind != "split":
             p.notes.append(f"the plan is {choice.option}; head.onnx/tail.onnx hold the best "
                            f"split ({best_split.option}), for when the link changes "
@@ -147,20 +149,22 @@ class _Planning:
     def all_positions(self) -> list[int]:
         return [0, *self.positions, self.graph.n_nodes]
 
-    def cost_of(self, cut: Cut) -> Cost:
+    def cost_of(self, cut: Cut, float_wire: bool = False) -> Cost:
+        """``cut``'s cost as planned (int8 on the wire with ``--compress-transfer int8``),
+        or, with ``float_wire``, with float32 on the wire."""
         assert self.dev_t is not None and self.srv_t is not None  # set by _time_parts
-        c = self.compress if cut.kind == "split" else None
+        c = self.compress if cut.kind == "split" and not float_wire else None
         d_ms, d_src = self.dev_t.head(cut.position, c)
         s_ms, s_src = self.srv_t.tail(cut.position, c)
         return make_cost(cut.id, cut.kind, cut.describe(), d_ms * self.device.slowdown,
                          s_ms * self.server.slowdown, message_bytes(cut.wire_tensors(c)),
                          self.out_bytes, self.link, self.power, d_src, s_src)
 
-    def options(self) -> list[Cost]:
-        opts = [self.cost_of(self.cuts[self.graph.n_nodes])]
+    def options(self, float_wire: bool = False) -> list[Cost]:
+        opts = [self.cost_of(self.cuts[self.graph.n_nodes], float_wire)]
         if not self.spec.keep_input_on_device:
-            opts.append(self.cost_of(self.cuts[0]))
-        return opts + [self.cost_of(self.cuts[p]) for p in self.positions]
+            opts.append(self.cost_of(self.cuts[0], float_wire))
+        return opts + [self.cost_of(self.cuts[p], float_wire) for p in self.positions]
 
 
 def _prepare(model_path: Path, spec: PartitionSpec, base_dir: Path | None, data,
@@ -254,13 +258,17 @@ def _time_parts(p: _Planning, timing_cache: dict | None, progress) -> None:
     p.server = calibrated(p.server, p.srv_t.full_ms)
 
 
-def _refine(p: _Planning, costs: list[Cost], progress) -> list[Cost]:
+def _refine(p: _Planning, costs: list[Cost], progress, float_wire: bool = False
+            ) -> list[Cost]:
     """Re-time the best splits as real head and tail models until the leaders are all
-    direct measurements (a segment sum can flatter a split)."""
+    direct measurements (a segment sum can flatter a split); with ``float_wire``, the
+    splits with float32 on the wire."""
     spec = p.spec
     if not (p.positions and spec.refine):
         return costs
-    with progress.task("re-time the best splits as real head and tail models"):
+    wire = None if float_wire else p.compress
+    with progress.task("re-time the best splits as real head and tail models"
+                       + (" (float32 on the wire, to compare)" if float_wire else "")):
         for _ in range(4):
             splits = sorted((c for c in costs if c.kind == "split"),
                             key=lambda c: (c.value(spec.objective), c.total_ms))
@@ -270,10 +278,29 @@ def _refine(p: _Planning, costs: list[Cost], progress) -> list[Cost]:
                 break
             for c in todo:
                 cut = _cut_of(p.cuts, c)
-                time_direct(p.graph, cut, p.dev_t, p.device, p.values, p.compress, p.scales)
-                time_direct(p.graph, cut, p.srv_t, p.server, p.values, p.compress, p.scales)
-            costs = p.options()
+                time_direct(p.graph, cut, p.dev_t, p.device, p.values, wire, p.scales)
+                time_direct(p.graph, cut, p.srv_t, p.server, p.values, wire, p.scales)
+            costs = p.options(float_wire)
     return costs
+
+
+def _against_float(p: _Planning, choice: Cost, plan: dict[str, Any], progress) -> None:
+    """The best option with float32 on the wire, its splits re-timed as the int8 ones
+    were: int8 on the wire pays where the link bounds the plan; elsewhere its Q/DQ cost
+    compute and save nothing. ``compression.float_plan`` gives it, and a note says so when
+    it beats the int8 plan by more than ``FLOAT_BETTER``."""
+    objective = p.spec.objective
+    alt = best(_refine(p, p.options(float_wire=True), progress, float_wire=True), objective)
+    mine, theirs = choice.value(objective), alt.value(objective)
+    plan["compression"]["float_plan"] = {"option": alt.option, "description": alt.description,
+                                         "total_ms": alt.total_ms, "objective_value": theirs}
+    if theirs < mine * (1 - FLOAT_BETTER):
+        unit = "J" if objective == "device-energy" else "ms"
+        p.notes.append(
+            f"int8 on the wire does not pay here: with float32 on the wire the best option, "
+            f"{alt.option}, is predicted better ({theirs:.4g} {unit} against {mine:.4g} "
+            f"{unit} for {choice.option} with int8; both timed alike): the link does not "
+            "bound this plan, and the parts' Q/DQ cost compute; leave --compress-transfer out")
 
 
 def _plan_dict(p: _Planning, choice: Cost, best_split: Cost | None, costs: list[Cost],

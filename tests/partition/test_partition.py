@@ -326,6 +326,60 @@ def test_int8_transfer_cuts_bytes_and_reports_accuracy(tmp_path, fast):
             assert c.bytes_up == message_bytes(cut.wire_tensors("int8"))
 
 
+def _pool_then_convs(path: Path) -> Path:
+    """A large input, max-pooled 4x4 at once, then three convolutions: a split after the
+    pool sends 1/16 of the input."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MaxPool", ["image"], ["p"], name="pool", kernel_shape=[4, 4],
+                              strides=[4, 4])]
+    inits, x = [], "p"
+    for i in range(3):
+        w = (rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}",
+                                      pads=[1, 1, 1, 1]))
+        x = f"c{i}"
+    g = helper.make_graph(
+        nodes, "pooled", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                        [1, 16, 32, 32])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("qdq_ms, note", [(3.0, True), (0.0, False)])
+def test_int8_on_the_wire_is_compared_with_float(tmp_path, fast, monkeypatch, qdq_ms, note):
+    """Timings faked (1 ms a Conv, ``qdq_ms`` a Q/DQ, 0.05 ms anything else; the device 40x
+    slower): the split after the pool is the best plan in float. When Q/DQ cost more than
+    the bytes they save, int8's best is worse and a note says so; when they cost nothing,
+    the int8 split wins and no note."""
+    from compactor.partition import profile
+
+    def fake_time_ms(model, *_a, **_k):
+        ops = [n.op_type for n in model.graph.node]
+        return sum(1.0 if o == "Conv" else qdq_ms if o in ("QuantizeLinear",
+                                                          "DequantizeLinear") else 0.05
+                   for o in ops)
+
+    monkeypatch.setattr(profile, "time_ms", fake_time_ms)
+    model = _pool_then_convs(tmp_path / "pooled.onnx")
+    r = plan_partition(model, spec(fast, compress_transfer="int8", refine=3,
+                                   device_slowdown=40, uplink="1Mbps", rtt="1ms"))
+    fp = r.plan["compression"]["float_plan"]
+    assert fp["option"].startswith("split@"), fp
+    notes = [n for n in r.notes if "int8 on the wire does not pay" in n]
+    if note:
+        assert not r.choice.option.startswith("split@") or r.choice.total_ms > fp["total_ms"]
+        assert fp["objective_value"] < r.choice.total_ms * 0.95, (fp, r.choice)
+        assert notes and "leave --compress-transfer out" in notes[0], r.notes
+        assert notes[0] in r.plan["notes"]
+    else:
+        assert r.choice.option.startswith("split@") and not notes, (r.choice, r.notes)
+        assert r.choice.total_ms < fp["total_ms"]
+
+
 def test_simulate_small(tmp_path, fast):
     model = chain_cnn(tmp_path / "chain.onnx")
     r = plan_partition(model, spec(fast, device_slowdown=2, uplink="1Mbps", rtt="20ms",
