@@ -347,8 +347,8 @@ def _per_channel(cuts: list[dict]) -> str:
     """', per channel: 2 of 3 tensors' when any tensor sent has a scale per channel."""
     from compactor.partition.wire import per_channel_count
 
-    n, total = (sum(x) for x in zip(*(per_channel_count(c.get("quantization", {}))
-                                      for c in cuts), strict=True)) if cuts else (0, 0)
+    counts = [per_channel_count(c.get("quantization", {})) for c in cuts]
+    n, total = sum(a for a, _ in counts), sum(b for _, b in counts)
     return f", a scale per channel on {n} of {total} tensors" if n else ""
 
 

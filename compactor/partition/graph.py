@@ -19,8 +19,9 @@ plan's batch size; where inference cannot size a tensor, from a run of the model
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -573,8 +574,8 @@ class WireQuant:
     scale: np.ndarray  # float64: a scalar, or one per slice along axis
     zero_point: np.ndarray  # uint8, shaped as scale
     axis: int | None = None
-    calibration_sqnr_db: float | None = None  # this choice, on the calibration data
-    per_tensor_sqnr_db: float | None = None  # one scale for the tensor, on the same data
+    calibration_sqnr_db: float | None = None  # this choice, on held-out calibration samples
+    per_tensor_sqnr_db: float | None = None  # one scale for the tensor, on the same
     channel_gain_db: float | None = None  # the channels' mean SQNR, this over one scale
 
     @staticmethod
@@ -618,18 +619,24 @@ def _affine(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale, zp
 
 
-def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    noise = float(np.mean((ref - got) ** 2)) if ref.size else 0.0
-    signal = float(np.mean(ref ** 2)) if ref.size else 0.0
-    return 10 * np.log10(signal / noise) if noise > 0 else np.inf
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal to noise of ``got`` against ``ref``, in dB (inf when they are equal)."""
+    noise = float(np.mean((ref.astype(np.float64) - got) ** 2)) if ref.size else 0.0
+    signal = float(np.mean(ref.astype(np.float64) ** 2)) if ref.size else 0.0
+    return 10 * math.log10(signal / noise) if noise > 0 else math.inf
 
 
-def _fit(data: np.ndarray, axis: int | None) -> WireQuant:
+def _fit(batches: Sequence[np.ndarray], axis: int | None) -> WireQuant:
+    """Parameters whose ranges cover every sample of ``batches`` (and 0): one pair for
+    the tensor, or one per slice along ``axis``."""
     if axis is None:
-        s, z = _affine(np.asarray(float(np.min(data))), np.asarray(float(np.max(data))))
+        lo = np.asarray(min(float(np.min(v)) for v in batches))
+        hi = np.asarray(max(float(np.max(v)) for v in batches))
     else:
-        rest = tuple(i for i in range(data.ndim) if i != axis)
-        s, z = _affine(data.min(axis=rest), data.max(axis=rest))
+        rest = tuple(i for i in range(batches[0].ndim) if i != axis)
+        lo = np.min([v.min(axis=rest) for v in batches], axis=0).astype(np.float64)
+        hi = np.max([v.max(axis=rest) for v in batches], axis=0).astype(np.float64)
+    s, z = _affine(lo, hi)
     return WireQuant(s, z, axis)
 
 
@@ -643,13 +650,13 @@ def _held_out(data: np.ndarray, axis: int | None) -> list[tuple[np.ndarray, np.n
     half = len(data) // 2
     out = []
     for fit, test in ((data[:half], data[half:]), (data[half:], data[:half])):
-        w = _fit(fit, axis)
+        w = _fit([fit], axis)
         out.append((test, w.dequantize(w.quantize(test), np.float64)))
     return out
 
 
 def _whole_db(pairs) -> float:
-    return float(np.mean([_sqnr_db(t, r) for t, r in pairs]))
+    return float(np.mean([sqnr_db(t, r) for t, r in pairs]))
 
 
 def _channel_db(pairs, axis: int) -> float:
@@ -681,11 +688,9 @@ def quant_params(values: Iterable[np.ndarray], opset: int = 0) -> WireQuant:
     vals = [np.asarray(v) for v in values if np.size(v)]
     if not vals:
         return WireQuant.unit()
-    lo = min(float(np.min(v)) for v in vals)
-    hi = max(float(np.max(v)) for v in vals)
-    scale, zp = _affine(np.asarray(lo), np.asarray(hi))
+    whole = _fit(vals, None)
     if len({v.shape[1:] for v in vals}) != 1 or vals[0].ndim < 2:
-        return WireQuant(scale, zp)
+        return whole
     first, n = [], 0
     for v in vals:  # the first SCORE_SAMPLES samples, not a copy of them all
         first.append(v[: SCORE_SAMPLES - n])
@@ -694,9 +699,10 @@ def quant_params(values: Iterable[np.ndarray], opset: int = 0) -> WireQuant:
             break
     data = np.concatenate(first).astype(np.float64)
     if len(data) < 2:
-        return WireQuant(scale, zp)
+        return whole
     one = _held_out(data, None)
-    best = WireQuant(scale, zp, None, _whole_db(one), _whole_db(one))
+    sq = _whole_db(one)
+    best = replace(whole, calibration_sqnr_db=sq, per_tensor_sqnr_db=sq)
     if opset < PER_AXIS_OPSET:
         return best
     gain = PER_AXIS_GAIN_DB
@@ -706,10 +712,8 @@ def quant_params(values: Iterable[np.ndarray], opset: int = 0) -> WireQuant:
         per = _held_out(data, axis)
         g = _channel_db(per, axis) - _channel_db(one, axis)
         if g >= gain:
-            rest = tuple(i for i in range(data.ndim) if i != axis)
-            s_, z_ = _affine(np.min([v.min(axis=rest) for v in vals], axis=0).astype(float),
-                             np.max([v.max(axis=rest) for v in vals], axis=0).astype(float))
-            best = WireQuant(s_, z_, axis, _whole_db(per), _whole_db(one), round(g, 2))
+            best = replace(_fit(vals, axis), calibration_sqnr_db=_whole_db(per),
+                           per_tensor_sqnr_db=sq, channel_gain_db=round(g, 2))
             gain = g
     return best
 

@@ -12,24 +12,16 @@ per tensor sent, whether it travels with one scale or one per channel
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from compactor.partition.graph import WireQuant
+from compactor.partition.graph import WireQuant, sqnr_db
 
 MODE = "int8 (uint8 affine, per tensor or per channel) on the wire"
 # both planners also plan with float32 on the wire, and say int8 does not pay when the
 # float plan wins by more than this
 FLOAT_BETTER = 0.05
-
-
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    """Signal to noise of ``got`` against ``ref``, in dB (inf when they are equal)."""
-    noise = float(np.mean((ref.astype(np.float64) - got) ** 2)) if ref.size else 0.0
-    signal = float(np.mean(ref.astype(np.float64) ** 2)) if ref.size else 0.0
-    return 10 * math.log10(signal / noise) if noise > 0 else math.inf
 
 
 def cosine_min(ref: np.ndarray, got: np.ndarray) -> float:
