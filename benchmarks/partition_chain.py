@@ -54,6 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 NAME = "partition-chain"
 TARGET = 0.20
+WIRE_MIN_SQNR_DB = 20.0  # an int8 row whose output is further from float is broken
 BANDWIDTHS = ("10Mbps", "50Mbps", "200Mbps")
 PEER_BANDWIDTHS = ("100Mbps", "500Mbps", "1Gbps")  # boards on one LAN
 # per model: slowdowns of phone, gateway, edge server, cloud (the 3-device chain drops the
@@ -225,7 +226,7 @@ def _chain_row(name, m, n, bw, objective, line, requests, profiles, tmp, cache,
         "stream_host_busy": sim.get("stream_host_busy"),
         "wire": "int8" if compress == "int8" else "fp32",
         "compression": _wire_summary(p.get("compression")),
-        "passed": abs(e_lat) <= TARGET and abs(e_thr) <= TARGET,
+        "passed": abs(e_lat) <= TARGET and abs(e_thr) <= TARGET and _wire_ok(p),
         "seconds": round(time.time() - t0, 1),
     }
     print(f"{name} {n} dev {bw} {objective}{' line' if line else ''} {row['wire']}: "  # noqa: T201 - script
@@ -233,6 +234,13 @@ def _chain_row(name, m, n, bw, objective, line, requests, profiles, tmp, cache,
           f"({e_lat:+.0%}), {ch['throughput_rps']:.1f} → {sim['throughput_rps']:.1f} req/s "
           f"({e_thr:+.0%}), x{x1:.2f} single, x{x2:.2f} two", flush=True)
     return row
+
+
+def _wire_ok(plan: dict) -> bool:
+    """An int8 row fails when the output it sends ends further than ``WIRE_MIN_SQNR_DB``
+    from float's (a wire that breaks the model must not pass on its timings alone)."""
+    comp = plan.get("compression")
+    return not (comp and comp.get("cuts")) or comp["sqnr_db"] >= WIRE_MIN_SQNR_DB
 
 
 def _wire_summary(comp: dict | None) -> dict | None:
@@ -356,7 +364,9 @@ def render(r: dict) -> str:
         "row's bandwidth. Peers share one link (RTT " + PEER_RTT + "), each board as slow "
         "as the phone (" + ", ".join(f"{k} {PEER_SLOWDOWN[k]:g}×" for k in r["models"]) + ").",
         f"- target: |simulated − predicted| ≤ {r['target']:.0%} of predicted (latency p50 "
-        "and stream throughput)",
+        "and stream throughput)"
+        + (f"; an int8 row also needs its output within {WIRE_MIN_SQNR_DB:g} dB SQNR of "
+           "float's" if r.get("compress_transfer") == "int8" else ""),
         "- latency rows (phone → gateway → (edge server →) cloud, objective latency): "
         + _latency_note(r["chains"]) + "; throughput rows (a line of identical boards, "
         "each as slow as the phone, LAN links "
